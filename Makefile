@@ -5,14 +5,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
+NPROC ?= 2 # processes for `make train-ddp` (GPUs on a CUDA box)
 
-.PHONY: setup test lint demo benchmark preprocess check split convert demo-data train export bench infer \
-        check_errors test_batching ov_int8 demo-ui clean-venv
+.PHONY: setup test lint benchmark demo preprocess check split convert demo-data train train-ddp export \
+        bench infer check_errors test_batching ov_int8 demo-ui
 
 setup: $(STAMP)
 
-# torch first (the CPU wheel on disk here, the CUDA build on a GPU machine), then the rest, so nothing
-# pulls a second torch.
+# torch first (the CPU wheel here, the CUDA build on a GPU machine), then the rest, so nothing pulls a
+# second torch.
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -33,6 +34,10 @@ benchmark: setup
 demo: setup
 	$(PY) -m src.etl.make_demo_data $(ARGS)
 	$(PY) -m src.etl.split $(ARGS)
+	$(PY) -m src.dl.train $(ARGS)
+	$(PY) -m src.dl.export $(ARGS)
+	$(PY) -m src.dl.bench $(ARGS)
+	$(PY) -m src.dl.infer $(ARGS)
 
 preprocess: setup
 	$(PY) -m src.etl.preprocess $(ARGS)
@@ -44,3 +49,21 @@ convert: setup
 	$(PY) -m src.etl.convert $(ARGS)
 demo-data: setup
 	$(PY) -m src.etl.make_demo_data $(ARGS)
+train: setup
+	$(PY) -m src.dl.train $(ARGS)
+train-ddp: setup
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m src.dl.train $(ARGS)
+export: setup
+	$(PY) -m src.dl.export $(ARGS)
+bench: setup
+	$(PY) -m src.dl.bench $(ARGS)
+infer: setup
+	$(PY) -m src.dl.infer $(ARGS)
+check_errors: setup
+	$(PY) -m src.dl.check_errors $(ARGS)
+test_batching: setup
+	$(PY) -m src.dl.test_batching $(ARGS)
+ov_int8: setup
+	$(PY) -m src.dl.ov_int8 $(ARGS)
+demo-ui: setup
+	$(PY) -m src.demo.app $(ARGS)

@@ -8,7 +8,9 @@ grayscale / CMYK / 16-bit / palette images turned into plain uint8 RGB.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -16,6 +18,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif"})
 VIDEO_EXTS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
 HEIF_EXTS = frozenset({".heic", ".heif"})
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 # EXIF orientations 5..8 rotate by 90 degrees, so the displayed width and height are swapped.
 _EXIF_ORIENTATION_TAG = 0x0112
@@ -174,3 +179,20 @@ def image_size(path: str | Path) -> tuple[int, int]:
         if rgb is None:
             raise ImageReadError(f"cannot read image {path}: {err}") from err
         return rgb.shape[1], rgb.shape[0]
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int, desc: str) -> list[R]:
+    """fn over items with a tqdm bar, results in input order.
+
+    Threads, not processes: PIL, OpenCV, PyMuPDF and hashlib release the GIL while decoding/encoding/hashing,
+    so threads use every core for this I/O-and-codec work, start instantly, and are safe inside a process
+    that already runs torch (forking one can hang).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    if workers <= 1 or len(items) <= 1:
+        return [fn(item) for item in tqdm(items, desc=desc, unit="file", leave=False)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit="file", leave=False))

@@ -1,0 +1,349 @@
+"""Dataset doctor: find everything wrong with `<data_path>/images` + `<data_path>/labels` before training does.
+
+    python -m src.etl.check                      # report; stop on fatal problems
+    python -m src.etl.check check.skip_bad=true  # report; leave bad images out (split/train then use the rest)
+
+Fatal (the image cannot be used as is): unreadable/truncated image, a label line with the wrong number of fields,
+non-numeric values, a class id not in label_to_name, coordinates far outside [0, 1], zero/negative width or
+height, two images with the same stem (they would share one label file).
+Warnings: coordinates clipped (within check.clip_tolerance), boxes under a pixel, orphan label files,
+exact duplicate images, unsupported files in images/. Images without labels are background (counted).
+split and train call `check_dataset(cfg)` themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from loguru import logger
+from omegaconf import DictConfig
+
+from src.common.config import label_names, stage_main
+from src.common.images import IMAGE_EXTS, ImageReadError, list_images, parallel_map, read_image_rgb
+from src.common.io import atomic_write_csv, atomic_write_json
+from src.etl.labels import (
+    FATAL,
+    WARNING,
+    LabelFile,
+    Problem,
+    images_dir,
+    label_path_for,
+    labels_dir,
+    read_yolo_labels,
+)
+
+MAX_PROBLEMS_SHOWN = 20
+
+
+class DatasetError(ValueError):
+    """The data set cannot be used as is; the message lists the problems (file and line)."""
+
+
+@dataclass
+class ImageRecord:
+    """What the doctor learned about one image (file name relative to images/)."""
+
+    image: str
+    width: int = 0
+    height: int = 0
+    class_ids: list[int] = field(default_factory=list)
+    has_label_file: bool = False
+    usable: bool = True
+    digest: str = ""
+
+    @property
+    def num_boxes(self) -> int:
+        return len(self.class_ids)
+
+    @property
+    def background(self) -> bool:
+        return not self.class_ids
+
+
+@dataclass
+class Report:
+    data_path: str
+    class_names: list[str]
+    records: list[ImageRecord]
+    problems: list[Problem]
+    orphan_labels: list[str]
+    duplicate_groups: list[list[str]]
+    skip_bad: bool
+
+    @property
+    def fatal(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == FATAL]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == WARNING]
+
+    @property
+    def usable_images(self) -> list[str]:
+        return [r.image for r in self.records if r.usable]
+
+    @property
+    def excluded_images(self) -> list[str]:
+        return [r.image for r in self.records if not r.usable]
+
+    def record(self, image: str) -> ImageRecord:
+        return self._by_name()[image]
+
+    def _by_name(self) -> dict[str, ImageRecord]:
+        return {r.image: r for r in self.records}
+
+    def boxes_per_class(self, images: list[str] | None = None) -> dict[str, int]:
+        by_name = self._by_name()
+        counts = Counter(
+            c
+            for name in (images if images is not None else self.usable_images)
+            for c in by_name[name].class_ids
+        )
+        return {name: counts.get(i, 0) for i, name in enumerate(self.class_names)}
+
+    def summary(self) -> dict:
+        usable = [r for r in self.records if r.usable]
+        return {
+            "data_path": self.data_path,
+            "images": len(self.records),
+            "usable_images": len(usable),
+            "excluded_images": len(self.records) - len(usable),
+            "labelled_images": sum(not r.background for r in usable),
+            "background_images": sum(r.background for r in usable),
+            "boxes": sum(r.num_boxes for r in usable),
+            "boxes_per_class": self.boxes_per_class(),
+            "fatal_problems": len(self.fatal),
+            "warnings": len(self.warnings),
+            "orphan_labels": len(self.orphan_labels),
+            "duplicate_groups": len(self.duplicate_groups),
+        }
+
+    def to_json(self) -> dict:
+        return {
+            "summary": self.summary(),
+            "skip_bad": self.skip_bad,
+            "usable_images": self.usable_images,
+            "excluded_images": {
+                r.image: [str(p) for p in self.problems if p.severity == FATAL and _concerns(p, r.image)]
+                for r in self.records
+                if not r.usable
+            },
+            "orphan_labels": self.orphan_labels,
+            "duplicate_groups": self.duplicate_groups,
+            "problems": [asdict(p) for p in self.problems],
+            "images": [
+                {
+                    "image": r.image,
+                    "width": r.width,
+                    "height": r.height,
+                    "boxes": r.num_boxes,
+                    "usable": r.usable,
+                }
+                for r in self.records
+            ],
+        }
+
+    def text(self) -> str:
+        """Readable console summary."""
+        s = self.summary()
+        lines = [
+            f"Dataset {s['data_path']}: {s['images']} images, {s['usable_images']} usable "
+            f"({s['labelled_images']} labelled, {s['background_images']} background), {s['boxes']} boxes",
+            "  boxes per class: " + ", ".join(f"{k}={v}" for k, v in s["boxes_per_class"].items()),
+            f"  {s['fatal_problems']} fatal problem(s), {s['warnings']} warning(s), "
+            f"{s['orphan_labels']} orphan label file(s), {s['duplicate_groups']} group(s) of duplicate images",
+        ]
+        shown = sorted(self.problems, key=lambda p: p.severity != FATAL)[:MAX_PROBLEMS_SHOWN]
+        lines += [f"  {p}" for p in shown]
+        if len(self.problems) > len(shown):
+            lines.append(f"  ... and {len(self.problems) - len(shown)} more (see report.json / report.csv)")
+        if self.excluded_images:
+            lines.append(f"  excluded (check.skip_bad=true): {', '.join(self.excluded_images)}")
+        return "\n".join(lines)
+
+
+def _concerns(problem: Problem, image: str) -> bool:
+    return Path(problem.file).stem == Path(image).stem
+
+
+def _inspect_image(path: Path, find_duplicates: bool) -> tuple[int, int, str] | str:
+    """(width, height, pixel digest) of a readable image, else the error message."""
+    try:
+        rgb = read_image_rgb(path)
+    except (ImageReadError, OSError) as err:
+        return str(err)
+    # Digest of the decoded pixels: finds copies even when the files differ in metadata.
+    digest = hashlib.blake2b(rgb.tobytes(), digest_size=16).hexdigest() if find_duplicates else ""
+    return rgb.shape[1], rgb.shape[0], digest
+
+
+def _tiny_box_warnings(labels: LabelFile, width: int, height: int) -> list[Problem]:
+    # A box under one pixel cannot be learned at any input size; usually a slip of the labelling tool.
+    tiny = int(((labels.boxes[:, 2] * width < 1) | (labels.boxes[:, 3] * height < 1)).sum())
+    if not tiny:
+        return []
+    return [Problem(str(labels.path), None, WARNING, f"{tiny} box(es) smaller than one pixel")]
+
+
+def _stray_files(folder: Path) -> list[Problem]:
+    """Files in images/ that no stage reads (PDFs, GIFs, ...): probably forgotten, worth a word."""
+    stray = [
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_EXTS
+    ]
+    hint = "; run `python -m src.etl.preprocess` to turn PDF pages into images"
+    return [
+        Problem(
+            str(p),
+            None,
+            WARNING,
+            "not a supported image type, ignored" + (hint if p.suffix.lower() == ".pdf" else ""),
+        )
+        for p in stray
+    ]
+
+
+def _same_stem_problems(images: list[Path]) -> list[Problem]:
+    by_stem: dict[str, list[Path]] = defaultdict(list)
+    for path in images:
+        by_stem[path.stem].append(path)
+    problems = []
+    for stem, paths in by_stem.items():
+        if len(paths) > 1:
+            names = ", ".join(p.name for p in paths)
+            for path in paths:
+                problems.append(
+                    Problem(
+                        str(path),
+                        None,
+                        FATAL,
+                        f"images {names} share the stem {stem!r} and so one label file; rename or remove one",
+                    )
+                )
+    return problems
+
+
+def diagnose(
+    data_path: str | Path,
+    class_names: list[str],
+    clip_tolerance: float = 0.01,
+    find_duplicates: bool = True,
+    skip_bad: bool = False,
+    workers: int = 1,
+) -> Report:
+    """Inspect a data set folder and return the report (raises nothing for bad data; see check_dataset)."""
+    data_path = Path(data_path)
+    img_dir, lbl_dir = images_dir(data_path), labels_dir(data_path)
+    if not img_dir.is_dir():
+        raise DatasetError(
+            f"no images folder: {img_dir} (expected <data_path>/images and <data_path>/labels)"
+        )
+    images = list_images(img_dir)
+    if not images:
+        raise DatasetError(f"empty data set: no images ({', '.join(sorted(IMAGE_EXTS))}) in {img_dir}")
+
+    problems = _stray_files(img_dir) + _same_stem_problems(images)
+    if not lbl_dir.is_dir():
+        problems.append(Problem(str(lbl_dir), None, WARNING, "no labels folder: every image is background"))
+    records = [ImageRecord(image=p.name) for p in images]
+    inspected = parallel_map(lambda p: _inspect_image(p, find_duplicates), images, workers, "checking images")
+    for path, record, info in zip(images, records, inspected, strict=True):
+        if isinstance(info, str):
+            problems.append(Problem(str(path), None, FATAL, info))
+            continue
+        record.width, record.height, record.digest = info
+        labels = read_yolo_labels(label_path_for(path, lbl_dir), len(class_names), clip_tolerance)
+        record.has_label_file = labels.exists
+        record.class_ids = labels.class_ids.tolist()
+        problems += labels.problems + _tiny_box_warnings(labels, record.width, record.height)
+
+    stems = {p.stem for p in images}
+    orphans = sorted(p.name for p in lbl_dir.glob("*.txt") if p.stem not in stems) if lbl_dir.is_dir() else []
+    problems += [
+        Problem(str(lbl_dir / name), None, WARNING, "label file without an image (orphan), ignored")
+        for name in orphans
+    ]
+
+    duplicate_groups = _duplicate_groups(records) if find_duplicates else []
+    for group in duplicate_groups:
+        problems.append(
+            Problem(str(img_dir / group[0]), None, WARNING, f"exact duplicate images: {', '.join(group)}")
+        )
+
+    bad_stems = {Path(p.file).stem for p in problems if p.severity == FATAL}
+    for record in records:
+        record.usable = Path(record.image).stem not in bad_stems
+    return Report(str(data_path), class_names, records, problems, orphans, duplicate_groups, skip_bad)
+
+
+def _duplicate_groups(records: list[ImageRecord]) -> list[list[str]]:
+    by_digest: dict[str, list[str]] = defaultdict(list)
+    for record in records:
+        if record.digest:
+            by_digest[record.digest].append(record.image)
+    return sorted(group for group in by_digest.values() if len(group) > 1)
+
+
+def write_report(report: Report, report_dir: str | Path) -> Path:
+    report_dir = Path(report_dir)
+    atomic_write_json(report_dir / "report.json", report.to_json())
+    frame = pd.DataFrame(
+        [asdict(p) for p in report.problems], columns=["file", "line", "severity", "message"]
+    )
+    atomic_write_csv(report_dir / "report.csv", frame)
+    return report_dir
+
+
+def fatal_error_message(report: Report, report_dir: str | Path) -> str:
+    fatal = report.fatal
+    listed = "\n".join(f"  {p}" for p in fatal[:MAX_PROBLEMS_SHOWN])
+    more = f"\n  ... and {len(fatal) - MAX_PROBLEMS_SHOWN} more" if len(fatal) > MAX_PROBLEMS_SHOWN else ""
+    return (
+        f"{len(fatal)} fatal problem(s) in data set {report.data_path} "
+        f"(full list: {Path(report_dir) / 'report.csv'}):\n{listed}{more}\n"
+        "Fix them, or set check.skip_bad=true to leave those images out."
+    )
+
+
+def check_dataset(cfg: DictConfig, write: bool = True) -> Report:
+    """Run the doctor on cfg.data_path with cfg.check settings; split and train call this first.
+
+    Raises DatasetError (naming file and line) on fatal problems unless check.skip_bad, and when no usable
+    image is left. Writes report.json / report.csv to check.report_dir (write=False: don't).
+    """
+    c = cfg.check
+    report = diagnose(
+        cfg.data_path,
+        label_names(cfg),
+        clip_tolerance=float(c.clip_tolerance),
+        find_duplicates=bool(c.find_duplicates),
+        skip_bad=bool(c.skip_bad),
+        workers=int(c.get("workers", 1)),
+    )
+    if write:
+        write_report(report, c.report_dir)
+    (logger.warning if report.problems else logger.info)("\n" + report.text())
+    if report.fatal and not report.skip_bad:
+        raise DatasetError(fatal_error_message(report, c.report_dir))
+    if not report.usable_images:
+        raise DatasetError(
+            f"no usable image left in {report.data_path}:\n{fatal_error_message(report, c.report_dir)}"
+        )
+    return report
+
+
+def run(cfg: DictConfig) -> Report:
+    report = check_dataset(cfg)
+    logger.info(f"report written to {Path(cfg.check.report_dir) / 'report.json'} and report.csv")
+    return report
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,7 @@ split and train call `check_dataset(cfg)` themselves.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -91,13 +92,14 @@ class Report:
         return [r.image for r in self.records if not r.usable]
 
     def record(self, image: str) -> ImageRecord:
-        return self._by_name()[image]
+        return self._by_name[image]
 
+    @functools.cached_property
     def _by_name(self) -> dict[str, ImageRecord]:
         return {r.image: r for r in self.records}
 
     def boxes_per_class(self, images: list[str] | None = None) -> dict[str, int]:
-        by_name = self._by_name()
+        by_name = self._by_name
         counts = Counter(
             c
             for name in (images if images is not None else self.usable_images)

@@ -1,0 +1,163 @@
+"""Drawing boxes, labels and GT-vs-prediction pictures (debug images, eval pictures, infer, bench, demo).
+
+All functions take and return RGB uint8 images (H, W, 3), the convention of `read_image_rgb`, and never
+modify the image they are given. Colours are RGB tuples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from src.common.io import atomic_write
+
+GT_COLOR = (0, 200, 0)  # green
+PRED_COLOR = (230, 40, 40)  # red
+TEXT_COLOR = (255, 255, 255)
+
+# A palette with well separated hues (one colour per class id, cycling).
+_PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (170, 110, 40),
+    (128, 0, 0),
+    (128, 128, 0),
+    (0, 0, 128),
+    (255, 225, 25),
+    (128, 128, 128),
+]
+
+
+def class_color(class_id: int) -> tuple[int, int, int]:
+    return _PALETTE[int(class_id) % len(_PALETTE)]
+
+
+def _as_numpy(values, dtype) -> np.ndarray:
+    if values is None:
+        return np.zeros((0,), dtype=dtype)
+    if hasattr(values, "detach"):  # torch tensor
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=dtype)
+
+
+def _line_width(image: np.ndarray) -> int:
+    return max(1, round(max(image.shape[:2]) / 400))
+
+
+def label_text(label: int, score: float | None = None, class_names: Sequence[str] | None = None) -> str:
+    name = class_names[label] if class_names is not None and 0 <= label < len(class_names) else str(label)
+    return name if score is None else f"{name} {score:.2f}"
+
+
+def _put_label(image: np.ndarray, text: str, x1: int, y1: int, color, line_width: int) -> None:
+    """Text on a filled box above the box's top-left corner (inside the image when at the top edge)."""
+    font_scale = max(0.35, line_width / 3)
+    thickness = max(1, line_width - 1)
+    (text_w, text_h), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+    top = y1 - text_h - baseline - 2
+    if top < 0:
+        top = y1 + 1
+    x1 = min(max(0, x1), max(0, image.shape[1] - text_w - 2))
+    cv2.rectangle(image, (x1, top), (x1 + text_w + 2, top + text_h + baseline + 2), color, -1)
+    cv2.putText(
+        image,
+        text,
+        (x1 + 1, top + text_h + 1),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        font_scale,
+        TEXT_COLOR,
+        thickness,
+        cv2.LINE_AA,
+    )
+
+
+def draw_detections(
+    image: np.ndarray,
+    boxes_xyxy,
+    labels,
+    scores=None,
+    class_names: Sequence[str] | None = None,
+    color: tuple[int, int, int] | None = None,
+    line_width: int | None = None,
+    show_labels: bool = True,
+) -> np.ndarray:
+    """Draw xyxy pixel boxes with "name score" tags on a copy of `image`.
+
+    color None: one colour per class. boxes/labels/scores may be numpy arrays, torch tensors or lists.
+    """
+    out = np.ascontiguousarray(image, dtype=np.uint8).copy()
+    boxes = _as_numpy(boxes_xyxy, np.float64).reshape(-1, 4)
+    labels = _as_numpy(labels, np.int64).reshape(-1)
+    scores_np = None if scores is None else _as_numpy(scores, np.float64).reshape(-1)
+    width = line_width or _line_width(out)
+    for i, (box, label) in enumerate(zip(boxes, labels, strict=True)):
+        box_color = color if color is not None else class_color(label)
+        x1, y1, x2, y2 = (round(float(v)) for v in box)
+        cv2.rectangle(out, (x1, y1), (x2, y2), box_color, width)
+        if show_labels:
+            score = None if scores_np is None else float(scores_np[i])
+            _put_label(out, label_text(int(label), score, class_names), x1, y1, box_color, width)
+    return out
+
+
+def draw_gt_vs_pred(
+    image: np.ndarray,
+    gt_boxes,
+    gt_labels,
+    pred_boxes,
+    pred_labels,
+    pred_scores=None,
+    class_names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Ground truth in green, predictions in red (with scores) on one copy of the image."""
+    out = draw_detections(image, gt_boxes, gt_labels, None, class_names, color=GT_COLOR)
+    return draw_detections(out, pred_boxes, pred_labels, pred_scores, class_names, color=PRED_COLOR)
+
+
+def put_title(image: np.ndarray, text: str) -> np.ndarray:
+    """A caption strip on top of a copy of the image (e.g. the file name in an eval grid)."""
+    out = image.copy()
+    _put_label(out, text, 0, 0, (40, 40, 40), _line_width(out))
+    return out
+
+
+def tile_images(
+    images: Sequence[np.ndarray], cols: int | None = None, tile_size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Put images in a grid (row-major). tile_size (w, h): every tile is letterboxed to it; default: the
+    largest image's size. Empty cells are grey."""
+    from src.common.preprocess import PAD_VALUE, letterbox_or_resize
+
+    if not images:
+        raise ValueError("tile_images needs at least one image")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    tile_w, tile_h = tile_size or (max(i.shape[1] for i in images), max(i.shape[0] for i in images))
+    grid = np.full((rows * tile_h, cols * tile_w, 3), PAD_VALUE, dtype=np.uint8)
+    for n, image in enumerate(images):
+        tile, _ = letterbox_or_resize(image, (tile_h, tile_w), keep_ratio=True)
+        r, c = divmod(n, cols)
+        grid[r * tile_h : (r + 1) * tile_h, c * tile_w : (c + 1) * tile_w] = tile
+    return grid
+
+
+def save_image_rgb(path: str | Path, image: np.ndarray, jpg_quality: int = 95) -> Path:
+    """Write an RGB image atomically; the format follows the suffix (.jpg, .png, ...)."""
+    path = Path(path)
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(jpg_quality)] if path.suffix.lower() in {".jpg", ".jpeg"} else []
+    ok, encoded = cv2.imencode(path.suffix or ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise ValueError(f"cannot encode an image as {path.suffix!r} for {path}")
+    return atomic_write(path, lambda tmp: tmp.write_bytes(encoded.tobytes()))

@@ -1,0 +1,178 @@
+"""The one network-input geometry shared by training, evaluation and every inference backend.
+
+Training, validation, torch / ONNX / OpenVINO / TensorRT inference all go through these functions, so a box
+means the same thing everywhere:
+
+    resized, meta = letterbox_or_resize(image_rgb, img_size=(h, w), keep_ratio=cfg.model.keep_ratio)
+    batch = to_model_input([resized])                       # (1, 3, h, w) float32 in [0, 1]
+    outputs = model(torch.from_numpy(batch))
+    # Give the postprocessor the NETWORK input size (w, h), never the original size: it returns xyxy boxes
+    # in network-input pixels ...
+    results = postprocessor(outputs, torch.tensor([[meta.net_w, meta.net_h]]))
+    # ... and only this function maps them back (undoing padding and scale, clipping to the image):
+    boxes = boxes_to_original(results[0]["boxes"], meta)
+
+keep_ratio=True letterboxes: scale to fit, pad with grey 114 on both sides (centred).
+keep_ratio=False resizes plainly (the aspect ratio may change; no padding).
+Resizing is always cv2.INTER_LINEAR (also when shrinking), the same as at export and inference time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+PAD_VALUE = 114  # grey used for letterbox padding and for empty canvas areas (mosaic, rotations)
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How an original image was mapped to the network input: net = orig * scale + pad (per axis, pixels)."""
+
+    scale_x: float
+    scale_y: float
+    pad_x: float  # left padding in network pixels
+    pad_y: float  # top padding in network pixels
+    orig_w: int
+    orig_h: int
+    net_w: int
+    net_h: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def identity(cls, width: int, height: int) -> Letterbox:
+        """For an image that already is the network input (e.g. a mosaic built at the network size)."""
+        return cls(1.0, 1.0, 0.0, 0.0, width, height, width, height)
+
+
+def _check_image(image: np.ndarray) -> None:
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", type(image).__name__)
+        raise ValueError(f"expected an RGB image array of shape (H, W, 3), got {shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"image has no pixels: shape {image.shape}")
+
+
+def fit_size(orig_w: int, orig_h: int, net_w: int, net_h: int, keep_ratio: bool) -> tuple[int, int]:
+    """Size (w, h) the image content gets inside the network input (before any padding)."""
+    if not keep_ratio:
+        return net_w, net_h
+    scale = min(net_w / orig_w, net_h / orig_h)
+    return max(1, min(net_w, round(orig_w * scale))), max(1, min(net_h, round(orig_h * scale)))
+
+
+def letterbox_or_resize(
+    image_rgb: np.ndarray, img_size: Sequence[int], keep_ratio: bool
+) -> tuple[np.ndarray, Letterbox]:
+    """uint8 (H, W, 3) -> (uint8 (h, w, 3) network input, Letterbox meta). img_size is (h, w)."""
+    _check_image(image_rgb)
+    net_h, net_w = int(img_size[0]), int(img_size[1])
+    orig_h, orig_w = image_rgb.shape[:2]
+    new_w, new_h = fit_size(orig_w, orig_h, net_w, net_h, keep_ratio)
+    resized = image_rgb
+    if (new_w, new_h) != (orig_w, orig_h):
+        resized = cv2.resize(image_rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    pad_x, pad_y = (net_w - new_w) // 2, (net_h - new_h) // 2
+    if (new_w, new_h) != (net_w, net_h):
+        resized = cv2.copyMakeBorder(
+            resized,
+            pad_y,
+            net_h - new_h - pad_y,
+            pad_x,
+            net_w - new_w - pad_x,
+            cv2.BORDER_CONSTANT,
+            value=(PAD_VALUE, PAD_VALUE, PAD_VALUE),
+        )
+    # The real scale of the content (rounding of new_w/new_h included), so boxes map back exactly.
+    meta = Letterbox(new_w / orig_w, new_h / orig_h, float(pad_x), float(pad_y), orig_w, orig_h, net_w, net_h)
+    return np.ascontiguousarray(resized), meta
+
+
+def to_model_input(images: Sequence[np.ndarray]) -> np.ndarray:
+    """List of uint8 (h, w, 3) RGB network-size images -> float32 (B, 3, h, w) in [0, 1] (no mean/std)."""
+    if len(images) == 0:
+        raise ValueError("to_model_input needs at least one image")
+    batch = np.stack(images).astype(np.float32) / 255.0  # (B, h, w, 3)
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+
+
+def image_to_tensor(image: np.ndarray):
+    """One uint8 (h, w, 3) RGB image -> torch float32 (3, h, w) in [0, 1] (what the dataset returns)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+
+
+def _clip(boxes, max_x: float, max_y: float):
+    if isinstance(boxes, np.ndarray):
+        boxes[..., 0::2] = np.clip(boxes[..., 0::2], 0.0, max_x)
+        boxes[..., 1::2] = np.clip(boxes[..., 1::2], 0.0, max_y)
+    else:  # torch.Tensor
+        boxes[..., 0::2] = boxes[..., 0::2].clamp(0.0, max_x)
+        boxes[..., 1::2] = boxes[..., 1::2].clamp(0.0, max_y)
+    return boxes
+
+
+def _copy_float(boxes):
+    """A float copy (float64 stays float64, everything else becomes float32); lists become numpy."""
+    if not hasattr(boxes, "clone"):
+        boxes = np.asarray(boxes)
+    if isinstance(boxes, np.ndarray):
+        return boxes.astype(np.float64 if boxes.dtype == np.float64 else np.float32, copy=True)
+    import torch
+
+    return boxes.clone() if boxes.dtype == torch.float64 else boxes.float().clone()
+
+
+def boxes_to_original(boxes_xyxy, meta: Letterbox):
+    """xyxy boxes in network-input pixels (..., 4) -> xyxy in original image pixels, clipped to the image.
+
+    Works on numpy arrays and torch tensors (returns the same kind; the input is not modified).
+    """
+    boxes = _copy_float(boxes_xyxy)
+    boxes[..., 0::2] = (boxes[..., 0::2] - meta.pad_x) / meta.scale_x
+    boxes[..., 1::2] = (boxes[..., 1::2] - meta.pad_y) / meta.scale_y
+    return _clip(boxes, float(meta.orig_w), float(meta.orig_h))
+
+
+def boxes_xyxy_to_network(boxes_xyxy, meta: Letterbox):
+    """xyxy boxes in original pixels -> xyxy in network-input pixels (numpy or torch, copied)."""
+    boxes = _copy_float(boxes_xyxy)
+    boxes[..., 0::2] = boxes[..., 0::2] * meta.scale_x + meta.pad_x
+    boxes[..., 1::2] = boxes[..., 1::2] * meta.scale_y + meta.pad_y
+    return boxes
+
+
+def boxes_to_network(boxes_cxcywh_norm: np.ndarray, meta: Letterbox) -> np.ndarray:
+    """Labels: normalised cxcywh in the original image (N, 4) -> normalised cxcywh in the network input."""
+    boxes = np.asarray(boxes_cxcywh_norm, dtype=np.float32).reshape(-1, 4)
+    out = np.empty_like(boxes)
+    out[:, 0] = (boxes[:, 0] * meta.orig_w * meta.scale_x + meta.pad_x) / meta.net_w
+    out[:, 1] = (boxes[:, 1] * meta.orig_h * meta.scale_y + meta.pad_y) / meta.net_h
+    out[:, 2] = boxes[:, 2] * meta.orig_w * meta.scale_x / meta.net_w
+    out[:, 3] = boxes[:, 3] * meta.orig_h * meta.scale_y / meta.net_h
+    return out
+
+
+def network_boxes_to_original_xyxy(boxes_cxcywh_norm, meta: Letterbox) -> np.ndarray:
+    """Normalised cxcywh in the network input (what the dataset returns) -> float32 xyxy original pixels."""
+    import torch
+
+    from src.common.boxes import cxcywh_to_xyxy
+
+    boxes = torch.as_tensor(np.asarray(boxes_cxcywh_norm, dtype=np.float64)).reshape(-1, 4)
+    xyxy = cxcywh_to_xyxy(boxes) * torch.tensor([meta.net_w, meta.net_h] * 2, dtype=torch.float64)
+    return boxes_to_original(xyxy, meta).numpy().astype(np.float32)
+
+
+def preprocess_images(
+    images_rgb: Sequence[np.ndarray], img_size: Sequence[int], keep_ratio: bool
+) -> tuple[np.ndarray, list[Letterbox]]:
+    """The whole inference-side preprocessing: RGB uint8 images -> ((B, 3, h, w) float32, metas)."""
+    resized, metas = zip(*(letterbox_or_resize(img, img_size, keep_ratio) for img in images_rgb), strict=True)
+    return to_model_input(resized), list(metas)

@@ -89,9 +89,16 @@ def open_image(path: str | Path) -> Image.Image:
     except Image.DecompressionBombError as err:
         raise ImageReadError(f"cannot read image {path}: too many pixels ({err})") from err
     except (OSError, SyntaxError, ValueError) as err:
-        reason = "the file is truncated" if "truncated" in str(err).lower() else str(err)
-        raise ImageReadError(f"cannot read image {path}: {reason}") from err
+        raise read_error(path, err) from err
     return image
+
+
+def read_error(path: str | Path, err: Exception) -> ImageReadError:
+    """A decoder's exception as an ImageReadError naming the file, in words a user understands."""
+    if isinstance(err, ImageReadError):
+        return err
+    reason = "the file is truncated" if "truncated" in str(err).lower() else str(err)
+    return ImageReadError(f"cannot read image {path}: {reason}")
 
 
 def exif_orientation(image: Image.Image) -> int:
@@ -157,6 +164,11 @@ def read_image_rgb(path: str | Path) -> np.ndarray:
         if fallback is None:
             raise
         return fallback
+    return upright_rgb(image)
+
+
+def upright_rgb(image: Image.Image) -> np.ndarray:
+    """A decoded PIL image -> uint8 RGB (H, W, 3) with its EXIF orientation applied."""
     image = ImageOps.exif_transpose(image) if exif_orientation(image) != 1 else image
     return np.ascontiguousarray(np.asarray(pil_to_rgb(image), dtype=np.uint8))
 
@@ -181,18 +193,22 @@ def image_size(path: str | Path) -> tuple[int, int]:
         return rgb.shape[1], rgb.shape[0]
 
 
-def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int, desc: str) -> list[R]:
-    """fn over items with a tqdm bar, results in input order.
+def parallel_map(
+    fn: Callable[[T], R], items: Sequence[T], workers: int, desc: str, processes: bool = False
+) -> list[R]:
+    """fn over items with a tqdm bar, results in input order; serial when workers <= 1.
 
-    Threads, not processes: PIL, OpenCV, PyMuPDF and hashlib release the GIL while decoding/encoding/hashing,
-    so threads use every core for this I/O-and-codec work, start instantly, and are safe inside a process
-    that already runs torch (forking one can hang).
+    processes=False: threads. PIL/OpenCV/hashlib release the GIL for much of their decoding and hashing, threads
+    start instantly, and they are safe inside a process that already runs torch (forking one can hang).
+    processes=True: a process pool, for CPU-heavy per-file work in a stage's own process (fn and items must
+    pickle: a module-level function or a bound method of a simple object).
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
     from tqdm import tqdm
 
     if workers <= 1 or len(items) <= 1:
         return [fn(item) for item in tqdm(items, desc=desc, unit="file", leave=False)]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool_type = ProcessPoolExecutor if processes else ThreadPoolExecutor
+    with pool_type(max_workers=workers) as pool:
         return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit="file", leave=False))

@@ -1,0 +1,352 @@
+"""Training / evaluation data: split CSVs + YOLO labels -> network-input tensors and targets.
+
+    datasets = build_datasets(cfg, exclude=doctor_report.excluded_images)   # {"train", "val"[, "test"]}
+    for epoch in range(epochs):
+        datasets["train"].set_epoch(epoch)   # mosaic closing, background-ignoring epochs (changes len)
+        loader = DataLoader(datasets["train"], sampler=..., collate_fn=build_collate(cfg, train=True), ...)
+        for images, targets in loader:       # images (B, 3, h, w) float in [0, 1]; targets: list of dicts
+            ...
+
+Build the DataLoader after set_epoch (its workers copy the dataset's state when they start).
+
+One sample's target: labels int64 (n,), boxes float32 (n, 4) normalised cxcywh in the network input,
+image_id (int, stable index in its split), orig_size int64 tensor (w, h), letterbox (preprocess.Letterbox:
+maps network pixels back to the original image), path (str).
+Geometry comes from src.common.preprocess, the same as at inference; augmentations from src.dl.augment.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from loguru import logger
+from omegaconf import DictConfig
+from torch.utils.data import Dataset
+
+from src.common.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
+from src.common.config import label_names
+from src.common.draw import draw_detections, save_image_rgb
+from src.common.images import read_image_rgb
+from src.common.preprocess import (
+    Letterbox,
+    boxes_xyxy_to_network,
+    image_to_tensor,
+    letterbox_or_resize,
+)
+from src.dl.augment import (
+    MosaicParams,
+    Sample,
+    apply_augmentations,
+    build_augmentations,
+    make_mosaic,
+)
+from src.etl.labels import images_dir, label_path_for, labels_dir, read_yolo_labels
+
+SPLITS = ("train", "val", "test")
+SPLIT_COLUMN = "image"
+MULTISCALE_STEPS = (-2, -1, 1, 2)  # multiscale batch sizes: img_size + k * 32 on both sides
+
+
+# ---------------------------------------------------------------- split files and labels
+
+
+def split_csv_path(cfg: DictConfig, split: str) -> Path:
+    return Path(cfg.splits_dir) / f"{split}.csv"
+
+
+def resolve_image_path(data_path: Path, entry: str) -> Path:
+    """A split entry is an image path: absolute, relative to <data_path>/images, or to <data_path>."""
+    path = Path(entry)
+    if path.is_absolute():
+        return path
+    in_images = images_dir(data_path) / path
+    if in_images.exists() or not (data_path / path).exists():
+        return in_images
+    return data_path / path
+
+
+def read_split(cfg: DictConfig, split: str, exclude: Iterable[str] = ()) -> list[Path] | None:
+    """Image paths listed in <splits_dir>/<split>.csv (None when the file does not exist).
+
+    exclude: entries to leave out (names as written in the CSV / relative to images/, or absolute paths).
+    """
+    csv_path = split_csv_path(cfg, split)
+    if not csv_path.exists():
+        return None
+    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    if SPLIT_COLUMN not in frame.columns:
+        raise ValueError(
+            f"{csv_path}: expected a column named {SPLIT_COLUMN!r} (got {list(frame.columns)}); "
+            f"re-create the splits with `make split`"
+        )
+    data_path = Path(cfg.data_path)
+    entries = [e.strip() for e in frame[SPLIT_COLUMN].tolist() if e.strip()]
+    paths = [resolve_image_path(data_path, e) for e in entries]
+    excluded = {resolve_image_path(data_path, str(e)) for e in exclude}
+    kept = [p for p in paths if p not in excluded]
+    if len(kept) < len(paths):
+        logger.warning(
+            f"{split}: {len(paths) - len(kept)} image(s) left out (excluded by the dataset doctor)"
+        )
+    return kept
+
+
+def load_labels(
+    image_paths: list[Path], data_path: Path, num_classes: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Read every label file once (they are small) -> per image (boxes cxcywh normalised, class ids).
+
+    A fatal label problem stops here with the file and line; warnings (small clipping) are summarised.
+    """
+    boxes, class_ids, warnings, fatal = [], [], [], []
+    folder = labels_dir(data_path)
+    for image_path in image_paths:
+        label_file = read_yolo_labels(label_path_for(image_path, folder), num_classes)
+        for problem in label_file.problems:
+            (fatal if problem.severity == "fatal" else warnings).append(problem)
+        boxes.append(label_file.boxes)
+        class_ids.append(label_file.class_ids)
+    if fatal:
+        listed = "\n  ".join(str(p) for p in fatal[:10])
+        more = f"\n  ... and {len(fatal) - 10} more" if len(fatal) > 10 else ""
+        raise ValueError(
+            f"{len(fatal)} label problem(s) would corrupt training:\n  {listed}{more}\n"
+            "Fix the files, or run `make check` (check.skip_bad=true) and `make split` to leave them out."
+        )
+    if warnings:
+        logger.warning(f"{len(warnings)} label warning(s), e.g. {warnings[0]}")
+    return boxes, class_ids
+
+
+# ---------------------------------------------------------------- dataset
+
+
+def sample_seed(*parts: int | str) -> int:
+    """A stable 32-bit seed from (seed, epoch, index, ...): the same augmentation for the same sample and
+    epoch whatever the number of workers, and different workers never repeat each other."""
+    return zlib.crc32(repr(parts).encode())
+
+
+class DetectionDataset(Dataset):
+    """One split. Training mode adds albumentations, mosaic (closable by epoch) and background-ignoring."""
+
+    def __init__(
+        self, cfg: DictConfig, split: str, train: bool | None = None, exclude: Iterable[str] = ()
+    ) -> None:
+        image_paths = read_split(cfg, split, exclude)
+        if image_paths is None:
+            raise FileNotFoundError(f"{split_csv_path(cfg, split)} not found: run `make split` first")
+        self.split = split
+        self.train = split == "train" if train is None else train
+        self.img_size = (int(cfg.model.img_size[0]), int(cfg.model.img_size[1]))  # (h, w)
+        self.keep_ratio = bool(cfg.model.keep_ratio)
+        self.use_one_class = bool(cfg.model.use_one_class)
+        self.label_names = label_names(cfg)
+        self.class_names = ["object"] if self.use_one_class else self.label_names
+        self.seed = int(cfg.seed)
+        self.image_paths = image_paths
+        self.boxes, self.class_ids = load_labels(image_paths, Path(cfg.data_path), len(self.label_names))
+
+        train_cfg = cfg.train
+        self.transform = build_augmentations(train_cfg.augs) if self.train else None
+        self.mosaic_prob = float(train_cfg.mosaic.prob) if self.train else 0.0
+        self.mosaic_params = MosaicParams.from_cfg(train_cfg.mosaic)
+        self.mosaic_until_epoch = int(train_cfg.epochs) - int(train_cfg.mosaic.no_mosaic_epochs)
+        self.ignore_background_epochs = int(train_cfg.get("ignore_background_epochs", 0))
+        self.epoch = 0
+        self.mosaic_enabled = self.mosaic_prob > 0
+        self.ignore_background = False
+        self.active = list(range(len(self.image_paths)))  # positions -> item indices (see set_epoch)
+
+    # -------- epoch-dependent state (call set_epoch before each epoch; workers are re-created per epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Mosaic closes for the last no_mosaic_epochs; background images are left out for the first
+        ignore_background_epochs (only those samples: batches are formed from the remaining ones)."""
+        self.epoch = int(epoch)
+        mosaic = self.train and self.mosaic_prob > 0 and self.epoch < self.mosaic_until_epoch
+        if self.mosaic_enabled and not mosaic and self.mosaic_prob > 0:
+            logger.info(f"epoch {epoch}: mosaic closed for the remaining epochs")
+        self.mosaic_enabled = mosaic
+        self.set_ignore_background(self.train and self.epoch < self.ignore_background_epochs)
+
+    def set_ignore_background(self, ignore: bool) -> None:
+        """Rebuild the index: with ignore=True only images that have at least one box remain."""
+        self.ignore_background = bool(ignore)
+        self.active = [i for i in range(len(self.image_paths)) if not (ignore and self.is_background(i))]
+
+    def is_background(self, index: int) -> bool:
+        return len(self.class_ids[index]) == 0
+
+    @property
+    def num_backgrounds(self) -> int:
+        return sum(self.is_background(i) for i in range(len(self.image_paths)))
+
+    def object_counts(self) -> dict[str, int]:
+        counts = Counter(int(c) for ids in self.class_ids for c in ids)
+        return {name: counts.get(i, 0) for i, name in enumerate(self.label_names)}
+
+    def __len__(self) -> int:
+        return len(self.active)
+
+    # -------- loading
+
+    def load_sample(self, index: int) -> Sample:
+        """Original image + its boxes as xyxy pixels + class ids (class 0 for every box with use_one_class)."""
+        image = read_image_rgb(self.image_paths[index])
+        height, width = image.shape[:2]
+        boxes = cxcywh_to_xyxy(torch.from_numpy(self.boxes[index])).numpy()
+        boxes = boxes * np.array([width, height, width, height], np.float32)
+        labels = self.class_ids[index].copy()
+        if self.use_one_class:
+            labels[:] = 0
+        return image, boxes.astype(np.float32), labels
+
+    def _training_sample(self, index: int, rng: np.random.Generator) -> tuple[Sample, bool]:
+        if self.mosaic_enabled and rng.random() < self.mosaic_prob:
+            partners = rng.choice(self.active, size=3, replace=True)
+            samples = [self.load_sample(i) for i in (index, *partners)]
+            sample = make_mosaic(samples, self.img_size, self.keep_ratio, self.mosaic_params, rng)
+            return sample, True
+        return self.load_sample(index), False
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, dict]:
+        index = self.active[position]
+        if self.train:
+            seed = sample_seed(self.seed, self.epoch, index)
+            (image, boxes, labels), mosaic = self._training_sample(index, np.random.default_rng(seed))
+            if self.transform is not None:
+                self.transform.set_random_seed(seed)
+                image, boxes, labels = apply_augmentations(self.transform, image, boxes, labels)
+        else:
+            (image, boxes, labels), mosaic = self.load_sample(index), False
+        height, width = image.shape[:2]
+        resized, meta = letterbox_or_resize(image, self.img_size, self.keep_ratio)
+        target = {
+            "labels": torch.from_numpy(np.asarray(labels, np.int64)),
+            "boxes": self._network_boxes(boxes, meta),
+            "image_id": index,
+            "orig_size": torch.tensor([width, height], dtype=torch.int64),
+            "letterbox": meta,
+            "path": str(self.image_paths[index]),
+            "mosaic": mosaic,
+        }
+        return image_to_tensor(resized), target
+
+    @staticmethod
+    def _network_boxes(boxes_xyxy: np.ndarray, meta: Letterbox) -> torch.Tensor:
+        """xyxy pixels of the (augmented) image -> normalised cxcywh in the network input (N, 4)."""
+        net = torch.from_numpy(boxes_xyxy_to_network(np.asarray(boxes_xyxy, np.float32).reshape(-1, 4), meta))
+        net = net / torch.tensor([meta.net_w, meta.net_h, meta.net_w, meta.net_h], dtype=torch.float32)
+        return xyxy_to_cxcywh(net.clamp(0.0, 1.0)).float()
+
+
+# ---------------------------------------------------------------- batching
+
+
+def collate_fn(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
+    """-> images (B, 3, h, w), list of B target dicts."""
+    images, targets = zip(*batch, strict=True)
+    return torch.stack(images), list(targets)
+
+
+def multiscale_size(img_size: tuple[int, int], rng: random.Random) -> tuple[int, int]:
+    """A random input size around img_size: both sides change by the same multiple of 32, never below 64."""
+    steps = [k * 32 for k in MULTISCALE_STEPS if min(img_size) + k * 32 >= 64]
+    step = rng.choice(steps)
+    return img_size[0] + step, img_size[1] + step
+
+
+class TrainCollate:
+    """Training collate: with probability `multiscale_prob` the whole batch is resized to one random size
+    around img_size (boxes are normalised, so they stay right). Python `random` is seeded per worker by
+    the DataLoader, so workers draw different sizes."""
+
+    def __init__(self, img_size: tuple[int, int], multiscale_prob: float) -> None:
+        self.img_size = img_size
+        self.multiscale_prob = float(multiscale_prob)
+
+    def __call__(self, batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
+        images, targets = collate_fn(batch)
+        if self.multiscale_prob > 0 and random.random() < self.multiscale_prob:
+            size = multiscale_size(self.img_size, random)
+            images = torch.nn.functional.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        return images, targets
+
+
+def build_collate(cfg: DictConfig, train: bool):
+    """The collate for a loader: training batches get multiscale (train.multiscale_prob), others not."""
+    if not train or float(cfg.train.multiscale_prob) <= 0:
+        return collate_fn
+    img_size = (int(cfg.model.img_size[0]), int(cfg.model.img_size[1]))
+    return TrainCollate(img_size, float(cfg.train.multiscale_prob))
+
+
+def _log_split_stats(datasets: dict[str, DetectionDataset]) -> None:
+    for split, ds in datasets.items():
+        objects = ds.object_counts()
+        summary = ", ".join(f"{k}: {v}" for k, v in sorted(objects.items(), key=lambda kv: -kv[1]))
+        logger.info(
+            f"{split}: {len(ds.image_paths)} images ({ds.num_backgrounds} background), objects: {summary}"
+        )
+
+
+def build_datasets(
+    cfg: DictConfig, exclude: Iterable[str] = (), log: bool = True
+) -> dict[str, DetectionDataset]:
+    """{"train", "val"[, "test"]} datasets from the split CSVs; test only when test.csv exists and is not empty.
+
+    exclude: image names (relative to <data_path>/images, as the dataset doctor reports them) to leave out.
+    """
+    datasets = {split: DetectionDataset(cfg, split, exclude=exclude) for split in ("train", "val")}
+    if read_split(cfg, "test"):
+        datasets["test"] = DetectionDataset(cfg, "test", exclude=exclude)
+    if log:
+        _log_split_stats(datasets)
+    return datasets
+
+
+# ---------------------------------------------------------------- targets for evaluation, debug images
+
+
+def tensor_to_image(image: torch.Tensor) -> np.ndarray:
+    """(3, h, w) float in [0, 1] -> uint8 (h, w, 3) RGB."""
+    array = image.detach().cpu().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+    return np.ascontiguousarray(array)
+
+
+def draw_sample(image: torch.Tensor, target: dict, class_names: list[str]) -> np.ndarray:
+    """A processed sample as the network sees it, with its target boxes."""
+    picture = tensor_to_image(image)
+    height, width = picture.shape[:2]
+    boxes = cxcywh_to_xyxy(target["boxes"]) * torch.tensor([width, height, width, height])
+    return draw_detections(picture, boxes, target["labels"], None, class_names)
+
+
+def save_debug_images(dataset: DetectionDataset, out_dir: str | Path, n: int) -> list[Path]:
+    """Save the first n processed samples (after augmentation, mosaic, letterbox) with boxes drawn."""
+    out_dir = Path(out_dir)
+    saved = []
+    for position in range(min(n, len(dataset))):
+        image, target = dataset[position]
+        stem = Path(target["path"]).stem
+        tag = "_mosaic" if target["mosaic"] else ""
+        path = out_dir / f"{position:03d}_{stem}{tag}.jpg"
+        saved.append(save_image_rgb(path, draw_sample(image, target, dataset.class_names)))
+    return saved
+
+
+def save_all_debug_images(datasets: dict[str, DetectionDataset], exp_dir: str | Path, n: int) -> list[Path]:
+    """<exp_dir>/debug_images/<split>/ for every split (called once per run, on the main process)."""
+    saved = []
+    for split, dataset in datasets.items():
+        if dataset is not None and n > 0:
+            saved += save_debug_images(dataset, Path(exp_dir) / "debug_images" / split, n)
+    return saved

@@ -29,7 +29,9 @@ def save_image(path: Path, size=(32, 24), color=(200, 30, 30), seed: int | None 
     if seed is None:
         image = Image.new("RGB", size, color)
     else:
-        image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        image = Image.fromarray(
+            np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        )
     image.save(path, quality=95)
     return path
 

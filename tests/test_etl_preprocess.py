@@ -83,7 +83,9 @@ def test_conversions_and_originals(processed):
             assert out.getexif().get(EXIF_ORIENTATION, 1) == 1
     assert (images / "fine.jpg").read_bytes() == fine_bytes  # already fine: untouched
     assert [o.source.name for o in summary.by_status(preprocess.SKIPPED)] == ["fine.jpg", "twin.jpg"]
-    assert (data / "labels" / "rgba.txt").read_text() == "0 0.5 0.5 0.2 0.2\n"  # stem kept, label still matches
+    assert (
+        data / "labels" / "rgba.txt"
+    ).read_text() == "0 0.5 0.5 0.2 0.2\n"  # stem kept, label still matches
 
 
 def test_pixel_handling(processed):
@@ -118,7 +120,9 @@ def test_bad_inputs_reported_and_left_in_place(processed):
     assert set(clashes) == {"twin.png"} and "twin.jpg" in clashes["twin.png"]
     for name in ["broken.png", "cut.jpg", "twin.png", "twin.jpg", "notes.txt"]:
         assert (images / name).exists(), name
-    assert read_image_rgb(images / "twin.jpg")[0, 0].tolist() == pytest.approx([1, 2, 3], abs=3)  # not overwritten
+    assert read_image_rgb(images / "twin.jpg")[0, 0].tolist() == pytest.approx(
+        [1, 2, 3], abs=3
+    )  # not overwritten
     assert [p.name for p in summary.ignored] == ["notes.txt"]
     assert "broken.png" in summary.text() and "notes.txt" in summary.text()
 

@@ -164,7 +164,7 @@ class Report:
         if len(self.problems) > len(shown):
             lines.append(f"  ... and {len(self.problems) - len(shown)} more (see report.json / report.csv)")
         if self.excluded_images:
-            lines.append(f"  excluded (check.skip_bad=true): {', '.join(self.excluded_images)}")
+            lines.append(f"  not usable (fatal problems): {', '.join(self.excluded_images)}")
         return "\n".join(lines)
 
 

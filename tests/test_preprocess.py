@@ -130,3 +130,16 @@ def test_preprocess_images_matches_the_dataset_path():
 def test_bad_image_is_a_clear_error():
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
         letterbox_or_resize(np.zeros((10, 10), np.uint8), (32, 32), True)
+
+
+def test_drawing_leaves_the_input_alone_and_tiles_letterboxed():
+    from src.common.draw import GT_COLOR, draw_detections, draw_gt_vs_pred, tile_images
+
+    image = np.zeros((50, 80, 3), np.uint8)
+    drawn = draw_detections(image, torch.tensor([[10.0, 10, 40, 30]]), [1], [0.87], ["a", "b"])
+    assert image.max() == 0 and drawn.shape == image.shape and drawn.max() > 0
+    both = draw_gt_vs_pred(image, [[5, 5, 20, 20]], [0], np.zeros((0, 4)), [], [], ["a"])
+    assert tuple(both[20, 12]) == GT_COLOR  # bottom edge of the GT box, in green
+    grid = tile_images([image, np.zeros((30, 30, 3), np.uint8), image], cols=2)
+    assert grid.shape == (100, 160, 3)
+    assert (grid[50:, 80:] == PAD_VALUE).all()  # the empty cell

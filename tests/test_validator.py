@@ -219,3 +219,38 @@ def test_batch_records_map_network_boxes_back(tmp_path):
     assert len(saved) == 1 and saved[0].name == "000_a.jpg"
     drawn = np.asarray(Image.open(saved[0]))
     assert drawn.shape == (100, 200, 3) and drawn.max() > 0  # boxes were drawn on the original image
+
+
+def test_predict_batches_with_the_real_model(tmp_path):
+    """End to end on the real (untrained) model: every val image once, boxes inside the original image."""
+    d_fine = pytest.importorskip("src.d_fine")
+    if not all(hasattr(d_fine, name) for name in ("build_model", "build_postprocessor")):
+        pytest.skip("the model package is not complete yet")
+    from torch.utils.data import DataLoader
+
+    from src.dl.dataset import DetectionDataset, collate_fn
+    from src.dl.validator import predict_batches
+    from tests.test_dataset import IMAGES, config, make_data
+
+    torch.manual_seed(0)
+    cfg = config(
+        make_data(tmp_path / "data"),
+        "model.img_size=[64,64]",
+        "model.keep_ratio=true",
+        "model.num_queries=20",
+    )
+    dataset = DetectionDataset(cfg, "val")
+    model = d_fine.build_model("n", 4, img_size=(64, 64), variant="dfine", num_queries=20).eval()
+    postprocessor = d_fine.build_postprocessor(4, num_top_queries=20).eval()
+    loader = DataLoader(dataset, batch_size=2, collate_fn=collate_fn)
+    preds, gts = predict_batches(model, loader, "cpu", postprocessor, show_progress=False)
+    assert [g["image_id"] for g in gts] == list(range(len(IMAGES)))
+    for pred, gt_record in zip(preds, gts, strict=True):
+        height, width, _ = IMAGES[gt_record["path"].split("/")[-1]]
+        assert pred["boxes"].shape == (20, 4) and pred["scores"].shape == (20,)
+        assert (pred["boxes"] >= 0).all() and (pred["boxes"][:, 0::2] <= width).all()
+        assert (pred["boxes"][:, 1::2] <= height).all()
+    result = evaluate(preds, gts, ["a", "b", "c", "d"])
+    assert {"mAP_50", "mAP_50_95", "precision", "recall", "f1", "iou", "tp", "fp", "fn"} <= set(
+        result.metrics
+    )

@@ -1,0 +1,119 @@
+"""One inference API for every exported model:
+
+    from src.infer import load_model
+    model = load_model("output/demo/model.onnx")         # .pt | .onnx | .xml | .engine
+    dets = model(image_rgb)                              # or model(path), model([img1, img2]), bgr=True
+    dets.boxes, dets.scores, dets.labels, dets.names     # xyxy original pixels, thresholds from training
+
+The backend follows the file's suffix; class names, input size, keep_ratio and thresholds come from the
+artifact itself. Backends import lazily: a missing library raises BackendUnavailable for that one only.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from src.infer.detector import Detections, Detector
+from src.infer.meta import ModelMeta
+from src.infer.runtime import BackendUnavailable
+
+__all__ = [
+    "ARTIFACT_NAMES",
+    "BackendUnavailable",
+    "Detections",
+    "Detector",
+    "ModelMeta",
+    "available_backends",
+    "backend_for",
+    "best_artifact",
+    "load_model",
+]
+
+# suffix -> (backend name, module, runner class)
+_RUNNERS = {
+    ".pt": ("torch", "src.infer.torch_model", "TorchRunner"),
+    ".pth": ("torch", "src.infer.torch_model", "TorchRunner"),
+    ".onnx": ("onnx", "src.infer.onnx_model", "OnnxRunner"),
+    ".xml": ("openvino", "src.infer.openvino_model", "OpenVinoRunner"),
+    ".engine": ("tensorrt", "src.infer.tensorrt_model", "TensorRtRunner"),
+}
+
+# What src.dl.export writes into output/<exp>/ (and the trainer's best.pt), by variant.
+ARTIFACT_NAMES = {
+    "torch": "best.pt",
+    "onnx": "model.onnx",
+    "ov_fp32": "model_fp32.xml",
+    "ov_fp16": "model_fp16.xml",
+    "ov_int8": "model_int8.xml",
+    "trt_fp16": "model_fp16.engine",
+    "trt_fp32": "model_fp32.engine",
+}
+
+
+def backend_for(path: str | Path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in _RUNNERS:
+        raise ValueError(f"{path}: unknown model file type {suffix!r}; expected one of {sorted(_RUNNERS)}")
+    return _RUNNERS[suffix][0]
+
+
+def load_model(
+    path: str | Path, device: str = "auto", precision: str | None = None, conf: float | dict | None = None
+) -> Detector:
+    """Load any artifact as a Detector.
+
+    device: auto (CUDA when the backend has it, else CPU) | cpu | cuda[:N] | OpenVINO names (GPU, NPU).
+    precision: torch fp32|fp16|bf16; OpenVINO inference precision f32|f16|bf16 (default f32, set
+        explicitly: OpenVINO would otherwise pick bf16 on CPUs that have it); ONNX/TensorRT run as exported.
+    conf: default threshold(s) for every call (float, or {class name/id: value}); None = the artifact's.
+    A folder is accepted too: its best artifact for the device is used (see best_artifact).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = best_artifact(path, device)
+    if not path.exists():
+        raise FileNotFoundError(f"model file not found: {path}")
+    backend_for(path)  # raises a clear error for an unknown suffix
+    _, module_name, class_name = _RUNNERS[path.suffix.lower()]
+    runner_class = getattr(importlib.import_module(module_name), class_name)
+    return Detector(runner_class(path, device=device, precision=precision), conf=conf)
+
+
+def available_backends() -> dict[str, str | None]:
+    """backend -> None when usable here, else the reason it is not."""
+    checks = {
+        "torch": lambda: importlib.import_module("torch"),
+        "onnx": lambda: importlib.import_module("onnxruntime"),
+        "openvino": lambda: importlib.import_module("openvino"),
+        "tensorrt": lambda: importlib.import_module("src.infer.tensorrt_model").import_tensorrt(),
+    }
+    status: dict[str, str | None] = {}
+    for name, check in checks.items():
+        try:
+            check()
+            status[name] = None
+        except BackendUnavailable as err:
+            status[name] = err.reason
+        except ImportError as err:
+            status[name] = f"not installed ({err.name})"
+    return status
+
+
+def best_artifact(folder: str | Path, device: str = "auto") -> Path:
+    """The fastest artifact present in an experiment folder for the device.
+
+    GPU: TensorRT fp16 > fp32 > ONNX > torch. CPU: OpenVINO int8 is NOT picked automatically (it trades
+    accuracy; ask for it by path), so OpenVINO fp32 > ONNX > torch.
+    """
+    folder = Path(folder)
+    status = available_backends()
+    gpu = device != "cpu" and status["tensorrt"] is None
+    order = ["trt_fp16", "trt_fp32", "onnx", "torch"] if gpu else ["ov_fp32", "onnx", "torch"]
+    for key in order:
+        candidate = folder / ARTIFACT_NAMES[key]
+        if candidate.exists() and status[backend_for(candidate)] is None:
+            return candidate
+    raise FileNotFoundError(
+        f"no model artifact in {folder} (looked for {[ARTIFACT_NAMES[k] for k in order]}); train or export first"
+    )

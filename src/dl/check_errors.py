@@ -1,0 +1,150 @@
+"""Find the images where the model and the labels disagree, to catch mislabelled samples.
+
+    python -m src.dl.check_errors exp_name=my_run [check_errors.splits=[val] check_errors.iou_thresh=0.5]
+
+For each split, every image with a false positive (a prediction at the model's threshold matching no
+ground-truth box of its class) or a false negative (a ground-truth box no prediction matched) is drawn
+once with all its errors: FN ground truth in green, FP predictions in red (with scores), correct boxes
+thin grey. output/<exp>/check_errors/errors.csv lists every FP/FN worst first: a confident FP (often an
+unlabelled object) or a FN nothing overlaps (often a wrong or stray label) comes before borderline cases.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from loguru import logger
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from src.common.config import exp_dir, stage_main, with_saved_model_keys
+from src.common.draw import GT_COLOR, PRED_COLOR, draw_detections, save_image_rgb
+from src.common.images import ImageReadError
+from src.common.io import atomic_write_csv
+from src.infer.detector import Detections
+from src.infer.evaluate import Sample, load_experiment_model, load_split_samples
+
+CONTEXT_COLOR = (160, 160, 160)
+COLUMNS = [
+    "image", "split", "kind", "class_id", "class_name", "score", "x1", "y1", "x2", "y2",
+    "best_iou", "best_iou_class", "severity", "picture",
+]  # fmt: skip
+
+
+def find_errors(
+    dets: Detections, sample: Sample, iou_thresh: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(FP mask over predictions, FN mask over GT, IoU matrix preds x GT) with the validator's matching."""
+    from src.dl.validator import _iou_matrix, match_image
+
+    pred = {
+        "boxes": dets.boxes.astype(np.float64),
+        "scores": dets.scores.astype(np.float64),
+        "labels": dets.labels,
+    }
+    gt = {"boxes": sample.boxes, "labels": sample.labels}
+    matched_gt, _ = match_image(pred, gt, iou_thresh)
+    fn = np.ones(len(sample.labels), bool)
+    fn[matched_gt[matched_gt >= 0]] = False
+    return matched_gt < 0, fn, _iou_matrix(pred["boxes"], sample.boxes)
+
+
+def error_rows(dets: Detections, sample: Sample, fp, fn, iou, names: list[str], picture: str) -> list[dict]:
+    """One row per error. best_iou: overlap with the nearest box on the other side (any class)."""
+    rows = []
+    base = {"image": str(sample.path), "split": sample.split, "picture": picture}
+    for p in np.where(fp)[0]:
+        best = int(iou[p].argmax()) if iou.shape[1] else -1
+        best_iou = float(iou[p, best]) if best >= 0 else 0.0
+        rows.append(base | _box(dets.boxes[p]) | {
+            "kind": "FP", "class_id": int(dets.labels[p]), "class_name": names[dets.labels[p]],
+            "score": float(dets.scores[p]), "best_iou": best_iou,
+            "best_iou_class": names[sample.labels[best]] if best >= 0 and best_iou > 0 else "",
+            "severity": float(dets.scores[p]),  # a confident FP is the most suspicious (missing label?)
+        })  # fmt: skip
+    for g in np.where(fn)[0]:
+        best = int(iou[:, g].argmax()) if iou.shape[0] else -1
+        best_iou = float(iou[best, g]) if best >= 0 else 0.0
+        rows.append(base | _box(sample.boxes[g]) | {
+            "kind": "FN", "class_id": int(sample.labels[g]), "class_name": names[sample.labels[g]],
+            "score": float(dets.scores[best]) if best >= 0 and best_iou > 0 else np.nan, "best_iou": best_iou,
+            "best_iou_class": names[dets.labels[best]] if best >= 0 and best_iou > 0 else "",
+            "severity": 1.0 - best_iou,  # a GT box nothing overlaps is the most suspicious (wrong label?)
+        })  # fmt: skip
+    return rows
+
+
+def _box(box) -> dict[str, float]:
+    return dict(zip(("x1", "y1", "x2", "y2"), (round(float(v), 1) for v in box), strict=True))
+
+
+def draw_errors(image: np.ndarray, dets: Detections, sample: Sample, fp, fn, names: list[str]) -> np.ndarray:
+    """Correct boxes thin grey (context), FN ground truth green, FP predictions red with scores."""
+    correct_gt = ~fn
+    picture = draw_detections(image, sample.boxes[correct_gt], sample.labels[correct_gt], color=CONTEXT_COLOR, line_width=1, show_labels=False)  # fmt: skip
+    picture = draw_detections(
+        picture, sample.boxes[fn], sample.labels[fn], None, [f"FN {n}" for n in names], color=GT_COLOR
+    )
+    return draw_detections(
+        picture,
+        dets.boxes[fp],
+        dets.labels[fp],
+        dets.scores[fp],
+        [f"FP {n}" for n in names],
+        color=PRED_COLOR,
+    )
+
+
+def check_split(cfg: DictConfig, detector, split: str, out_dir: Path) -> tuple[list[dict], int]:
+    samples = load_split_samples(cfg, split, limit=cfg.check_errors.max_images)
+    if not samples:
+        logger.info(f"check_errors: no {split} split, skipped")
+        return [], 0
+    conf = cfg.check_errors.conf
+    conf = OmegaConf.to_container(conf) if isinstance(conf, DictConfig) else conf
+    iou_thresh = float(cfg.check_errors.iou_thresh)
+    rows, pictures = [], 0
+    for sample in tqdm(samples, desc=f"check {split}", dynamic_ncols=True):
+        try:
+            image = sample.read_image()
+        except (ImageReadError, OSError) as err:
+            logger.warning(f"skipped unreadable image: {err}")
+            continue
+        dets = detector.predict([image], conf)[0]
+        fp, fn, iou = find_errors(dets, sample, iou_thresh)
+        if not (fp.any() or fn.any()):
+            continue
+        picture_path = out_dir / split / f"{sample.path.stem}.jpg"
+        save_image_rgb(picture_path, draw_errors(image, dets, sample, fp, fn, detector.class_names))
+        pictures += 1
+        rows += error_rows(dets, sample, fp, fn, iou, detector.class_names, str(picture_path))
+    logger.info(f"check_errors {split}: {pictures}/{len(samples)} images with errors")
+    return rows, pictures
+
+
+def run(cfg: DictConfig) -> pd.DataFrame:
+    cfg = with_saved_model_keys(cfg)
+    options = cfg.check_errors
+    detector = load_experiment_model(cfg, options.model_path, options.precision)
+    out_dir = exp_dir(cfg) / "check_errors"
+    rows: list[dict[str, Any]] = []
+    for split in options.splits:
+        rows += check_split(cfg, detector, str(split), out_dir)[0]
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    if len(frame):
+        frame = frame.sort_values(
+            ["severity", "kind"], ascending=[False, True], kind="stable", ignore_index=True
+        )
+    atomic_write_csv(out_dir / "errors.csv", frame)
+    counts = frame.groupby(["split", "kind"]).size().to_dict() if len(frame) else {}
+    logger.info(f"check_errors: {len(frame)} errors {counts} -> {out_dir / 'errors.csv'}")
+    return frame
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()

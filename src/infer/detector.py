@@ -1,0 +1,205 @@
+"""The one inference API over every backend: images in, thresholded detections in original pixels out.
+
+The shared geometry (src/common/preprocess.py) is used for every backend: each image is letterboxed or
+resized to the network input, the fused postprocessing gets the NETWORK size (w, h) as its target size,
+and `boxes_to_original` maps the boxes back. A backend runner only runs the graph.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from src.common.images import read_image_rgb
+from src.common.preprocess import Letterbox, boxes_to_original, preprocess_images
+from src.infer.meta import ModelMeta
+from src.infer.runtime import Outputs
+
+
+class Runner(Protocol):
+    backend: str  # torch | onnx | openvino | tensorrt
+    meta: ModelMeta
+    batch_size: int | None  # fixed batch of the artifact, None = dynamic
+    device: Any
+    precision: str
+
+    def __call__(self, images: np.ndarray, sizes: np.ndarray) -> Outputs: ...
+
+
+@dataclass
+class Detections:
+    """Detections of one image, sorted by score (descending)."""
+
+    boxes: np.ndarray  # (N, 4) float32 xyxy in original image pixels
+    scores: np.ndarray  # (N,) float32
+    labels: np.ndarray  # (N,) int64 class ids
+    names: list[str]  # (N,) class name of each detection
+    image_size: tuple[int, int]  # original (h, w)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists (JSON-ready)."""
+        return {
+            "boxes": self.boxes.round(2).tolist(),
+            "scores": self.scores.round(4).tolist(),
+            "labels": self.labels.tolist(),
+            "names": list(self.names),
+            "image_size": list(self.image_size),
+        }
+
+
+ImageLike = np.ndarray | str | Path
+
+
+class Detector:
+    """`detector(images, conf=None, bgr=False)` on any backend; build with `src.infer.load_model`.
+
+    images: one image (uint8 (H, W, 3) array, or a file path) -> one Detections;
+            a list of them or a uint8 (B, H, W, 3) array -> a list of Detections (one per image).
+    Arrays are RGB by default (what `read_image_rgb` returns); pass bgr=True for OpenCV frames
+    (cv2.imread / VideoCapture). Paths are always read correctly (as RGB).
+    conf: None -> the artifact's thresholds (global + per-class, from training); a float -> one threshold
+          for every class; a dict {class name or id: threshold} -> changes only those classes.
+    """
+
+    def __init__(self, runner: Runner, conf: float | dict | None = None):
+        self.runner = runner
+        self.meta = runner.meta
+        self.path = getattr(runner, "path", None)
+        self.default_conf = conf
+
+    # ------------------------------------------------------------------ info
+    @property
+    def backend(self) -> str:
+        return self.runner.backend
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.meta.class_names
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return self.meta.img_size
+
+    @property
+    def max_batch(self) -> int:
+        """Largest chunk sent to the backend at once."""
+        return self.runner.batch_size or max(
+            1, getattr(self.runner, "max_batch_size", self.meta.max_batch_size)
+        )
+
+    def thresholds(self, conf: float | dict | None = None) -> np.ndarray:
+        """Per-class thresholds (num_classes,) that a call with `conf` applies."""
+        if conf is None:
+            conf = self.default_conf
+        if isinstance(conf, dict) and isinstance(self.default_conf, dict) and conf is not self.default_conf:
+            conf = {**self.default_conf, **conf}
+        return self.meta.thresholds_array(conf)
+
+    def __repr__(self) -> str:
+        return (
+            f"Detector(backend={self.backend}, path={self.path}, device={self.runner.device}, "
+            f"precision={self.runner.precision}, classes={len(self.class_names)}, img_size={self.img_size})"
+        )
+
+    # ------------------------------------------------------------------ inference
+    def __call__(
+        self, images: ImageLike | Sequence[ImageLike], conf: float | dict | None = None, bgr: bool = False
+    ) -> Detections | list[Detections]:
+        single, image_list = _as_image_list(images, bgr)
+        results = self.predict(image_list, conf)
+        return results[0] if single else results
+
+    def predict(self, images_rgb: Sequence[np.ndarray], conf: float | dict | None = None) -> list[Detections]:
+        """RGB uint8 images -> one Detections per image (sent to the backend in chunks of `max_batch`)."""
+        thresholds = self.thresholds(conf)
+        results: list[Detections] = []
+        for chunk in iter_chunks(images_rgb, self.max_batch):
+            outputs, letterboxes = self.raw(chunk)
+            results += [self._select(outputs, i, lb, thresholds) for i, lb in enumerate(letterboxes)]
+        return results
+
+    def raw(self, images_rgb: Sequence[np.ndarray]) -> tuple[Outputs, list[Letterbox]]:
+        """The backend's top-K outputs (boxes in network pixels) for up to `max_batch` RGB images."""
+        batch, letterboxes = preprocess_images(images_rgb, self.meta.img_size, self.meta.keep_ratio)
+        return self.run_batch(batch), letterboxes
+
+    def run_batch(self, batch: np.ndarray) -> Outputs:
+        """Run a preprocessed (B, 3, h, w) float32 batch; a fixed-batch artifact gets it zero-padded."""
+        count = len(batch)
+        fixed = self.runner.batch_size
+        if fixed is not None and count != fixed:
+            if count > fixed:
+                raise ValueError(f"{self.path}: batch of {count} > the artifact's fixed batch {fixed}")
+            batch = np.concatenate([batch, np.zeros((fixed - count, *batch.shape[1:]), batch.dtype)])
+        h, w = self.meta.img_size
+        sizes = np.tile(np.array([[w, h]], np.float32), (len(batch), 1))  # network size: see module doc
+        labels, boxes, scores = self.runner(np.ascontiguousarray(batch, np.float32), sizes)
+        return labels[:count], boxes[:count], scores[:count]
+
+    def _select(
+        self, outputs: Outputs, index: int, letterbox: Letterbox, thresholds: np.ndarray
+    ) -> Detections:
+        labels, boxes, scores = (np.asarray(o[index]) for o in outputs)
+        labels = labels.astype(np.int64)
+        valid = (labels >= 0) & (labels < len(thresholds))
+        keep = valid & (scores >= thresholds[np.clip(labels, 0, len(thresholds) - 1)])
+        order = np.argsort(-scores[keep], kind="stable")
+        labels, scores = labels[keep][order], scores[keep][order].astype(np.float32)
+        boxes = boxes_to_original(boxes[keep][order].astype(np.float32), letterbox)
+        names = [self.class_names[i] for i in labels]
+        return Detections(boxes, scores, labels, names, (letterbox.orig_h, letterbox.orig_w))
+
+    def timed(
+        self, images_rgb: Sequence[np.ndarray], conf: float | dict | None = None
+    ) -> tuple[list[Detections], float]:
+        """predict() and its wall time in ms (for benchmarks: decode excluded, pre/post-processing included)."""
+        self.synchronize()
+        start = time.perf_counter()
+        results = self.predict(images_rgb, conf)
+        self.synchronize()
+        return results, (time.perf_counter() - start) * 1000.0
+
+    def synchronize(self) -> None:
+        sync = getattr(self.runner, "synchronize", None)
+        if sync is not None:
+            sync()
+
+    def warmup(self, runs: int = 3, batch: int = 1) -> None:
+        h, w = self.meta.img_size
+        dummy = np.full((h, w, 3), 114, np.uint8)
+        for _ in range(runs):
+            self.predict([dummy] * batch)
+
+
+def _as_image_list(images: ImageLike | Sequence[ImageLike], bgr: bool) -> tuple[bool, list[np.ndarray]]:
+    """(single?, list of RGB uint8 arrays)."""
+    if isinstance(images, (str, Path)):
+        return True, [read_image_rgb(images)]
+    if isinstance(images, np.ndarray):
+        if images.ndim == 3:
+            return True, [_to_rgb(images, bgr)]
+        if images.ndim == 4:
+            return False, [_to_rgb(image, bgr) for image in images]
+        raise ValueError(f"expected an image (H, W, 3) or a batch (B, H, W, 3), got shape {images.shape}")
+    return False, [read_image_rgb(i) if isinstance(i, (str, Path)) else _to_rgb(i, bgr) for i in images]
+
+
+def _to_rgb(image: np.ndarray, bgr: bool) -> np.ndarray:
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels (0..255), got {image.dtype}")
+    if image.ndim == 2:  # grayscale frame
+        image = np.repeat(image[..., None], 3, axis=2)
+    return np.ascontiguousarray(image[..., ::-1]) if bgr else image
+
+
+def iter_chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,148 @@
+"""Run any Detector over a split and score it with src/dl/validator.py (export parity, bench, check_errors,
+ov_int8 all use this one loop). Ground truth comes from the split CSVs and YOLO labels (src/dl/dataset.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from loguru import logger
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from src.common.images import ImageReadError, image_size, read_image_rgb
+from src.infer.detector import Detections, Detector
+
+
+@dataclass
+class Sample:
+    """One labelled image: ground truth in ORIGINAL pixels."""
+
+    path: Path
+    boxes: np.ndarray  # (M, 4) float64 xyxy
+    labels: np.ndarray  # (M,) int64
+    split: str = ""
+    image_id: int = 0
+
+    def read_image(self) -> np.ndarray:
+        return read_image_rgb(self.path)
+
+    def ground_truth(self, width: int, height: int) -> dict[str, Any]:
+        return {"boxes": self.boxes, "labels": self.labels, "width": width, "height": height,
+                "image_id": self.image_id, "path": str(self.path)}  # fmt: skip
+
+
+def load_split_samples(cfg: DictConfig, split: str, limit: int | None = None) -> list[Sample]:
+    """Images and labels of <splits_dir>/<split>.csv ([] when the split file is missing or empty)."""
+    from src.common.config import label_names
+    from src.dl.dataset import load_labels, read_split
+
+    paths = read_split(cfg, split)
+    if not paths:
+        return []
+    if limit is not None and limit > 0:
+        paths = paths[:limit]
+    boxes_norm, class_ids = load_labels(paths, Path(cfg.data_path), len(label_names(cfg)))
+    samples = []
+    for index, (path, boxes, ids) in enumerate(zip(paths, boxes_norm, class_ids, strict=True)):
+        width, height = image_size(path) if len(ids) else (1, 1)  # header only; no decode
+        cx, cy, w, h = (np.asarray(boxes, np.float64).reshape(-1, 4) * [width, height, width, height]).T
+        xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+        samples.append(Sample(path, xyxy, np.asarray(ids, np.int64), split, index))
+    return samples
+
+
+@dataclass
+class EvalResult:
+    detections: list[Detections]  # per sample, every top-K detection with score >= the evaluation's min_conf
+    samples: list[Sample]
+    metrics: dict[str, float]  # validator metrics (mAP_50, mAP_50_95, precision, recall, f1, ...)
+    latencies_ms: list[float] = field(default_factory=list)  # per image: pre + inference + post (no decode)
+    conf_thresh: float = 0.5  # the threshold P/R/F1 were computed at
+    failed: list[str] = field(default_factory=list)  # unreadable images (skipped)
+
+    def above(self, conf: float | np.ndarray) -> list[Detections]:
+        """Detections filtered at a threshold (float, or per-class array)."""
+        return [filter_detections(d, conf) for d in self.detections]
+
+    def latency_stats(self) -> dict[str, float]:
+        lat = np.asarray(self.latencies_ms or [np.nan])
+        median = float(np.median(lat))
+        return {
+            "latency_ms_median": median,
+            "latency_ms_p90": float(np.percentile(lat, 90)),
+            "throughput_img_s": 1000.0 / median if median > 0 else float("nan"),
+        }
+
+    def summary(self) -> dict[str, float]:
+        keys = ("mAP_50", "mAP_50_95", "precision", "recall", "f1")
+        return {k: float(self.metrics[k]) for k in keys if k in self.metrics} | {"images": len(self.samples)}
+
+
+def filter_detections(dets: Detections, conf: float | np.ndarray) -> Detections:
+    thresholds = np.asarray(conf, np.float32)
+    per_det = thresholds[dets.labels] if thresholds.ndim else np.full(len(dets), float(thresholds))
+    keep = dets.scores >= per_det
+    return Detections(
+        dets.boxes[keep], dets.scores[keep], dets.labels[keep], [n for n, k in zip(dets.names, keep) if k],
+        dets.image_size,
+    )  # fmt: skip
+
+
+def evaluate_detector(
+    detector: Detector,
+    samples: Sequence[Sample],
+    conf: float | None = None,
+    min_conf: float = 0.0,
+    warmup: int = 0,
+    desc: str = "",
+    iou_thresh: float = 0.5,
+) -> EvalResult:
+    """Predict every sample one image at a time (timed: decode excluded) and compute the metrics.
+
+    mAP uses every top-K detection (>= min_conf, as COCO evaluation expects); P/R/F1 are at `conf`
+    (default: the artifact's global threshold).
+    """
+    from src.dl.validator import evaluate
+
+    conf = float(detector.meta.conf_thresh if conf is None else conf)
+    if warmup:
+        detector.warmup(warmup)
+    detections, latencies, kept, preds, gts, failed = [], [], [], [], [], []
+    for sample in tqdm(samples, desc=desc or f"eval {detector.backend}", leave=False, dynamic_ncols=True):
+        try:
+            image = sample.read_image()
+        except (ImageReadError, OSError) as err:
+            logger.warning(f"skipped: {err}")
+            failed.append(str(sample.path))
+            continue
+        (dets,), ms = detector.timed([image], conf=min_conf)
+        detections.append(dets)
+        latencies.append(ms)
+        kept.append(sample)
+        height, width = image.shape[:2]
+        preds.append(
+            {"boxes": dets.boxes, "scores": dets.scores, "labels": dets.labels, "image_id": sample.image_id}
+        )
+        gts.append(sample.ground_truth(width, height))
+    metrics = evaluate(preds, gts, detector.class_names, conf_thresh=conf, iou_thresh=iou_thresh).metrics
+    return EvalResult(detections, kept, metrics, latencies, conf, failed)
+
+
+def load_experiment_model(
+    cfg: DictConfig,
+    model_path: str | None = None,
+    precision: str | None = None,
+    conf: float | dict | None = None,
+) -> Detector:
+    """A stage's model: `model_path` when given, else the experiment's best artifact for cfg.device."""
+    from src.common.config import exp_dir
+    from src.infer import best_artifact, load_model
+
+    path = Path(model_path) if model_path else best_artifact(exp_dir(cfg), str(cfg.device))
+    detector = load_model(path, device=str(cfg.device), precision=precision, conf=conf)
+    logger.info(f"model: {detector}")
+    return detector

@@ -1,0 +1,81 @@
+"""OpenVINO runner for our IR files (postprocessing fused, metadata in rt_info).
+
+The inference precision is always set explicitly (INFERENCE_PRECISION_HINT): OpenVINO otherwise picks
+bf16 on CPUs that have it (and f16 on GPUs), which changes accuracy silently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from loguru import logger
+
+from src.infer.meta import INPUT_NAMES, ModelMeta, read_openvino_meta
+from src.infer.runtime import BackendUnavailable, Outputs
+
+# our names -> OpenVINO's element type names for INFERENCE_PRECISION_HINT
+PRECISIONS = {"f32": "f32", "fp32": "f32", "f16": "f16", "fp16": "f16", "bf16": "bf16"}
+
+
+def openvino_device(device: str) -> str:
+    """Our device names -> OpenVINO's: auto/cpu -> CPU; gpu / GPU.1 / NPU / AUTO pass through (upper case)."""
+    if device in ("auto", "cpu") or str(device).startswith("cuda"):
+        return "CPU"  # OpenVINO has no CUDA plugin; an NVIDIA box runs IR on its CPU
+    return str(device).upper()
+
+
+class OpenVinoRunner:
+    backend = "openvino"
+
+    def __init__(self, path: str | Path, device: str = "auto", precision: str | None = None):
+        try:
+            import openvino as ov
+        except ImportError as err:
+            raise BackendUnavailable("openvino", "openvino is not installed: pip install openvino") from err
+        self.path = Path(path)
+        precision = precision or "f32"
+        if precision not in PRECISIONS:
+            raise ValueError(f"OpenVINO precision must be one of f32|f16|bf16, got {precision!r}")
+        core = ov.Core()
+        model = core.read_model(str(self.path))
+        self.meta: ModelMeta = read_openvino_meta(model, self.path)
+        names = [port.get_any_name() for port in model.inputs]
+        if tuple(names) != INPUT_NAMES:
+            raise ValueError(
+                f"{self.path}: inputs {names}, expected {list(INPUT_NAMES)} (export with src.dl.export)"
+            )
+        batch_dim = model.inputs[0].get_partial_shape()[0]
+        self.batch_size = batch_dim.get_length() if batch_dim.is_static else None
+        self.device = openvino_device(device)
+        config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
+        self._use(core.compile_model(model, self.device, config))
+        if self.precision != PRECISIONS[precision]:
+            logger.warning(
+                f"{self.path}: asked for {precision}, OpenVINO runs {self.precision} on {self.device}"
+            )
+
+    @classmethod
+    def from_compiled(cls, compiled, meta: ModelMeta, path: str | Path = "<in memory>") -> OpenVinoRunner:
+        """Wrap an already compiled model (what NNCF hands to a validation function)."""
+        runner = cls.__new__(cls)
+        runner.path, runner.meta, runner.device = Path(path), meta, "CPU"
+        batch_dim = compiled.inputs[0].get_partial_shape()[0]
+        runner.batch_size = batch_dim.get_length() if batch_dim.is_static else None
+        runner._use(compiled)
+        return runner
+
+    def _use(self, compiled) -> None:
+        self.compiled = compiled
+        self.precision = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.request = compiled.create_infer_request()
+        self.output_ports = [compiled.output(name) for name in ("labels", "boxes", "scores")]
+
+    def __call__(self, images: np.ndarray, sizes: np.ndarray) -> Outputs:
+        result = self.request.infer({INPUT_NAMES[0]: images, INPUT_NAMES[1]: sizes})
+        labels, boxes, scores = (np.array(result[port]) for port in self.output_ports)
+        return labels.astype(np.int64), boxes, scores
+
+
+def _type_name(value) -> str:
+    return value.to_string() if hasattr(value, "to_string") else str(value)

@@ -1,0 +1,119 @@
+"""PyTorch runner for the trainer's checkpoints (best.pt / last.pt: weights + "meta"), and DeployModel:
+the model with its postprocessing fused, which is also exactly what src.dl.export traces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from loguru import logger
+from torch import nn
+
+from src.infer.meta import ModelMeta, meta_from_checkpoint
+from src.infer.runtime import Outputs, torch_device
+
+TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+class DeployModel(nn.Module):
+    """images (B, 3, h, w) float in [0, 1] + orig_target_sizes (B, 2) (w, h)
+    -> labels (B, K) int64, boxes (B, K, 4) xyxy pixels of the target sizes, scores (B, K)."""
+
+    def __init__(self, model: nn.Module, postprocessor: nn.Module):
+        super().__init__()
+        self.model = model.deploy() if hasattr(model, "deploy") else model.eval()
+        self.postprocessor = (
+            postprocessor.deploy() if hasattr(postprocessor, "deploy") else postprocessor.eval()
+        )
+
+    def forward(self, images: torch.Tensor, orig_target_sizes: torch.Tensor):
+        outputs = self.model(images)
+        result = self.postprocessor(outputs, orig_target_sizes)
+        if isinstance(result, (list, tuple)) and result and isinstance(result[0], dict):  # not in deploy mode
+            return tuple(torch.stack([r[key] for r in result]) for key in ("labels", "boxes", "scores"))
+        return result
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: cannot read the checkpoint ({err})") from err
+    if not isinstance(checkpoint, dict) or "meta" not in checkpoint:
+        raise ValueError(
+            f"{path}: not a checkpoint of this project (no 'meta' with classes and input size); "
+            "official D-FINE weights are used via train.pretrained_model_path, not for inference"
+        )
+    return checkpoint
+
+
+def checkpoint_meta(path: str | Path, checkpoint: dict[str, Any] | None = None) -> ModelMeta:
+    """The checkpoint's ModelMeta; thresholds.json beside it (written after training) takes precedence."""
+    path = Path(path)
+    checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path)
+    thresholds_file = path.with_name("thresholds.json")
+    thresholds = json.loads(thresholds_file.read_text(encoding="utf-8")) if thresholds_file.exists() else None
+    return meta_from_checkpoint(checkpoint["meta"], thresholds)
+
+
+def build_deploy_model(
+    path: str | Path, checkpoint: dict[str, Any] | None = None
+) -> tuple[DeployModel, ModelMeta]:
+    """(fused eval model on CPU, fp32; its metadata) from one of our checkpoints."""
+    from src.d_fine import build_model, build_postprocessor, load_pretrained
+
+    checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path)
+    meta = checkpoint_meta(path, checkpoint)
+    model = build_model(
+        meta.model_name,
+        meta.num_classes,
+        img_size=meta.img_size,
+        variant=meta.variant,
+        num_queries=meta.num_queries,
+    )
+    load_pretrained(model, checkpoint)
+    postprocessor = build_postprocessor(meta.num_classes, num_top_queries=meta.num_queries)
+    return DeployModel(model, postprocessor).eval(), meta
+
+
+class TorchRunner:
+    backend = "torch"
+
+    def __init__(self, path: str | Path, device: str = "auto", precision: str | None = None):
+        self.path = Path(path)
+        self.precision = precision or "fp32"
+        if self.precision not in TORCH_PRECISIONS:
+            raise ValueError(f"torch precision must be one of {TORCH_PRECISIONS}, got {precision!r}")
+        self.device = torch.device(torch_device(device))
+        if self.precision == "fp16" and self.device.type == "cpu":
+            logger.warning(
+                "fp16 is slow or unsupported on CPU; running fp32 (use bf16 for reduced precision)"
+            )
+            self.precision = "fp32"
+        model, self.meta = build_deploy_model(self.path)
+        self.model = model.to(self.device)
+        if self.precision == "fp16":
+            self.model.half()
+        self.batch_size = None  # dynamic
+        self.max_batch_size = max(1, self.meta.max_batch_size)
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray, sizes: np.ndarray) -> Outputs:
+        dtype = torch.float16 if self.precision == "fp16" else torch.float32
+        x = torch.from_numpy(images).to(self.device, dtype, non_blocking=True)
+        target = torch.from_numpy(sizes).to(self.device)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+            labels, boxes, scores = self.model(x, target)
+        return (
+            labels.cpu().numpy().astype(np.int64),
+            boxes.float().cpu().numpy(),
+            scores.float().cpu().numpy(),
+        )
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

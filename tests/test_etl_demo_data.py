@@ -1,0 +1,117 @@
+"""etl.make_demo_data: a synthetic detection set that the doctor accepts, deterministic, never clobbering."""
+
+from __future__ import annotations
+
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from src.etl import make_demo_data
+from src.etl.check import check_dataset
+from src.etl.labels import read_yolo_labels
+from tests.etl_data import etl_config
+
+SMALL = [
+    "demo_data.num_images=20",
+    "demo_data.num_negatives=3",
+    "demo_data.num_videos=1",
+    "demo_data.min_size=96",
+    "demo_data.max_size=160",
+]
+
+
+def small_config(tmp_path, out, *overrides):
+    return etl_config(tmp_path, out, f"demo_data.out={out}", *SMALL, *overrides)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("demo")
+    out = tmp_path / "demo"
+    make_demo_data.run(small_config(tmp_path, out))
+    return tmp_path, out
+
+
+def test_layout_and_doctor(demo):
+    tmp_path, out = demo
+    images = sorted(p.name for p in (out / "images").iterdir())
+    assert images == [f"demo_{i:04d}.jpg" for i in range(20)]
+    assert sorted(p.name for p in (out / "negatives").iterdir()) == [
+        "neg_0000.jpg",
+        "neg_0001.jpg",
+        "neg_0002.jpg",
+    ]
+    report = check_dataset(etl_config(tmp_path, out))
+    assert not report.problems
+    background = [r.image for r in report.records if r.background]
+    assert background == ["demo_0009.jpg", "demo_0019.jpg"]  # 10%
+    assert (out / "labels" / "demo_0009.txt").read_text() == "" and not (
+        out / "labels" / "demo_0019.txt"
+    ).exists()
+    sizes = {(r.width, r.height) for r in report.records}
+    assert len(sizes) > 10 and all(96 <= w <= 160 and 96 <= h <= 160 for w, h in sizes)
+
+
+def test_objects_sizes_and_counts(demo):
+    out = demo[1]
+    counts, classes = [], set()
+    for path in sorted((out / "labels").glob("*.txt")):
+        labels = read_yolo_labels(path, 4)
+        if labels.is_background:
+            continue
+        h, w = cv2.imread(str(out / "images" / f"{path.stem}.jpg")).shape[:2]
+        side = labels.boxes[:, 2:] * [w, h]
+        assert (side.max(1) >= 0.06 * min(w, h) * 0.7).all() and (side.max(1) <= 0.35 * min(w, h) + 1).all()
+        counts.append(len(labels.class_ids))
+        classes |= set(labels.class_ids.tolist())
+    assert min(counts) >= 1 and max(counts) <= 6 and classes == {0, 1, 2, 3}
+
+
+def test_video(demo):
+    capture = cv2.VideoCapture(str(demo[1] / "videos" / "demo_00.mp4"))
+    frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    ok, frame = capture.read()
+    capture.release()
+    assert ok and frame.shape == (288, 384, 3) and frames == 45
+
+
+def test_rerun_is_idempotent_and_cleans_only_its_own_files(demo, tmp_path):
+    _, out = demo
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.jpg")}
+    (out / "images" / "mine.jpg").write_bytes(
+        before[next(iter(before))]
+    )  # a user's file inside the demo folder
+    make_demo_data.run(small_config(tmp_path, out))
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.jpg") if p.name != "mine.jpg"}
+    assert after == before
+    make_demo_data.run(small_config(tmp_path, out, "demo_data.num_images=12"))
+    assert len(list((out / "images").glob("demo_*.jpg"))) == 12 and (out / "images" / "mine.jpg").exists()
+    (out / "images" / "mine.jpg").unlink()
+    make_demo_data.run(small_config(tmp_path, out))  # back to the module fixture's state
+
+
+def test_refuses_foreign_folder(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="not a previous demo set"):
+        make_demo_data.run(small_config(tmp_path, out))
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+
+
+def test_unknown_class_name(tmp_path):
+    with pytest.raises(ValueError, match="hexagon"):
+        make_demo_data.run(small_config(tmp_path, tmp_path / "d", "label_to_name={0: circle, 1: hexagon}"))
+
+
+def test_default_set_is_fast_and_balanced(tmp_path):
+    out = tmp_path / "full"
+    start = time.perf_counter()
+    make_demo_data.run(etl_config(tmp_path, out, f"demo_data.out={out}"))
+    assert time.perf_counter() - start < 60
+    report = check_dataset(etl_config(tmp_path, out))
+    assert not report.problems and len(report.records) == 240
+    per_class = np.array(list(report.boxes_per_class().values()))
+    assert per_class.min() > 0.7 * per_class.max()

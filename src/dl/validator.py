@@ -155,9 +155,11 @@ def greedy_match(
     matched_gt = np.full(iou.shape[0], -1, dtype=np.int64)
     matched_iou = np.zeros(iou.shape[0])
     free = np.ones(iou.shape[1], dtype=bool)
-    for p in order:
-        candidates = np.where(free & allowed[p] & (iou[p] >= iou_thresh), iou[p], -1.0)
-        if candidates.size and candidates.max() >= 0:
+    eligible = allowed & (iou >= iou_thresh)
+    has_candidate = eligible.any(axis=1)  # most of a top-300 list overlaps nothing: skip those quickly
+    for p in order[has_candidate[order]]:
+        candidates = np.where(free & eligible[p], iou[p], -1.0)
+        if candidates.max() >= 0:
             g = int(candidates.argmax())
             matched_gt[p], matched_iou[p] = g, iou[p, g]
             free[g] = False
@@ -268,6 +270,72 @@ def _unique_images(preds: Sequence[dict], gts: Sequence[dict]) -> list[tuple[dic
     return [unique[i] for i in sorted(unique)]
 
 
+@dataclass
+class Matches:
+    """Every prediction of every image after class-aware matching (flat arrays), and GT counts per class."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    is_tp: np.ndarray
+    ious: np.ndarray  # IoU with the matched GT (0 for false positives)
+    gt_counts: np.ndarray  # (C,)
+
+
+def match_all(preds: Sequence[dict], gts: Sequence[dict], num_classes: int, iou_thresh: float) -> Matches:
+    per_image = [match_image(pred, gt, iou_thresh) for pred, gt in zip(preds, gts, strict=True)]
+    # Each concatenation starts with an empty array so that zero images still work.
+    return Matches(
+        scores=np.concatenate([np.zeros(0), *(p["scores"] for p in preds)]),
+        labels=np.concatenate([np.zeros(0, np.int64), *(p["labels"] for p in preds)]),
+        is_tp=np.concatenate([np.zeros(0, bool), *(matched >= 0 for matched, _ in per_image)]),
+        ious=np.concatenate([np.zeros(0), *(iou for _, iou in per_image)]),
+        gt_counts=np.bincount(
+            np.concatenate([np.zeros(0, np.int64), *(g["labels"] for g in gts)]), minlength=num_classes
+        ),
+    )
+
+
+def counts_at_thresholds(
+    scores: np.ndarray, is_tp: np.ndarray, n_gt: int, thresholds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TP, FP, FN counting only predictions with score >= each threshold (one sort, no loop)."""
+    order = np.argsort(scores, kind="stable")
+    ascending = scores[order]
+    tp_from = np.concatenate([np.cumsum(is_tp[order][::-1])[::-1], [0]])  # TPs at sorted positions >= i
+    first_kept = np.searchsorted(ascending, thresholds, side="left")
+    tp = tp_from[first_kept]
+    fp = (len(scores) - first_kept) - tp
+    return tp, fp, n_gt - tp
+
+
+def confusion_matrix(
+    preds: Sequence[dict], gts: Sequence[dict], num_classes: int, conf_thresh: float, iou_thresh: float
+) -> np.ndarray:
+    matrix = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
+    for pred, gt in zip(preds, gts, strict=True):
+        confident = {k: v[pred["scores"] >= conf_thresh] for k, v in pred.items()}
+        matrix += confusion_for_image(confident, gt, num_classes, iou_thresh)
+    return matrix
+
+
+def _check_labels(items: Sequence[dict], num_classes: int) -> None:
+    for item in items:
+        bad = item["labels"][(item["labels"] < 0) | (item["labels"] >= num_classes)]
+        if bad.size:
+            raise ValueError(
+                f"class id {int(bad[0])} outside 0..{num_classes - 1} ({num_classes} class names)"
+            )
+
+
+def _summary(matches: Matches, mask: np.ndarray, n_gt: int, conf_thresh: float) -> tuple[dict, np.ndarray]:
+    """P/R/F1 and counts at conf_thresh, and the (thresholds, 3) P/R/F1 curve, for a subset of predictions."""
+    scores, is_tp = matches.scores[mask], matches.is_tp[mask]
+    tp, fp, fn = (int(v[0]) for v in counts_at_thresholds(scores, is_tp, n_gt, np.array([conf_thresh])))
+    precision, recall, f1 = (float(v) for v in _prf(tp, fp, fn))
+    curve = np.stack(_prf(*counts_at_thresholds(scores, is_tp, n_gt, CURVE_THRESHOLDS)), axis=1)
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}, curve
+
+
 def evaluate(
     preds: Sequence[dict],
     gts: Sequence[dict],
@@ -283,96 +351,43 @@ def evaluate(
     num_classes = len(class_names)
     preds = [as_prediction(p) for p, _ in pairs]
     gts = [as_ground_truth(g) | {k: g[k] for k in ("width", "height") if k in g} for _, g in pairs]
-    for item in (*preds, *gts):
-        bad = item["labels"][(item["labels"] < 0) | (item["labels"] >= num_classes)]
-        if bad.size:
-            raise ValueError(
-                f"class id {int(bad[0])} outside 0..{num_classes - 1} ({num_classes} class names)"
-            )
+    _check_labels([*preds, *gts], num_classes)
 
-    # Each list starts with an empty array so that zero images still concatenate.
-    scores, labels, ious, is_tp = [np.zeros(0)], [np.zeros(0, np.int64)], [np.zeros(0)], [np.zeros(0, bool)]
-    confusion = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
-    for pred, gt in zip(preds, gts, strict=True):
-        matched, matched_iou = match_image(pred, gt, iou_thresh)
-        scores.append(pred["scores"])
-        labels.append(pred["labels"])
-        ious.append(matched_iou)
-        is_tp.append(matched >= 0)
-        confident = {k: v[pred["scores"] >= conf_thresh] for k, v in pred.items()}
-        confusion += confusion_for_image(confident, gt, num_classes, iou_thresh)
-    scores, labels = np.concatenate(scores), np.concatenate(labels)
-    ious, is_tp = np.concatenate(ious), np.concatenate(is_tp)
-    gt_counts = np.bincount(
-        np.concatenate([np.zeros(0, np.int64), *(g["labels"] for g in gts)]), minlength=num_classes
+    matches = match_all(preds, gts, num_classes, iou_thresh)
+    overall, overall_curve = _summary(
+        matches, np.ones_like(matches.is_tp), int(matches.gt_counts.sum()), conf_thresh
     )
-
-    def counts_at(threshold: float, class_mask: np.ndarray, n_gt: int) -> tuple[int, int, int]:
-        kept = class_mask & (scores >= threshold)
-        tp = int((kept & is_tp).sum())
-        return tp, int(kept.sum()) - tp, n_gt - tp
-
-    everything = np.ones_like(is_tp)
-    tp, fp, fn = counts_at(conf_thresh, everything, int(gt_counts.sum()))
-    precision, recall, f1 = _prf(tp, fp, fn)
-    tp_ious = ious[is_tp & (scores >= conf_thresh)]
-
-    curve_rows, best_per_class = [], {}
-    global_curve = _curve(lambda t: counts_at(t, everything, int(gt_counts.sum())))
-    best_thresh, best_f1 = best_threshold(CURVE_THRESHOLDS, global_curve[:, 2])
-    curve_rows.append(_curve_frame("all", global_curve))
-    per_class_rows = []
+    best_thresh, best_f1 = best_threshold(CURVE_THRESHOLDS, overall_curve[:, 2])
     coco = coco_map(preds, gts, num_classes)
+    curves, per_class, best_per_class = [_curve_frame("all", overall_curve)], [], {}
     for c, name in enumerate(class_names):
-        in_class = labels == c
-        c_tp, c_fp, c_fn = counts_at(conf_thresh, in_class, int(gt_counts[c]))
-        c_p, c_r, c_f1 = _prf(c_tp, c_fp, c_fn)
-        curve = _curve(lambda t, m=in_class, n=int(gt_counts[c]): counts_at(t, m, n))
-        curve_rows.append(_curve_frame(name, curve))
+        summary, curve = _summary(matches, matches.labels == c, int(matches.gt_counts[c]), conf_thresh)
+        curves.append(_curve_frame(name, curve))
         # A class with nothing to find or nothing found has no meaningful optimum: use the global one.
-        c_best = best_threshold(CURVE_THRESHOLDS, curve[:, 2])[0] if curve[:, 2].max() > 0 else best_thresh
-        best_per_class[name] = c_best
-        per_class_rows.append(
-            {
-                "class": name,
-                "AP50": coco["AP50"][c],
-                "AP50_95": coco["AP50_95"][c],
-                "precision": float(c_p),
-                "recall": float(c_r),
-                "f1": float(c_f1),
-                "tp": c_tp,
-                "fp": c_fp,
-                "fn": c_fn,
-                "best_thresh": c_best,
-            }
+        has_optimum = curve[:, 2].max() > 0
+        best_per_class[name] = (
+            best_threshold(CURVE_THRESHOLDS, curve[:, 2])[0] if has_optimum else best_thresh
         )
+        coco_row = {"class": name, "AP50": coco["AP50"][c], "AP50_95": coco["AP50_95"][c]}
+        per_class.append(coco_row | summary | {"best_thresh": best_per_class[name]})
+    tp_ious = matches.ious[matches.is_tp & (matches.scores >= conf_thresh)]
     metrics = {
         "mAP_50": coco["mAP_50"],
         "mAP_50_95": coco["mAP_50_95"],
-        "precision": float(precision),
-        "recall": float(recall),
-        "f1": float(f1),
+        **{k: overall[k] for k in ("precision", "recall", "f1")},
         "iou": float(tp_ious.mean()) if tp_ious.size else 0.0,
-        "tp": tp,
-        "fp": fp,
-        "fn": fn,
+        **{k: overall[k] for k in ("tp", "fp", "fn")},
         "best_thresh": best_thresh,
         "best_f1": best_f1,
     }
     return ValResult(
         metrics=metrics,
-        per_class=pd.DataFrame(per_class_rows),
-        confusion=confusion,
-        curves=pd.concat(curve_rows, ignore_index=True),
+        per_class=pd.DataFrame(per_class),
+        confusion=confusion_matrix(preds, gts, num_classes, conf_thresh, iou_thresh),
+        curves=pd.concat(curves, ignore_index=True),
         thresholds={"conf_thresh": best_thresh, "f1": best_f1, "per_class": best_per_class},
         class_names=class_names,
     )
-
-
-def _curve(counts_at_threshold) -> np.ndarray:
-    """(len(CURVE_THRESHOLDS), 3) precision, recall, F1 at every threshold of the grid."""
-    counts = np.array([counts_at_threshold(t) for t in CURVE_THRESHOLDS], dtype=np.float64)
-    return np.stack(_prf(counts[:, 0], counts[:, 1], counts[:, 2]), axis=1)
 
 
 def _curve_frame(name: str, curve: np.ndarray) -> pd.DataFrame:

@@ -11,7 +11,8 @@ Build the DataLoader after set_epoch (its workers copy the dataset's state when 
 
 One sample's target: labels int64 (n,), boxes float32 (n, 4) normalised cxcywh in the network input,
 image_id (int, stable index in its split), orig_size int64 tensor (w, h), letterbox (preprocess.Letterbox:
-maps network pixels back to the original image), path (str).
+maps network pixels back to the original image), path (str), mosaic (bool). For training samples orig_size
+and letterbox describe the augmented picture (a mosaic canvas, a rotated image); for val/test the original.
 Geometry comes from src.common.preprocess, the same as at inference; augmentations from src.dl.augment.
 """
 
@@ -49,7 +50,6 @@ from src.dl.augment import (
 )
 from src.etl.labels import images_dir, label_path_for, labels_dir, read_yolo_labels
 
-SPLITS = ("train", "val", "test")
 SPLIT_COLUMN = "image"
 MULTISCALE_STEPS = (-2, -1, 1, 2)  # multiscale batch sizes: img_size + k * 32 on both sides
 
@@ -313,7 +313,7 @@ def build_datasets(
     return datasets
 
 
-# ---------------------------------------------------------------- targets for evaluation, debug images
+# ---------------------------------------------------------------- debug images
 
 
 def tensor_to_image(image: torch.Tensor) -> np.ndarray:

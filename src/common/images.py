@@ -159,8 +159,12 @@ def read_image_rgb(path: str | Path) -> np.ndarray:
     path = Path(path)
     try:
         image = open_image(path)
-    except ImageReadError:
-        fallback = _read_with_opencv(path) if path.suffix.lower() in {".tif", ".tiff", ".png"} else None
+    except ImageReadError as err:
+        # Only a format PIL does not know gets a second try (exotic TIFF flavours); a truncated file stays an error.
+        pil_unknown = isinstance(err.__cause__, UnidentifiedImageError)
+        fallback = (
+            _read_with_opencv(path) if pil_unknown and path.suffix.lower() in {".tif", ".tiff"} else None
+        )
         if fallback is None:
             raise
         return fallback
@@ -189,7 +193,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         rgb = _read_with_opencv(path)
         if rgb is None:
-            raise ImageReadError(f"cannot read image {path}: {err}") from err
+            raise read_error(path, err) from err
         return rgb.shape[1], rgb.shape[0]
 
 

@@ -238,7 +238,8 @@ def diagnose(
     skip_bad: bool = False,
     workers: int = 1,
 ) -> Report:
-    """Inspect a data set folder and return the report (raises nothing for bad data; see check_dataset)."""
+    """Inspect a data set folder and return the report. Bad files are findings in the report, not exceptions;
+    DatasetError only when there is nothing to inspect (no images folder, no images). See check_dataset."""
     data_path = Path(data_path)
     img_dir, lbl_dir = images_dir(data_path), labels_dir(data_path)
     if not img_dir.is_dir():

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 NPROC ?= 2 # processes for `make train-ddp` (GPUs on a CUDA box)
 
-.PHONY: setup test lint benchmark demo preprocess check split convert demo-data train train-ddp export \
+.PHONY: setup browser test lint benchmark demo preprocess check split convert demo-data train train-ddp export \
         bench infer check_errors test_batching ov_int8 demo-ui
 
 setup: $(STAMP)
@@ -21,7 +21,14 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(STAMP)
 
-test: setup
+# Debian's chromium drives the Gradio UI test through Playwright (never `playwright install`).
+# Without root/apt it is skipped and the browser test says so.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+	  >/dev/null; } || echo "chromium not installed: the browser test will be skipped"
+
+test: setup browser
 	$(PY) -m pytest -q tests $(ARGS)
 
 lint: setup

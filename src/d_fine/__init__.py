@@ -1,0 +1,25 @@
+"""D-FINE / DEIM-D-FINE detectors in plain torch: HGNetv2 backbone, hybrid encoder, FDR decoder.
+
+Public API:
+    build_model(model_name, num_classes, img_size=(h, w), variant="dfine", num_queries=300,
+                num_denoising=100, pretrained_backbone=False, arch_overrides=None) -> DFINE
+    build_postprocessor(num_classes, num_top_queries=300) -> PostProcessor
+    build_criterion(model_name, num_classes, ...) -> the training loss (src/d_fine/criterion.py)
+"""
+
+from src.d_fine.criterion import build_criterion
+from src.d_fine.model import DFINE, build_model
+from src.d_fine.postprocess import PostProcessor, build_postprocessor
+from src.d_fine.sizes import SIZES, VARIANTS, arch_overrides_from_state_dict, get_size
+
+__all__ = [
+    "DFINE",
+    "SIZES",
+    "VARIANTS",
+    "PostProcessor",
+    "arch_overrides_from_state_dict",
+    "build_criterion",
+    "build_model",
+    "build_postprocessor",
+    "get_size",
+]

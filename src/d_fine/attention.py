@@ -1,0 +1,114 @@
+"""Multi-scale deformable attention as D-FINE uses it (bilinear sampling with F.grid_sample).
+
+Each query looks at a few learned points per head and feature level, placed around its reference box:
+offsets are predicted from the query, scaled by the box size and by 1/num_points of the level, and the
+sampled values are averaged with softmax weights (over all points of all levels of one head). There is no
+value or output projection (D-FINE drops both). Levels may have different point counts (`num_points`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def split_value_heads(
+    memory: torch.Tensor, num_heads: int, spatial_shapes: list[list[int]]
+) -> list[torch.Tensor]:
+    """(B, sum(h*w), C) encoder memory -> per level (B, heads, C / heads, h*w), the layout sampling needs."""
+    batch, length, channels = memory.shape
+    value = memory.reshape(batch, length, num_heads, channels // num_heads).permute(0, 2, 3, 1)
+    return list(value.split([h * w for h, w in spatial_shapes], dim=-1))
+
+
+def deformable_sample(
+    value: list[torch.Tensor],
+    spatial_shapes: list[list[int]],
+    locations: torch.Tensor,
+    weights: torch.Tensor,
+    num_points: list[int],
+) -> torch.Tensor:
+    """Weighted sum of bilinear samples.
+
+    value: per level (B, heads, head_dim, h*w); locations (B, Q, heads, sum(points), 2) in [0, 1] (x, y);
+    weights (B, Q, heads, sum(points)). Returns (B, Q, heads * head_dim).
+    """
+    batch, num_heads, head_dim, _ = value[0].shape
+    num_queries = locations.shape[1]
+    # grid_sample wants [-1, 1] coordinates and one image per (batch, head).
+    grids = (2 * locations - 1).permute(0, 2, 1, 3, 4).flatten(0, 1)  # (B*heads, Q, sum(points), 2)
+    samples = []
+    for level_value, (h, w), level_grid in zip(value, spatial_shapes, grids.split(num_points, dim=-2)):
+        image = level_value.reshape(batch * num_heads, head_dim, h, w)
+        samples.append(
+            F.grid_sample(image, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )  # (B*heads, head_dim, Q, points_l)
+    weights = weights.permute(0, 2, 1, 3).reshape(batch * num_heads, 1, num_queries, sum(num_points))
+    out = (torch.cat(samples, dim=-1) * weights).sum(-1)  # (B*heads, head_dim, Q)
+    return out.reshape(batch, num_heads * head_dim, num_queries).permute(0, 2, 1)
+
+
+class MSDeformableAttention(nn.Module):
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 4,
+        num_points: int | list[int] = 4,
+        offset_scale: float = 0.5,
+    ):
+        super().__init__()
+        self.num_points = (
+            list(num_points) if isinstance(num_points, (list, tuple)) else [num_points] * num_levels
+        )
+        if len(self.num_points) != num_levels:
+            raise ValueError(f"num_points {self.num_points} must have one entry per level ({num_levels})")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_levels = num_levels
+        self.offset_scale = offset_scale
+        total_points = sum(self.num_points)
+        # Offsets of a level's points are divided by that level's point count (a saved buffer in the reference).
+        scale = [1 / n for n in self.num_points for _ in range(n)]
+        self.register_buffer("num_points_scale", torch.tensor(scale, dtype=torch.float32))
+        self.sampling_offsets = nn.Linear(embed_dim, num_heads * total_points * 2)
+        self.attention_weights = nn.Linear(embed_dim, num_heads * total_points)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # Start with point k of each head at distance k along the head's own direction (a star pattern).
+        nn.init.constant_(self.sampling_offsets.weight, 0)
+        angles = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        directions = torch.stack([angles.cos(), angles.sin()], -1)
+        directions = directions / directions.abs().max(-1, keepdim=True).values
+        distance = torch.cat([torch.arange(1, n + 1) for n in self.num_points]).reshape(1, -1, 1)
+        grid = directions.reshape(self.num_heads, 1, 2).tile([1, sum(self.num_points), 1]) * distance
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.constant_(self.attention_weights.weight, 0)
+        nn.init.constant_(self.attention_weights.bias, 0)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_boxes: torch.Tensor,
+        value: list[torch.Tensor],
+        spatial_shapes: list[list[int]],
+    ) -> torch.Tensor:
+        """query (B, Q, C); reference_boxes (B, Q, 1, 4) cxcywh in [0, 1]; value from `split_value_heads`."""
+        batch, num_queries = query.shape[:2]
+        total_points = sum(self.num_points)
+        offsets = self.sampling_offsets(query).reshape(batch, num_queries, self.num_heads, total_points, 2)
+        weights = self.attention_weights(query).reshape(batch, num_queries, self.num_heads, total_points)
+        weights = F.softmax(weights, dim=-1)
+
+        point_scale = self.num_points_scale.to(dtype=query.dtype).unsqueeze(-1)  # (total_points, 1)
+        box_size = reference_boxes[:, :, None, :, 2:]  # (B, Q, 1, 1, 2)
+        offset = offsets * point_scale * box_size * self.offset_scale
+        locations = reference_boxes[:, :, None, :, :2] + offset  # (B, Q, heads, total_points, 2)
+        return deformable_sample(value, spatial_shapes, locations, weights, self.num_points)

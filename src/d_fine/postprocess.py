@@ -1,0 +1,53 @@
+"""Raw D-FINE outputs -> per-image detections (labels, xyxy pixel boxes, scores).
+
+Scores are per-class sigmoids; the top `num_top_queries` (query, class) pairs of each image are kept, so a
+query may appear with several classes. Only torch ops, so the module traces into an exported graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from src.common.boxes import cxcywh_to_xyxy
+
+
+class PostProcessor(nn.Module):
+    def __init__(self, num_classes: int, num_top_queries: int = 300):
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.num_top_queries = int(num_top_queries)
+        self.deploy_mode = False
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, num_top_queries={self.num_top_queries}"
+
+    def deploy(self) -> PostProcessor:
+        """Return (labels, boxes, scores) tensors, each (B, K[, 4]), instead of a list of dicts (export)."""
+        self.eval()
+        self.deploy_mode = True
+        return self
+
+    def forward(self, outputs: dict[str, torch.Tensor], orig_sizes_wh: torch.Tensor):
+        """outputs: {"pred_logits" (B, Q, C), "pred_boxes" (B, Q, 4) normalised cxcywh};
+        orig_sizes_wh (B, 2): (width, height) of each original image in pixels.
+
+        Returns per image {"labels" int64 (K,), "boxes" float xyxy pixels (K, 4), "scores" (K,)}, sorted by
+        score, K = min(num_top_queries, Q * C).
+        """
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        boxes = cxcywh_to_xyxy(boxes) * orig_sizes_wh.to(boxes.dtype).repeat(1, 2).unsqueeze(1)  # (B, Q, 4)
+        scores = torch.sigmoid(logits).flatten(1)  # (B, Q * C): index = query * C + class
+        top_k = min(self.num_top_queries, scores.shape[1])
+        scores, index = torch.topk(scores, top_k, dim=-1)
+        # a - a // b * b instead of %: some TensorRT versions lack integer mod.
+        labels = index - index // self.num_classes * self.num_classes
+        query = index // self.num_classes
+        boxes = boxes.gather(dim=1, index=query.unsqueeze(-1).repeat(1, 1, boxes.shape[-1]))
+        if self.deploy_mode:
+            return labels, boxes, scores
+        return [{"labels": lab, "boxes": box, "scores": sco} for lab, box, sco in zip(labels, boxes, scores)]
+
+
+def build_postprocessor(num_classes: int, num_top_queries: int = 300) -> PostProcessor:
+    return PostProcessor(num_classes, num_top_queries)

@@ -102,12 +102,14 @@ def _matched_iou(boxes: torch.Tensor, target_boxes: torch.Tensor) -> torch.Tenso
 
 def union_of_matches(matches: list[MatchIndices]) -> MatchIndices:
     """GO-LSD union set: per image, every query matched by any head, paired with the target it was
-    matched to most often (ties: the smaller (query, target) pair, as torch.unique sorts them)."""
+    matched to most often. Ties go the way torch's default (unstable) descending sort of the counts
+    orders the lexicographically sorted pairs, exactly as in the official criterion; a stable sort would
+    pick differently and break loss parity."""
     result = []
     for per_head in zip(*matches):
         pairs = torch.stack([torch.cat([q for q, _ in per_head]), torch.cat([t for _, t in per_head])], 1)
         unique, counts = torch.unique(pairs, return_counts=True, dim=0)
-        ranked = unique[torch.argsort(counts, descending=True, stable=True)].tolist()
+        ranked = unique[torch.argsort(counts, descending=True)].tolist()
         best_target: dict[int, int] = {}
         for query, target in ranked:
             best_target.setdefault(query, target)

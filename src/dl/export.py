@@ -329,15 +329,16 @@ def print_report(report: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------- stage
 
 
-def artifact_meta(meta: ModelMeta, cfg: DictConfig, source: Path) -> ModelMeta:
+def artifact_meta(
+    meta: ModelMeta, batch_size: int | None, max_batch_size: int, source: Path | None = None
+) -> ModelMeta:
+    """The checkpoint's metadata + the export's batch contract (batch_size None = dynamic)."""
     out = copy.deepcopy(meta)
-    out.batch_size = None if cfg.export.dynamic_batch else int(cfg.export.max_batch_size)
-    out.max_batch_size = int(cfg.export.max_batch_size)
-    out.extra = {
-        **out.extra,
-        "source_checkpoint": str(source),
-        "exported_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    out.batch_size = batch_size
+    out.max_batch_size = int(max_batch_size)
+    out.extra = {**out.extra, "exported_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if source is not None:
+        out.extra["source_checkpoint"] = str(source)
     return out
 
 
@@ -373,7 +374,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"export.formats: unknown {unknown}; use onnx, openvino, tensorrt")
     model, torch_meta = build_deploy_model(checkpoint)
-    meta = artifact_meta(torch_meta, cfg, checkpoint)
+    max_batch = int(cfg.export.max_batch_size)
+    meta = artifact_meta(torch_meta, None if cfg.export.dynamic_batch else max_batch, max_batch, checkpoint)
     artifacts: dict[str, Path] = {}
 
     onnx_path = export_onnx(

@@ -262,7 +262,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "video_frames": outputs.frames,
         "detections": sum(outputs.per_file.values()),
         "per_class": dict(sorted(outputs.per_class.items())),
-        "thresholds": dict(zip(detector.class_names, detector.thresholds().round(4).tolist(), strict=True)),
+        "thresholds": dict(
+            zip(detector.class_names, np.round(detector.thresholds().astype(float), 4).tolist(), strict=True)
+        ),
         "per_file": outputs.per_file,
         "failed": outputs.failed,
     }

@@ -100,11 +100,12 @@ def evaluate_detector(
     warmup: int = 0,
     desc: str = "",
     iou_thresh: float = 0.5,
+    images: Sequence[np.ndarray] | None = None,
 ) -> EvalResult:
     """Predict every sample one image at a time (timed: decode excluded) and compute the metrics.
 
     mAP uses every top-K detection (>= min_conf, as COCO evaluation expects); P/R/F1 are at `conf`
-    (default: the artifact's global threshold).
+    (default: the artifact's global threshold). images: the samples' pictures already decoded (optional).
     """
     from src.dl.validator import evaluate
 
@@ -112,9 +113,11 @@ def evaluate_detector(
     if warmup:
         detector.warmup(warmup)
     detections, latencies, kept, preds, gts, failed = [], [], [], [], [], []
-    for sample in tqdm(samples, desc=desc or f"eval {detector.backend}", leave=False, dynamic_ncols=True):
+    for index, sample in enumerate(
+        tqdm(samples, desc=desc or f"eval {detector.backend}", leave=False, dynamic_ncols=True)
+    ):
         try:
-            image = sample.read_image()
+            image = images[index] if images is not None else sample.read_image()
         except (ImageReadError, OSError) as err:
             logger.warning(f"skipped: {err}")
             failed.append(str(sample.path))

@@ -64,7 +64,7 @@ def build_deploy_model(
     path: str | Path, checkpoint: dict[str, Any] | None = None
 ) -> tuple[DeployModel, ModelMeta]:
     """(fused eval model on CPU, fp32; its metadata) from one of our checkpoints."""
-    from src.d_fine import build_model, build_postprocessor, load_pretrained
+    from src.d_fine import build_model, build_postprocessor
 
     checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path)
     meta = checkpoint_meta(path, checkpoint)
@@ -75,7 +75,16 @@ def build_deploy_model(
         variant=meta.variant,
         num_queries=meta.num_queries,
     )
-    load_pretrained(model, checkpoint)
+    # last.pt keeps the EMA separately (that is what validation scored); best.pt stores it as "model".
+    weights = (checkpoint.get("ema") or {}).get("module") or checkpoint.get("model")
+    if not weights:
+        raise ValueError(f"{path}: the checkpoint holds no model weights")
+    try:
+        model.load_state_dict(weights)  # strict: our own checkpoint must match its recorded architecture
+    except RuntimeError as err:
+        raise ValueError(
+            f"{path}: weights do not fit D-FINE-{meta.model_name} ({meta.variant}): {err}"
+        ) from err
     postprocessor = build_postprocessor(meta.num_classes, num_top_queries=meta.num_queries)
     return DeployModel(model, postprocessor).eval(), meta
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.common.boxes import box_iou, generalized_box_iou
+from src.d_fine.fdr import bbox2distance
 from src.d_fine.matcher import HungarianMatcher, MatchIndices, corners
 
 # The official D-FINE COCO recipe (configs/dfine/include/dfine_hgnetv2.yml); DEIM swaps vfl for mal.
@@ -33,55 +34,6 @@ VFL_ALPHA = 0.75
 DDF_TEMPERATURE = 5.0
 # The official DDF balances matched/unmatched terms as if every GPU held 8 images.
 DDF_REFERENCE_BATCH = 8
-
-
-# ---------------------------------------------------------------------------------------------------
-# TEMPORARY: FDR math owned by the model helper (src/d_fine/fdr.py). Switch these imports to theirs once
-# it lands, then delete this block.
-def weighting_function(reg_max: int, up: torch.Tensor, reg_scale: torch.Tensor) -> torch.Tensor:
-    upper1 = abs(up[0]) * abs(reg_scale)
-    upper2 = abs(up[0]) * abs(reg_scale) * 2
-    step = (upper1 + 1) ** (2 / (reg_max - 2))
-    left = [-((step) ** i) + 1 for i in range(reg_max // 2 - 1, 0, -1)]
-    right = [(step) ** i - 1 for i in range(1, reg_max // 2)]
-    return torch.cat([-upper2, *left, torch.zeros_like(up[0][None]), *right, upper2], 0)
-
-
-def _translate_gt(gt, reg_max, reg_scale, up):
-    gt = gt.reshape(-1)
-    values = weighting_function(reg_max, up, reg_scale)
-    left_index = ((values.unsqueeze(0) - gt.unsqueeze(1)) <= 0).sum(dim=1) - 1
-    indices = left_index.float()
-    weight_right = torch.zeros_like(gt)
-    weight_left = torch.zeros_like(gt)
-    inside = (indices >= 0) & (indices < reg_max)
-    valid = indices[inside].long()
-    left_diff = torch.abs(gt[inside] - values[valid])
-    right_diff = torch.abs(values[valid + 1] - gt[inside])
-    weight_right[inside] = left_diff / (left_diff + right_diff)
-    weight_left[inside] = 1.0 - weight_right[inside]
-    below = indices < 0
-    weight_right[below], weight_left[below], indices[below] = 0.0, 1.0, 0.0
-    above = indices >= reg_max
-    weight_right[above], weight_left[above], indices[above] = 1.0, 0.0, reg_max - 0.1
-    return indices, weight_right, weight_left
-
-
-def bbox2distance(points, bbox, reg_max, reg_scale, up, eps=0.1):
-    reg_scale = abs(reg_scale)
-    left = (points[:, 0] - bbox[:, 0]) / (points[..., 2] / reg_scale + 1e-16) - 0.5 * reg_scale
-    top = (points[:, 1] - bbox[:, 1]) / (points[..., 3] / reg_scale + 1e-16) - 0.5 * reg_scale
-    right = (bbox[:, 2] - points[:, 0]) / (points[..., 2] / reg_scale + 1e-16) - 0.5 * reg_scale
-    bottom = (bbox[:, 3] - points[:, 1]) / (points[..., 3] / reg_scale + 1e-16) - 0.5 * reg_scale
-    distances, weight_right, weight_left = _translate_gt(
-        torch.stack([left, top, right, bottom], -1), reg_max, reg_scale, up
-    )
-    distances = distances.clamp(min=0, max=reg_max - eps)
-    return distances.reshape(-1).detach(), weight_right.detach(), weight_left.detach()
-
-
-# END TEMPORARY
-# ---------------------------------------------------------------------------------------------------
 
 
 def _batch_query_index(match: MatchIndices) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,12 +16,7 @@ import torch
 from torch import nn
 
 from src.common.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
-
-
-# TEMPORARY: the model helper owns this function (src/d_fine/fdr.py); import it from there once it lands.
-def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    x = x.clip(min=0.0, max=1.0)
-    return torch.log(x.clip(min=eps) / (1 - x).clip(min=eps))
+from src.d_fine.fdr import inverse_sigmoid
 
 
 def get_contrastive_denoising_training_group(

@@ -40,8 +40,9 @@ class OpenVinoRunner:
         core = ov.Core()
         model = core.read_model(str(self.path))
         self.meta: ModelMeta = read_openvino_meta(model, self.path)
-        names = [port.get_any_name() for port in model.inputs]
-        if tuple(names) != INPUT_NAMES:
+        # A port may carry several tensor names (OpenVINO merges names when it folds a no-op Cast).
+        names = [port.get_names() for port in model.inputs]
+        if len(names) != len(INPUT_NAMES) or any(n not in found for n, found in zip(INPUT_NAMES, names)):
             raise ValueError(
                 f"{self.path}: inputs {names}, expected {list(INPUT_NAMES)} (export with src.dl.export)"
             )

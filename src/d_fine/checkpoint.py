@@ -1,0 +1,311 @@
+"""Loading pretrained D-FINE / DEIM-D-FINE weights into a model built for the user's classes.
+
+Accepted inputs: an official D-FINE/DEIM training file ({"ema": {"module": sd, ...}, "model": sd, ...}),
+one of ours ({"model": sd, "ema": sd | None, "meta": {...}}), or a bare state dict; EMA weights win when
+present. Keys whose shape depends on the number of classes (the score heads, the denoising class
+embedding), on the number of queries (learned query embeddings) or on the image size (anchor buffers)
+may differ: the model keeps its own values there. If the checkpoint is a COCO-80 one and some of the
+user's class names are COCO names, those classes start from the COCO rows instead.
+
+`find_pretrained` locates (or downloads once) the released files under pretrained/ (see its README.md).
+"""
+
+from __future__ import annotations
+
+import shutil
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from loguru import logger
+from torch import nn
+
+from src.common.io import atomic_write
+
+COCO_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase",
+    "scissors", "teddy bear", "hair drier", "toothbrush",
+)  # fmt: skip  # the 80 COCO detection classes in the official label order (category ids ascending)
+
+# Key fragments whose tensor shape follows the model's configuration rather than its architecture.
+CLASS_DEPENDENT = ("score_head", "denoising_class_embed")  # rows = classes (+1 padding row for the embedding)
+QUERY_DEPENDENT = ("tgt_embed", "query_embed")  # learned query content, rows = queries
+IMAGE_SIZE_DEPENDENT = ("anchors", "valid_mask")  # buffers precomputed for the export image size
+
+# Official release files (README of Peterande/D-FINE); DEIM publishes on Google Drive (no direct download).
+DFINE_RELEASE_URL = "https://github.com/Peterande/storage/releases/download/dfinev1.0/"
+DFINE_RELEASE_FILES = {
+    **{(size, "coco"): f"dfine_{size}_coco.pth" for size in "nsmlx"},
+    **{(size, "obj365"): f"dfine_{size}_obj365.pth" for size in "smlx"},
+    **{(size, "obj2coco"): f"dfine_{size}_obj2coco.pth" for size in "smx"},
+    ("l", "obj2coco"): "dfine_l_obj2coco_e25.pth",  # the release's best L Objects365+COCO model
+}
+DEIM_DRIVE_LINKS = {
+    ("n", "coco"): "https://drive.google.com/file/d/1ZPEhiU9nhW4M5jLnYOFwTSLQC1Ugf62e/view",
+    ("s", "coco"): "https://drive.google.com/file/d/1tB8gVJNrfb6dhFvoHJECKOF5VpkthhfC/view",
+    ("m", "coco"): "https://drive.google.com/file/d/18Lj2a6UN6k_n_UzqnJyiaiLGpDzQQit8/view",
+    ("l", "coco"): "https://drive.google.com/file/d/1PIRf02XkrA2xAD3wEiKE2FaamZgSGTAr/view",
+    ("x", "coco"): "https://drive.google.com/file/d/1dPtbgtGgq1Oa7k_LgH1GXPelg1IVeu0j/view",
+    ("x", "obj365"): "https://drive.google.com/file/d/1RMNrHh3bYN0FfT5ZlWhXtQxkG23xb2xj/view",
+}
+DOWNLOAD_TIMEOUT_S = 20  # per network operation: fail fast when offline, never on a slow but live link
+
+
+@dataclass
+class Checkpoint:
+    state: dict[str, torch.Tensor]
+    meta: dict
+    source: str  # where it came from, for messages
+    weights: str  # which weights were taken: "ema", "model" or "state_dict"
+
+
+@dataclass
+class LoadReport:
+    source: str
+    weights: str
+    loaded: list[str] = field(default_factory=list)
+    reinitialised: list[str] = field(default_factory=list)  # shape follows classes/queries/image size
+    class_rows_from_coco: dict[str, str] = field(default_factory=dict)  # our class -> COCO class
+    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
+    missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint
+    meta: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        total = len(self.loaded) + len(self.reinitialised) + len(self.missing)
+        lines = [f"loaded {len(self.loaded)}/{total} tensors from {self.source} ({self.weights} weights)"]
+        if self.reinitialised:
+            lines.append(
+                f"re-initialised (shape follows classes, queries or image size): {_short(self.reinitialised)}"
+            )
+        if self.class_rows_from_coco:
+            pairs = ", ".join(f"{ours}<-{coco}" for ours, coco in self.class_rows_from_coco.items())
+            lines.append(f"classes started from COCO rows: {pairs}")
+        if self.missing:
+            lines.append(f"missing in the checkpoint (model's own values kept): {_short(self.missing)}")
+        if self.unexpected:
+            lines.append(f"ignored (not in the model): {_short(self.unexpected)}")
+        return "\n  ".join(lines)
+
+
+def _short(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)} [{shown}{', ...' if len(keys) > limit else ''}]"
+
+
+def read_checkpoint(path_or_state: str | Path | Mapping) -> Checkpoint:
+    """The weights inside any accepted checkpoint format (EMA preferred), with its metadata."""
+    if isinstance(path_or_state, Mapping):
+        raw, source = path_or_state, "<state dict>"
+    else:
+        path = Path(path_or_state)
+        if not path.is_file():
+            raise FileNotFoundError(f"Checkpoint not found: {path}")
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"{path}: not a readable torch checkpoint of tensors ({error})") from error
+        source = str(path)
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{path}: expected a dict checkpoint, got {type(raw).__name__}")
+    meta = dict(raw.get("meta") or {})
+    ema = raw.get("ema")
+    if isinstance(ema, Mapping) and isinstance(ema.get("module"), Mapping):  # official: {"module", "updates"}
+        state, weights = ema["module"], "ema"
+    elif isinstance(ema, Mapping) and ema and _is_state_dict(ema):  # ours: the EMA state dict itself
+        state, weights = ema, "ema"
+    elif isinstance(raw.get("model"), Mapping):
+        state, weights = raw["model"], "model"
+    elif _is_state_dict(raw):
+        state, weights = raw, "state_dict"
+    else:
+        raise ValueError(
+            f"{source}: no weights found; expected a state dict or a dict with 'ema' / 'model' "
+            f"(top-level keys: {sorted(map(str, raw))[:10]})"
+        )
+    # DistributedDataParallel / torch.compile wrappers prefix every key
+    state = {_strip_wrappers(k): v for k, v in state.items() if torch.is_tensor(v)}
+    return Checkpoint(state=state, meta=meta, source=source, weights=weights)
+
+
+def _is_state_dict(obj: Mapping) -> bool:
+    return len(obj) > 0 and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+
+
+def _strip_wrappers(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix) :]
+    return key
+
+
+def checkpoint_arch_overrides(path_or_state: str | Path | Mapping) -> dict:
+    """Architecture fields to build a model the checkpoint fits (decoder FFN width, LAB blocks, BN kind):
+    `build_model(size, n, arch_overrides=checkpoint_arch_overrides(path))`."""
+    from src.d_fine.sizes import arch_overrides_from_state_dict
+
+    return arch_overrides_from_state_dict(read_checkpoint(path_or_state).state)
+
+
+def load_pretrained(
+    model: nn.Module, path_or_state: str | Path | Mapping, class_names: Sequence[str] | Mapping | None = None
+) -> LoadReport:
+    """Load weights into `model` in place, adapting what depends on classes / queries / image size.
+
+    class_names: the model's class names (list, or {id: name}); with a COCO-80 checkpoint, classes whose
+    names are COCO names start from the COCO rows. Any other shape difference means another
+    architecture and raises (build the model with `checkpoint_arch_overrides`).
+    """
+    checkpoint = read_checkpoint(path_or_state)
+    own = model.state_dict()
+    report = LoadReport(source=checkpoint.source, weights=checkpoint.weights, meta=checkpoint.meta)
+    to_load, mismatched = {}, []
+    for key, tensor in checkpoint.state.items():
+        if key not in own:
+            report.unexpected.append(key)
+        elif tensor.shape == own[key].shape:
+            to_load[key] = tensor
+            report.loaded.append(key)
+        elif _depends_on_config(key):
+            report.reinitialised.append(key)
+        else:
+            mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(own[key].shape)}")
+    report.missing = [k for k in own if k not in checkpoint.state]
+    _check_architecture(checkpoint, mismatched, report, len(own))
+
+    class_rows = _coco_rows(class_names, checkpoint.state, report)
+    with torch.no_grad():
+        for key, tensor in to_load.items():
+            own[key].copy_(tensor.to(own[key].dtype))
+        for key in report.reinitialised:
+            if class_rows and any(part in key for part in CLASS_DEPENDENT):
+                for ours, coco in class_rows:
+                    own[key][ours] = checkpoint.state[key][coco].to(own[key].dtype)
+    logger.info(f"pretrained weights: {report}")
+    return report
+
+
+def _depends_on_config(key: str) -> bool:
+    return any(part in key for part in CLASS_DEPENDENT + QUERY_DEPENDENT + IMAGE_SIZE_DEPENDENT)
+
+
+def _check_architecture(
+    checkpoint: Checkpoint, mismatched: list[str], report: LoadReport, num_own: int
+) -> None:
+    if mismatched:
+        listed = "\n  ".join(mismatched[:10]) + ("\n  ..." if len(mismatched) > 10 else "")
+        raise ValueError(
+            f"{checkpoint.source} does not fit this model's architecture ({len(mismatched)} tensors differ):\n"
+            f"  {listed}\nCheck model.name / model.variant, or build the model with "
+            "arch_overrides=src.d_fine.checkpoint.checkpoint_arch_overrides(path) (released COCO files and the "
+            "parity configuration differ in decoder FFN width and LAB blocks)."
+        )
+    if len(report.loaded) < num_own // 2:
+        raise ValueError(
+            f"{checkpoint.source}: only {len(report.loaded)} of the model's {num_own} tensors found there; "
+            f"is it a D-FINE checkpoint? (e.g. missing: {report.missing[:5]}, unknown: {report.unexpected[:5]})"
+        )
+
+
+def normalise_class_name(name: str) -> str:
+    """'Traffic_Light', 'traffic light', 'TrafficLight' -> 'trafficlight'."""
+    return "".join(ch for ch in str(name).lower() if ch not in " _-")
+
+
+_COCO_INDEX = {normalise_class_name(name): i for i, name in enumerate(COCO_CLASSES)}
+
+
+def _coco_rows(class_names, state: dict[str, torch.Tensor], report: LoadReport) -> list[tuple[int, int]]:
+    """(our class index, COCO index) for every class named like a COCO class, if the checkpoint is COCO-80
+    and its class heads are being re-initialised."""
+    if class_names is None or not any(any(p in k for p in CLASS_DEPENDENT) for k in report.reinitialised):
+        return []
+    names = (
+        [class_names[k] for k in sorted(class_names)]
+        if isinstance(class_names, Mapping)
+        else list(class_names)
+    )
+    heads = [v for k, v in state.items() if "score_head" in k and k.endswith("bias")]
+    checkpoint_classes = int(heads[0].shape[0]) if heads else 0
+    if checkpoint_classes != len(COCO_CLASSES):
+        logger.info(
+            f"checkpoint has {checkpoint_classes} classes, not COCO's 80: no class rows copied by name"
+        )
+        return []
+    rows = []
+    for ours, name in enumerate(names):
+        coco = _COCO_INDEX.get(normalise_class_name(name))
+        if coco is not None:
+            rows.append((ours, coco))
+            report.class_rows_from_coco[str(name)] = COCO_CLASSES[coco]
+    return rows
+
+
+def pretrained_filename(model_name: str, dataset: str = "coco", variant: str = "dfine") -> str:
+    """The file name find_pretrained looks for under pretrained/."""
+    if variant == "deim":
+        return f"deim_dfine_hgnetv2_{model_name}_{dataset}.pth"
+    return f"dfine_{model_name}_{dataset}.pth"
+
+
+def find_pretrained(
+    model_name: str,
+    dataset: str = "coco",
+    variant: str = "dfine",
+    pretrained_dir: str | Path = "pretrained",
+    download: bool = True,
+) -> Path:
+    """Path of the released weights for size `model_name` trained on `dataset` (coco | obj365 | obj2coco).
+
+    Looks in `pretrained_dir` first; an official D-FINE file that is absent is downloaded once from the
+    GitHub release. DEIM files live on Google Drive: the error says where to get them and where to put them.
+    """
+    if variant not in ("dfine", "deim"):
+        raise ValueError(f"variant must be 'dfine' or 'deim', got {variant!r}")
+    path = Path(pretrained_dir) / pretrained_filename(model_name, dataset, variant)
+    if path.is_file():
+        return path
+    release = DFINE_RELEASE_FILES if variant == "dfine" else DEIM_DRIVE_LINKS
+    if (model_name, dataset) not in release:
+        available = ", ".join(f"{size}/{data}" for size, data in release)
+        raise ValueError(
+            f"No released {variant} weights for size {model_name!r} on {dataset!r}; available: {available}"
+        )
+    if variant == "deim":
+        raise FileNotFoundError(
+            f"DEIM-D-FINE-{model_name.upper()} {dataset} weights not found at {path.resolve()}.\n"
+            f"DEIM publishes them on Google Drive: {DEIM_DRIVE_LINKS[(model_name, dataset)]}\n"
+            f"Download the file there and save it exactly as {path.resolve()} (see pretrained/README.md)."
+        )
+    url = DFINE_RELEASE_URL + DFINE_RELEASE_FILES[(model_name, dataset)]
+    if download:
+        try:
+            return _download(url, path)
+        except OSError as error:
+            reason = f"the download from {url} failed ({error})"
+    else:
+        reason = "downloading is switched off"
+    raise FileNotFoundError(
+        f"D-FINE-{model_name.upper()} {dataset} weights not found at {path.resolve()} and {reason}.\n"
+        f"Download {url} on a machine with internet and save it exactly as {path.resolve()} "
+        "(see pretrained/README.md), or train from scratch (train.pretrained_model_path=null)."
+    )
+
+
+def _download(url: str, path: Path) -> Path:
+    logger.info(f"Downloading {url} -> {path}")
+
+    def fetch(tmp: Path) -> None:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(tmp, "wb") as out:
+            shutil.copyfileobj(response, out, length=1 << 20)
+
+    atomic_write(path, fetch)  # a broken download never leaves a half file under the final name
+    return path

@@ -1,0 +1,203 @@
+"""Pretrained-weight loading: checkpoint formats, class-count adaptation, COCO row copying, finding files."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+
+import pytest
+import torch
+
+from src.d_fine import build_model
+from src.d_fine import checkpoint as ckpt
+from src.d_fine.checkpoint import (
+    COCO_CLASSES,
+    checkpoint_arch_overrides,
+    find_pretrained,
+    load_pretrained,
+    pretrained_filename,
+    read_checkpoint,
+)
+from tests.detinit import deterministic_state_dict
+
+IMG = (64, 64)
+CLASS_KEYS = sorted(
+    ["decoder.denoising_class_embed.weight", "decoder.enc_score_head.weight", "decoder.enc_score_head.bias"]
+    + [f"decoder.dec_score_head.{i}.{p}" for i in range(3) for p in ("weight", "bias")]
+)
+
+
+def _tiny(num_classes: int, img_size=IMG, **kwargs):
+    return build_model("n", num_classes, img_size=img_size, num_queries=20, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def coco_state() -> dict[str, torch.Tensor]:
+    """An 80-class 'COCO' state dict with deterministic weights (every tensor distinct from a fresh init)."""
+    state = _tiny(80).state_dict()
+    skip = {k for k in state if k.endswith("anchors") or k.endswith("valid_mask")}
+    return deterministic_state_dict(state, skip)
+
+
+def _zeros_like(state):
+    return {k: torch.zeros_like(v) for k, v in state.items()}
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        pytest.param(
+            lambda sd: {"ema": {"module": sd, "updates": 7}, "model": _zeros_like(sd)}, id="official-ema"
+        ),
+        pytest.param(lambda sd: {"model": sd, "last_epoch": 3}, id="official-model"),
+        pytest.param(lambda sd: sd, id="state-dict"),
+        pytest.param(lambda sd: {f"module.{k}": v for k, v in sd.items()}, id="ddp-state-dict"),
+        pytest.param(lambda sd: {"model": _zeros_like(sd), "ema": sd, "meta": {"epoch": 2}}, id="ours-ema"),
+        pytest.param(lambda sd: {"model": sd, "ema": None, "meta": {"epoch": 2}}, id="ours-no-ema"),
+    ],
+)
+def test_coco_checkpoint_loads_into_a_three_class_model(tmp_path, coco_state, wrap):
+    path = tmp_path / "weights.pth"
+    torch.save(wrap(coco_state), path)
+    model = _tiny(3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    report = load_pretrained(model, path)
+
+    assert sorted(report.reinitialised) == CLASS_KEYS
+    assert report.missing == [] and report.unexpected == []
+    assert len(report.loaded) == len(before) - len(CLASS_KEYS)
+    after = model.state_dict()
+    for key in report.loaded:
+        assert torch.equal(after[key], coco_state[key].to(after[key].dtype)), key
+    for key in CLASS_KEYS:
+        assert torch.equal(after[key], before[key]), f"{key} must keep the model's own initialisation"
+    assert "loaded" in str(report) and "score_head" in str(report)
+
+
+def test_class_rows_come_from_coco_for_coco_named_classes(tmp_path, coco_state):
+    torch.save({"model": coco_state}, tmp_path / "coco.pth")
+    model = _tiny(3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    names = ["Traffic_Light", "widget", "PERSON"]
+    report = load_pretrained(model, tmp_path / "coco.pth", class_names=names)
+
+    traffic_light, person = COCO_CLASSES.index("traffic light"), COCO_CLASSES.index("person")
+    assert report.class_rows_from_coco == {"Traffic_Light": "traffic light", "PERSON": "person"}
+    after = model.state_dict()
+    for key in CLASS_KEYS:
+        assert torch.equal(after[key][0], coco_state[key][traffic_light]), key
+        assert torch.equal(after[key][2], coco_state[key][person]), key
+        assert torch.equal(after[key][1], before[key][1]), f"{key}: 'widget' keeps its own row"
+    padding = "decoder.denoising_class_embed.weight"
+    assert torch.equal(after[padding][3], before[padding][3]), "the padding row stays the model's"
+
+    # a {id: name} mapping (config.yaml's label_to_name) works the same
+    other = _tiny(3)
+    report = load_pretrained(other, tmp_path / "coco.pth", class_names={0: "car", 1: "x", 2: "y"})
+    assert report.class_rows_from_coco == {"car": "car"}
+    assert torch.equal(
+        other.state_dict()["decoder.enc_score_head.bias"][0],
+        coco_state["decoder.enc_score_head.bias"][COCO_CLASSES.index("car")],
+    )
+
+
+def test_image_size_buffers_and_equal_class_count(coco_state):
+    model = _tiny(80, img_size=(96, 128))
+    anchors = model.state_dict()["decoder.anchors"].clone()
+    report = load_pretrained(model, coco_state)
+    assert sorted(report.reinitialised) == ["decoder.anchors", "decoder.valid_mask"]
+    assert torch.equal(model.state_dict()["decoder.anchors"], anchors)
+    assert torch.equal(
+        model.state_dict()["decoder.enc_score_head.weight"], coco_state["decoder.enc_score_head.weight"]
+    )
+
+
+def test_checkpoint_without_denoising_embedding_and_with_extras(coco_state):
+    state = {k: v for k, v in coco_state.items() if "denoising" not in k}
+    state["decoder.something_else"] = torch.zeros(2)
+    report = load_pretrained(_tiny(80), state)
+    assert report.missing == ["decoder.denoising_class_embed.weight"]
+    assert report.unexpected == ["decoder.something_else"]
+
+
+def test_other_architecture_is_an_error_with_a_hint(tmp_path, coco_state):
+    path = tmp_path / "coco.pth"
+    torch.save({"model": coco_state}, path)
+    narrow = _tiny(3, arch_overrides={"decoder_ffn_dim": 256})
+    with pytest.raises(ValueError, match="checkpoint_arch_overrides") as error:
+        load_pretrained(narrow, path)
+    assert "decoder.decoder.layers.0.linear1.weight" in str(error.value)
+    overrides = checkpoint_arch_overrides(path)
+    assert overrides["decoder_ffn_dim"] == 512
+    load_pretrained(_tiny(3, arch_overrides=overrides), path)  # the fitting model loads
+
+
+def test_unreadable_or_foreign_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_checkpoint(tmp_path / "nothing.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pth"):
+        read_checkpoint(tmp_path / "junk.pth")
+    torch.save({"optimizer": {"lr": 0.1}}, tmp_path / "opt.pth")
+    with pytest.raises(ValueError, match="no weights found"):
+        read_checkpoint(tmp_path / "opt.pth")
+    with pytest.raises(ValueError, match="is it a D-FINE checkpoint"):
+        load_pretrained(_tiny(3), {"head.weight": torch.zeros(1)})
+
+
+# --- find_pretrained -----------------------------------------------------------------------------------
+
+
+def test_find_pretrained_uses_a_local_file(tmp_path):
+    (tmp_path / "dfine_s_obj2coco.pth").write_bytes(b"x")
+    (tmp_path / "deim_dfine_hgnetv2_m_coco.pth").write_bytes(b"x")
+    assert find_pretrained("s", "obj2coco", pretrained_dir=tmp_path) == tmp_path / "dfine_s_obj2coco.pth"
+    assert (
+        find_pretrained("m", variant="deim", pretrained_dir=tmp_path)
+        == tmp_path / "deim_dfine_hgnetv2_m_coco.pth"
+    )
+    assert pretrained_filename("x", "obj365") == "dfine_x_obj365.pth"
+
+
+def test_find_pretrained_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt, "DFINE_RELEASE_URL", "http://127.0.0.1:9/")  # nothing listens: refused at once
+    with pytest.raises(FileNotFoundError) as error:
+        find_pretrained("s", pretrained_dir=tmp_path)
+    message = str(error.value)
+    assert str((tmp_path / "dfine_s_coco.pth").resolve()) in message
+    assert "http://127.0.0.1:9/dfine_s_coco.pth" in message and "download" in message
+    assert list(tmp_path.iterdir()) == [], "no partial file is left behind"
+
+    with pytest.raises(FileNotFoundError, match="downloading is switched off"):
+        find_pretrained("l", "obj2coco", pretrained_dir=tmp_path, download=False)
+    with pytest.raises(FileNotFoundError, match="drive.google.com") as error:
+        find_pretrained("n", variant="deim", pretrained_dir=tmp_path)
+    assert "deim_dfine_hgnetv2_n_coco.pth" in str(error.value)
+    with pytest.raises(ValueError, match="No released dfine weights"):
+        find_pretrained("n", "obj365", pretrained_dir=tmp_path)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_find_pretrained_downloads_from_the_release(tmp_path, monkeypatch, coco_state):
+    served = tmp_path / "release"
+    served.mkdir()
+    torch.save({"model": coco_state}, served / "dfine_n_coco.pth")
+    handler = functools.partial(_QuietHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setattr(ckpt, "DFINE_RELEASE_URL", f"http://127.0.0.1:{server.server_address[1]}/")
+        path = find_pretrained("n", pretrained_dir=tmp_path / "pretrained")
+    finally:
+        server.shutdown()
+        thread.join()
+    assert path == tmp_path / "pretrained" / "dfine_n_coco.pth"
+    assert load_pretrained(_tiny(80), path).missing == []

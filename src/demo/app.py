@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import threading
+import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -110,8 +111,10 @@ def describe_model(detector: Detector) -> str:
     """Markdown: backend, file, input size, classes, default thresholds."""
     meta = detector.meta
     h, w = meta.img_size
+    path = Path(str(detector.path)).absolute()
+    shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
     text = (
-        f"**{detector.backend}** `{detector.path}` · input {w}×{h} · {meta.num_classes} classes · "
+        f"**{detector.backend}** `{shown}` · input {w}×{h} · {meta.num_classes} classes · "
         f"default threshold {meta.conf_thresh:.3g}"
     )
     if meta.class_thresholds:
@@ -193,13 +196,16 @@ def table_rows(file: str, frame: int | None, dets: Detections) -> list[list[Any]
 
 
 def make_table(rows: list[list[Any]]) -> pd.DataFrame:
+    """Detections as a table; the frame column only when there are video frames (images have none)."""
     table = pd.DataFrame(rows[:MAX_TABLE_ROWS], columns=TABLE_COLUMNS)
-    return table.astype({"frame": "Int64"})  # images have no frame number (shown empty)
+    frames = ["" if frame is None else str(frame) for frame in table["frame"]]
+    return table.assign(frame=frames) if any(frames) else table.drop(columns="frame")
 
 
 def readable_error(err: Exception, path: Path, name: str) -> str:
     """The reader's message with the upload's temp path replaced by the name the user knows."""
-    return f"{name}: {str(err).replace(str(path), name)}"
+    message = str(err).replace(str(path), name)
+    return message if name in message else f"{name}: {message}"
 
 
 def predict_images(
@@ -366,7 +372,7 @@ def predict_video(
     label_scores: bool = False,
 ) -> Results:
     """Detect frame by frame (one frame in memory at a time); write the annotated video (.mp4 to download,
-    .webm to play in the page), predictions.json (per frame) and a zip of per-frame YOLO txt labels.
+    .webm to play in the page), <stem>_predictions.json (per frame) and <stem>_labels.zip (YOLO txt per frame).
 
     Raises VideoReadError for a file that cannot be decoded. Frames past `limits` are not processed
     (a note says so)."""
@@ -379,7 +385,7 @@ def predict_video(
     thresholds = class_thresholds(detector, conf, classes)
     results, rows = Results(), []
     mp4, webm = out / "videos" / f"{path.stem}.mp4", out / "videos" / f"{path.stem}.webm"
-    predictions, labels_zip = out / "predictions.json", out / f"{path.stem}_labels.zip"
+    predictions, labels_zip = out / f"{path.stem}_predictions.json", out / f"{path.stem}_labels.zip"
 
     def stream(json_tmp: Path, zip_tmp: Path) -> int:
         """Every frame through the model into the writers; returns the frame count."""
@@ -480,21 +486,21 @@ class DemoApp:
         videos = [f for f in files if is_video(file_path(f))]
         results = Results()
         if images:
-            results = predict_images(
-                detector, images, conf, classes, out / "images", int(self.options.max_images)
-            )
-        for n, video in enumerate(videos):
-            if n:  # one video per request keeps the wait (and the page) reasonable
+            results = predict_images(detector, images, conf, classes, out, int(self.options.max_images))
+        for video in videos:
+            if results.video is not None:  # one video per request keeps the wait (and the page) reasonable
                 results.problems.append(f"{file_path(video).name}: skipped, one video per request")
                 continue
             try:
-                clip = predict_video(detector, video, conf, classes, out / "video", self.limits)
+                clip = predict_video(detector, video, conf, classes, out, self.limits)
             except VideoReadError as err:
                 results.problems.append(str(err))
                 continue
             results.video, results.notes = clip.video, results.notes + clip.notes
             results.table = (
-                pd.concat([results.table, clip.table], ignore_index=True) if images else clip.table
+                pd.concat([results.table, clip.table], ignore_index=True)[TABLE_COLUMNS].fillna({"frame": ""})
+                if images
+                else clip.table
             )
             results.downloads += clip.downloads
             results.detections += clip.detections
@@ -542,7 +548,10 @@ def build_app(cfg: DictConfig, app: DemoApp | None = None):
     theme = gr.themes.Soft(
         font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
     )
-    with gr.Blocks(title="D-FINE detector demo", theme=theme, analytics_enabled=False) as demo:
+    with warnings.catch_warnings():  # Gradio 5 takes the theme here (Gradio 6 moves it to launch)
+        warnings.filterwarnings("ignore", "The 'theme' parameter", DeprecationWarning)
+        blocks = gr.Blocks(title="D-FINE detector demo", theme=theme, analytics_enabled=False)
+    with blocks as demo:
         gr.Markdown("## D-FINE detector demo\nPick a model, upload images or a video, press **Detect**.")
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
@@ -570,7 +579,14 @@ def build_app(cfg: DictConfig, app: DemoApp | None = None):
                 if examples:
                     gr.Examples(examples, inputs=[files], label="Examples", cache_examples=False)
             with gr.Column(scale=2):
-                gallery = gr.Gallery(label="Result", columns=2, height=480, elem_id="gallery")
+                gallery = gr.Gallery(
+                    label="Result",
+                    columns=4,
+                    height=560,
+                    object_fit="contain",
+                    preview=True,
+                    elem_id="gallery",
+                )
                 video = gr.Video(label="Annotated video", visible=False, elem_id="video")
                 table = gr.Dataframe(
                     value=make_table([]),
@@ -600,7 +616,9 @@ def build_app(cfg: DictConfig, app: DemoApp | None = None):
             if results.problems:
                 gr.Warning("; ".join(results.problems[:3]) + (" ..." if len(results.problems) > 3 else ""))
             return (
-                results.gallery,
+                gr.update(
+                    value=results.gallery, selected_index=0 if results.gallery else None
+                ),  # big first picture
                 gr.update(value=results.video, visible=results.video is not None),
                 results.table,
                 results.downloads or None,
@@ -616,9 +634,37 @@ def build_app(cfg: DictConfig, app: DemoApp | None = None):
     return demo.queue(default_concurrency_limit=int(options.concurrency), max_size=int(options.queue_size))
 
 
+# Gradio's page template references a CDN script (iframe-resizer, for embedding in other sites) and Google
+# Fonts. This policy lets the browser load scripts and fonts only from this server, so it contacts no one else.
+CONTENT_SECURITY_POLICY = (
+    b"script-src 'self' 'unsafe-inline' 'unsafe-eval' blob:; worker-src 'self' blob:; font-src 'self' data:"
+)
+
+
+class LocalOnlyPolicy:
+    """ASGI middleware adding CONTENT_SECURITY_POLICY to every HTTP response."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_policy(message):
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", []), (b"content-security-policy", CONTENT_SECURITY_POLICY)]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_policy)
+
+
 def launch_app(demo, cfg: DictConfig, block: bool = True, port: int | None = None) -> str:
     """Serve `demo` on demo_ui.host:port (port None: demo_ui.port, else the first free one from 7860);
     returns the local URL. block=False returns at once (tests; demo.close() stops it)."""
+    from starlette.middleware import Middleware
+
     options = cfg.demo_ui
     _, url, _ = demo.launch(
         server_name=str(options.host),
@@ -627,9 +673,9 @@ def launch_app(demo, cfg: DictConfig, block: bool = True, port: int | None = Non
         prevent_thread_lock=True,
         share=False,
         inbrowser=False,
-        show_api=False,
         ssr_mode=False,
         quiet=True,
+        app_kwargs={"middleware": [Middleware(LocalOnlyPolicy)]},
     )
     logger.info(f"demo UI on {url} (Ctrl+C to stop)")
     if str(options.host) not in {"127.0.0.1", "localhost"}:

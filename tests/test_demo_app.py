@@ -1,0 +1,359 @@
+"""The Gradio demo: its prediction helpers on a real (tiny, untrained) D-FINE, then the page itself in a
+headless Chromium (Debian's /usr/bin/chromium driven by Playwright; skipped when it is not installed).
+
+Screenshots for the README: `DEMO_SCREENSHOTS=1 pytest tests/test_demo_app.py -k browser` writes
+assets/demo_ui.png and assets/demo_ui_result.png; with `DEMO_SCREENSHOT_MODEL=output/demo/best.pt` (any
+artifact) they show that trained model on the demo data instead of the random tiny one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from src.common.config import ROOT, load_config
+from src.common.io import atomic_torch_save, atomic_write_json
+from src.demo.app import (
+    TABLE_COLUMNS,
+    DemoApp,
+    VideoLimits,
+    VideoReadError,
+    class_thresholds,
+    default_model,
+    find_models,
+    model_choices,
+    predict_images,
+    predict_video,
+    slider_conf,
+    status_text,
+)
+from src.etl.make_demo_data import make_scene
+from src.infer import load_model
+
+CLASSES = ["circle", "square", "triangle", "star"]
+IMG_SIZE = 64  # D-FINE-n has strides 16 and 32: (64/16)^2 + (64/32)^2 = 20 anchors >= the queries
+NUM_QUERIES = 20
+SHOWN_BOXES = 5  # the tiny model's default threshold is set so that about this many boxes show
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # 2 shared cores: torch's thread pool spinning against other processes makes a 40 ms model take seconds.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def scene(path: Path, seed: int, height: int = 288, width: int = 384) -> Path:
+    """A demo-data-like picture (textured background, clutter, shapes) written as a JPG."""
+    image_bgr, _ = make_scene(np.random.default_rng(seed), height, width, CLASSES, 4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), image_bgr)
+    return path
+
+
+def write_clip(path: Path, frames: int, size: tuple[int, int] = (96, 64)) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, size)
+    for i in range(frames):
+        frame = np.full((size[1], size[0], 3), 60, np.uint8)
+        cv2.circle(frame, (10 + 6 * i, 30), 12, (0, 200, 255), -1)
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """output/tiny/best.pt in the trainer's checkpoint format (untrained D-FINE-n at 64 px) and a scene.
+
+    thresholds.json beside it sets the default threshold just under the SHOWN_BOXES-th best score on the
+    scene, so the page's default (taken from the model) shows a few boxes."""
+    root = tmp_path_factory.mktemp("demo")
+    torch.manual_seed(0)
+    from src.d_fine import build_model
+
+    model = build_model("n", len(CLASSES), img_size=(IMG_SIZE, IMG_SIZE), num_queries=NUM_QUERIES)
+    meta = {"model_name": "n", "variant": "dfine", "num_classes": len(CLASSES), "class_names": CLASSES,
+            "img_size": [IMG_SIZE, IMG_SIZE], "keep_ratio": False, "num_queries": NUM_QUERIES,
+            "thresholds": {"conf_thresh": 0.5}}  # fmt: skip
+    checkpoint = atomic_torch_save(
+        root / "output" / "tiny" / "best.pt", {"model": model.state_dict(), "ema": None, "meta": meta}
+    )
+    image = scene(root / "inputs" / "scene.jpg", seed=3)
+    scores = load_model(checkpoint, device="cpu")(image, conf=0.0).scores
+    default = float(scores[SHOWN_BOXES - 1]) - 1e-6
+    atomic_write_json(checkpoint.with_name("thresholds.json"), {"conf_thresh": default})
+    return {"root": root, "checkpoint": checkpoint, "image": image, "default_conf": default}
+
+
+def demo_cfg(root: Path, *overrides: str):
+    return load_config(
+        [f"output_dir={root / 'output'}", "exp_name=tiny", "device=cpu", f"data_path={root / 'inputs'}",
+         "demo_ui.num_examples=1", *overrides]
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- helpers, no browser
+
+
+def test_find_models_lists_artifacts_per_experiment(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "best.pt").write_bytes(b"x")
+    (tmp_path / "a" / "model.onnx").write_bytes(b"x")
+    (tmp_path / "a" / "last.pt").write_bytes(b"x")  # resume state, not offered
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("x")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "best.pt").write_bytes(b"x")
+    assert find_models(tmp_path) == [tmp_path / "a" / "best.pt", tmp_path / "a" / "model.onnx"]
+    assert [label for label, _ in model_choices(tmp_path)] == ["a/best.pt", "a/model.onnx"]
+    assert find_models(tmp_path / "missing") == []
+
+
+def test_default_model_prefers_config_then_experiment(tiny, tmp_path):
+    assert default_model(demo_cfg(tiny["root"])) == str(tiny["checkpoint"])
+    assert default_model(demo_cfg(tiny["root"], "demo_ui.model_path=some/model.onnx")) == "some/model.onnx"
+    assert default_model(demo_cfg(tmp_path)) is None  # nothing trained yet: the page says so
+
+
+def test_predict_images_real_model(tiny, tmp_path):
+    detector = load_model(tiny["checkpoint"], device="cpu")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"this is not a jpeg")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    twin = scene(tmp_path / "other" / "scene.jpg", seed=3)  # same file name as the first upload
+    results = predict_images(detector, [tiny["image"], broken, notes, twin], 0.0, None, tmp_path / "out")
+    gallery, table, downloads = results
+
+    assert len(gallery) == 2 and all(Path(path).exists() for path, _ in gallery)
+    assert Path(gallery[1][0]).name == "scene_2.jpg"  # the second "scene.jpg" does not overwrite the first
+    assert len(table) == 2 * NUM_QUERIES == results.detections  # conf 0: every query shows
+    assert set(table["class_name"]) <= set(CLASSES) and (table["x2"] > table["x1"]).all()
+    assert "frame" not in table.columns  # images only: no frame column
+    assert [p for p in results.problems if "broken.jpg" in p and "cannot read" in p]
+    assert [p for p in results.problems if "notes.txt" in p and "not a supported image" in p]
+    assert not [p for p in results.problems if str(tmp_path) in p]  # names, not temp paths
+
+    names = [Path(p).name for p in downloads]
+    assert names[:2] == ["predictions.zip", "predictions.json"]
+    assert {"scene.jpg", "scene_2.jpg", "scene.txt", "scene_2.txt"} <= set(names)
+    labels = (tmp_path / "out" / "labels" / "scene.txt").read_text().splitlines()
+    assert len(labels) == NUM_QUERIES and all(len(line.split()) == 5 for line in labels)
+    summary = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert [entry["file"] for entry in summary["images"]] == ["scene.jpg", "scene.jpg"]
+    assert len(summary["failed"]) == 2
+    with zipfile.ZipFile(downloads[0]) as bundle:
+        assert {"predictions.json", "images/scene.jpg", "labels/scene_2.txt"} <= set(bundle.namelist())
+
+
+def test_thresholds_and_class_filter(tiny, tmp_path):
+    detector = load_model(tiny["checkpoint"], device="cpu")
+    default = tiny["default_conf"]
+    assert detector.meta.conf_thresh == pytest.approx(default)  # thresholds.json is the model's default
+    assert slider_conf(detector, round(default, 2)) is None  # slider at the default: the model's thresholds
+    assert slider_conf(detector, default + 0.2) == pytest.approx(default + 0.2)
+
+    assert len(predict_images(detector, [tiny["image"]], None).table) == SHOWN_BOXES
+    only = predict_images(detector, [tiny["image"]], 0.0, ["circle", "not-a-class"], tmp_path / "a")
+    assert set(only.table["class_name"]) <= {"circle"}
+    assert len(only.table) == sum(
+        1 for line in (tmp_path / "a/labels/scene.txt").open() if line.startswith("0 ")
+    )
+    thresholds = class_thresholds(detector, 0.3, ["star"])
+    assert thresholds[3] == pytest.approx(0.3) and thresholds[0] == float("inf")
+    assert predict_images(detector, [tiny["image"]], 1.01).table.empty
+
+
+def test_predict_video_streams_and_caps_frames(tiny, tmp_path):
+    detector = load_model(tiny["checkpoint"], device="cpu")
+    clip = write_clip(tmp_path / "clip.mp4", frames=6)
+    results = predict_video(detector, clip, 0.0, None, tmp_path / "out", VideoLimits(max_frames=4))
+
+    mp4, predictions, labels_zip = (Path(p) for p in results.downloads)
+    assert mp4.suffix == ".mp4" and Path(results.video).suffix == ".webm"
+    for video in (mp4, Path(results.video)):  # both play back with every processed frame
+        capture = cv2.VideoCapture(str(video))
+        count = 0
+        while capture.read()[0]:
+            count += 1
+        capture.release()
+        assert count == 4, video
+    frames = json.loads(predictions.read_text())["frames"]
+    assert [f["frame"] for f in frames] == [0, 1, 2, 3] and all(
+        len(f["boxes"]) == NUM_QUERIES for f in frames
+    )
+    with zipfile.ZipFile(labels_zip) as labels:
+        assert len(labels.namelist()) == 4
+    assert len(results.table) == 4 * NUM_QUERIES and set(results.table["frame"]) == {"0", "1", "2", "3"}
+    assert results.notes and "first 4 frames" in results.notes[0]
+    assert VideoLimits(max_frames=100, max_seconds=0.2).frame_cap(fps=10) == 2
+
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 2048)
+    with pytest.raises(VideoReadError, match="broken.mp4"):
+        predict_video(detector, broken, out_dir=tmp_path / "bad")
+
+
+def test_detect_handler_reports_problems_instead_of_raising(tiny, tmp_path):
+    app = DemoApp(demo_cfg(tiny["root"], "demo_ui.max_video_frames=2"))
+    choice = str(tiny["checkpoint"])
+    assert app.detect(choice, [], None, None).problems == ["upload one or more images or a video first"]
+
+    broken_video = tmp_path / "broken.mp4"
+    broken_video.write_bytes(b"not a video")
+    clip = write_clip(tmp_path / "clip.mp4", frames=3)
+    results = app.detect(choice, [str(tiny["image"]), str(broken_video), str(clip)], 0.0, CLASSES)
+    assert len(results.gallery) == 1 and results.video is not None
+    assert len(results.problems) == 1 and results.problems[0].startswith("broken.mp4: ")
+    assert len(results.table) == NUM_QUERIES * 3  # the image + 2 frames (demo_ui.max_video_frames)
+    assert list(results.table.columns) == TABLE_COLUMNS
+    assert list(results.table["frame"].unique()) == ["", "0", "1"]
+    text = status_text(results)
+    assert "2 file(s) processed" in text and "broken.mp4" in text and "first 2 frames" in text
+
+    with pytest.raises(FileNotFoundError):  # the page turns this into a message (on_detect)
+        app.detect(str(tmp_path / "missing.pt"), [str(tiny["image"])], None, None)
+
+
+def test_build_app_settings(tiny):
+    from src.demo.app import build_app
+
+    cfg = demo_cfg(tiny["root"], "demo_ui.queue_size=3", "demo_ui.concurrency=1")
+    demo = build_app(cfg)
+    assert demo.analytics_enabled is False
+    assert demo._queue.max_size == 3 and demo._queue.default_concurrency_limit == 1
+    by_id = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    assert by_id["model"].value == str(tiny["checkpoint"])  # the experiment's model is preselected
+    assert by_id["conf"].value == round(tiny["default_conf"], 2)  # ... with its own threshold
+    assert by_id["classes"].value == CLASSES
+    assert "torch" in by_id["model-info"].value and "default threshold" in by_id["model-info"].value
+
+    missing = build_app(demo_cfg(tiny["root"], "demo_ui.model_path=nowhere/model.onnx"))
+    info = next(b for b in missing.blocks.values() if getattr(b, "elem_id", None) == "model-info")
+    assert "cannot load" in info.value and "nowhere/model.onnx" in info.value  # the page still opens
+
+
+# ---------------------------------------------------------------- the page in a real browser
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def screenshot_setup(tiny) -> tuple[list[str], list[Path]]:
+    """(config overrides, images to upload): the tiny model, or DEMO_SCREENSHOT_MODEL on the demo data."""
+    model = os.environ.get("DEMO_SCREENSHOT_MODEL")
+    if not model:
+        return [], [tiny["image"]]
+    demo_images = sorted((ROOT / "data" / "demo" / "images").glob("*.jpg"))
+    return [f"demo_ui.model_path={Path(model).resolve()}"], demo_images[:2] or [tiny["image"]]
+
+
+@pytest.mark.slow
+def test_browser_end_to_end(tiny, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium; `make test` does it)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    import httpx
+
+    from src.demo.app import build_app, launch_app
+
+    overrides, uploads = screenshot_setup(tiny)
+    cfg = demo_cfg(tiny["root"], "demo_ui.max_file_size=2mb", *overrides)
+    demo = build_app(cfg)
+    url = launch_app(demo, cfg, block=False, port=free_port())
+    shots = ROOT / "assets" if (os.environ.get("DEMO_SCREENSHOTS") or overrides) else tmp_path
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff this is not really a jpeg")
+    clip = write_clip(tmp_path / "clip.mp4", frames=5)
+    contacted = []  # requests that left for another host (a CSP-blocked one never leaves the browser)
+    try:
+        assert url.startswith("http://127.0.0.1:")
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1360, "height": 900})
+            page.set_default_timeout(60_000)
+            outside = lambda request: not request.url.startswith((url, "data:", "blob:"))  # noqa: E731
+            page.on("requestfinished", lambda r: contacted.append(r.url) if outside(r) else None)
+            page.on(
+                "requestfailed",
+                lambda r: contacted.append(r.url) if outside(r) and r.failure != "csp" else None,
+            )
+            page.goto(url)
+            page.wait_for_selector("#detect")
+            if not overrides:  # the slider starts at the model's own threshold (thresholds.json)
+                shown = float(page.locator("#conf input[type=number]").input_value())
+                assert shown == pytest.approx(round(tiny["default_conf"], 2))
+            assert "torch" in page.locator("#model-info").inner_text()
+
+            def wait_for_text(selector: str, text: str) -> None:
+                page.wait_for_function(
+                    "([selector, text]) => document.querySelector(selector).innerText.includes(text)",
+                    arg=[selector, text],
+                )
+
+            def detect(files: list[Path], expect: str) -> str:
+                clear = page.locator("#upload button[aria-label='Clear']")
+                if clear.count():
+                    clear.first.click()
+                page.locator("#upload input[type=file]").set_input_files([str(f) for f in files])
+                for file in files:  # uploaded: the file list shows its name
+                    wait_for_text("#upload", file.stem)
+                page.click("#detect")
+                page.wait_for_function(
+                    "text => document.querySelector('#status textarea').value.includes(text)", arg=expect
+                )
+                return page.locator("#status textarea").input_value()
+
+            page.screenshot(path=str(shots / "demo_ui.png"))
+            status = detect(uploads, "detection(s)")
+            assert f"{len(uploads)} file(s) processed" in status
+            page.locator("#gallery img").first.wait_for()
+            assert page.locator("#table tbody tr").count() >= 1
+            wait_for_text("#downloads", "predictions")
+            assert ".json" in page.locator("#downloads").inner_text()
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('#gallery img')].every(i => i.complete)"
+            )
+            page.wait_for_timeout(1000)  # let the gallery's layout settle before the picture
+            page.screenshot(path=str(shots / "demo_ui_result.png"), full_page=True)
+
+            status = detect([broken], "broken.jpg")  # a message in the page, and the app keeps working
+            assert "cannot read image broken.jpg" in status and "processed" not in status  # only that file
+            page.locator(".toast-body").first.wait_for()
+
+            detect([clip], "detection(s)")
+            video = page.locator("#video video")
+            video.wait_for()
+            page.wait_for_function("() => document.querySelector('#video video').readyState >= 1")
+            assert page.evaluate("() => document.querySelector('#video video').duration") > 0  # webm plays
+            browser.close()
+
+        too_big = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.jpg", b"\0" * 3_000_000)})
+        assert too_big.status_code == 413  # demo_ui.max_file_size
+    finally:
+        demo.close()
+    assert contacted == []  # the page talks to 127.0.0.1 only

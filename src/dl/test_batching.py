@@ -46,8 +46,8 @@ def time_batch(detector: Detector, batch_size: int, warmup: int, runs: int) -> l
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(batch_size)]
     for _ in range(warmup):
-        detector.predict(images)
-    return [detector.timed(images)[1] for _ in range(runs)]
+        detector.predict(images, batch_size=batch_size)
+    return [detector.timed(images, batch_size=batch_size)[1] for _ in range(runs)]
 
 
 def batch_sizes_for(detector: Detector, wanted: list[int]) -> list[int]:

@@ -90,7 +90,8 @@ class Detector:
 
     @property
     def max_batch(self) -> int:
-        """Largest chunk sent to the backend at once."""
+        """Default chunk size for a list of images: the fixed batch of the artifact, else the largest batch
+        it was exported for (torch: 8). predict(batch_size=...) overrides it for dynamic artifacts."""
         return self.runner.batch_size or max(
             1, getattr(self.runner, "max_batch_size", self.meta.max_batch_size)
         )
@@ -117,11 +118,17 @@ class Detector:
         results = self.predict(image_list, conf)
         return results[0] if single else results
 
-    def predict(self, images_rgb: Sequence[np.ndarray], conf: float | dict | None = None) -> list[Detections]:
-        """RGB uint8 images -> one Detections per image (sent to the backend in chunks of `max_batch`)."""
+    def predict(
+        self,
+        images_rgb: Sequence[np.ndarray],
+        conf: float | dict | None = None,
+        batch_size: int | None = None,
+    ) -> list[Detections]:
+        """RGB uint8 images -> one Detections per image, sent to the backend in chunks of `batch_size`
+        (default `max_batch`)."""
         thresholds = self.thresholds(conf)
         results: list[Detections] = []
-        for chunk in iter_chunks(images_rgb, self.max_batch):
+        for chunk in iter_chunks(images_rgb, batch_size or self.max_batch):
             outputs, letterboxes = self.raw(chunk)
             results += [self._select(outputs, i, lb, thresholds) for i, lb in enumerate(letterboxes)]
         return results
@@ -158,12 +165,15 @@ class Detector:
         return Detections(boxes, scores, labels, names, (letterbox.orig_h, letterbox.orig_w))
 
     def timed(
-        self, images_rgb: Sequence[np.ndarray], conf: float | dict | None = None
+        self,
+        images_rgb: Sequence[np.ndarray],
+        conf: float | dict | None = None,
+        batch_size: int | None = None,
     ) -> tuple[list[Detections], float]:
         """predict() and its wall time in ms (for benchmarks: decode excluded, pre/post-processing included)."""
         self.synchronize()
         start = time.perf_counter()
-        results = self.predict(images_rgb, conf)
+        results = self.predict(images_rgb, conf, batch_size)
         self.synchronize()
         return results, (time.perf_counter() - start) * 1000.0
 

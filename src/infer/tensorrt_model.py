@@ -67,6 +67,10 @@ class TensorRtRunner:
     def __call__(self, images: np.ndarray, sizes: np.ndarray) -> Outputs:
         import torch
 
+        if len(images) > self.max_batch_size:
+            raise ValueError(
+                f"{self.path}: batch of {len(images)} > the engine's maximum {self.max_batch_size}"
+            )
         inputs = {
             INPUT_NAMES[0]: torch.as_tensor(images, device=self.device, dtype=self.dtypes[INPUT_NAMES[0]]),
             INPUT_NAMES[1]: torch.as_tensor(sizes, device=self.device, dtype=self.dtypes[INPUT_NAMES[1]]),

@@ -16,6 +16,7 @@ from src.infer.meta import ModelMeta, meta_from_checkpoint
 from src.infer.runtime import Outputs, torch_device
 
 TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
+TORCH_CHUNK = 8
 
 
 class DeployModel(nn.Module):
@@ -108,7 +109,7 @@ class TorchRunner:
         if self.precision == "fp16":
             self.model.half()
         self.batch_size = None  # dynamic
-        self.max_batch_size = max(1, self.meta.max_batch_size)
+        self.max_batch_size = TORCH_CHUNK  # default chunk for lists; any batch size runs
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray, sizes: np.ndarray) -> Outputs:

@@ -38,13 +38,12 @@ class DeployModel(nn.Module):
         return result
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: cannot read the checkpoint ({err})") from err
-    if not isinstance(checkpoint, dict) or "meta" not in checkpoint:
+def read_project_checkpoint(path: str | Path):
+    """src.d_fine.checkpoint.read_checkpoint (EMA preferred), insisting on our "meta" (classes, input size)."""
+    from src.d_fine.checkpoint import read_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    if not checkpoint.meta.get("class_names") and "num_classes" not in checkpoint.meta:
         raise ValueError(
             f"{path}: not a checkpoint of this project (no 'meta' with classes and input size); "
             "official D-FINE weights are used via train.pretrained_model_path, not for inference"
@@ -52,36 +51,31 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def checkpoint_meta(path: str | Path, checkpoint: dict[str, Any] | None = None) -> ModelMeta:
+def checkpoint_meta(path: str | Path, meta: dict[str, Any]) -> ModelMeta:
     """The checkpoint's ModelMeta; thresholds.json beside it (written after training) takes precedence."""
-    path = Path(path)
-    checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path)
-    thresholds_file = path.with_name("thresholds.json")
+    thresholds_file = Path(path).with_name("thresholds.json")
     thresholds = json.loads(thresholds_file.read_text(encoding="utf-8")) if thresholds_file.exists() else None
-    return meta_from_checkpoint(checkpoint["meta"], thresholds)
+    return meta_from_checkpoint(meta, thresholds)
 
 
-def build_deploy_model(
-    path: str | Path, checkpoint: dict[str, Any] | None = None
-) -> tuple[DeployModel, ModelMeta]:
+def build_deploy_model(path: str | Path) -> tuple[DeployModel, ModelMeta]:
     """(fused eval model on CPU, fp32; its metadata) from one of our checkpoints."""
     from src.d_fine import build_model, build_postprocessor
+    from src.d_fine.sizes import arch_overrides_from_state_dict
 
-    checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path)
-    meta = checkpoint_meta(path, checkpoint)
+    checkpoint = read_project_checkpoint(path)
+    meta = checkpoint_meta(path, checkpoint.meta)
     model = build_model(
         meta.model_name,
         meta.num_classes,
         img_size=meta.img_size,
         variant=meta.variant,
         num_queries=meta.num_queries,
+        # a model fine-tuned from released weights keeps their decoder width / LAB blocks
+        arch_overrides=arch_overrides_from_state_dict(checkpoint.state),
     )
-    # last.pt keeps the EMA separately (that is what validation scored); best.pt stores it as "model".
-    weights = (checkpoint.get("ema") or {}).get("module") or checkpoint.get("model")
-    if not weights:
-        raise ValueError(f"{path}: the checkpoint holds no model weights")
     try:
-        model.load_state_dict(weights)  # strict: our own checkpoint must match its recorded architecture
+        model.load_state_dict(checkpoint.state)  # strict: our own checkpoint must match its architecture
     except RuntimeError as err:
         raise ValueError(
             f"{path}: weights do not fit D-FINE-{meta.model_name} ({meta.variant}): {err}"

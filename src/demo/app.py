@@ -475,7 +475,8 @@ class DemoApp:
         conf: float | None,
         classes: Sequence[str] | None,
     ) -> Results:
-        """Images and videos of one request; bad inputs become `.problems`, never exceptions."""
+        """Images and videos of one request. Unusable inputs become `.problems`; a model that cannot be
+        loaded raises (the page shows the message)."""
         files = list(files or [])
         if not files:
             return Results(problems=["upload one or more images or a video first"])

@@ -1,13 +1,19 @@
-"""Generic trainer pieces on a small real torch module: optimizer groups, OneCycle, EMA, samplers, AMP, losses."""
+"""The trainer: its generic parts on a small torch module, then real D-FINE-n runs on tiny synthetic data."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import cv2
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
+from src.common.config import load_config
 from src.dl.ema import ModelEMA
 from src.dl.optim import build_optimizer, build_param_groups, build_scheduler, group_lrs
 from src.dl.trainer_utils import (
@@ -159,3 +165,320 @@ def test_to_float32_nested():
         {"a": torch.ones(2, dtype=torch.bfloat16), "b": [{"c": torch.ones(1, dtype=torch.int64)}]}
     )
     assert out["a"].dtype == torch.float32 and out["b"][0]["c"].dtype == torch.int64
+
+
+# ============================================================================================ end to end
+# Real D-FINE-n on a tiny synthetic data set (64 px inputs, 10 queries), 1-3 optimizer steps per epoch.
+
+
+CLASSES = ("circle", "square", "triangle", "star")
+
+
+def _draw_objects(
+    rng: np.random.Generator, width: int, height: int, count: int
+) -> tuple[np.ndarray, list[str]]:
+    image = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
+    lines = []
+    for _ in range(count):
+        w, h = (int(v) for v in rng.integers(12, max(14, min(width, height) // 2), size=2))
+        x, y = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
+        class_id = int(rng.integers(0, len(CLASSES)))
+        color = tuple(int(c) for c in rng.integers(120, 256, size=3))
+        cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), color, thickness=-1)
+        lines.append(
+            f"{class_id} {(x + w / 2) / width:.6f} {(y + h / 2) / height:.6f} {w / width:.6f} {h / height:.6f}"
+        )
+    return image, lines
+
+
+def make_detection_data(root: Path, splits: dict[str, int], backgrounds: tuple[str, ...] = ()) -> Path:
+    """root/images + root/labels + train/val/test CSVs. Names in `backgrounds` get no objects."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    for split, count in splits.items():
+        names = []
+        for index in range(count):
+            name = f"{split}_{index}.jpg"
+            width, height = int(rng.integers(80, 140)), int(rng.integers(80, 140))
+            objects = 0 if name in backgrounds else int(rng.integers(1, 4))
+            image, lines = _draw_objects(rng, width, height, objects)
+            cv2.imwrite(str(root / "images" / name), image)
+            if lines:
+                (root / "labels" / f"{Path(name).stem}.txt").write_text("\n".join(lines) + "\n")
+            names.append(name)
+        pd.DataFrame({"image": names}).to_csv(root / f"{split}.csv", index=False)
+    return root
+
+
+def train_overrides(tmp_path: Path, data: Path, *overrides: str) -> list[str]:
+    """Command-line overrides for a tiny, fast run (also used by the torchrun test)."""
+    return [
+        f"data_path={data}",
+        f"output_dir={tmp_path / 'output'}",
+        "exp_name=run",
+        "device=cpu",
+        "model.name=n",
+        "model.img_size=[64,64]",
+        "model.num_queries=10",
+        "train.epochs=1",
+        "train.batch_size=2",
+        "train.num_workers=0",
+        "train.max_steps_per_epoch=2",
+        "train.debug_images=2",
+        "train.eval_images=2",
+        "train.checkpoint_every_minutes=0",
+        "train.ema_warmups=2",
+        "check.find_duplicates=false",
+        *overrides,
+    ]
+
+
+def train_config(tmp_path: Path, data: Path, *overrides: str):
+    return load_config(train_overrides(tmp_path, data, *overrides))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    return make_detection_data(root, {"train": 8, "val": 2, "test": 1}, backgrounds=("train_3.jpg",))
+
+
+def _run(cfg):
+    from src.dl.train import run
+
+    return run(cfg)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    """One full run (2 epochs, mosaic, EMA, background-ignoring epoch) shared by the checks below."""
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = train_config(
+        tmp, data_dir, "train.epochs=2", "train.mosaic.prob=1.0", "train.mosaic.no_mosaic_epochs=1",
+        "train.ignore_background_epochs=1",
+    )  # fmt: skip
+    summary = _run(cfg)
+    return summary, Path(summary["exp_dir"])
+
+
+@pytest.mark.slow
+def test_run_writes_a_complete_experiment_folder(trained):
+    summary, folder = trained
+    for name in ("config.yaml", "train_log.txt", "history.csv", "curves.png", "last.pt", "best.pt",
+                 "metrics.csv", "per_class.csv", "thresholds.json"):  # fmt: skip
+        assert (folder / name).is_file(), name
+    assert list((folder / "debug_images" / "train").glob("*.jpg"))
+    assert list((folder / "eval_preds" / "val").glob("*.jpg"))
+    assert (folder / "plots" / "val" / "confusion_matrix.png").is_file()
+    assert (folder / "plots" / "test" / "threshold_curves.png").is_file()
+    assert summary["epochs_trained"] == 2 and not summary["stopped_early"]
+    assert set(summary) >= {"exp_dir", "best_epoch", "val", "test", "thresholds"}
+
+    history = pd.read_csv(folder / "history.csv")
+    assert list(history["epoch"]) == [1, 2]
+    for column in (
+        "loss",
+        "loss_vfl",
+        "loss_bbox",
+        "loss_giou",
+        "loss_fgl",
+        "lr_backbone",
+        "lr_rest",
+        "mAP_50",
+        "f1",
+        "epoch_time_s",
+    ):
+        assert column in history.columns, column
+    assert np.isfinite(history["loss"]).all()
+    assert (history["lr_backbone"] < history["lr_rest"]).all()  # backbone LR really is its own
+
+    metrics = pd.read_csv(folder / "metrics.csv")
+    assert list(metrics["split"]) == ["val", "test"]
+    per_class = pd.read_csv(folder / "per_class.csv")
+    assert set(per_class["class"]) == set(CLASSES)
+    thresholds = json.loads((folder / "thresholds.json").read_text())
+    assert 0 < thresholds["conf_thresh"] < 1 and set(thresholds["per_class"]) == set(CLASSES)
+    log = (folder / "train_log.txt").read_text()
+    assert "epoch 2:" in log and "thresholds (picked on val)" in log
+
+
+@pytest.mark.slow
+def test_best_checkpoint_is_self_describing(trained):
+    _, folder = trained
+    best = torch.load(folder / "best.pt", map_location="cpu", weights_only=False)
+    meta = best["meta"]
+    assert meta["model_name"] == "n" and meta["variant"] == "dfine" and meta["num_classes"] == 4
+    assert meta["class_names"] == list(CLASSES) and meta["img_size"] == [64, 64]
+    assert meta["keep_ratio"] is False and meta["num_queries"] == 10
+    assert meta["thresholds"] == json.loads((folder / "thresholds.json").read_text())
+    assert "mAP_50" in meta["metrics"] and meta["epoch"] in (1, 2)
+    assert best["ema"] is None and isinstance(best["model"], dict)
+
+    last = torch.load(folder / "last.pt", map_location="cpu", weights_only=False)
+    for key in ("model", "ema", "optimizer", "scheduler", "scaler", "epoch", "step", "rng", "config", "meta"):
+        assert key in last, key
+    assert last["epoch"] == 2 and last["step"] == 4
+    assert len(last["rng"]) == 1 and {"python", "numpy", "torch"} <= set(last["rng"][0])
+    # best.pt holds the EMA weights, which are what was evaluated
+    from src.d_fine import build_model
+
+    model = build_model("n", 4, img_size=(64, 64), num_queries=10)
+    model.load_state_dict(best["model"])
+
+
+def _has_load_pretrained() -> bool:
+    try:
+        from src.d_fine import load_pretrained  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_load_pretrained(), reason="src.d_fine.load_pretrained has not landed yet")
+def test_fine_tune_from_own_checkpoint_keep_ratio_accumulation_no_ema(tmp_path, data_dir, trained):
+    _, folder = trained
+    cfg = train_config(
+        tmp_path, data_dir, f"train.pretrained_model_path={folder / 'best.pt'}", "model.keep_ratio=true",
+        "train.mosaic.prob=0", "train.accumulation_steps=2", "train.max_steps_per_epoch=3", "train.use_ema=false",
+    )  # fmt: skip
+    summary = _run(cfg)
+    last = torch.load(Path(summary["exp_dir"]) / "last.pt", map_location="cpu", weights_only=False)
+    assert last["step"] == 2  # 3 batches with accumulation 2: one full window + one partial window
+    assert last["ema"] is None
+    best = torch.load(Path(summary["exp_dir"]) / "best.pt", map_location="cpu", weights_only=False)
+    assert best["meta"]["keep_ratio"] is True
+    assert "pretrained weights" in (Path(summary["exp_dir"]) / "train_log.txt").read_text()
+
+
+@pytest.mark.slow
+def test_resume_mid_epoch_continues_exactly(tmp_path, data_dir):
+    from src.dl.train import TrainingAborted
+
+    common = (
+        "train.epochs=2",
+        "train.max_steps_per_epoch=3",
+        "train.checkpoint_every_steps=1",
+        "train.mosaic.prob=0.5",
+    )
+    straight = _run(train_config(tmp_path, data_dir, "exp_name=straight", *common))
+
+    with pytest.raises(TrainingAborted):
+        _run(train_config(tmp_path, data_dir, "exp_name=killed", "train.abort_after_steps=2", *common))
+    killed = tmp_path / "output" / "killed"
+    interrupted = torch.load(killed / "last.pt", map_location="cpu", weights_only=False)
+    assert (interrupted["epoch"], interrupted["state"]["batch"], interrupted["step"]) == (0, 2, 2)
+    assert not (killed / "metrics.csv").exists()
+
+    resumed = _run(train_config(tmp_path, data_dir, "exp_name=killed", "train.resume=true", *common))
+    assert resumed["epochs_trained"] == 2
+    a = torch.load(Path(straight["exp_dir"]) / "last.pt", map_location="cpu", weights_only=False)
+    b = torch.load(killed / "last.pt", map_location="cpu", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for key, value in a["ema"]["module"].items():
+        assert torch.equal(value, b["ema"]["module"][key]), key
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+    history_a, history_b = (
+        pd.read_csv(Path(straight["exp_dir"]) / "history.csv"),
+        pd.read_csv(killed / "history.csv"),
+    )
+    assert np.allclose(history_a["loss"], history_b["loss"])
+
+
+def test_resume_needs_a_last_checkpoint(tmp_path, data_dir):
+    with pytest.raises(FileNotFoundError, match="last.pt"):
+        _run(train_config(tmp_path, data_dir, "exp_name=never", "train.resume=true"))
+
+
+@pytest.mark.slow
+def test_early_stopping(tmp_path, data_dir):
+    # conf_thresh 1.0: nothing is ever confident, so f1 stays 0 and no epoch after the first improves.
+    cfg = train_config(
+        tmp_path, data_dir, "train.epochs=4", "train.early_stopping=1", "train.max_steps_per_epoch=1",
+        "train.conf_thresh=1.0", "train.decision_metrics=[f1]",
+    )  # fmt: skip
+    summary = _run(cfg)
+    assert summary["stopped_early"] and summary["epochs_trained"] == 2 and summary["best_epoch"] == 1
+
+
+@pytest.mark.slow
+def test_background_only_batches_bf16_autocast_on_cpu_and_offline_wandb(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # W&B must work (or quietly switch off) without a network
+    data = make_detection_data(
+        tmp_path / "data", {"train": 2, "val": 2}, backgrounds=("train_0.jpg", "train_1.jpg")
+    )
+    cfg = train_config(tmp_path, data, "train.amp=bf16", "train.mosaic.prob=0", "train.use_wandb=true")
+    summary = _run(cfg)
+    history = pd.read_csv(Path(summary["exp_dir"]) / "history.csv")
+    assert np.isfinite(history["loss"]).all()
+    assert "AMP bf16" in (Path(summary["exp_dir"]) / "train_log.txt").read_text()
+
+
+@pytest.mark.slow
+def test_doctor_rejects_bad_labels_and_skip_bad_trains_without_them(tmp_path):
+    from src.etl.check import DatasetError
+
+    data = make_detection_data(tmp_path / "data", {"train": 3, "val": 2})
+    (data / "labels" / "train_1.txt").write_text("9 0.5 0.5 0.2 0.2\n")  # class 9 does not exist
+    with pytest.raises(DatasetError, match="train_1.txt"):
+        _run(train_config(tmp_path, data))
+    summary = _run(
+        train_config(tmp_path, data, "exp_name=skip", "check.skip_bad=true", "train.max_steps_per_epoch=1")
+    )
+    assert Path(summary["exp_dir"], "best.pt").is_file()
+
+
+def test_reusing_an_experiment_name_needs_overwrite_or_resume(tmp_path):
+    from src.dl.train import prepare_experiment_dir
+
+    cfg = train_config(tmp_path, tmp_path / "data")
+    folder = tmp_path / "output" / "run"
+    (folder / "plots").mkdir(parents=True)
+    (folder / "best.pt").write_text("old")
+    (folder / "model.onnx").write_text("an export: not ours to delete")
+    with pytest.raises(FileExistsError, match="train.overwrite=true"):
+        prepare_experiment_dir(cfg)
+    cfg.train.overwrite = True
+    prepare_experiment_dir(cfg)
+    assert not (folder / "best.pt").exists() and not (folder / "plots").exists()
+    assert (folder / "model.onnx").exists()
+
+
+def test_non_finite_losses_stop_the_run_with_a_clear_message(tmp_path, data_dir):
+    from src.dl.train import Trainer, TrainingDiverged
+    from src.dl.trainer_utils import DistContext
+
+    cfg = train_config(tmp_path, data_dir, "train.max_bad_steps=2", "train.max_steps_per_epoch=3")
+    Path(cfg.output_dir, cfg.exp_name).mkdir(parents=True)
+    trainer = Trainer(cfg, DistContext())
+    criterion = trainer.criterion
+
+    def exploding(outputs, targets):  # fault injection around the real criterion
+        return {k: v * math.inf for k, v in criterion(outputs, targets).items()}
+
+    trainer.criterion = exploding
+    trainer.criterion.train = lambda: None
+    with pytest.raises(TrainingDiverged, match="train.max_bad_steps=2"):
+        trainer.fit()
+    assert trainer.state.global_step == 0
+
+
+def test_frozen_backbone_does_not_move(tmp_path, data_dir):
+    from src.dl.train import Trainer
+    from src.dl.trainer_utils import DistContext
+
+    cfg = train_config(tmp_path, data_dir, "train.max_steps_per_epoch=1", "train.freeze_backbone_epochs=1")
+    Path(cfg.output_dir, cfg.exp_name).mkdir(parents=True)
+    trainer = Trainer(cfg, DistContext())
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer._set_backbone_frozen(True)
+    trainer.train_one_epoch(0)
+    after = trainer.model.state_dict()
+    backbone = [k for k in before if k.startswith("backbone.")]
+    assert all(torch.equal(before[k], after[k]) for k in backbone)  # weights and BN statistics
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    trainer._set_backbone_frozen(False)
+    assert all(p.requires_grad for p in trainer.model.backbone.parameters())

@@ -310,6 +310,7 @@ class Trainer:
         self.accumulation = max(int(self.tc.accumulation_steps), 1)
         self.amp_dtype = resolve_amp(self.tc.amp, self.device)
         self.state = TrainState()
+        self.partial_losses: dict = {"sums": {}, "count": 0}
         self.last_checkpoint_time = time.monotonic()
         self.wandb = WandbLogger(cfg, enabled=False)
 
@@ -352,10 +353,12 @@ class Trainer:
             raise ValueError(f"no training images: {Path(self.cfg.splits_dir) / 'train.csv'} lists none")
 
     def _build_model(self) -> None:
-        from src.d_fine import build_criterion, build_postprocessor, load_pretrained
+        from src.d_fine import build_criterion, build_postprocessor
 
         self.model = build_detector(self.cfg, self.num_classes)
         if self.tc.pretrained_model_path and not self.tc.resume:
+            from src.d_fine import load_pretrained
+
             report = load_pretrained(
                 self.model, str(self.tc.pretrained_model_path), class_names=self.class_names
             )
@@ -432,6 +435,7 @@ class Trainer:
         rng_states = checkpoint.get("rng") or []
         if len(rng_states) == self.ctx.world_size:
             set_rng_state(rng_states[self.ctx.rank])
+            self.partial_losses = checkpoint["partial_losses"][self.ctx.rank]
         elif self.ctx.is_main:
             logger.warning(
                 f"resume: last.pt was written by {len(rng_states)} process(es), now {self.ctx.world_size}: "
@@ -584,8 +588,11 @@ class Trainer:
         start = self._start_batch = self.state.batch
         loader = self.train_loader(epoch, start)
         self._train_mode()
-        sums: dict[str, float] = {}
-        counted, images_seen, bad_in_row = 0, 0, 0
+        # Loss sums of this rank's batches so far; restored on resume so the epoch mean covers the whole epoch.
+        if start == 0:
+            self.partial_losses = {"sums": {}, "count": 0}
+        sums: dict[str, float] = self.partial_losses["sums"]
+        images_seen, bad_in_row = 0, 0
         started = time.perf_counter()
         bar = tqdm(
             total=n_batches, initial=start, desc=f"epoch {epoch + 1}/{self.tc.epochs}", unit="batch",
@@ -614,18 +621,19 @@ class Trainer:
                 bad_in_row = 0
                 for kind, value in sum_loss_kinds(loss_dict).items():
                     sums[kind] = sums.get(kind, 0.0) + value
-                sums["loss"] = sums.get("loss", 0.0) + float(loss)
-                counted += 1
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                self.partial_losses["count"] += 1
             images_seen += images.shape[0]
             self.state.batch = batch_index + 1
             if window_end:
                 self._after_window(epoch, n_batches)
             bar.update(1)
             if self.ctx.is_main:
-                bar.set_postfix(self._progress(sums, counted, images_seen, started, epoch, n_batches))
+                bar.set_postfix(self._progress(sums, images_seen, started, epoch, n_batches))
         bar.close()
         self.optimizer.zero_grad(set_to_none=True)  # a window cut short by a bad loss leaves gradients
-        return {kind: total / max(counted, 1) for kind, total in sums.items()}
+        counted = max(self.partial_losses["count"], 1)
+        return {kind: total / counted for kind, total in sums.items()}
 
     def _device_batches(self, loader: DataLoader):
         for images, targets in loader:
@@ -666,15 +674,13 @@ class Trainer:
             )
         return bad_in_row
 
-    def _progress(
-        self, sums: dict, counted: int, images_seen: int, started: float, epoch: int, n_batches: int
-    ) -> dict:
+    def _progress(self, sums: dict, images_seen: int, started: float, epoch: int, n_batches: int) -> dict:
         elapsed = max(time.perf_counter() - started, 1e-9)
         done = max(self.state.batch - self._start_batch, 1)
         remaining = (n_batches - self.state.batch) + (int(self.tc.epochs) - epoch - 1) * n_batches
         lrs = group_lrs(self.optimizer)
         return {
-            "loss": f"{sums.get('loss', math.nan) / max(counted, 1):.3f}",
+            "loss": f"{sums.get('loss', math.nan) / max(self.partial_losses['count'], 1):.3f}",
             "lr": f"{lrs.get('lr_rest', next(iter(lrs.values()))):.2e}",
             "img/s": f"{images_seen * self.ctx.world_size / elapsed:.1f}",
             "eta": format_duration(remaining * elapsed / done),  # the whole run, without validation
@@ -864,7 +870,7 @@ class Trainer:
 
     def save_last(self) -> None:
         """Write last.pt. Collective: every rank contributes its RNG state, rank 0 writes."""
-        rng = all_gather_objects(self.ctx, rng_state())
+        per_rank = all_gather_objects(self.ctx, (rng_state(), self.partial_losses))
         if self.ctx.is_main:
             checkpoint = {
                 "version": CHECKPOINT_VERSION,
@@ -876,7 +882,8 @@ class Trainer:
                 "state": dict(vars(self.state)),
                 "epoch": self.state.epoch,
                 "step": self.state.global_step,
-                "rng": rng,
+                "rng": [rng for rng, _ in per_rank],
+                "partial_losses": [losses for _, losses in per_rank],  # of the unfinished epoch
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
                 "meta": self.model_meta(
                     self.state.best_metrics, self.state.best_thresholds, self.state.best_epoch + 1

@@ -271,7 +271,9 @@ def loss_kind(term: str) -> str:
 def sum_loss_kinds(loss_dict: dict[str, float]) -> dict[str, float]:
     kinds: dict[str, float] = {}
     for term, value in loss_dict.items():
-        kinds[loss_kind(term)] = kinds.get(loss_kind(term), 0.0) + float(value)
+        kinds[loss_kind(term)] = kinds.get(loss_kind(term), 0.0) + float(
+            value.detach() if torch.is_tensor(value) else value
+        )
     return kinds
 
 

@@ -104,7 +104,7 @@ def check_split(cfg: DictConfig, detector, split: str, out_dir: Path) -> tuple[l
         logger.info(f"check_errors: no {split} split, skipped")
         return [], 0
     conf = cfg.check_errors.conf
-    conf = OmegaConf.to_container(conf) if isinstance(conf, DictConfig) else conf
+    conf = OmegaConf.to_container(conf) if OmegaConf.is_config(conf) else conf
     iou_thresh = float(cfg.check_errors.iou_thresh)
     rows, pictures = [], 0
     for sample in tqdm(samples, desc=f"check {split}", dynamic_ncols=True):

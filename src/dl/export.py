@@ -276,6 +276,7 @@ def parity_report(
         )
         report[name] = {
             "path": str(path),
+            "weights": model.meta.precision,
             "precision": model.runner.precision,
             **drift,
             "mAP_50": result.metrics.get("mAP_50"),
@@ -304,14 +305,14 @@ def print_report(report: dict[str, Any]) -> None:
     if not rows:
         return
     lines = [
-        f"{'artifact':<10} {'precision':<9} {'box dev px':>10} {'score dev':>10} {'mAP50':>7} {'delta':>8}  status"
+        f"{'artifact':<10} {'weights':<8} {'runs in':<8} {'box dev px':>10} {'score dev':>10} {'mAP50':>7} {'delta':>8}  status"
     ]
     for name, r in rows:
         if "error" in r:
-            lines.append(f"{name:<10} {'-':<9} {'-':>10} {'-':>10} {'-':>7} {'-':>8}  LOAD ERROR")
+            lines.append(f"{name:<10} {'-':<8} {'-':<8} {'-':>10} {'-':>10} {'-':>7} {'-':>8}  LOAD ERROR")
             continue
         lines.append(
-            f"{name:<10} {r['precision']:<9} {r['max_box_dev_px']:>10.3f} {r['max_score_dev']:>10.4f} "
+            f"{name:<10} {r['weights']:<8} {r['precision']:<8} {r['max_box_dev_px']:>10.3f} {r['max_score_dev']:>10.4f} "
             f"{r['mAP_50']:>7.3f} {r['mAP_50_delta']:>+8.4f}  {'ok' if r['ok'] else 'BEYOND TOLERANCE'}"
         )
     print(

@@ -142,9 +142,13 @@ def load_experiment_model(
     conf: float | dict | None = None,
 ) -> Detector:
     """A stage's model: `model_path` when given, else the experiment's best artifact for cfg.device."""
+    from omegaconf import OmegaConf
+
     from src.common.config import exp_dir
     from src.infer import best_artifact, load_model
 
+    if OmegaConf.is_config(conf):  # {class: threshold} from the command line / config.yaml
+        conf = OmegaConf.to_container(conf)
     path = Path(model_path) if model_path else best_artifact(exp_dir(cfg), str(cfg.device))
     detector = load_model(path, device=str(cfg.device), precision=precision, conf=conf)
     logger.info(f"model: {detector}")

@@ -18,13 +18,13 @@ class DFINE(nn.Module):
     normalised cxcywh}; train (`model(images, targets)`): the full output dict the criterion consumes."""
 
     def __init__(
-        self, backbone: HGNetv2, encoder: HybridEncoder, decoder: DFineDecoder, size: ModelSize | None = None
+        self, backbone: HGNetv2, encoder: HybridEncoder, decoder: DFineDecoder, arch: ModelSize | None = None
     ):
         super().__init__()
         self.backbone = backbone
         self.decoder = decoder
         self.encoder = encoder
-        self.size = size
+        self.arch = arch  # the size-table entry it was built from
 
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None) -> dict:
         return self.decoder(self.encoder(self.backbone(images)), targets)

@@ -8,6 +8,7 @@ so only its speed is meaningful here.
 from __future__ import annotations
 
 import argparse
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -33,12 +34,12 @@ def make_checkpoint(folder: Path, size: str, img: int, num_classes: int = 80) ->
 
 
 def export_all(checkpoint: Path, int8: bool) -> dict[str, Path]:
-    from src.dl.export import artifact_meta_plain, export_onnx, export_openvino, slim_onnx
+    from src.dl.export import artifact_meta, export_onnx, export_openvino, slim_onnx
     from src.infer.torch_model import build_deploy_model
 
     folder = checkpoint.parent
     model, meta = build_deploy_model(checkpoint)
-    meta = artifact_meta_plain(meta, batch_size=1, max_batch_size=1)
+    meta = artifact_meta(meta, batch_size=1, max_batch_size=1)
     onnx_path = export_onnx(model, meta, folder / "model.onnx", 1, dynamic_batch=False)
     h, w = meta.img_size
     slim_onnx(onnx_path, [np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)], meta)
@@ -56,6 +57,7 @@ def quantize_on_noise(fp32_path: Path, meta, out: Path, images: int = 16) -> Pat
 
     from src.dl.ov_int8 import float_decoding_scope, make_transform, save_int8
 
+    nncf.set_log_level(logging.WARNING)
     model = ov.Core().read_model(str(fp32_path))
     rng = np.random.default_rng(0)
     h, w = meta.img_size

@@ -199,6 +199,9 @@ def process_video(path: Path, outputs: InferOutputs, conf: Any) -> None:
         if outputs.options.save_videos
         else None
     )
+    if writer is not None and not writer.isOpened():
+        capture.release()
+        raise RuntimeError(f"OpenCV cannot write an mp4v video to {tmp} (codec unavailable?)")
     detector, batch, index = outputs.detector, [], 0
 
     def flush() -> None:

@@ -9,6 +9,13 @@ Terms per decoder output ("head"), weighted by `weight_dict` and named like the 
 Suffixes: none = last decoder layer, _aux_i = earlier layers, _pre = the first layer's plain box head,
 _enc_i = encoder proposals, _dn_i / _dn_pre = denoising queries.
 
+False-positive control (both off by default, which is the official loss):
+  bg_loss_weight  multiplies the classification loss of every background query (matched to no object) in
+                  every head, so a user can push unmatched queries' scores down harder
+  loss_vfl_neg_dn_i / loss_vfl_neg_dn_pre (loss_mal_neg_...): classification loss of the denoising branch's
+                  background negatives (denoising.py), all of them targets "no object", normalised like
+                  the other denoising terms and weighted like loss_vfl; they get no box or distribution term
+
 Matching: classification terms use each head's own Hungarian matching; box and distribution terms use
 the GO-LSD "union set" (each query's most frequent target across all heads' matchings), normalised by
 its size. Denoising queries are matched by construction (query k of a group <-> its ground truth).
@@ -97,10 +104,14 @@ class DFineCriterion(nn.Module):
         gamma: float | None = None,
         reg_max: int = 32,
         ddf_temperature: float = DDF_TEMPERATURE,
+        bg_loss_weight: float = 1.0,
     ):
         super().__init__()
         if cls_loss not in CLS_LOSS_GAMMA:
             raise ValueError(f"cls_loss must be one of {sorted(CLS_LOSS_GAMMA)}, got {cls_loss!r}")
+        if not bg_loss_weight >= 0:
+            raise ValueError(f"bg_loss_weight must be >= 0, got {bg_loss_weight}")
+        self.bg_loss_weight = float(bg_loss_weight)
         self.num_classes, self.matcher, self.cls_loss = num_classes, matcher, cls_loss
         self.weight_dict = dict(weight_dict)  # keyed "loss_vfl", "loss_bbox", ...
         self.alpha = alpha
@@ -166,7 +177,26 @@ class DFineCriterion(nn.Module):
         if "dn_pre_outputs" in outputs:
             pre = outputs["dn_pre_outputs"]
             losses |= self._head(pre, targets, match, num_dn, match, num_dn, dn_state, "_dn_pre")
-        return losses
+        return losses | self._negative_losses(outputs, targets, num_dn)
+
+    def _negative_losses(self, outputs, targets, num_dn) -> dict[str, torch.Tensor]:
+        """Classification only, every negative a background query (nothing matched); slots for which no
+        box clear of the ground truth was found are left out."""
+        heads = list(outputs.get("dn_negative_outputs", []))
+        if not heads:
+            return {}
+        suffixes = [f"_dn_{i}" for i in range(len(heads))]
+        if "dn_negative_pre_outputs" in outputs:
+            heads.append(outputs["dn_negative_pre_outputs"])
+            suffixes.append("_dn_pre")
+        valid = outputs["dn_meta"].get("dn_negative_valid")
+        no_match = denoising_match({"dn_num_group": 0}, targets)
+        name = f"loss_{self.cls_loss}"
+        return {
+            f"{name}_neg{suffix}": self._classification_loss(out, targets, no_match, num_dn, valid)
+            * self.weight_dict[name]
+            for out, suffix in zip(heads, suffixes)
+        }
 
     def _encoder_targets(self, outputs, targets):
         """Class-agnostic query selection trains the encoder head with one class: every label becomes 0."""
@@ -195,8 +225,9 @@ class DFineCriterion(nn.Module):
             terms |= self._distribution_losses(out, targets, box_match, num_box, state)
         return {k + suffix: v * self.weight_dict[k] for k, v in terms.items() if k in self.weight_dict}
 
-    def _classification_loss(self, out, targets, match, num_boxes) -> torch.Tensor:
-        """VFL / MAL: BCE against an IoU-valued target on matched (query, class) cells, 0 elsewhere."""
+    def _classification_loss(self, out, targets, match, num_boxes, query_mask=None) -> torch.Tensor:
+        """VFL / MAL: BCE against an IoU-valued target on matched (query, class) cells, 0 elsewhere.
+        Background queries' terms are scaled by bg_loss_weight; query_mask (B, Q) bool drops queries."""
         logits = out["pred_logits"]  # (B, Q, C)
         num_queries, num_classes = logits.shape[1:]
         if num_queries == 0:  # empty denoising part: the mean over queries below would be 0/0
@@ -215,6 +246,11 @@ class DFineCriterion(nn.Module):
         else:  # mal: the positive target is IoU^gamma and positives keep weight 1
             target = target.pow(self.gamma)
             weight = prob.pow(self.gamma) * (1 - one_hot) + one_hot
+        if self.bg_loss_weight != 1.0:  # skipped at 1.0: the official loss, bit for bit
+            is_background = (classes == num_classes).unsqueeze(-1)  # (B, Q, 1)
+            weight = torch.where(is_background, weight * self.bg_loss_weight, weight)
+        if query_mask is not None:
+            weight = weight * query_mask.unsqueeze(-1).to(weight.dtype)
         loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
         return loss.mean(1).sum() * num_queries / num_boxes
 
@@ -299,17 +335,21 @@ def build_criterion(
     loss_weights: dict[str, float] | None = None,
     matcher_costs: dict[str, float] | None = None,
     reg_max: int = 32,
+    bg_loss_weight: float = 1.0,
 ) -> DFineCriterion:
     """The official D-FINE criterion (cls_loss="vfl") or DEIM's (cls_loss="mal", gamma 1.5).
 
     model_name: the size ("n", "s", "m", "l", "x"); every official size trains with the same loss
     settings, so it is kept for the record only. loss_weights / matcher_costs override single entries,
     keyed like DEFAULT_LOSS_WEIGHTS ("vfl", "bbox", ...) and DEFAULT_MATCHER_COSTS ("class", "bbox", "giou").
+    bg_loss_weight: extra weight on the classification loss of background queries (1.0 = official).
     """
     weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
     costs = {**DEFAULT_MATCHER_COSTS, **(matcher_costs or {})}
     matcher = HungarianMatcher(cost_class=costs["class"], cost_bbox=costs["bbox"], cost_giou=costs["giou"])
     weight_dict = {f"loss_{k}": v for k, v in weights.items() if k not in CLS_LOSS_GAMMA or k == cls_loss}
-    criterion = DFineCriterion(num_classes, matcher, weight_dict, cls_loss=cls_loss, reg_max=reg_max)
+    criterion = DFineCriterion(
+        num_classes, matcher, weight_dict, cls_loss=cls_loss, reg_max=reg_max, bg_loss_weight=bg_loss_weight
+    )
     criterion.model_name = model_name
     return criterion

@@ -12,7 +12,9 @@ Flow (shapes for batch B, Q queries, C = hidden_dim, R = reg_max):
 4. Class logits come from the layer's class head plus LQE, a small MLP on the top-4 bin probabilities
    (a sharp distribution = a well-localised box = higher score).
 In training every layer's output is returned (deep supervision, GO-LSD distillation); in eval only layer
-`eval_idx`. Contrastive denoising queries are prepended in training when num_denoising > 0.
+`eval_idx`. Contrastive denoising queries are prepended in training when num_denoising > 0 (optionally
+with a block of background negatives, see denoising.py; their outputs come back separately as
+"dn_negative_outputs" so that the official "dn_outputs" keep their meaning).
 
 Parameter names follow the reference implementation so its checkpoints load directly.
 """
@@ -226,6 +228,8 @@ class DFineDecoder(nn.Module):
         reg_max: int = 32,
         reg_scale: float = 4.0,
         layer_scale: float = 1,
+        num_dn_negatives: int = 0,
+        dn_negative_iou_thresh: float = 0.3,
     ):
         super().__init__()
         if len(feat_channels) > num_levels or len(feat_strides) != len(feat_channels):
@@ -248,6 +252,9 @@ class DFineDecoder(nn.Module):
         self.num_denoising = num_denoising
         self.label_noise_ratio = label_noise_ratio
         self.box_noise_scale = box_noise_scale
+        # Background negatives in the denoising branch (0 = official): denoising.set_denoising_negatives
+        self.num_dn_negatives = num_dn_negatives
+        self.dn_negative_iou_thresh = dn_negative_iou_thresh
         scaled_dim = round(layer_scale * hidden_dim)
         num_points = list(num_points) if isinstance(num_points, (list, tuple)) else [num_points] * num_levels
 
@@ -449,6 +456,8 @@ class DFineDecoder(nn.Module):
                 num_denoising=self.num_denoising,
                 label_noise_ratio=self.label_noise_ratio,
                 box_noise_scale=self.box_noise_scale,
+                num_negatives=self.num_dn_negatives,
+                negative_iou_thresh=self.dn_negative_iou_thresh,
             )
             if dn_ref_logits is None:  # no box in the whole batch: nothing to denoise
                 attn_mask = dn_meta = None
@@ -472,6 +481,15 @@ class DFineDecoder(nn.Module):
             dn_logits_out, logits = torch.split(logits, split, dim=2)
             dn_corners, corners = torch.split(corners, split, dim=2)
             dn_refs, refs = torch.split(refs, split, dim=2)
+            negatives = dn_meta["dn_num_negatives"]
+            if negatives:  # [groups | negatives]: the negatives only feed the classification loss
+                grouped = [split[0] - negatives, negatives]
+                dn_pre_logits, neg_pre_logits = torch.split(dn_pre_logits, grouped, dim=1)
+                dn_pre_boxes, neg_pre_boxes = torch.split(dn_pre_boxes, grouped, dim=1)
+                dn_logits_out, neg_logits = torch.split(dn_logits_out, grouped, dim=2)
+                dn_boxes, neg_boxes = torch.split(dn_boxes, grouped, dim=2)
+                dn_corners = dn_corners[:, :, : grouped[0]]
+                dn_refs = dn_refs[:, :, : grouped[0]]
 
         out = {
             "pred_logits": logits[-1],
@@ -494,6 +512,15 @@ class DFineDecoder(nn.Module):
                 )
                 out["dn_pre_outputs"] = {"pred_logits": dn_pre_logits, "pred_boxes": dn_pre_boxes}
                 out["dn_meta"] = dn_meta
+                if negatives:
+                    out["dn_negative_outputs"] = [
+                        {"pred_logits": layer_logits, "pred_boxes": layer_boxes}
+                        for layer_logits, layer_boxes in zip(neg_logits, neg_boxes)
+                    ]
+                    out["dn_negative_pre_outputs"] = {
+                        "pred_logits": neg_pre_logits,
+                        "pred_boxes": neg_pre_boxes,
+                    }
         return out
 
 

@@ -92,13 +92,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--img", type=int, default=640)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--no-int8", action="store_true")
+    parser.add_argument("--backends", nargs="+", help="only these of torch onnx ov_fp32 ov_fp16 ov_int8")
+    parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's own)")
     args = parser.parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)  # eager torch suffers most when cores are oversubscribed
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             folder = Path(tmp) / size
             started = time.perf_counter()
-            paths = export_all(make_checkpoint(folder, size, args.img), int8=not args.no_int8)
+            int8 = not args.no_int8 and (not args.backends or "ov_int8" in args.backends)
+            paths = export_all(make_checkpoint(folder, size, args.img), int8=int8)
+            paths = {k: v for k, v in paths.items() if not args.backends or k in args.backends}
             print(f"[{size}] exported in {time.perf_counter() - started:.0f} s")
             for backend, path in paths.items():
                 median, p90 = latency(path, args.runs, args.img)

@@ -163,7 +163,7 @@ def process_images(paths: list[Path], outputs: InferOutputs, conf: Any) -> None:
             outputs.image(path, image, dets)
         batch.clear()
 
-    for path in tqdm(paths, desc="images", dynamic_ncols=True):
+    for path in tqdm(paths, desc="images", dynamic_ncols=True, disable=not paths):
         try:
             batch.append((path, read_image_rgb(path)))
         except (ImageReadError, OSError, ValueError) as err:

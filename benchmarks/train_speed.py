@@ -61,7 +61,7 @@ def measure(
         loss, _ = compute_loss(model, criterion, images, targets, amp_dtype)
         scaler.scale(loss).backward()
         clip_and_step(model, optimizer, scaler, clip_max_norm=0.1)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         peak_memory = max(peak_memory, memory_used_gb(device))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -90,14 +90,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--amp", nargs="+", default=["off", "bf16"], help="any of off, bf16, fp16 (fp16: CUDA)"
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     for amp in args.amp:
         row = measure(args.model, args.img_size, args.batch, amp, args.steps, args.warmup, device)
         rows.append(row)
         print(
-            f"D-FINE-{row['model']} {row['img_size']}px batch {row['batch']} {device.type} amp={amp}: "
+            f"D-FINE-{row['model']} {row['img_size']}px batch {row['batch']} {device.type} amp={amp} "
+            f"({torch.get_num_threads()} threads): "
             f"{row['img_per_s']} img/s ({row['s_per_step']} s/step), peak memory {row['peak_memory_gb']} GiB, "
             f"loss {row['first_loss']} -> {row['last_loss']}",
             flush=True,

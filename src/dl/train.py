@@ -69,36 +69,31 @@ class TrainingDiverged(RuntimeError):
     """Too many non-finite losses in a row."""
 
 
-@dataclass
+# Everything the trainer writes into output/<exp_name>/ (attribute name -> file). train.overwrite replaces
+# exactly these; anything else in the folder (exports, notes) is left alone.
+EXPERIMENT_FILES = {
+    "config": "config.yaml",
+    "log": "train_log.txt",
+    "history": "history.csv",
+    "curves": "curves.png",
+    "last": "last.pt",
+    "best": "best.pt",
+    "metrics": "metrics.csv",
+    "per_class": "per_class.csv",
+    "thresholds": "thresholds.json",
+    "plots": "plots",
+    "debug_images": "debug_images",
+    "eval_preds": "eval_preds",
+}
+
+
 class ExperimentFiles:
-    """Every path the trainer writes, inside output/<exp_name>/."""
+    """Paths of EXPERIMENT_FILES inside one experiment folder: files.best, files.history, ..."""
 
-    root: Path
-
-    def __getattr__(self, name: str) -> Path:  # only called for names not set in __init__
-        names = {
-            "config": "config.yaml",
-            "log": "train_log.txt",
-            "history": "history.csv",
-            "curves": "curves.png",
-            "last": "last.pt",
-            "best": "best.pt",
-            "metrics": "metrics.csv",
-            "per_class": "per_class.csv",
-            "thresholds": "thresholds.json",
-            "plots": "plots",
-            "debug_images": "debug_images",
-            "eval_preds": "eval_preds",
-        }
-        if name not in names:
-            raise AttributeError(name)
-        return self.root / names[name]
-
-    # Files an overwrite replaces. Anything else in the folder (e.g. exports) is left alone.
-    OWNED = (
-        "config.yaml", "train_log.txt", "history.csv", "curves.png", "last.pt", "best.pt", "metrics.csv",
-        "per_class.csv", "thresholds.json", "plots", "debug_images", "eval_preds",
-    )  # fmt: skip
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        for attribute, name in EXPERIMENT_FILES.items():
+            setattr(self, attribute, self.root / name)
 
 
 @dataclass
@@ -197,7 +192,7 @@ def prepare_experiment_dir(cfg: DictConfig) -> ExperimentFiles:
         )
     if used:
         logger.warning(f"train.overwrite=true: replacing the previous run's files in {files.root}")
-        for name in ExperimentFiles.OWNED:
+        for name in EXPERIMENT_FILES.values():
             path = files.root / name
             if path.is_dir():
                 shutil.rmtree(path)
@@ -333,9 +328,7 @@ class Trainer:
         excluded, error = [], None
         if self.ctx.is_main:
             try:
-                report = check_dataset(self.cfg)
-                logger.info("\n" + report.text())
-                excluded = report.excluded_images
+                excluded = check_dataset(self.cfg).excluded_images  # it logs its own report
             except Exception as err:  # noqa: BLE001 - re-raised on every rank below
                 error = err
         error, excluded = broadcast_object(self.ctx, (error, excluded))
@@ -359,11 +352,8 @@ class Trainer:
         if self.tc.pretrained_model_path and not self.tc.resume:
             from src.d_fine import load_pretrained
 
-            report = load_pretrained(
-                self.model, str(self.tc.pretrained_model_path), class_names=self.class_names
-            )
-            if self.ctx.is_main:
-                logger.info(f"pretrained weights {self.tc.pretrained_model_path}: {report}")
+            # It logs what it loaded, re-initialised (class heads) and copied from COCO rows.
+            load_pretrained(self.model, str(self.tc.pretrained_model_path), class_names=self.class_names)
         elif self.ctx.is_main and not self.tc.resume:
             logger.info("training from scratch (train.pretrained_model_path is null)")
         self.model.to(self.device)
@@ -469,6 +459,11 @@ class Trainer:
     def _train_sampler(self, epoch: int) -> EpochShuffleSampler:
         dataset = self.datasets["train"]
         dataset.set_epoch(epoch)  # mosaic closing and background-ignoring change with the epoch
+        if len(dataset) == 0:
+            raise ValueError(
+                f"epoch {epoch + 1}: no training image has a box, and train.ignore_background_epochs="
+                f"{self.tc.ignore_background_epochs} leaves background images out; lower it or add labels"
+            )
         return EpochShuffleSampler(len(dataset), int(self.cfg.seed), self.ctx.rank, self.ctx.world_size)
 
     def _loader_generator(self, epoch: int) -> torch.Generator:
@@ -649,11 +644,12 @@ class Trainer:
         norm = clip_and_step(self.model, self.optimizer, self.scaler, float(self.tc.clip_max_norm))
         if not math.isfinite(norm) and not self.scaler.is_enabled():
             return False
+        self.state.global_step += 1
+        # OneCycle covers steps 0 .. total_steps - 1; stepping past the end would raise the LR again.
         if self.state.global_step < self.total_steps:
             self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        self.state.global_step += 1
         return True
 
     def _handle_bad_step(self, bad_in_row: int, epoch: int, batch_index: int, loss_dict: dict) -> int:

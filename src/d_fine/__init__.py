@@ -5,8 +5,10 @@ Public API:
                 num_denoising=100, pretrained_backbone=False, arch_overrides=None) -> DFINE
     build_postprocessor(num_classes, num_top_queries=300) -> PostProcessor
     build_criterion(model_name, num_classes, ...) -> the training loss (src/d_fine/criterion.py)
+    load_pretrained(model, path_or_state, class_names=None) -> LoadReport (src/d_fine/checkpoint.py)
 """
 
+from src.d_fine.checkpoint import checkpoint_arch_overrides, load_pretrained
 from src.d_fine.criterion import build_criterion
 from src.d_fine.model import DFINE, build_model
 from src.d_fine.postprocess import PostProcessor, build_postprocessor
@@ -21,5 +23,7 @@ __all__ = [
     "build_criterion",
     "build_model",
     "build_postprocessor",
+    "checkpoint_arch_overrides",
     "get_size",
+    "load_pretrained",
 ]

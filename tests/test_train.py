@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import cv2
@@ -200,7 +201,7 @@ def _draw_objects(
         color = tuple(int(c) for c in rng.integers(120, 256, size=3))
         cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), color, thickness=-1)
         lines.append(
-            f"{class_id} {(x + w / 2) / width:.6f} {(y + h / 2) / height:.6f} {w / width:.6f} {h / height:.6f}"
+            f"{class_id} {(x + w / 2) / width:.6f} {(y + h / 2) / height:.6f} {(w - 1) / width:.6f} {(h - 1) / height:.6f}"
         )
     return image, lines
 
@@ -399,6 +400,43 @@ def test_resume_mid_epoch_continues_exactly(tmp_path, data_dir):
         pd.read_csv(killed / "history.csv"),
     )
     assert np.allclose(history_a["loss"], history_b["loss"])
+
+
+def test_resume_after_a_real_kill(tmp_path, data_dir):
+    """SIGKILL a training process mid-epoch; last.pt must be intact and the resumed run go on from it."""
+    import subprocess
+    import sys
+    import time
+
+    from src.common.config import ROOT
+    from src.dl.train import TrainingAborted
+
+    overrides = train_overrides(
+        tmp_path, data_dir, "exp_name=killed", "train.epochs=20", "train.max_steps_per_epoch=null",
+        "train.checkpoint_every_steps=1",
+    )  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "src.dl.train", *overrides]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    last = tmp_path / "output" / "killed" / "last.pt"
+    try:
+        deadline = time.monotonic() + 300
+        while not (last.exists() and torch.load(last, weights_only=True)["step"] >= 2):
+            assert process.poll() is None, "training ended before it could be killed"
+            assert time.monotonic() < deadline, "no mid-epoch checkpoint within 300 s"
+            time.sleep(0.2)
+    finally:
+        process.kill()
+        process.wait()
+    killed = torch.load(last, weights_only=True)
+    step, epoch, batch = killed["step"], killed["epoch"], killed["state"]["batch"]
+
+    with pytest.raises(TrainingAborted):
+        _run(load_config([*overrides, "train.resume=true", f"train.abort_after_steps={step + 1}"]))
+    log = (last.parent / "train_log.txt").read_text()
+    assert f"resuming {last}: epoch {epoch + 1}, batch {batch}, optimizer step {step}/" in log
 
 
 def test_resume_needs_a_last_checkpoint(tmp_path, data_dir):

@@ -326,6 +326,7 @@ def test_best_checkpoint_is_self_describing(trained):
     assert meta["keep_ratio"] is False and meta["num_queries"] == 10
     assert meta["thresholds"] == json.loads((folder / "thresholds.json").read_text())
     assert "mAP_50" in meta["metrics"] and meta["epoch"] in (1, 2)
+    assert meta["arch_overrides"] == {}  # from scratch: the size table as is
     assert best["ema"] is None and isinstance(best["model"], dict)
 
     last = torch.load(folder / "last.pt", map_location="cpu", weights_only=False)
@@ -364,6 +365,14 @@ def test_fine_tune_from_own_checkpoint_keep_ratio_accumulation_no_ema(tmp_path, 
     assert last["ema"] is None
     best = torch.load(Path(summary["exp_dir"]) / "best.pt", map_location="cpu", weights_only=False)
     assert best["meta"]["keep_ratio"] is True
+    # The architecture follows the pretrained file, and the metadata says how to rebuild it.
+    from src.d_fine import build_model, checkpoint_arch_overrides
+
+    assert best["meta"]["arch_overrides"] == checkpoint_arch_overrides(folder / "best.pt") != {}
+    model = build_model(
+        "n", 4, img_size=(64, 64), num_queries=10, arch_overrides=best["meta"]["arch_overrides"]
+    )
+    model.load_state_dict(best["model"])
     assert "pretrained weights" in (Path(summary["exp_dir"]) / "train_log.txt").read_text()
 
 

@@ -310,6 +310,9 @@ class Trainer:
         self.wandb = WandbLogger(cfg, enabled=False)
 
         seed_everything(int(cfg.seed) + ctx.rank, bool(self.tc.deterministic))
+        self.resume_checkpoint = (
+            torch.load(self.files.last, map_location="cpu", weights_only=True) if self.tc.resume else None
+        )
         self.excluded_images = self._run_doctor()
         self._build_data()
         self._build_model()
@@ -348,7 +351,10 @@ class Trainer:
     def _build_model(self) -> None:
         from src.d_fine import build_criterion, build_postprocessor
 
-        self.model = build_detector(self.cfg, self.num_classes)
+        self.arch_overrides = self._arch_overrides()
+        self.model = build_detector(self.cfg, self.num_classes, self.arch_overrides)
+        # Parameters the size's own recipe freezes (the stem of l / x) stay frozen whatever we do later.
+        self.trainable_backbone = [p for p in backbone_parameters(self.model) if p.requires_grad]
         if self.tc.pretrained_model_path and not self.tc.resume:
             from src.d_fine import load_pretrained
 
@@ -375,6 +381,20 @@ class Trainer:
         )
         self.backbone_frozen = False
         self.ddp_model = self._wrap_ddp()
+
+    def _arch_overrides(self) -> dict:
+        """Architecture details a checkpoint fixes (decoder FFN width, LAB blocks, backbone BN kind): the
+        released COCO files differ there from the size table, and the model must be built to fit them."""
+        if self.tc.resume:
+            return dict(self.resume_checkpoint["meta"].get("arch_overrides") or {})
+        if not self.tc.pretrained_model_path:
+            return {}
+        from src.d_fine import checkpoint_arch_overrides
+
+        overrides = checkpoint_arch_overrides(str(self.tc.pretrained_model_path))
+        if overrides and self.ctx.is_main:
+            logger.info(f"architecture taken from the pretrained checkpoint: {overrides}")
+        return overrides
 
     def _wrap_ddp(self) -> nn.Module:
         """DDP over the plain model; re-done when the backbone is (un)frozen, as DDP fixes its parameter set."""
@@ -413,7 +433,7 @@ class Trainer:
 
     def _resume(self) -> str | None:
         """Load last.pt into every piece; returns the W&B run id to continue."""
-        checkpoint = torch.load(self.files.last, map_location="cpu", weights_only=False)
+        checkpoint, self.resume_checkpoint = self.resume_checkpoint, None  # free it once loaded
         self.model.load_state_dict(checkpoint["model"])
         if self.ema is not None and checkpoint.get("ema") is not None:
             self.ema.load_state_dict(checkpoint["ema"])
@@ -504,7 +524,7 @@ class Trainer:
     def _set_backbone_frozen(self, frozen: bool) -> None:
         if frozen == self.backbone_frozen:
             return
-        for param in backbone_parameters(self.model):
+        for param in self.trainable_backbone:
             param.requires_grad_(not frozen)
         self.backbone_frozen = frozen
         if self.ctx.distributed:
@@ -801,8 +821,8 @@ class Trainer:
         """best.pt (loaded from disk, as every later stage will) on val and test: metrics.csv, per_class.csv,
         thresholds.json (picked on val), plots/<split>/, eval_preds/<split>/."""
         barrier(self.ctx)
-        checkpoint = torch.load(self.files.best, map_location="cpu", weights_only=False)
-        model = build_detector(self.cfg, self.num_classes)
+        checkpoint = torch.load(self.files.best, map_location="cpu", weights_only=True)
+        model = build_detector(self.cfg, self.num_classes, self.arch_overrides)
         model.load_state_dict(checkpoint["model"])
         model.to(self.device).eval()
         results = {split: self.evaluate_split(model, split, plots=True) for split in ("val", "test")}
@@ -859,6 +879,7 @@ class Trainer:
             "img_size": [int(v) for v in mc.img_size],
             "keep_ratio": bool(mc.keep_ratio),
             "num_queries": int(mc.num_queries),
+            "arch_overrides": dict(self.arch_overrides),  # build_model(..., arch_overrides=...) to rebuild it
             "thresholds": thresholds,
             "metrics": metrics,
             "epoch": epoch,
@@ -904,7 +925,7 @@ class Trainer:
 CURVE_METRICS = ("mAP_50", "mAP_50_95", "precision", "recall", "f1")
 
 
-def build_detector(cfg: DictConfig, num_classes: int) -> nn.Module:
+def build_detector(cfg: DictConfig, num_classes: int, arch_overrides: dict | None = None) -> nn.Module:
     from src.d_fine import build_model
 
     mc = cfg.model
@@ -914,6 +935,7 @@ def build_detector(cfg: DictConfig, num_classes: int) -> nn.Module:
         img_size=(int(mc.img_size[0]), int(mc.img_size[1])),
         variant=str(mc.variant),
         num_queries=int(mc.num_queries),
+        arch_overrides=arch_overrides or None,
     )
 
 
@@ -965,7 +987,7 @@ def _saved_config(cfg: DictConfig) -> dict:
             f"train.resume=true but {last} does not exist; start a new run without train.resume "
             "(or pick the exp_name of the interrupted run)"
         )
-    return torch.load(last, map_location="cpu", weights_only=False, mmap=True)["config"]
+    return torch.load(last, map_location="cpu", weights_only=True, mmap=True)["config"]
 
 
 main = stage_main(run)

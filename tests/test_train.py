@@ -475,6 +475,17 @@ def test_background_only_batches_bf16_autocast_on_cpu_and_offline_wandb(tmp_path
     assert "AMP bf16" in (Path(summary["exp_dir"]) / "train_log.txt").read_text()
 
 
+def test_one_class_without_val_or_test_split(tmp_path):
+    data = make_detection_data(tmp_path / "data", {"train": 3, "val": 0, "test": 0})
+    summary = _run(train_config(tmp_path, data, "model.use_one_class=true", "train.max_steps_per_epoch=1"))
+    folder = Path(summary["exp_dir"])
+    best = torch.load(folder / "best.pt", weights_only=True)
+    assert best["meta"]["class_names"] == ["object"] and best["meta"]["num_classes"] == 1
+    # No val images: default thresholds, no metrics rows, and still a usable best.pt.
+    assert json.loads((folder / "thresholds.json").read_text())["conf_thresh"] == 0.5
+    assert "val" not in summary and "test" not in summary
+
+
 def test_doctor_rejects_bad_labels_and_skip_bad_trains_without_them(tmp_path):
     from src.etl.check import DatasetError
 

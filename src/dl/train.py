@@ -973,6 +973,12 @@ def run(cfg: DictConfig) -> dict:
         if ctx.is_main:
             logger.info(f"done: {summary}")
         return summary
+    except (KeyboardInterrupt, TrainingAborted):
+        if ctx.is_main and ExperimentFiles(exp_dir(cfg)).last.exists():
+            logger.warning(
+                f"stopped; continue with: python -m src.dl.train exp_name={cfg.exp_name} train.resume=true"
+            )
+        raise
     finally:
         if trainer is not None:
             trainer.wandb.finish()

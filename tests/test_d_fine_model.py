@@ -17,22 +17,40 @@ import pytest
 import torch
 
 from src.d_fine import build_model, build_postprocessor, get_size
+from src.d_fine.encoder import ConvNormLayer, VGGBlock
 from src.d_fine.sizes import arch_overrides_from_state_dict
 from tests.detinit import deterministic_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 SIZES = ["n", "s", "m", "l", "x"]
 ORIG_SIZES_WH = torch.tensor([[640, 480], [1280, 720]])
+# The fixtures' postprocessor ran with the COCO config's remap_mscoco_category: labels 0..79 -> COCO ids.
+COCO_IDS = np.array(
+    [
+        *range(1, 12),
+        *range(13, 26),
+        27,
+        28,
+        *range(31, 45),
+        *range(46, 66),
+        67,
+        70,
+        *range(72, 83),
+        *range(84, 91),
+    ]
+)
 
 # Tolerances (absolute, on sigmoid probabilities and normalised boxes).
-# Our model reproduces the official code run on this machine bit for bit (max diff 0.0, checked for every
-# size while writing it). The fixtures were produced on another machine, whose float32 `log` rounds a few
-# anchor logits one ulp differently: the official code itself, run here, is off from its own fixtures by
-# up to ~3e-6 on probabilities and ~4e-7 on boxes, while a 1-ulp change of one anchor moves outputs by ~1e-7.
-# These bounds leave a small margin over that platform noise; a real implementation difference (another
-# op, activation, or query order) moves outputs by 1e-3 or more.
-PROB_TOL = 1e-5
-BOX_TOL = 1e-6
+# Our model reproduces the official code run on this machine bit for bit (max diff 0.0 for every size and
+# both variants, eval and train, checked while writing it). The fixtures were produced on another machine,
+# and the official code itself, run here, is off from its own fixtures by up to ~1e-5 on probabilities and
+# ~1e-6 on boxes (x is the worst). That is float32 platform noise: anchors (float32 `log`) and position
+# embeddings (float32 sin/cos) are float32 even in a float64 model, and moving a few anchor logits by one
+# float32 ulp here shifts the outputs by exactly this much. So: a loose bound on the worst entry, and a
+# tight one on the median entry; a real implementation difference (another op, activation, query order)
+# moves outputs by 1e-3 or more.
+PROB_TOL, PROB_MEDIAN_TOL = 5e-5, 1e-6
+BOX_TOL, BOX_MEDIAN_TOL = 5e-6, 1e-7
 
 
 def _fixture_prefix(variant: str) -> str:
@@ -96,10 +114,11 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-x))
 
 
-def _assert_close(name: str, ours: np.ndarray, expected: np.ndarray, tol: float) -> None:
+def _assert_close(name: str, ours: np.ndarray, expected: np.ndarray, tol: float, median_tol: float) -> None:
     assert ours.shape == expected.shape, f"{name}: shape {ours.shape} != {expected.shape}"
-    diff = np.abs(ours - expected).max()
-    assert diff <= tol, f"{name}: max abs diff {diff:.3e} > {tol:.0e}"
+    diff = np.abs(ours - expected)
+    assert diff.max() <= tol, f"{name}: max abs diff {diff.max():.3e} > {tol:.0e}"
+    assert np.median(diff) <= median_tol, f"{name}: median abs diff {np.median(diff):.3e} > {median_tol:.0e}"
 
 
 def _check_parity(size: str, variant: str) -> None:
@@ -111,13 +130,29 @@ def _check_parity(size: str, variant: str) -> None:
             _sigmoid(ours[f"{mode}_pred_logits"]),
             _sigmoid(expected[f"{mode}_pred_logits"]),
             PROB_TOL,
+            PROB_MEDIAN_TOL,
         )
-        _assert_close(f"{mode} boxes", ours[f"{mode}_pred_boxes"], expected[f"{mode}_pred_boxes"], BOX_TOL)
-    # Postprocessor: same (query, class) picks in the same order, same scores, same pixel boxes.
-    np.testing.assert_array_equal(ours["post_labels"], expected["post_labels"])
-    _assert_close("post scores", ours["post_scores"], expected["post_scores"], PROB_TOL)
-    scale = np.tile(ORIG_SIZES_WH.numpy(), 2)[:, None, :]  # boxes in pixels -> compare normalised
-    _assert_close("post boxes", ours["post_boxes_xyxy"] / scale, expected["post_boxes_xyxy"] / scale, BOX_TOL)
+        _assert_close(
+            f"{mode} boxes",
+            ours[f"{mode}_pred_boxes"],
+            expected[f"{mode}_pred_boxes"],
+            BOX_TOL,
+            BOX_MEDIAN_TOL,
+        )
+    # Postprocessor on the official raw outputs reproduces the official postprocessor exactly ...
+    official_raw = {k: torch.from_numpy(expected[f"eval_{k}"]) for k in ("pred_logits", "pred_boxes")}
+    post = build_postprocessor(80)(official_raw, ORIG_SIZES_WH)
+    labels = torch.stack([p["labels"] for p in post]).numpy()
+    np.testing.assert_array_equal(COCO_IDS[labels], expected["post_labels"])
+    for key in ("scores", "boxes"):
+        np.testing.assert_allclose(
+            torch.stack([p[key] for p in post]).numpy(),
+            expected[f"post_{key}_xyxy" if key == "boxes" else f"post_{key}"],
+            rtol=1e-12,
+            atol=1e-12,
+        )
+    # ... and on ours gives the same ranked scores (labels of near-tied scores may swap places).
+    _assert_close("post scores", ours["post_scores"], expected["post_scores"], PROB_TOL, PROB_MEDIAN_TOL)
 
 
 @pytest.mark.slow
@@ -167,13 +202,15 @@ def test_state_dict_matches_manifest(variant, manifest):
 
 def test_deploy_keeps_eval_outputs():
     model = parity_model("n").eval()
-    images = _input()
+    images = _input()[:1]
     with torch.no_grad():
         before = model(images)
         model.deploy()
         after = model(images)
     assert len(model.decoder.decoder.layers) == model.decoder.eval_idx + 1
-    assert not any(name.endswith("conv1") for name, _ in model.encoder.named_modules())  # RepVGG folded
+    folded = [m for m in model.encoder.modules() if isinstance(m, (VGGBlock, ConvNormLayer))]
+    assert folded and all(hasattr(m, "conv_bn_fused") or hasattr(m, "conv") for m in folded)
+    assert not any(hasattr(m, "norm") for m in folded)  # every RepVGG / conv-BN pair folded
     for key in ("pred_logits", "pred_boxes"):
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-9)
 

@@ -1,10 +1,12 @@
 """Parameters, GFLOPs and CPU eager latency of every D-FINE size (batch 1, 640x640, deployed model).
 
     python -m benchmarks.model_speed [--variant dfine|deim] [--img-size 640 640] [--runs 10] [--sizes n s]
+                                     [--threads N]
 
 GFLOPs are counted by torch.utils.flop_counter.FlopCounterMode (one multiply-add = 2 FLOPs; ops it does not
 count, such as grid_sample and softmax, are left out). Latency is the median of `runs` timed forwards
-after warm-up, with the threads torch uses by default.
+after warm-up. On a busy machine prefer --threads 1: OpenMP threads competing with other processes for the
+same cores slow down far more than one thread does.
 """
 
 from __future__ import annotations
@@ -72,7 +74,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--img-size", type=int, nargs=2, default=[640, 640], metavar=("H", "W"))
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     img_size = (args.img_size[0], args.img_size[1])
     rows = [measure(size, args.variant, img_size, args.runs) for size in args.sizes]
     table = format_table(rows, args.variant, img_size, args.runs)

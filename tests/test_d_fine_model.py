@@ -360,3 +360,21 @@ def test_postprocessor_deploy_mode_traces():
     expected = build_postprocessor(3, num_top_queries=10)(outputs, sizes)
     torch.testing.assert_close(boxes[1], expected[1]["boxes"])
     assert torch.equal(labels[0], expected[0]["labels"]) and scores.shape == (2, 10)
+
+
+def test_pretrained_backbone_from_local_file(tmp_path):
+    source = _small_model("n").backbone
+    state = {
+        k: v + 0.5 if v.is_floating_point() else v for k, v in source.state_dict().items() if ".lab." not in k
+    }
+    path = tmp_path / "PPHGNetV2_B0_stage1.pth"
+    torch.save(state, path)
+    model = build_model("n", 3, img_size=(320, 320), pretrained_backbone=path)
+    loaded = model.backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert loaded["stem.stem1.lab.scale"].item() == 1.0  # absent from the file: identity LAB kept
+    torch.save({"stem.unknown.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match="does not fit"):
+        build_model("n", 3, img_size=(320, 320), pretrained_backbone=tmp_path / "bad.pth")
+    with pytest.raises(FileNotFoundError):
+        build_model("n", 3, img_size=(320, 320), pretrained_backbone=tmp_path / "missing.pth")

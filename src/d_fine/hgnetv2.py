@@ -353,5 +353,12 @@ class HGNetv2(nn.Module):
             if not path.is_file():
                 raise FileNotFoundError(f"Pretrained backbone file not found: {path}")
         state = torch.load(path, map_location="cpu", weights_only=True)
-        self.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+        state = state.get("model", state) if isinstance(state, dict) else state
+        result = self.load_state_dict(state, strict=False)
+        # LAB blocks start as identity (scale 1, bias 0), so a file trained without them still fits.
+        missing = [k for k in result.missing_keys if ".lab." not in k]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"{path} does not fit HGNetv2-{self.name}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+            )
         logger.info(f"Loaded pretrained HGNetv2-{self.name} backbone from {path}")

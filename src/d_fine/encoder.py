@@ -7,8 +7,8 @@
    map by a RepNCSPELAN4 block; bottom-up, a stride-2 SCDown conv brings it back and a second
    RepNCSPELAN4 fuses it with the top-down result.
 
-RepVGG-style blocks (VGGBlock, ConvNormLayer with `fuse_for_deploy`) fold their BN (and the 1x1 branch)
-into a single conv on `deploy()`; names follow the reference implementation so checkpoints load.
+On `deploy()` every ConvNormLayer folds its BN into its conv and every VGGBlock (RepVGG) folds both of
+its branches into one 3x3 conv. Names follow the reference implementation so its checkpoints load.
 """
 
 from __future__ import annotations

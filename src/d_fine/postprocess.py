@@ -38,7 +38,9 @@ class PostProcessor(nn.Module):
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         boxes = cxcywh_to_xyxy(boxes) * orig_sizes_wh.to(boxes.dtype).repeat(1, 2).unsqueeze(1)  # (B, Q, 4)
         scores = torch.sigmoid(logits).flatten(1)  # (B, Q * C): index = query * C + class
-        top_k = min(self.num_top_queries, scores.shape[1])
+        # Fewer (query, class) pairs than requested: keep them all. Skipped while tracing (export), where
+        # the comparison would be frozen into the graph anyway and only raises a TracerWarning.
+        top_k = self.num_top_queries if torch.jit.is_tracing() else min(self.num_top_queries, scores.shape[1])
         scores, index = torch.topk(scores, top_k, dim=-1)
         # a - a // b * b instead of %: some TensorRT versions lack integer mod.
         labels = index - index // self.num_classes * self.num_classes

@@ -336,6 +336,8 @@ def test_bad_arguments_raise_clear_errors():
         build_model("q", 3)
     with pytest.raises(ValueError, match="multiples of 32"):
         build_model("n", 3, img_size=(300, 320))
+    with pytest.raises(ValueError, match="too small"), torch.no_grad():
+        build_model("n", 3, img_size=(64, 64), num_queries=300).eval()(torch.rand(1, 3, 64, 64))
 
 
 def test_backbone_freezing_follows_official_configs():

@@ -375,6 +375,11 @@ class DFineDecoder(nn.Module):
         Returns content (B, Q, C) detached, reference logits (B, Q, 4) detached, and for the encoder loss
         (training only) the selected boxes (B, Q, 4) and logits (B, Q, num_classes).
         """
+        if memory.shape[1] < self.num_queries:
+            raise ValueError(
+                f"Input too small: {memory.shape[1]} feature positions for {self.num_queries} queries; "
+                "use a larger image size or fewer queries (model.num_queries)"
+            )
         anchors, valid_mask = self._anchors(spatial_shapes, memory.device)
         memory = valid_mask.to(memory.dtype) * memory  # invalid positions keep only the biases
         output_memory = self.enc_output(memory)  # (B, L, C)

@@ -1,0 +1,32 @@
+"""`make benchmark`: every benchmark table in one go (model size/latency, training throughput, backends).
+
+    python -m benchmarks.run                 # all three
+    python -m benchmarks.run model train     # a subset (model | train | backends)
+Each part also runs alone with its own flags: python -m benchmarks.<model_speed|train_speed|backend_speed> -h
+"""
+
+import sys
+
+from src.common.offline import set_offline_env
+
+PARTS = {
+    "model": ("Model size and CPU eager latency (batch 1, 640x640)", "benchmarks.model_speed"),
+    "train": ("Training throughput and peak memory (D-FINE-n, 320 px, batch 4)", "benchmarks.train_speed"),
+    "backends": ("Per-backend latency, n and s at 640 on CPU", "benchmarks.backend_speed"),
+}
+
+
+def main(argv: list[str]) -> None:
+    set_offline_env()
+    import importlib
+
+    for name in argv or list(PARTS):
+        if name not in PARTS:
+            raise SystemExit(f"unknown benchmark {name!r}; choose from {', '.join(PARTS)}")
+        title, module = PARTS[name]
+        print(f"\n=== {title} ===", flush=True)
+        importlib.import_module(module).main([])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -181,7 +181,7 @@ def export_tensorrt(onnx_path: Path, meta: ModelMeta, path: Path, fp16: bool, wo
     builder = trt.Builder(trt_logger)
     network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
     parser = trt.OnnxParser(network, trt_logger)
-    if not parser.parse(onnx_path.read_bytes()):
+    if not parser.parse_from_file(str(onnx_path)):
         errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT cannot parse {onnx_path}:\n{errors}")
     config = builder.create_builder_config()
@@ -218,7 +218,7 @@ def compare_detections(reference, candidate, iou_match: float = 0.5) -> dict[str
     """
     from src.common.boxes import box_iou
 
-    box_devs, score_devs, unmatched, total = [0.0], [0.0], 0, 0
+    box_devs, score_devs, unmatched, total = [np.zeros(0)], [np.zeros(0)], 0, 0
     for ref, cand in zip(reference, candidate, strict=True):
         total += len(ref)
         if len(ref) == 0:
@@ -231,12 +231,14 @@ def compare_detections(reference, candidate, iou_match: float = 0.5) -> dict[str
         best = iou.argmax(1)
         matched = iou[np.arange(len(ref)), best] >= iou_match
         unmatched += int((~matched).sum())
-        if matched.any():
-            box_devs.append(float(np.abs(ref.boxes[matched] - cand.boxes[best[matched]]).max()))
-            score_devs.append(float(np.abs(ref.scores[matched] - cand.scores[best[matched]]).max()))
+        box_devs.append(np.abs(ref.boxes[matched] - cand.boxes[best[matched]]).max(1, initial=0.0))
+        score_devs.append(np.abs(ref.scores[matched] - cand.scores[best[matched]]))
+    box_devs, score_devs = np.concatenate(box_devs), np.concatenate(score_devs)
     return {
-        "max_box_dev_px": max(box_devs),
-        "max_score_dev": max(score_devs),
+        "max_box_dev_px": float(box_devs.max(initial=0.0)),
+        "mean_box_dev_px": float(box_devs.mean()) if box_devs.size else 0.0,
+        "max_score_dev": float(score_devs.max(initial=0.0)),
+        "mean_score_dev": float(score_devs.mean()) if score_devs.size else 0.0,
         "unmatched": unmatched,
         "reference_detections": total,
     }

@@ -10,6 +10,10 @@ accuracy: nncf.quantize_with_accuracy_control: quantize, then return layers to f
 float_decoding: the box-distribution decoding (softmax over the FDR bins and its weighted sum, the
     `integral` module) and the fused postprocessing stay in float (nncf.IgnoredScope). Their inputs are
     probabilities whose weighted sum is a box edge: int8 rounding there moves boxes directly.
+    Measured (D-FINE-n, 160 px, 16 val images; README): keeping them in float changed neither the box
+    drift from fp32 (mean 0.89 px both ways) nor mAP nor latency (6.48 vs 6.40 ms): the int8 error comes
+    from the backbone and encoder. It stays on by default because it costs nothing and protects the one
+    place where a rounding error is a box-edge error.
 Prints and saves (ov_int8_report.json) a before/after table: latency and mAP of fp32 vs int8.
 """
 

@@ -41,7 +41,7 @@ benchmark: setup
 demo: setup
 	$(PY) -m src.etl.make_demo_data $(ARGS)
 	$(PY) -m src.etl.split $(ARGS)
-	$(PY) -m src.dl.train $(ARGS)
+	$(PY) -m src.dl.train train.overwrite=true $(ARGS)  # re-running the demo replaces output/demo
 	$(PY) -m src.dl.export $(ARGS)
 	$(PY) -m src.dl.bench $(ARGS)
 	$(PY) -m src.dl.infer $(ARGS)

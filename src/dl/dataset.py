@@ -99,7 +99,7 @@ def read_split(cfg: DictConfig, split: str, exclude: Iterable[str] = ()) -> list
 
 
 def load_labels(
-    image_paths: list[Path], data_path: Path, num_classes: int
+    image_paths: list[Path], data_path: Path, num_classes: int, clip_tolerance: float = 0.01
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Read every label file once (they are small) -> per image (boxes cxcywh normalised, class ids).
 
@@ -108,7 +108,7 @@ def load_labels(
     boxes, class_ids, warnings, fatal = [], [], [], []
     folder = labels_dir(data_path)
     for image_path in image_paths:
-        label_file = read_yolo_labels(label_path_for(image_path, folder), num_classes)
+        label_file = read_yolo_labels(label_path_for(image_path, folder), num_classes, clip_tolerance)
         for problem in label_file.problems:
             (fatal if problem.severity == "fatal" else warnings).append(problem)
         boxes.append(label_file.boxes)
@@ -152,7 +152,9 @@ class DetectionDataset(Dataset):
         self.class_names = ["object"] if self.use_one_class else self.label_names
         self.seed = int(cfg.seed)
         self.image_paths = image_paths
-        self.boxes, self.class_ids = load_labels(image_paths, Path(cfg.data_path), len(self.label_names))
+        self.boxes, self.class_ids = load_labels(
+            image_paths, Path(cfg.data_path), len(self.label_names), float(cfg.check.clip_tolerance)
+        )
 
         train_cfg = cfg.train
         self.transform = build_augmentations(train_cfg.augs) if self.train else None

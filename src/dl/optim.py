@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the OneCycle schedule used by the trainer.
+"""AdamW parameter groups and the two LR schedules of the trainer: OneCycle and DEIM's flat-cosine.
 
 Groups follow the official D-FINE optimizer configs (dfine_hgnetv2_*_coco.yml): the backbone gets its own,
 lower learning rate, and normalisation weights and biases get no weight decay. Unlike the official regexes
@@ -8,7 +8,8 @@ module type, so every norm layer is covered whatever it is called.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -87,6 +88,106 @@ def build_scheduler(
         pct_start=min(max(float(warmup_pct), 0.0), 1.0),
         cycle_momentum=False,  # AdamW's betas stay fixed
     )
+
+
+class FlatCosineLR(torch.optim.lr_scheduler.LRScheduler):
+    """DEIM's FlatCosine schedule (DEIM engine/optim/lr_scheduler.py), per optimizer step `s` (0-based):
+
+        s < warmup_steps             quadratic warm-up: max_lr * ((s + 1) / warmup_steps) ** 2
+        s < flat_end                 max_lr (flat)
+        s >= decay_end               min_lr = min_lr_ratio * max_lr (the no-augmentation tail)
+        otherwise                    cosine from max_lr at flat_end down to min_lr at decay_end
+
+    Each group's max_lr is its LR when the scheduler is built (build_param_groups: backbone vs rest), so
+    every group keeps its own ratio. The phases are checked in DEIM's order: a flat phase reaching past
+    decay_end keeps the max LR to the end (DEIM-N's config). DEIM counts its warm-up from iteration 0 (LR 0);
+    here the first step already trains at ((1 / warmup_steps) ** 2) * max_lr, so no step is wasted.
+
+    All state is plain numbers, so state_dict() round-trips through a weights_only checkpoint.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_steps: int,
+        flat_end: int,
+        decay_end: int,
+        min_lr_ratio: float,
+        last_epoch: int = -1,
+    ) -> None:
+        if not 0.0 <= float(min_lr_ratio) <= 1.0:
+            raise ValueError(f"train.flat_cosine.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        self.warmup_steps = max(int(warmup_steps), 0)
+        self.flat_end = max(int(flat_end), 0)
+        self.decay_end = max(int(decay_end), self.flat_end)
+        self.min_lr_ratio = float(min_lr_ratio)
+        super().__init__(optimizer, last_epoch)
+
+    def lr_factor(self, step: int) -> float:
+        """The LR of optimizer step `step` as a fraction of the group's max LR."""
+        if step < self.warmup_steps:
+            return ((step + 1) / self.warmup_steps) ** 2
+        if step < self.flat_end:
+            return 1.0
+        if step >= self.decay_end:
+            return self.min_lr_ratio
+        progress = (step - self.flat_end) / (self.decay_end - self.flat_end)
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def get_lr(self) -> list[float]:
+        factor = self.lr_factor(self.last_epoch)
+        return [base_lr * factor for base_lr in self.base_lrs]
+
+
+def build_flat_cosine(
+    optimizer: torch.optim.Optimizer,
+    steps_per_epoch: Sequence[int],
+    warmup_steps: int,
+    flat_epochs: int | None,
+    no_aug_epochs: int,
+    min_lr_ratio: float,
+) -> FlatCosineLR:
+    """FlatCosineLR with its epoch boundaries turned into optimizer steps.
+
+    steps_per_epoch: optimizer steps of every epoch (epochs may differ in length). The flat phase covers the
+    first `flat_epochs` epochs (None: half of them, as in DEIM's COCO configs); the cosine ends where the
+    last `no_aug_epochs` begin. The warm-up is capped at the flat phase: DEIM's 2000 steps are half a COCO
+    epoch, but could be a whole small-data run.
+    """
+    epochs = len(steps_per_epoch)
+    flat_epochs = epochs // 2 if flat_epochs is None else min(max(int(flat_epochs), 0), epochs)
+    decay_epochs = min(max(epochs - int(no_aug_epochs), 0), epochs)
+    flat_end = sum(steps_per_epoch[:flat_epochs])
+    decay_end = sum(steps_per_epoch[:decay_epochs])
+    warmup = min(int(warmup_steps), flat_end or decay_end or sum(steps_per_epoch))
+    return FlatCosineLR(optimizer, warmup, flat_end, decay_end, min_lr_ratio)
+
+
+SCHEDULERS = ("onecycle", "flat_cosine")
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, train_cfg: Mapping, steps_per_epoch: Sequence[int]
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The schedule `train.scheduler` names, stepped once per optimizer step.
+
+    train_cfg: the `train` config section (keys missing in an older run's saved config take the defaults).
+    """
+    name = str(train_cfg.get("scheduler") or "onecycle")
+    if name == "onecycle":
+        return build_scheduler(optimizer, sum(steps_per_epoch), float(train_cfg.get("warmup_pct", 0.1)))
+    if name == "flat_cosine":
+        options = train_cfg.get("flat_cosine") or {}
+        flat_epochs = options.get("flat_epochs")
+        return build_flat_cosine(
+            optimizer,
+            steps_per_epoch,
+            warmup_steps=int(options.get("warmup_steps", 2000)),
+            flat_epochs=None if flat_epochs is None else int(flat_epochs),
+            no_aug_epochs=int(train_cfg.get("no_aug_epochs") or 0),
+            min_lr_ratio=float(options.get("min_lr_ratio", 0.5)),
+        )
+    raise ValueError(f"train.scheduler must be one of {list(SCHEDULERS)}, got {name!r}")
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -1,5 +1,5 @@
-"""Training augmentations: an albumentations pipeline (one config key and probability per transform) and a
-4-image mosaic followed by a random affine.
+"""Training augmentations: an albumentations pipeline (one config key and probability per transform), a
+4-image mosaic followed by a random affine, and DEIM's mixup of two samples.
 
 Everything here works on one sample = (RGB uint8 image, xyxy pixel boxes float32 (N, 4), labels int64 (N,)).
 A background image is simply N = 0 and goes through every transform unchanged in that respect.
@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from omegaconf import DictConfig
 
-from src.common.preprocess import PAD_VALUE, fit_size
+from src.common.preprocess import PAD_VALUE, boxes_xyxy_to_network, fit_size, letterbox_or_resize
 
 Sample = tuple[np.ndarray, np.ndarray, np.ndarray]  # image (H, W, 3) uint8, boxes (N, 4) xyxy px, labels (N,)
 
@@ -254,3 +254,27 @@ def random_affine(
     moved[:, 1::2] = moved[:, 1::2].clip(0, out_h)
     keep = keep_box_candidates(boxes.reshape(-1, 4), moved, scale, params.min_box_px, params.min_area_ratio)
     return warped, moved[keep], np.asarray(labels, np.int64).reshape(-1)[keep]
+
+
+# ---------------------------------------------------------------- mixup (DEIM)
+
+MIXUP_RATIO_RANGE = (0.45, 0.55)  # DEIM's BatchImageCollateFunction: weight of the first image
+
+
+def mix_up(first: Sample, second: Sample, img_size: Sequence[int], keep_ratio: bool, ratio: float) -> Sample:
+    """Blend two samples into one (h, w) picture: ratio * first + (1 - ratio) * second, keeping every box of
+    both (DEIM's mixup; its criterion does not weight the boxes by the ratio, so neither do we).
+
+    Both images are first brought to the network input with the shared geometry (letterbox or resize), so
+    their boxes land where the network sees them. Returns image (h, w, 3) uint8, boxes (N1 + N2, 4) xyxy px,
+    labels (N1 + N2,).
+    """
+    pictures, all_boxes, all_labels = [], [], []
+    for image, boxes, labels in (first, second):
+        resized, meta = letterbox_or_resize(image, img_size, keep_ratio)
+        pictures.append(resized.astype(np.float32))
+        all_boxes.append(boxes_xyxy_to_network(np.asarray(boxes, np.float32).reshape(-1, 4), meta))
+        all_labels.append(np.asarray(labels, np.int64).reshape(-1))
+    blended = ratio * pictures[0] + (1.0 - ratio) * pictures[1]
+    image = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return image, np.concatenate(all_boxes).astype(np.float32), np.concatenate(all_labels)

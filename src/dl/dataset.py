@@ -2,7 +2,7 @@
 
     datasets = build_datasets(cfg, exclude=doctor_report.excluded_images)   # {"train", "val"[, "test"]}
     for epoch in range(epochs):
-        datasets["train"].set_epoch(epoch)   # mosaic closing, background-ignoring epochs (changes len)
+        datasets["train"].set_epoch(epoch)   # mosaic/mixup windows, no-aug tail, background-ignoring (len)
         loader = DataLoader(datasets["train"], sampler=..., collate_fn=build_collate(cfg, train=True), ...)
         for images, targets in loader:       # images (B, 3, h, w) float in [0, 1]; targets: list of dicts
             ...
@@ -11,13 +11,15 @@ Build the DataLoader after set_epoch (its workers copy the dataset's state when 
 
 One sample's target: labels int64 (n,), boxes float32 (n, 4) normalised cxcywh in the network input,
 image_id (int, stable index in its split), orig_size int64 tensor (w, h), letterbox (preprocess.Letterbox:
-maps network pixels back to the original image), path (str), mosaic (bool). For training samples orig_size
-and letterbox describe the augmented picture (a mosaic canvas, a rotated image); for val/test the original.
+maps network pixels back to the original image), path (str), mosaic (bool), mixup (bool). For training
+samples orig_size and letterbox describe the augmented picture (a mosaic canvas, a rotated image, a mixup
+blend); for val/test the original.
 Geometry comes from src.common.preprocess, the same as at inference; augmentations from src.dl.augment.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import zlib
 from collections import Counter
@@ -42,11 +44,13 @@ from src.common.preprocess import (
     letterbox_or_resize,
 )
 from src.dl.augment import (
+    MIXUP_RATIO_RANGE,
     MosaicParams,
     Sample,
     apply_augmentations,
     build_augmentations,
     make_mosaic,
+    mix_up,
 )
 from src.etl.labels import images_dir, label_path_for, labels_dir, read_yolo_labels
 
@@ -134,8 +138,17 @@ def sample_seed(*parts: int | str) -> int:
     return zlib.crc32(repr(parts).encode())
 
 
+def mixup_window(epochs) -> tuple[int, float]:
+    """train.mixup.epochs [start, end) -> (start, end); a null end (or no list at all) means no end."""
+    if epochs is None:
+        return 0, math.inf
+    start, end = list(epochs)
+    return int(start or 0), math.inf if end is None else int(end)
+
+
 class DetectionDataset(Dataset):
-    """One split. Training mode adds albumentations, mosaic (closable by epoch) and background-ignoring."""
+    """One split. Training mode adds albumentations, mosaic and mixup (each in its epochs), background-ignoring
+    epochs, and a final stretch of epochs without any augmentation (train.no_aug_epochs, as in DEIM)."""
 
     def __init__(
         self, cfg: DictConfig, split: str, train: bool | None = None, exclude: Iterable[str] = ()
@@ -161,22 +174,37 @@ class DetectionDataset(Dataset):
         self.mosaic_prob = float(train_cfg.mosaic.prob) if self.train else 0.0
         self.mosaic_params = MosaicParams.from_cfg(train_cfg.mosaic)
         self.mosaic_until_epoch = int(train_cfg.epochs) - int(train_cfg.mosaic.no_mosaic_epochs)
+        # .get: a resumed run's saved config may predate these keys
+        self.no_aug_epochs = int(train_cfg.get("no_aug_epochs") or 0)
+        self.aug_until_epoch = int(train_cfg.epochs) - self.no_aug_epochs
+        mixup = train_cfg.get("mixup") or {}
+        self.mixup_prob = float(mixup.get("prob", 0.0)) if self.train else 0.0
+        self.mixup_epochs = mixup_window(mixup.get("epochs"))
         self.ignore_background_epochs = int(train_cfg.get("ignore_background_epochs", 0))
         self.epoch = 0
+        self.augment = self.train  # False: plain samples (evaluation, or the no-aug epochs)
         self.mosaic_enabled = self.mosaic_prob > 0
+        self.mixup_enabled = False
         self.ignore_background = False
         self.active = list(range(len(self.image_paths)))  # positions -> item indices (see set_epoch)
 
     # -------- epoch-dependent state (call set_epoch before each epoch; workers are re-created per epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Mosaic closes for the last no_mosaic_epochs; background images are left out for the first
-        ignore_background_epochs (only those samples: batches are formed from the remaining ones)."""
+        """Mosaic closes for the last no_mosaic_epochs; mixup runs only inside train.mixup.epochs; the last
+        no_aug_epochs get no augmentation at all (mosaic, mixup, albumentations); background images are left
+        out for the first ignore_background_epochs (only those samples: batches are formed from the rest)."""
         self.epoch = int(epoch)
-        mosaic = self.train and self.mosaic_prob > 0 and self.epoch < self.mosaic_until_epoch
+        augment = self.train and self.epoch < self.aug_until_epoch
+        if self.augment and not augment:
+            logger.info(f"epoch {self.epoch + 1}: no augmentation for the last {self.no_aug_epochs} epoch(s)")
+        self.augment = augment
+        mosaic = augment and self.mosaic_prob > 0 and self.epoch < self.mosaic_until_epoch
         if self.mosaic_enabled and not mosaic and self.mosaic_prob > 0:
-            logger.info(f"epoch {epoch}: mosaic closed for the remaining epochs")
+            logger.info(f"epoch {self.epoch + 1}: mosaic closed for the remaining epochs")
         self.mosaic_enabled = mosaic
+        start, end = self.mixup_epochs
+        self.mixup_enabled = augment and self.mixup_prob > 0 and start <= self.epoch < end
         self.set_ignore_background(self.train and self.epoch < self.ignore_background_epochs)
 
     def set_ignore_background(self, ignore: bool) -> None:
@@ -219,16 +247,40 @@ class DetectionDataset(Dataset):
             return sample, True
         return self.load_sample(index), False
 
+    def _augmented_sample(self, index: int, seed: int) -> tuple[Sample, bool]:
+        """Item `index` through mosaic (maybe) and albumentations, every random draw taken from `seed`."""
+        sample, mosaic = self._training_sample(index, np.random.default_rng(seed))
+        if self.transform is not None:
+            self.transform.set_random_seed(seed)
+            sample = apply_augmentations(self.transform, *sample)
+        return sample, mosaic
+
+    def _maybe_mix_up(self, sample: Sample, index: int) -> tuple[Sample, bool]:
+        """DEIM's mixup with probability mixup_prob: blend with another (augmented) training sample.
+
+        Its own random stream (seed, epoch, index, "mixup") leaves the mosaic and albumentations draws of
+        a run without mixup unchanged, and a resumed epoch draws the same partners and ratios.
+        """
+        if not self.mixup_enabled:
+            return sample, False
+        rng = np.random.default_rng(sample_seed(self.seed, self.epoch, index, "mixup"))
+        if rng.random() >= self.mixup_prob:
+            return sample, False
+        partner = int(rng.choice(self.active))
+        ratio = float(rng.uniform(*MIXUP_RATIO_RANGE))
+        other, _ = self._augmented_sample(
+            partner, sample_seed(self.seed, self.epoch, index, "mixup", partner)
+        )
+        return mix_up(sample, other, self.img_size, self.keep_ratio, ratio), True
+
     def __getitem__(self, position: int) -> tuple[torch.Tensor, dict]:
         index = self.active[position]
-        if self.train:
-            seed = sample_seed(self.seed, self.epoch, index)
-            (image, boxes, labels), mosaic = self._training_sample(index, np.random.default_rng(seed))
-            if self.transform is not None:
-                self.transform.set_random_seed(seed)
-                image, boxes, labels = apply_augmentations(self.transform, image, boxes, labels)
+        mosaic = mixup = False
+        if self.augment:
+            sample, mosaic = self._augmented_sample(index, sample_seed(self.seed, self.epoch, index))
+            (image, boxes, labels), mixup = self._maybe_mix_up(sample, index)
         else:
-            (image, boxes, labels), mosaic = self.load_sample(index), False
+            image, boxes, labels = self.load_sample(index)
         height, width = image.shape[:2]
         resized, meta = letterbox_or_resize(image, self.img_size, self.keep_ratio)
         target = {
@@ -239,6 +291,7 @@ class DetectionDataset(Dataset):
             "letterbox": meta,
             "path": str(self.image_paths[index]),
             "mosaic": mosaic,
+            "mixup": mixup,
         }
         return image_to_tensor(resized), target
 
@@ -269,15 +322,23 @@ def multiscale_size(img_size: tuple[int, int], rng: random.Random) -> tuple[int,
 class TrainCollate:
     """Training collate: with probability `multiscale_prob` the whole batch is resized to one random size
     around img_size (boxes are normalised, so they stay right). Python `random` is seeded per worker by
-    the DataLoader, so workers draw different sizes."""
+    the DataLoader, so workers draw different sizes. Multiscale stops at `until_epoch` (the no-aug epochs,
+    as DEIM stops it): call set_epoch before building each epoch's DataLoader."""
 
-    def __init__(self, img_size: tuple[int, int], multiscale_prob: float) -> None:
+    def __init__(
+        self, img_size: tuple[int, int], multiscale_prob: float, until_epoch: float = math.inf
+    ) -> None:
         self.img_size = img_size
         self.multiscale_prob = float(multiscale_prob)
+        self.until_epoch = until_epoch
+        self.enabled = True
+
+    def set_epoch(self, epoch: int) -> None:
+        self.enabled = epoch < self.until_epoch
 
     def __call__(self, batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
         images, targets = collate_fn(batch)
-        if self.multiscale_prob > 0 and random.random() < self.multiscale_prob:
+        if self.enabled and self.multiscale_prob > 0 and random.random() < self.multiscale_prob:
             size = multiscale_size(self.img_size, random)
             images = torch.nn.functional.interpolate(images, size=size, mode="bilinear", align_corners=False)
         return images, targets
@@ -288,7 +349,8 @@ def build_collate(cfg: DictConfig, train: bool):
     if not train or float(cfg.train.multiscale_prob) <= 0:
         return collate_fn
     img_size = (int(cfg.model.img_size[0]), int(cfg.model.img_size[1]))
-    return TrainCollate(img_size, float(cfg.train.multiscale_prob))
+    until_epoch = int(cfg.train.epochs) - int(cfg.train.get("no_aug_epochs") or 0)
+    return TrainCollate(img_size, float(cfg.train.multiscale_prob), until_epoch)
 
 
 def _log_split_stats(datasets: dict[str, DetectionDataset]) -> None:
@@ -339,7 +401,7 @@ def save_debug_images(dataset: DetectionDataset, out_dir: str | Path, n: int) ->
     for position in range(min(n, len(dataset))):
         image, target = dataset[position]
         stem = Path(target["path"]).stem
-        tag = "_mosaic" if target["mosaic"] else ""
+        tag = "_mosaic" * bool(target["mosaic"]) + "_mixup" * bool(target.get("mixup"))
         path = out_dir / f"{position:03d}_{stem}{tag}.jpg"
         saved.append(save_image_rgb(path, draw_sample(image, target, dataset.class_names)))
     return saved

@@ -8,6 +8,7 @@ may differ: the model keeps its own values there. If the checkpoint is a COCO-80
 user's class names are COCO names, those classes start from the COCO rows instead.
 
 `find_pretrained` locates (or downloads once) the released files under pretrained/ (see its README.md).
+`checkpoint_variant` tells D-FINE from DEIM-D-FINE weights where the file allows it.
 """
 
 from __future__ import annotations
@@ -78,10 +79,13 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
     missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint
     meta: dict = field(default_factory=dict)
+    variant: str | None = None  # "dfine" | "deim" as checkpoint_variant recognises it; None: cannot tell
+    variant_reason: str = ""
 
     def __str__(self) -> str:
         total = len(self.loaded) + len(self.reinitialised) + len(self.missing)
         lines = [f"loaded {len(self.loaded)}/{total} tensors from {self.source} ({self.weights} weights)"]
+        lines.append(f"variant: {self.variant or 'unknown'} ({self.variant_reason})")
         if self.reinitialised:
             lines.append(
                 f"re-initialised (shape follows classes, queries or image size): {_short(self.reinitialised)}"
@@ -147,6 +151,63 @@ def _strip_wrappers(key: str) -> str:
     return key
 
 
+def checkpoint_variant(path_or_state: str | Path | Mapping | Checkpoint) -> tuple[str | None, str]:
+    """(variant, reason): "dfine" or "deim" when the checkpoint shows which, else (None, why not).
+
+    Evidence, strongest first:
+    1. our own checkpoints record meta["variant"];
+    2. frozen BatchNorm in the backbone (running stats without num_batches_tracked) is official D-FINE L/X:
+       DEIM trains every BatchNorm, so ordinary BatchNorm in an L/X-size backbone is DEIM;
+    3. a file name containing "deim" (the DEIM release names do), or an official D-FINE release name.
+    Official n/s/m files of the two have the same tensors (they differ only in the decoder activation,
+    ReLU vs SiLU): without a telling name there is no way to know.
+    """
+    from src.d_fine.sizes import VARIANTS
+
+    checkpoint = path_or_state if isinstance(path_or_state, Checkpoint) else read_checkpoint(path_or_state)
+    recorded = checkpoint.meta.get("variant")
+    if recorded in VARIANTS:
+        return str(recorded), f"its metadata records variant={recorded}"
+    frozen_norm = _frozen_backbone_norm(checkpoint.state)
+    if frozen_norm:
+        return "dfine", "frozen BatchNorm in the backbone (official D-FINE L/X; DEIM trains every BatchNorm)"
+    if frozen_norm is False and _is_large_backbone(checkpoint.state):
+        return "deim", "trained BatchNorm in an L/X backbone (DEIM; official D-FINE L/X freeze it)"
+    name = Path(checkpoint.source).name.lower()
+    if "deim" in name:
+        return "deim", f"the file name {name!r} contains 'deim'"
+    if name in DFINE_RELEASE_FILES.values():
+        return "dfine", f"{name!r} is an official D-FINE release file name"
+    return None, (
+        "D-FINE and DEIM-D-FINE cannot be told apart from this file: their n/s/m checkpoints have the same "
+        "tensors (only the decoder activation differs, ReLU vs SiLU)"
+    )
+
+
+def _frozen_backbone_norm(state: Mapping[str, torch.Tensor]) -> bool | None:
+    """True: frozen BatchNorm in the backbone; False: ordinary BatchNorm; None: no backbone norms."""
+    from src.d_fine.sizes import arch_overrides_from_state_dict
+
+    return arch_overrides_from_state_dict(state).get("freeze_norm")
+
+
+def _is_large_backbone(state: Mapping[str, torch.Tensor]) -> bool:
+    """True for the HGNetv2 backbones of sizes l and x (their last stage has more channels than n/s/m's)."""
+    from src.d_fine.hgnetv2 import ARCHS
+    from src.d_fine.sizes import SIZES
+
+    def widest(backbone: str) -> int:
+        return ARCHS[backbone][1][-1].out_channels
+
+    smaller = max(widest(SIZES[size].backbone) for size in "nsm")
+    channels = [
+        int(tensor.shape[0])
+        for key, tensor in state.items()
+        if key.startswith("backbone.") and key.endswith(".weight") and tensor.ndim == 4
+    ]
+    return bool(channels) and max(channels) > smaller
+
+
 def checkpoint_arch_overrides(path_or_state: str | Path | Mapping) -> dict:
     """Architecture fields to build a model the checkpoint fits (decoder FFN width, LAB blocks, BN kind):
     `build_model(size, n, arch_overrides=checkpoint_arch_overrides(path))`."""
@@ -167,6 +228,7 @@ def load_pretrained(
     checkpoint = read_checkpoint(path_or_state)
     own = model.state_dict()
     report = LoadReport(source=checkpoint.source, weights=checkpoint.weights, meta=checkpoint.meta)
+    report.variant, report.variant_reason = checkpoint_variant(checkpoint)
     to_load, mismatched = {}, []
     for key, tensor in checkpoint.state.items():
         if key not in own:

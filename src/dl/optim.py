@@ -134,6 +134,12 @@ class FlatCosineLR(torch.optim.lr_scheduler.LRScheduler):
         progress = (step - self.flat_end) / (self.decay_end - self.flat_end)
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
+    def describe(self) -> str:
+        return (
+            f"flat_cosine: warm-up {self.warmup_steps} steps, max LR until step {self.flat_end}, cosine down to "
+            f"{self.min_lr_ratio:g} x max LR at step {self.decay_end}, then flat"
+        )
+
     def get_lr(self) -> list[float]:
         factor = self.lr_factor(self.last_epoch)
         return [base_lr * factor for base_lr in self.base_lrs]

@@ -11,10 +11,10 @@ detection there is a false positive. Metrics (keys prefixed "neg_", thresholds w
 The folder must not share images with the training data (else the numbers flatter the model):
 check_negatives_disjoint compares file names and file contents.
 
-In training (rank 0; the model in eval mode, boxes via the trainer's postprocessor):
-    negatives = check_negatives_disjoint(cfg.train.negatives_path, datasets["train"].image_paths)
-    metrics |= evaluate_negatives(ema_model, negatives, thresholds, postprocessor=..., img_size=..., ...)
-    prefer_lower_fppi(metrics, best_metrics, cfg.train.fppi_tolerance, fppi_key(cfg.train.conf_thresh))
+The trainer (src/dl/train.py) uses these pieces: check_negatives_disjoint once at setup (against the
+train/val/test images), evaluate_negatives on the EMA model every validation epoch (rank 0) and on best.pt
+after training (a "negatives" row of metrics.csv), prefer_lower_fppi to pick best.pt when
+train.fppi_tolerance is set. Scores are measured at configured_thresholds(cfg).
 For a trained experiment: `python -m src.dl.negatives exp_name=...` -> output/<exp>/negatives_metrics.json.
 """
 
@@ -45,6 +45,18 @@ def fppi_key(threshold: float) -> str:
 
 def clean_rate_key(threshold: float) -> str:
     return f"neg_clean_rate@{float(threshold):g}"
+
+
+def configured_thresholds(cfg: DictConfig) -> list[float]:
+    """train.negatives_thresholds plus train.conf_thresh (the FPPI that fppi_tolerance compares), sorted."""
+    return sorted({*(float(t) for t in cfg.train.negatives_thresholds), float(cfg.train.conf_thresh)})
+
+
+def split_image_paths(cfg: DictConfig) -> list[Path]:
+    """Every image the split CSVs list (train, val, test; excluded ones too): what negatives must avoid."""
+    from src.dl.dataset import read_split
+
+    return [path for split in ("train", "val", "test") for path in read_split(cfg, split) or []]
 
 
 # ---------------------------------------------------------------- the folder and its overlap with training
@@ -232,6 +244,9 @@ def predict_negative_scores(
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate_fn,
+        # Worker seeds from an own generator, not the global RNG: evaluating negatives during training
+        # must not change the training's random stream (same run with or without a negatives folder).
+        generator=torch.Generator().manual_seed(0),
     )
     was_training = model.training
     model.eval()
@@ -313,19 +328,16 @@ def describe(metrics: dict[str, float]) -> str:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """The experiment's best artifact on train.negatives_path -> output/<exp>/negatives_metrics.json."""
-    from src.dl.dataset import read_split
     from src.infer.evaluate import load_experiment_model
 
     cfg = with_saved_model_keys(cfg)
-    train_images = read_split(cfg, "train") or []
     negatives = check_negatives_disjoint(
-        cfg.train.negatives_path, train_images, workers=int(cfg.check.workers), missing_ok=False
+        cfg.train.negatives_path, split_image_paths(cfg), workers=int(cfg.check.workers), missing_ok=False
     )
     if not negatives:
         raise ValueError(f"no images in the negatives folder {cfg.train.negatives_path}")
     detector = load_experiment_model(cfg)
-    thresholds = [float(t) for t in cfg.train.negatives_thresholds]
-    metrics = evaluate_negatives(detector, negatives, thresholds)
+    metrics = evaluate_negatives(detector, negatives, configured_thresholds(cfg))
     path = atomic_write_json(exp_dir(cfg) / "negatives_metrics.json", metrics | {"model": str(detector.path)})
     logger.info(f"negatives ({len(negatives)} images): {describe(metrics)} -> {path}")
     return metrics

@@ -109,6 +109,8 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     best_metrics: dict = field(default_factory=dict)
     best_thresholds: dict = field(default_factory=dict)
+    # Highest decision score seen (train.fppi_tolerance: the band is measured from it, see prefer_lower_fppi).
+    peak_score: float = -math.inf
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -131,6 +133,16 @@ def num_classes_of(cfg: DictConfig) -> int:
 
 def class_names_of(cfg: DictConfig) -> list[str]:
     return ["object"] if cfg.model.get("use_one_class", False) else label_names(cfg)
+
+
+def classification_loss_of(cfg: DictConfig) -> str:
+    """train.cls_loss: vfl | mal, or auto = each variant's own (DEIM trains with MAL, D-FINE with VFL)."""
+    choice = str(cfg.train.get("cls_loss", "auto")).lower()
+    if choice == "auto":
+        return "mal" if str(cfg.model.variant) == "deim" else "vfl"
+    if choice not in ("vfl", "mal"):
+        raise ValueError(f"train.cls_loss must be auto, vfl or mal, got {cfg.train.cls_loss!r}")
+    return choice
 
 
 # Keys a resumed run may change (they do not change the result); everything else comes from last.pt.
@@ -315,6 +327,7 @@ class Trainer:
         )
         self.excluded_images = self._run_doctor()
         self._build_data()
+        self.negatives = self._check_negatives()
         self._build_model()
         self._build_optimization()
         resume_id = self._resume() if self.tc.resume else None
@@ -348,8 +361,33 @@ class Trainer:
         if len(self.datasets["train"].image_paths) == 0:
             raise ValueError(f"no training images: {Path(self.cfg.splits_dir) / 'train.csv'} lists none")
 
+    def _check_negatives(self) -> list[Path]:
+        """The held-out background images (train.negatives_path) on rank 0, [] elsewhere or when absent.
+
+        An image also in train/val/test stops the run here (its FPPI would flatter the model)."""
+        from src.dl.negatives import check_negatives_disjoint, split_image_paths
+
+        negatives, error = [], None
+        if self.ctx.is_main:
+            try:
+                negatives = check_negatives_disjoint(
+                    self.tc.get("negatives_path"), split_image_paths(self.cfg), int(self.cfg.check.workers)
+                )
+            except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+                error = err
+        error = broadcast_object(self.ctx, error)
+        if error is not None:
+            raise error
+        if negatives:
+            logger.info(
+                f"{len(negatives)} negatives in {self.tc.negatives_path}: FPPI and clean-image rate at every "
+                "validation"
+            )
+        return negatives
+
     def _build_model(self) -> None:
         from src.d_fine import build_criterion, build_postprocessor
+        from src.d_fine.denoising import set_denoising_negatives
 
         self.arch_overrides = self._arch_overrides()
         self.model = build_detector(self.cfg, self.num_classes, self.arch_overrides)
@@ -372,10 +410,15 @@ class Trainer:
             if self.tc.use_ema
             else None
         )
-        cls_loss = "mal" if str(self.cfg.model.variant) == "deim" else "vfl"
-        self.criterion = build_criterion(str(self.cfg.model.name), self.num_classes, cls_loss=cls_loss).to(
-            self.device
-        )
+        # False-positive control (train.dn_negatives, bg_loss_weight, cls_loss); all off = the official loss.
+        negatives = self.tc.dn_negatives
+        set_denoising_negatives(self.model, int(negatives.num), float(negatives.iou_thresh))
+        self.criterion = build_criterion(
+            str(self.cfg.model.name),
+            self.num_classes,
+            cls_loss=classification_loss_of(self.cfg),
+            bg_loss_weight=float(self.tc.bg_loss_weight),
+        ).to(self.device)
         self.postprocessor = build_postprocessor(
             self.num_classes, num_top_queries=int(self.cfg.model.num_queries)
         )
@@ -769,7 +812,8 @@ class Trainer:
     def validate(self, epoch: int) -> dict:
         """Evaluate the EMA weights on val; rank 0 judges the epoch and every rank learns the verdict."""
         evaluation = self.evaluate_split(self.eval_model(), "val", plots=False)
-        verdict = self._judge_epoch(epoch, evaluation) if self.ctx.is_main else None
+        negatives = self.negatives_metrics(self.eval_model()) if self.ctx.is_main else {}
+        verdict = self._judge_epoch(epoch, evaluation, negatives) if self.ctx.is_main else None
         verdict = broadcast_object(self.ctx, verdict)
         for key in (
             "best_score",
@@ -777,26 +821,46 @@ class Trainer:
             "epochs_without_improvement",
             "best_metrics",
             "best_thresholds",
+            "peak_score",
         ):
             setattr(self.state, key, verdict[key])
         return verdict["metrics"]
 
-    def _judge_epoch(self, epoch: int, evaluation) -> dict:
-        """This epoch's metrics and whether they beat the best so far (then best.pt is written)."""
+    def negatives_metrics(self, model: nn.Module) -> dict[str, float]:
+        """FPPI, clean-image rate and max score of `model` on the negatives folder ({} without one)."""
+        if not self.negatives:
+            return {}
+        from src.dl.negatives import configured_thresholds, evaluate_negatives
+
+        mc = self.cfg.model
+        return evaluate_negatives(
+            model, self.negatives, configured_thresholds(self.cfg), postprocessor=self.postprocessor,
+            img_size=(int(mc.img_size[0]), int(mc.img_size[1])), keep_ratio=bool(mc.keep_ratio),
+            device=self.device, batch_size=self.batch_size, num_workers=int(self.tc.num_workers),
+            amp_dtype=self.amp_dtype, show_progress=self.ctx.is_main,
+        )  # fmt: skip
+
+    def _judge_epoch(self, epoch: int, evaluation, negatives: dict) -> dict:
+        """This epoch's metrics (val + negatives) and whether they beat the best so far (then best.pt is
+        written)."""
         state = self.state
         if evaluation is None:
             if epoch == 0:
                 logger.warning("no validation images: best.pt follows the latest weights, no early stopping")
-            metrics, thresholds, score = {}, {}, float(epoch)  # every epoch 'improves'
+            metrics, thresholds, score = dict(negatives), {}, float(epoch)  # every epoch 'improves'
+            improved = score > state.best_score
         else:
-            metrics = {k: float(v) for k, v in evaluation.metrics.items()}
+            metrics = {k: float(v) for k, v in evaluation.metrics.items()} | negatives
             thresholds, score = evaluation.thresholds, self.decision_score(metrics)
-        improved = score > state.best_score
+            improved = self._beats_best(metrics, score)
         if improved:
             self.save_best(metrics, thresholds, epoch + 1)
         if metrics:
+            from src.dl.negatives import describe
+
             best = "new best" if improved else f"best: epoch {state.best_epoch + 1}"
-            logger.info(f"epoch {epoch + 1}: {self._describe(metrics)} ({best})")
+            parts = [self._describe(metrics), f"negatives: {describe(negatives)}" if negatives else ""]
+            logger.info(f"epoch {epoch + 1}: {'; '.join(p for p in parts if p)} ({best})")
         return {
             "metrics": metrics,
             "best_score": score if improved else state.best_score,
@@ -804,7 +868,23 @@ class Trainer:
             "epochs_without_improvement": 0 if improved else state.epochs_without_improvement + 1,
             "best_metrics": metrics if improved else state.best_metrics,
             "best_thresholds": thresholds if improved else state.best_thresholds,
+            "peak_score": max(state.peak_score, score),
         }
+
+    def _beats_best(self, metrics: dict, score: float) -> bool:
+        """Higher decision score wins; with train.fppi_tolerance, within that band of the best score the
+        lower FPPI at conf_thresh wins (prefer_lower_fppi; the band hangs from the highest score seen)."""
+        tolerance = self.tc.get("fppi_tolerance")
+        if tolerance is None:
+            return score > self.state.best_score
+        from src.dl.negatives import fppi_key, prefer_lower_fppi
+
+        state = self.state
+        best = {**state.best_metrics, "decision_score": state.best_score} if state.best_epoch >= 0 else None
+        return prefer_lower_fppi(
+            {**metrics, "decision_score": score}, best, float(tolerance), fppi_key(float(self.tc.conf_thresh)),
+            map_key="decision_score", peak_map=state.peak_score,
+        )  # fmt: skip
 
     def decision_score(self, metrics: dict) -> float:
         names = list(self.tc.decision_metrics)
@@ -819,7 +899,8 @@ class Trainer:
 
     def final_evaluation(self) -> dict:
         """best.pt (loaded from disk, as every later stage will) on val and test: metrics.csv, per_class.csv,
-        thresholds.json (picked on val), plots/<split>/, eval_preds/<split>/."""
+        thresholds.json (picked on val), plots/<split>/, eval_preds/<split>/; on the negatives folder (when
+        there is one): the "negatives" row of metrics.csv."""
         barrier(self.ctx)
         checkpoint = torch.load(self.files.best, map_location="cpu", weights_only=True)
         model = build_detector(self.cfg, self.num_classes, self.arch_overrides)
@@ -828,15 +909,19 @@ class Trainer:
         results = {split: self.evaluate_split(model, split, plots=True) for split in ("val", "test")}
         summary = {"exp_dir": str(self.files.root), "best_epoch": self.state.best_epoch + 1}
         if self.ctx.is_main:
-            summary.update(self._write_final_files(checkpoint, results))
+            summary.update(self._write_final_files(checkpoint, results, self.negatives_metrics(model)))
         barrier(self.ctx)
         return broadcast_object(self.ctx, summary)
 
-    def _write_final_files(self, checkpoint: dict, results: dict) -> dict:
+    def _write_final_files(self, checkpoint: dict, results: dict, negatives: dict) -> dict:
         import pandas as pd
+
+        from src.dl.negatives import describe
 
         done = {split: r for split, r in results.items() if r is not None}
         rows = [{"split": split, **r.metrics} for split, r in done.items()]
+        if negatives:  # its own row: the neg_* columns, nothing else (no boxes to match there)
+            rows.append({"split": "negatives", **negatives})
         atomic_write_csv(self.files.metrics, pd.DataFrame(rows))
         per_class = [r.per_class.assign(split=split) for split, r in done.items()]
         if per_class:
@@ -860,12 +945,16 @@ class Trainer:
             self.wandb.log(
                 {f"final/{split}/{k}": float(v) for k, v in r.metrics.items()}, step=self.state.global_step
             )
+        if negatives:
+            logger.info(f"best.pt on negatives: {describe(negatives)}")
+            self.wandb.log(
+                {f"final/negatives/{k}": v for k, v in negatives.items()}, step=self.state.global_step
+            )
         logger.info(
             f"thresholds (picked on val): global {thresholds['conf_thresh']:.2f} -> {self.files.thresholds}"
         )
-        return {split: {k: float(v) for k, v in r.metrics.items()} for split, r in done.items()} | {
-            "thresholds": thresholds
-        }
+        summary = {split: {k: float(v) for k, v in r.metrics.items()} for split, r in done.items()}
+        return summary | ({"negatives": negatives} if negatives else {}) | {"thresholds": thresholds}
 
     # ------------------------------------------------------------------ checkpoints
 

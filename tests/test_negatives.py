@@ -14,6 +14,7 @@ import torch
 from src.dl.negatives import (
     check_negatives_disjoint,
     clean_rate_key,
+    configured_thresholds,
     detector_scores,
     evaluate_negatives,
     fppi_key,
@@ -53,6 +54,15 @@ def test_negative_metrics_by_hand():
     assert negative_metrics([np.array([0.5])], (0.5,))[fppi_key(0.5)] == 1
     with pytest.raises(ValueError, match="no images"):
         negative_metrics([])
+
+
+def test_configured_thresholds_add_conf_thresh():
+    from src.common.config import load_config
+
+    cfg = load_config(["train.negatives_thresholds=[0.7,0.3]", "train.conf_thresh=0.45"])
+    assert configured_thresholds(cfg) == [0.3, 0.45, 0.7]
+    cfg = load_config(["train.negatives_thresholds=[0.5]", "train.conf_thresh=0.5"])
+    assert configured_thresholds(cfg) == [0.5]  # the FPPI that fppi_tolerance compares, once
 
 
 def test_prefer_lower_fppi():

@@ -49,7 +49,8 @@ def clean_rate_key(threshold: float) -> str:
 
 def configured_thresholds(cfg: DictConfig) -> list[float]:
     """train.negatives_thresholds plus train.conf_thresh (the FPPI that fppi_tolerance compares), sorted."""
-    return sorted({*(float(t) for t in cfg.train.negatives_thresholds), float(cfg.train.conf_thresh)})
+    listed = cfg.train.get("negatives_thresholds", DEFAULT_THRESHOLDS)
+    return sorted({*(float(t) for t in listed), float(cfg.train.conf_thresh)})
 
 
 def split_image_paths(cfg: DictConfig) -> list[Path]:

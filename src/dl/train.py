@@ -411,13 +411,16 @@ class Trainer:
             else None
         )
         # False-positive control (train.dn_negatives, bg_loss_weight, cls_loss); all off = the official loss.
-        negatives = self.tc.dn_negatives
-        set_denoising_negatives(self.model, int(negatives.num), float(negatives.iou_thresh))
+        # .get: a run saved before these keys existed resumes with them off.
+        negatives = self.tc.get("dn_negatives") or {}
+        set_denoising_negatives(
+            self.model, int(negatives.get("num", 0)), float(negatives.get("iou_thresh", 0.3))
+        )
         self.criterion = build_criterion(
             str(self.cfg.model.name),
             self.num_classes,
             cls_loss=classification_loss_of(self.cfg),
-            bg_loss_weight=float(self.tc.bg_loss_weight),
+            bg_loss_weight=float(self.tc.get("bg_loss_weight", 1.0)),
         ).to(self.device)
         self.postprocessor = build_postprocessor(
             self.num_classes, num_top_queries=int(self.cfg.model.num_queries)

@@ -201,3 +201,59 @@ def test_find_pretrained_downloads_from_the_release(tmp_path, monkeypatch, coco_
         thread.join()
     assert path == tmp_path / "pretrained" / "dfine_n_coco.pth"
     assert load_pretrained(_tiny(80), path).missing == []
+
+
+# --- variant recognition -------------------------------------------------------------------------------
+
+
+def _large_backbone_state(trained_norm: bool) -> dict[str, torch.Tensor]:
+    """The backbone keys that tell L/X checkpoints apart: an HGNetv2-B4 last-stage conv (2048 outputs) and
+    one BatchNorm, ordinary (DEIM: num_batches_tracked) or frozen (official D-FINE L/X)."""
+    state = {
+        "backbone.stages.3.blocks.0.aggregation.1.conv.weight": torch.zeros(2048, 1, 1, 1),
+        "backbone.stem.stem1.bn.weight": torch.ones(32),
+        "backbone.stem.stem1.bn.bias": torch.zeros(32),
+        "backbone.stem.stem1.bn.running_mean": torch.zeros(32),
+        "backbone.stem.stem1.bn.running_var": torch.ones(32),
+        "decoder.decoder.layers.0.linear1.weight": torch.zeros(1024, 256),
+    }
+    if trained_norm:
+        state["backbone.stem.stem1.bn.num_batches_tracked"] = torch.tensor(7)
+    return state
+
+
+def test_variant_from_our_metadata(coco_state):
+    for variant in ("dfine", "deim"):
+        found, reason = ckpt.checkpoint_variant({"model": coco_state, "meta": {"variant": variant}})
+        assert found == variant and "metadata" in reason
+
+
+def test_variant_from_backbone_batchnorm_of_large_sizes():
+    assert ckpt.checkpoint_variant(_large_backbone_state(trained_norm=True))[0] == "deim"
+    assert ckpt.checkpoint_variant({"ema": {"module": _large_backbone_state(False)}})[0] == "dfine"
+
+
+def test_variant_from_the_file_name(tmp_path, coco_state):
+    deim = tmp_path / "deim_dfine_hgnetv2_n_coco_160e.pth"
+    dfine = tmp_path / "dfine_n_coco.pth"
+    for path in (deim, dfine):
+        torch.save({"model": coco_state}, path)
+    assert ckpt.checkpoint_variant(deim) == (
+        "deim",
+        "the file name 'deim_dfine_hgnetv2_n_coco_160e.pth' contains 'deim'",
+    )
+    assert ckpt.checkpoint_variant(dfine)[0] == "dfine"
+
+
+def test_small_sizes_cannot_be_told_apart_and_the_report_says_so(tmp_path, coco_state):
+    """n/s/m of D-FINE and DEIM have the same tensors: a neutral name gives no verdict, and the load report
+    carries the (missing) verdict."""
+    path = tmp_path / "weights.pth"
+    torch.save({"model": coco_state}, path)
+    variant, reason = ckpt.checkpoint_variant(path)
+    assert variant is None and "cannot be told apart" in reason
+    report = load_pretrained(_tiny(80), path)
+    assert report.variant is None and "cannot be told apart" in str(report)
+    named = tmp_path / "my_deim_run.pth"
+    torch.save({"model": coco_state}, named)
+    assert load_pretrained(_tiny(80), named).variant == "deim"

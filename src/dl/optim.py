@@ -81,11 +81,15 @@ def build_scheduler(
     The group LRs set in build_param_groups are the peaks: the schedule starts at peak / 25, rises over
     `warmup_pct` of the steps and anneals (cosine) to nearly zero. `total_steps` counts optimizer steps.
     """
+    total_steps = max(int(total_steps), 2)  # OneCycle needs at least 2 steps
+    pct_start = min(max(float(warmup_pct), 0.0), 1.0)
+    if math.isclose(pct_start * total_steps, 1.0):
+        pct_start *= 0.999  # a warm-up of exactly one step makes torch's OneCycle divide by zero
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
         max_lr=[group["lr"] for group in optimizer.param_groups],
-        total_steps=max(int(total_steps), 2),  # OneCycle needs at least 2 steps
-        pct_start=min(max(float(warmup_pct), 0.0), 1.0),
+        total_steps=total_steps,
+        pct_start=pct_start,
         cycle_momentum=False,  # AdamW's betas stay fixed
     )
 

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from src.common.config import exp_dir, label_names, save_run_config, stage_main
 from src.common.io import atomic_torch_save, atomic_write_csv, atomic_write_json
 from src.dl.ema import ModelEMA, unwrap_model
-from src.dl.optim import backbone_parameters, build_optimizer, build_scheduler, group_lrs
+from src.dl.optim import backbone_parameters, build_lr_scheduler, build_optimizer, group_lrs
 from src.dl.trainer_utils import (
     DistContext,
     EpochShuffleSampler,
@@ -143,6 +143,36 @@ def classification_loss_of(cfg: DictConfig) -> str:
     if choice not in ("vfl", "mal"):
         raise ValueError(f"train.cls_loss must be auto, vfl or mal, got {cfg.train.cls_loss!r}")
     return choice
+
+
+def follow_pretrained_variant(cfg: DictConfig) -> tuple[str, str] | None:
+    """Set model.variant to the pretrained checkpoint's variant where the file shows it (checkpoint_variant).
+
+    Runs before the run's config is saved and before any model or criterion is built, so the experiment
+    records (and later stages rebuild) the variant really trained. Returns (log level, message) to log once
+    the log file is open; None without pretrained weights or on resume (the saved variant is kept).
+    """
+    path = cfg.train.get("pretrained_model_path")
+    if cfg.train.resume or not path:
+        return None
+    from src.d_fine.checkpoint import checkpoint_variant
+
+    variant, reason = checkpoint_variant(str(path))
+    configured = str(cfg.model.variant)
+    if variant is None:
+        other = "deim" if configured == "dfine" else "dfine"
+        return "INFO", (
+            f"pretrained {path}: {reason}. Training model.variant={configured}; "
+            f"if these are {other} weights, set model.variant={other}"
+        )
+    if variant == configured:
+        return "INFO", f"pretrained {path} is model.variant={variant} ({reason})"
+    OmegaConf.update(cfg, "model.variant", variant)
+    return "WARNING", (
+        f"MODEL VARIANT CHANGED: model.variant={configured}, but the pretrained checkpoint {path} is "
+        f"{variant} ({reason}). Training model.variant={variant} to match the weights; it is saved with the "
+        "experiment. To really train the other variant, start from a checkpoint of it or from scratch."
+    )
 
 
 # Keys a resumed run may change (they do not change the result); everything else comes from last.pt.
@@ -458,8 +488,12 @@ class Trainer:
         self.optimizer = build_optimizer(
             self.model, base_lr, backbone_lr, float(self.tc.weight_decay), tuple(self.tc.betas)
         )
-        self.total_steps = sum(math.ceil(n / self.accumulation) for n in self._batches_per_epoch_all())
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, float(self.tc.warmup_pct))
+        steps_per_epoch = [math.ceil(n / self.accumulation) for n in self._batches_per_epoch_all()]
+        self.total_steps = sum(steps_per_epoch)
+        # train.scheduler: onecycle or DEIM's flat_cosine (its phases are epoch boundaries, hence the list)
+        self.scheduler = build_lr_scheduler(self.optimizer, self.tc, steps_per_epoch)
+        if self.ctx.is_main and hasattr(self.scheduler, "describe"):
+            logger.info(f"LR schedule: {self.scheduler.describe()}")
         # Loss scaling only for fp16: bf16 has float32's range and needs none.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
@@ -524,7 +558,9 @@ class Trainer:
 
     def _train_sampler(self, epoch: int) -> EpochShuffleSampler:
         dataset = self.datasets["train"]
-        dataset.set_epoch(epoch)  # mosaic closing and background-ignoring change with the epoch
+        dataset.set_epoch(epoch)  # mosaic/mixup windows, no-aug epochs, background-ignoring follow the epoch
+        if hasattr(self.train_collate, "set_epoch"):
+            self.train_collate.set_epoch(epoch)  # multiscale stops in the no-aug epochs
         if len(dataset) == 0:
             raise ValueError(
                 f"epoch {epoch + 1}: no training image has a box, and train.ignore_background_epochs="
@@ -1045,6 +1081,7 @@ def run(cfg: DictConfig) -> dict:
             logger.add(sys.stderr, level="WARNING")
         if cfg.train.resume:
             cfg = config_for_resume(cfg, _saved_config(cfg))
+        variant_note = follow_pretrained_variant(cfg)  # before the config is saved and the model built
         OmegaConf.update(cfg, "train.ddp", ctx.distributed, force_add=True)
         error = None
         if ctx.is_main:
@@ -1060,6 +1097,8 @@ def run(cfg: DictConfig) -> dict:
         if ctx.is_main:
             sink = logger.add(ExperimentFiles(exp_dir(cfg)).log, level="INFO", enqueue=False)
             logger.info(f"experiment folder: {exp_dir(cfg)}")
+            if variant_note:
+                logger.log(*variant_note)
         trainer = Trainer(cfg, ctx)
         summary = trainer.fit()
         if ctx.is_main:

@@ -235,7 +235,7 @@ def test_variant_from_backbone_batchnorm_of_large_sizes():
 
 def test_variant_from_the_file_name(tmp_path, coco_state):
     deim = tmp_path / "deim_dfine_hgnetv2_n_coco_160e.pth"
-    dfine = tmp_path / "dfine_n_coco.pth"
+    dfine = tmp_path / "dfine_l_obj2coco.pth"  # the name find_pretrained gives the release's _e25 file
     for path in (deim, dfine):
         torch.save({"model": coco_state}, path)
     assert ckpt.checkpoint_variant(deim) == (

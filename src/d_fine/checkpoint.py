@@ -176,7 +176,10 @@ def checkpoint_variant(path_or_state: str | Path | Mapping | Checkpoint) -> tupl
     name = Path(checkpoint.source).name.lower()
     if "deim" in name:
         return "deim", f"the file name {name!r} contains 'deim'"
-    if name in DFINE_RELEASE_FILES.values():
+    dfine_names = set(DFINE_RELEASE_FILES.values()) | {
+        pretrained_filename(*key) for key in DFINE_RELEASE_FILES
+    }
+    if name in dfine_names:
         return "dfine", f"{name!r} is an official D-FINE release file name"
     return None, (
         "D-FINE and DEIM-D-FINE cannot be told apart from this file: their n/s/m checkpoints have the same "

@@ -176,6 +176,11 @@ def test_mixup_only_inside_its_epochs_and_reproducible(tmp_path, data_dir):
     assert len(target["boxes"]) > len(alone[2][1]["boxes"])  # its own boxes and the partner's
 
 
+def test_mixup_epochs_must_be_a_pair(tmp_path, data_dir):
+    with pytest.raises(ValueError, match=r"train.mixup.epochs must be \[start, end\]"):
+        _dataset(tmp_path, data_dir, "train.mixup.epochs=[4]")
+
+
 def test_no_aug_epochs_switch_off_every_augmentation(tmp_path, data_dir):
     every_aug = [f"train.augs.{k}=1.0" for k in ("left_right_flip", "up_down_flip", "brightness_contrast")]
     dataset, cfg = _dataset(

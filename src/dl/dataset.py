@@ -142,7 +142,9 @@ def mixup_window(epochs) -> tuple[int, float]:
     """train.mixup.epochs [start, end) -> (start, end); a null end (or no list at all) means no end."""
     if epochs is None:
         return 0, math.inf
-    start, end = list(epochs)
+    if isinstance(epochs, (str, int, float)) or len(epochs) != 2:
+        raise ValueError(f"train.mixup.epochs must be [start, end] (end may be null), got {epochs}")
+    start, end = epochs
     return int(start or 0), math.inf if end is None else int(end)
 
 

@@ -6,9 +6,10 @@ Public API:
     build_postprocessor(num_classes, num_top_queries=300) -> PostProcessor
     build_criterion(model_name, num_classes, ...) -> the training loss (src/d_fine/criterion.py)
     load_pretrained(model, path_or_state, class_names=None) -> LoadReport (src/d_fine/checkpoint.py)
+    checkpoint_variant(path_or_state) -> ("dfine" | "deim" | None, reason)
 """
 
-from src.d_fine.checkpoint import checkpoint_arch_overrides, load_pretrained
+from src.d_fine.checkpoint import checkpoint_arch_overrides, checkpoint_variant, load_pretrained
 from src.d_fine.criterion import build_criterion
 from src.d_fine.model import DFINE, build_model
 from src.d_fine.postprocess import PostProcessor, build_postprocessor
@@ -24,6 +25,7 @@ __all__ = [
     "build_model",
     "build_postprocessor",
     "checkpoint_arch_overrides",
+    "checkpoint_variant",
     "get_size",
     "load_pretrained",
 ]

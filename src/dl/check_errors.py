@@ -24,7 +24,7 @@ from src.common.config import exp_dir, stage_main, with_saved_model_keys
 from src.common.draw import GT_COLOR, PRED_COLOR, draw_detections, save_image_rgb
 from src.common.images import ImageReadError
 from src.common.io import atomic_write_csv
-from src.infer.detector import Detections
+from src.infer.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections
 from src.infer.evaluate import Sample, load_experiment_model, load_split_samples
 
 CONTEXT_COLOR = (160, 160, 160)
@@ -38,7 +38,7 @@ def find_errors(
     dets: Detections, sample: Sample, iou_thresh: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(FP mask over predictions, FN mask over GT, IoU matrix preds x GT) with the validator's matching."""
-    from src.dl.validator import _iou_matrix, match_image
+    from src.dl.validator import iou_matrix, match_image
 
     pred = {
         "boxes": dets.boxes.astype(np.float64),
@@ -49,7 +49,7 @@ def find_errors(
     matched_gt, _ = match_image(pred, gt, iou_thresh)
     fn = np.ones(len(sample.labels), bool)
     fn[matched_gt[matched_gt >= 0]] = False
-    return matched_gt < 0, fn, _iou_matrix(pred["boxes"], sample.boxes)
+    return matched_gt < 0, fn, iou_matrix(pred["boxes"], sample.boxes)
 
 
 def error_rows(dets: Detections, sample: Sample, fp, fn, iou, names: list[str], picture: str) -> list[dict]:
@@ -78,7 +78,14 @@ def error_rows(dets: Detections, sample: Sample, fp, fn, iou, names: list[str], 
 
 
 def _box(box) -> dict[str, float]:
-    return dict(zip(("x1", "y1", "x2", "y2"), (round(float(v), 1) for v in box), strict=True))
+    return dict(zip(("x1", "y1", "x2", "y2"), (float(v) for v in box), strict=True))
+
+
+def for_csv(frame: pd.DataFrame) -> pd.DataFrame:
+    """errors.csv values: box pixels and scores rounded like every other output (src/infer/detector.py),
+    so float32 noise (0.30000001192092896) never reaches the file."""
+    decimals = {c: BOX_DECIMALS for c in ("x1", "y1", "x2", "y2")}
+    return frame.round(decimals | {c: SCORE_DECIMALS for c in ("score", "best_iou", "severity")})
 
 
 def draw_errors(image: np.ndarray, dets: Detections, sample: Sample, fp, fn, names: list[str]) -> np.ndarray:
@@ -138,7 +145,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         frame = frame.sort_values(
             ["severity", "kind"], ascending=[False, True], kind="stable", ignore_index=True
         )
-    atomic_write_csv(out_dir / "errors.csv", frame)
+    atomic_write_csv(out_dir / "errors.csv", for_csv(frame))
     counts = frame.groupby(["split", "kind"]).size().to_dict() if len(frame) else {}
     logger.info(f"check_errors: {len(frame)} errors {counts} -> {out_dir / 'errors.csv'}")
     return frame

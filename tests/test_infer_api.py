@@ -119,3 +119,18 @@ def test_torch_checkpoint_detector(experiment):  # noqa: F811
     only_star = model(image, conf={"circle": 1.1, "square": 1.1, "triangle": 1.1, "star": 0.0})
     assert set(only_star.names) <= {"star"}
     assert json.loads(json.dumps(single.to_dict()))["names"] == single.names
+
+
+def test_to_dict_rounds_boxes_and_scores_without_float32_noise():
+    dets = Detections(
+        boxes=np.array([[12.345678, 0.1, 30.004999, 40.0]], np.float32),
+        scores=np.array([0.3], np.float32),  # float32 0.3 is 0.30000001192092896 as a Python float
+        labels=np.array([1]),
+        names=["square"],
+        image_size=(50, 60),
+    )
+    data = dets.to_dict()
+    assert json.dumps(data["scores"]) == "[0.3]"
+    assert data["boxes"] == [[12.35, 0.1, 30.0, 40.0]]
+    assert data["labels"] == [1] and data["image_size"] == [50, 60]
+    assert dets.scores.dtype == np.float32 and dets.boxes[0, 0] == np.float32(12.345678)  # arrays untouched

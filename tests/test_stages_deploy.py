@@ -4,6 +4,7 @@ test_batching; plus the error-finding logic of check_errors on hand-made detecti
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -71,6 +72,14 @@ def test_infer_images_and_video(project):
     assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 5
     video.release()
     assert json.loads((out / "predictions.json").read_text())["detections"] == summary["detections"]
+    assert_no_float_noise(out / "predictions.csv")
+
+
+def assert_no_float_noise(path: Path) -> None:
+    """Boxes (2 decimals) and scores (4) are rounded in CSVs: no float32 tails like 0.30000001192092896."""
+    text = path.read_text()
+    assert re.search(r"\d\.\d+", text), "no decimal numbers to check"
+    assert not re.search(r"\d\.\d{5,}", text), text[:500]
 
 
 def test_infer_one_file_with_torch(project):
@@ -157,6 +166,7 @@ def test_check_errors_stage(project):
         assert Path(picture).exists() and Path(picture).parent.name in {"val", "test"}
     saved = pd.read_csv(out / "errors.csv")
     assert len(saved) == len(frame)
+    assert_no_float_noise(out / "errors.csv")
     fp = frame[frame["kind"] == "FP"]
     assert (fp["score"] >= 0.3 - 1e-6).all()  # predictions at the model's own thresholds only
 

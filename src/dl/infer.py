@@ -28,7 +28,7 @@ from src.common.draw import draw_detections, save_image_rgb
 from src.common.images import ImageReadError, is_image, is_video, list_images, list_videos, read_image_rgb
 from src.common.io import atomic_write, atomic_write_json, atomic_write_text
 from src.etl.labels import format_yolo_lines
-from src.infer.detector import Detections, Detector
+from src.infer.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections, Detector, rounded
 from src.infer.evaluate import load_experiment_model
 
 CSV_COLUMNS = [
@@ -80,7 +80,8 @@ def yolo_text(dets: Detections, with_scores: bool) -> str:
     if not with_scores:
         return text
     return "".join(
-        f"{line} {score:.4f}\n" for line, score in zip(text.splitlines(), dets.scores, strict=True)
+        f"{line} {score:.{SCORE_DECIMALS}f}\n"
+        for line, score in zip(text.splitlines(), dets.scores, strict=True)
     )
 
 
@@ -106,13 +107,11 @@ class InferOutputs:
 
     def record(self, name: str, frame: int | None, dets: Detections) -> None:
         height, width = dets.image_size
-        for box, score, label, class_name in zip(
-            dets.boxes, dets.scores, dets.labels, dets.names, strict=True
-        ):
+        boxes, scores = rounded(dets.boxes, BOX_DECIMALS), rounded(dets.scores, SCORE_DECIMALS)
+        for box, score, label, class_name in zip(boxes, scores, dets.labels, dets.names, strict=True):
             self.csv_writer.writerow(
-                [name, "" if frame is None else frame, int(label), class_name, f"{score:.4f}",
-                 *(f"{v:.1f}" for v in box), width, height]
-            )  # fmt: skip
+                [name, "" if frame is None else frame, int(label), class_name, score, *box, width, height]
+            )
         self.per_class.update(dets.names)
         self.per_file[name] = self.per_file.get(name, 0) + len(dets)
 
@@ -266,7 +265,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "detections": sum(outputs.per_file.values()),
         "per_class": dict(sorted(outputs.per_class.items())),
         "thresholds": dict(
-            zip(detector.class_names, np.round(detector.thresholds().astype(float), 4).tolist(), strict=True)
+            zip(detector.class_names, rounded(detector.thresholds(), SCORE_DECIMALS), strict=True)
         ),
         "per_file": outputs.per_file,
         "failed": outputs.failed,

@@ -31,6 +31,17 @@ class Runner(Protocol):
     def __call__(self, images: np.ndarray, sizes: np.ndarray) -> Outputs: ...
 
 
+# Decimals written to JSON/CSV: boxes in pixels (1/100 px is far below any model's precision), scores.
+BOX_DECIMALS = 2
+SCORE_DECIMALS = 4
+
+
+def rounded(values, decimals: int) -> list:
+    """Nested Python floats rounded for serialisation. Rounding happens in float64: a float32 0.3 rounded
+    in float32 would still print as 0.30000001192092896."""
+    return np.round(np.asarray(values, np.float64), decimals).tolist()
+
+
 @dataclass
 class Detections:
     """Detections of one image, sorted by score (descending)."""
@@ -45,10 +56,11 @@ class Detections:
         return len(self.labels)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain lists (JSON-ready)."""
+        """Plain lists (JSON-ready): boxes rounded to BOX_DECIMALS, scores to SCORE_DECIMALS (the arrays
+        themselves are untouched)."""
         return {
-            "boxes": self.boxes.round(2).tolist(),
-            "scores": self.scores.round(4).tolist(),
+            "boxes": rounded(self.boxes.reshape(-1, 4), BOX_DECIMALS),
+            "scores": rounded(self.scores, SCORE_DECIMALS),
             "labels": self.labels.tolist(),
             "names": list(self.names),
             "image_size": list(self.image_size),

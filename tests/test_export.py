@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from src.common.config import exp_dir
+from src.common.config import exp_dir, load_config
 from src.common.images import read_image_rgb
-from src.infer import available_backends, load_model
+from src.infer import Detections, available_backends, load_model
 from tests.deploy_data import CLASS_NAMES, deploy_config, make_checkpoint, make_data
 
 
@@ -158,3 +158,148 @@ def test_int8_quick_mode(exported):
     assert [r["model"] for r in report["results"]] == ["fp32", "int8"]
     assert report["results"][1]["latency_ms_median"] > 0 and "box_drift_px" in report["results"][1]
     assert len(int8(val_images(cfg, 1)[0], conf=0.0)) > 0
+
+
+# ---------------------------------------------------------------------------------------------------- parity
+
+
+def scene_detections(rng, objects: int = 6, junk: int = 40, size: int = 320) -> Detections:
+    """One image's top-K as D-FINE gives it: a few objects (scores 0.35-0.95) and a long low-score tail of
+    boxes anywhere, near-duplicates included. Sorted by score like Detector output."""
+    xy = rng.uniform(0, size - 80, (objects + junk, 2))
+    wh = rng.uniform(20, 70, (objects + junk, 2))
+    boxes = np.concatenate([xy, xy + wh], 1)
+    boxes[objects : objects + 5] = boxes[:5] + rng.normal(0, 4, (5, 4))  # low-score duplicates of objects
+    scores = np.concatenate([rng.uniform(0.35, 0.95, objects), rng.uniform(0.0, 0.12, junk)])
+    labels = rng.integers(0, 4, objects + junk)
+    labels[objects : objects + 5] = labels[:5]
+    return make_detections(boxes, scores, labels, size)
+
+
+def make_detections(boxes, scores, labels, size: int = 320) -> Detections:
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    labels = np.asarray(labels, np.int64)[order]
+    return Detections(
+        np.asarray(boxes, np.float32)[order], np.asarray(scores, np.float32)[order], labels,
+        [CLASS_NAMES[i] for i in labels], (size, size),
+    )  # fmt: skip
+
+
+def perturbed(reference: list[Detections], rng, change) -> list[Detections]:
+    """change(boxes, scores, labels, rng) -> new arrays, applied to a copy of every image's detections."""
+    return [
+        make_detections(*change(d.boxes.copy(), d.scores.copy(), d.labels.copy(), rng), d.image_size[0])
+        for d in reference
+    ]
+
+
+def fp16_like(boxes, scores, labels, rng):
+    """A faithful low-precision artifact: sub-pixel box noise and ~1e-3 score noise on the objects, while the
+    low-score tail is reshuffled entirely (its ranking is noise in any precision)."""
+    objects = scores >= 0.2
+    boxes[objects] += rng.normal(0, 0.3, (objects.sum(), 4))
+    scores[objects] += rng.normal(0, 2e-3, objects.sum())
+    tail = ~objects
+    boxes[tail] = np.roll(boxes[tail], 7, axis=0) + rng.normal(0, 30, (tail.sum(), 4))
+    scores[tail] = rng.permutation(scores[tail])
+    return boxes, scores, labels
+
+
+@pytest.fixture(scope="module")
+def parity_scenes():
+    """Reference detections of 8 images with a detection sitting on the threshold (0.3) in every image."""
+    rng = np.random.default_rng(0)
+    reference = [scene_detections(rng) for _ in range(8)]
+    for d in reference:
+        d.scores[4] = 0.305  # one of the 6 objects; the artifact will put it at 0.295
+    reference = [make_detections(d.boxes, d.scores, d.labels) for d in reference]
+    tolerance = load_config([]).export.tolerance.fp16
+    return reference, tolerance, rng
+
+
+def test_parity_ignores_threshold_flips_and_the_low_score_tail(parity_scenes):
+    """The demo's false alarm: a faithful fp16 artifact whose near-threshold scores cross 0.3 and whose
+    low-score tail is ordered differently must NOT be flagged, and its drift must be the real one."""
+    from src.dl.export import beyond_tolerance, compare_detections
+
+    reference, tolerance, rng = parity_scenes
+
+    def crossing(boxes, scores, labels, rng):
+        boxes, scores, labels = fp16_like(boxes, scores, labels, rng)
+        scores[np.isclose(scores, 0.305, atol=5e-3)] = 0.295
+        return boxes, scores, labels
+
+    candidate = perturbed(reference, rng, crossing)
+    drift = compare_detections(reference, candidate, conf=0.3, margin=tolerance.score)
+    assert beyond_tolerance(drift, 0.0, tolerance) == []
+    assert drift["unmatched"] == 0 and drift["borderline"] >= 8  # the crossing detections, not errors
+    assert drift["max_box_dev_px"] < 2.0 and drift["max_score_dev"] < 0.02  # the tail is never compared
+    assert drift["compared"] == drift["reference_detections"] == 8 * 6  # the objects only
+    per_class = compare_detections(reference, candidate, conf=np.full(4, 0.3), margin=tolerance.score)
+    assert per_class == drift  # per-class thresholds (the model's) work the same way
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        ("boxes shifted 12 px", "p99 box dev"),
+        ("scores scrambled", "p99 score dev"),
+        ("half the objects lost", "unmatched fraction"),
+    ],
+)
+def test_parity_flags_a_broken_artifact(parity_scenes, breakage, expected):
+    from src.dl.export import beyond_tolerance, compare_detections
+
+    reference, tolerance, rng = parity_scenes
+
+    def broken(boxes, scores, labels, rng):
+        boxes, scores, labels = fp16_like(boxes, scores, labels, rng)
+        objects = np.where(scores >= 0.2)[0]
+        if breakage == "boxes shifted 12 px":
+            boxes[objects] += 12.0
+        elif breakage == "scores scrambled":
+            scores[objects] = rng.permutation(scores[objects])
+        else:
+            scores[objects[::2]] = 0.01
+        return boxes, scores, labels
+
+    drift = compare_detections(reference, perturbed(reference, rng, broken), 0.3, tolerance.score)
+    problems = beyond_tolerance(drift, 0.0, tolerance)
+    assert any(p.startswith(expected) for p in problems), (problems, drift)
+
+
+def edited_onnx(source, target, output: str, op: str, value: float):
+    """A copy of an exported graph with `output` passed through `op` (Add / Mul) with a constant: what a
+    wrong constant fold or a mis-folded grid offset does to a real export."""
+    import onnx
+
+    proto = onnx.load(str(source))
+    graph = proto.graph
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(value, np.float32), "broken_constant"))
+    for node in graph.node:
+        node.output[:] = [f"{output}_raw" if o == output else o for o in node.output]
+    graph.node.append(onnx.helper.make_node(op, [f"{output}_raw", "broken_constant"], [output]))
+    onnx.save(proto, str(target))
+    return target
+
+
+def test_parity_report_flags_a_broken_export_and_passes_fp16(exported, tmp_path):
+    """End to end on real artifacts: the fp16 IR passes; a graph with boxes shifted by 3 px or scores
+    halved is flagged. The untrained tiny model scores every query about 0.73-0.77, so fp16 reorders the
+    top-K cut: those detections must count as borderline, not as missing. (Its boxes are a few px wide, so
+    a 3 px shift loses the pairs altogether: unmatched.)"""
+    from src.dl.export import parity_report
+
+    cfg, _ = exported
+    out = exp_dir(cfg)
+    artifacts = {
+        "ov_fp16": out / "model_fp16.xml",
+        "onnx_shifted": edited_onnx(out / "model.onnx", tmp_path / "shifted.onnx", "boxes", "Add", 3.0),
+        "onnx_halved": edited_onnx(out / "model.onnx", tmp_path / "halved.onnx", "scores", "Mul", 0.5),
+    }
+    report = parity_report(cfg, artifacts, out / "best.pt", "cpu")
+    assert report["torch"]["detections"] >= 10  # enough detections for the comparison to mean something
+    assert report["ov_fp16"]["ok"] and report["ov_fp16"]["unmatched"] == 0, report["ov_fp16"]
+    assert not report["onnx_shifted"]["ok"] and report["onnx_shifted"]["unmatched"] > 0
+    assert not report["onnx_halved"]["ok"]
+    assert any(p.startswith("p99 score dev") for p in report["onnx_halved"]["problems"])

@@ -82,10 +82,14 @@ class EvalResult:
         return {k: float(self.metrics[k]) for k in keys if k in self.metrics} | {"images": len(self.samples)}
 
 
-def filter_detections(dets: Detections, conf: float | np.ndarray) -> Detections:
+def detection_thresholds(dets: Detections, conf: float | np.ndarray) -> np.ndarray:
+    """(N,) the threshold each detection is held to: conf is one float or per-class thresholds (C,)."""
     thresholds = np.asarray(conf, np.float32)
-    per_det = thresholds[dets.labels] if thresholds.ndim else np.full(len(dets), float(thresholds))
-    keep = dets.scores >= per_det
+    return thresholds[dets.labels] if thresholds.ndim else np.full(len(dets), float(thresholds), np.float32)
+
+
+def filter_detections(dets: Detections, conf: float | np.ndarray) -> Detections:
+    keep = dets.scores >= detection_thresholds(dets, conf)
     return Detections(
         dets.boxes[keep], dets.scores[keep], dets.labels[keep], [n for n, k in zip(dets.names, keep) if k],
         dets.image_size,

@@ -19,6 +19,7 @@ SMALL = [
     "demo_data.num_videos=1",
     "demo_data.min_size=96",
     "demo_data.max_size=160",
+    "demo_data.object_scale=[0.08,0.3]",
 ]
 
 
@@ -63,10 +64,16 @@ def test_objects_sizes_and_counts(demo):
             continue
         h, w = cv2.imread(str(out / "images" / f"{path.stem}.jpg")).shape[:2]
         side = labels.boxes[:, 2:] * [w, h]
-        assert (side.max(1) >= 0.06 * min(w, h) * 0.7).all() and (side.max(1) <= 0.35 * min(w, h) + 1).all()
+        assert (side.max(1) >= 0.08 * min(w, h) * 0.7).all() and (side.max(1) <= 0.3 * min(w, h) + 1).all()
         counts.append(len(labels.class_ids))
         classes |= set(labels.class_ids.tolist())
     assert min(counts) >= 1 and max(counts) <= 6 and classes == {0, 1, 2, 3}
+
+
+def test_bad_object_scale_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="demo_data.object_scale"):
+        make_demo_data.run(small_config(tmp_path, tmp_path / "bad", "demo_data.object_scale=[0.5,0.2]"))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_video(demo):

@@ -7,7 +7,8 @@ Writes <out>/images/demo_XXXX.jpg + <out>/labels/demo_XXXX.txt (about 10% backgr
 empty label file, half with none), <out>/negatives/neg_XXXX.jpg (held-out background-only images: clutter,
 no shapes; never in images/) and <out>/videos/demo_XX.mp4 (~3 s of moving shapes).
 Classes are the label_to_name names, each one of circle / square / triangle / star.
-Objects are 6%-35% of the shorter image side, 1-6 per image, may overlap a little (the later one occludes).
+Objects are demo_data.object_scale of the shorter image side, 1-6 per image, may overlap a little (the later one
+occludes); demo_data.clutter distractor strokes per image (lines, arcs, smudges).
 Everything is a function of demo_data.seed, so a re-run over a previous demo set writes the same files;
 a non-empty folder that is not a demo set (no demo_data.json in it) is refused, never overwritten.
 """
@@ -32,7 +33,6 @@ SHAPES = ("circle", "square", "triangle", "star")
 MARKER = "demo_data.json"  # marks a folder as ours, so a re-run may write into it
 BACKGROUND_EVERY = 10  # every 10th image is background-only
 MIN_OBJECTS, MAX_OBJECTS = 1, 6
-MIN_SCALE, MAX_SCALE = 0.06, 0.35  # object size as a fraction of the shorter image side
 MAX_OVERLAP = 0.4  # a new object may cover at most this fraction of an earlier one's box (and vice versa)
 VIDEO_SIZE, VIDEO_FPS, VIDEO_SECONDS = (384, 288), 15, 3
 JPG_QUALITY = 90
@@ -193,13 +193,19 @@ def overlaps_too_much(box: np.ndarray, others: list[np.ndarray]) -> bool:
 
 
 def place_shapes(
-    rng: np.random.Generator, height: int, width: int, classes: list[str], count: int
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    classes: list[str],
+    count: int,
+    scale: tuple[float, float],
 ) -> list[Shape]:
+    """`count` shapes (fewer when they do not fit), each `scale` (min, max) of the shorter side."""
     shapes: list[Shape] = []
     short = min(height, width)
     for _ in range(count):
         for _attempt in range(30):
-            size = rng.uniform(MIN_SCALE, MAX_SCALE) * short
+            size = rng.uniform(*scale) * short
             center = np.array(
                 [rng.uniform(size / 2, width - size / 2), rng.uniform(size / 2, height - size / 2)]
             )
@@ -235,10 +241,20 @@ def finish(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     return np.clip(noisy, 0, 255).astype(np.uint8)
 
 
-def make_scene(rng: np.random.Generator, height: int, width: int, classes: list[str], num_objects: int):
+def object_scale(dc: DictConfig) -> tuple[float, float]:
+    low, high = (float(v) for v in dc.object_scale)
+    if not 0 < low <= high <= 0.9:
+        raise ValueError(f"demo_data.object_scale must be 0 < min <= max <= 0.9, got {[low, high]}")
+    return low, high
+
+
+def make_scene(
+    rng: np.random.Generator, height: int, width: int, classes: list[str], num_objects: int, dc: DictConfig
+):
     image = textured_background(rng, height, width)
-    draw_clutter(rng, image, int(rng.integers(4, 16)))
-    shapes = place_shapes(rng, height, width, classes, num_objects)
+    low, high = (int(v) for v in dc.clutter)
+    draw_clutter(rng, image, int(rng.integers(low, high + 1)))
+    shapes = place_shapes(rng, height, width, classes, num_objects, object_scale(dc))
     for shape in shapes:
         draw_shape(image, shape, outline=int(rng.integers(0, 3)))
     return finish(rng, image), shapes
@@ -264,7 +280,7 @@ def make_labelled_image(index: int, out: Path, dc: DictConfig, classes: list[str
     height, width = random_size(rng, int(dc.min_size), int(dc.max_size))
     background_only = index % BACKGROUND_EVERY == BACKGROUND_EVERY - 1
     count = 0 if background_only else int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
-    image, shapes = make_scene(rng, height, width, classes, count)
+    image, shapes = make_scene(rng, height, width, classes, count, dc)
     stem = f"demo_{index:04d}"
     write_jpg(images_dir(out) / f"{stem}.jpg", image)
     written = [f"images/{stem}.jpg"]
@@ -280,7 +296,7 @@ def make_labelled_image(index: int, out: Path, dc: DictConfig, classes: list[str
 def make_negative(index: int, out: Path, dc: DictConfig, classes: list[str]) -> list[str]:
     rng = np.random.default_rng([int(dc.seed), STREAM_NEGATIVE, index])
     height, width = random_size(rng, int(dc.min_size), int(dc.max_size))
-    image, _ = make_scene(rng, height, width, classes, 0)
+    image, _ = make_scene(rng, height, width, classes, 0, dc)
     write_jpg(out / "negatives" / f"neg_{index:04d}.jpg", image)
     return [f"negatives/neg_{index:04d}.jpg"]
 
@@ -291,7 +307,7 @@ def make_video(index: int, out: Path, dc: DictConfig, classes: list[str]) -> lis
     width, height = VIDEO_SIZE
     background = textured_background(rng, height, width)
     draw_clutter(rng, background, 8)
-    shapes = place_shapes(rng, height, width, classes, int(rng.integers(2, 5)))
+    shapes = place_shapes(rng, height, width, classes, int(rng.integers(2, 5)), object_scale(dc))
     velocity = rng.uniform(-4, 4, (len(shapes), 2))
     path = out / "videos" / f"demo_{index:02d}.mp4"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -345,6 +361,7 @@ def run(cfg: DictConfig) -> Path:
     classes = demo_classes(cfg)
     if int(dc.min_size) < 64 or int(dc.min_size) > int(dc.max_size):
         raise ValueError(f"demo_data: need 64 <= min_size <= max_size, got {dc.min_size}, {dc.max_size}")
+    object_scale(dc)  # a bad range fails here, before anything is written
     old_files = previous_demo_files(out)
     settings = OmegaConf.to_container(dc, resolve=True)
     # The marker goes first: an interrupted run still leaves a folder a re-run may write into.

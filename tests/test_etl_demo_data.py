@@ -122,3 +122,21 @@ def test_default_set_is_fast_and_balanced(tmp_path):
     assert not report.problems and len(report.records) == 240
     per_class = np.array(list(report.boxes_per_class().values()))
     assert per_class.min() > 0.7 * per_class.max()
+
+
+def test_class_colors_keep_each_class_in_its_hue_band():
+    rng = np.random.default_rng(0)
+    for class_id in range(4):
+        for _ in range(20):
+            bgr = np.uint8([[make_demo_data.class_color(rng, class_id, 4)]])
+            hue = float(cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)[0, 0, 0])
+            centre = class_id * 45
+            assert min(abs(hue - centre), 180 - abs(hue - centre)) <= 10  # +-8 jitter + uint8 rounding
+
+
+def test_contrast_fix_keeps_the_hue():
+    color = make_demo_data.class_color(np.random.default_rng(1), 2, 4)
+    under = np.full((8, 8, 3), color, np.uint8)  # same colour underneath: it must change
+    fixed = make_demo_data.contrasting(color, under)
+    hues = [float(cv2.cvtColor(np.uint8([[c]]), cv2.COLOR_BGR2HSV)[0, 0, 0]) for c in (color, fixed)]
+    assert fixed != color and abs(hues[0] - hues[1]) <= 4

@@ -127,9 +127,24 @@ def regular_polygon(center: np.ndarray, radius: float, corners: int, rotation: f
     return center + radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
 
 
-def make_shape(rng: np.random.Generator, kind: str, class_id: int, center: np.ndarray, size: float) -> Shape:
-    """A shape whose bounding box is about size x size pixels, centred at center."""
-    color = random_color(rng)
+def class_color(rng: np.random.Generator, class_id: int, num_classes: int) -> tuple[int, int, int]:
+    """A saturated colour from the class's own hue band (hues spread evenly over the classes), so colour
+    is a cue for the class beside the shape: the demo model can learn it within minutes on a CPU."""
+    hue = (class_id * 180 / num_classes + rng.uniform(-8, 8)) % 180  # OpenCV hue range is 0-180
+    hsv = np.uint8([[[hue, rng.integers(160, 256), rng.integers(140, 256)]]])
+    return tuple(int(v) for v in cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0])
+
+
+def make_shape(
+    rng: np.random.Generator,
+    kind: str,
+    class_id: int,
+    center: np.ndarray,
+    size: float,
+    color: tuple[int, int, int] | None = None,
+) -> Shape:
+    """A shape whose bounding box is about size x size pixels, centred at center (random colour if None)."""
+    color = color or random_color(rng)
     radius = size / 2
     if kind == "circle":
         return Shape(class_id, kind, np.array([center, [radius, 0.0]]), color)
@@ -153,13 +168,14 @@ def make_shape(rng: np.random.Generator, kind: str, class_id: int, center: np.nd
 
 
 def contrasting(color: tuple[int, int, int], under: np.ndarray) -> tuple[int, int, int]:
-    """Push the colour away from the mean colour under the object so it stays visible."""
+    """Darken (on a bright background) or lighten the colour so it stays visible; all channels move
+    together, so the hue (a class cue with demo_data.class_colors) is kept."""
     mean = under.reshape(-1, 3).mean(0) if under.size else np.full(3, 128.0)
-    if np.abs(np.array(color) - mean).sum() >= 150:
+    rgb = np.array(color, dtype=np.float64)
+    if np.abs(rgb - mean).sum() >= 150:
         return color
-    return tuple(
-        int(v) for v in np.where(mean > 127, np.array(color) * 0.3, 255 - (255 - np.array(color)) * 0.3)
-    )
+    shifted = rgb * 0.35 if mean.mean() > 127 else 255 - (255 - rgb) * 0.35
+    return tuple(int(v) for v in shifted)
 
 
 def draw_shape(image: np.ndarray, shape: Shape, outline: int) -> None:
@@ -199,6 +215,7 @@ def place_shapes(
     classes: list[str],
     count: int,
     scale: tuple[float, float],
+    class_colors: bool,
 ) -> list[Shape]:
     """`count` shapes (fewer when they do not fit), each `scale` (min, max) of the shorter side."""
     shapes: list[Shape] = []
@@ -210,7 +227,8 @@ def place_shapes(
                 [rng.uniform(size / 2, width - size / 2), rng.uniform(size / 2, height - size / 2)]
             )
             class_id = int(rng.integers(0, len(classes)))
-            shape = make_shape(rng, classes[class_id], class_id, center, size)
+            color = class_color(rng, class_id, len(classes)) if class_colors else None
+            shape = make_shape(rng, classes[class_id], class_id, center, size, color)
             if not overlaps_too_much(shape.xyxy(), [s.xyxy() for s in shapes]):
                 shapes.append(shape)
                 break
@@ -254,7 +272,7 @@ def make_scene(
     image = textured_background(rng, height, width)
     low, high = (int(v) for v in dc.clutter)
     draw_clutter(rng, image, int(rng.integers(low, high + 1)))
-    shapes = place_shapes(rng, height, width, classes, num_objects, object_scale(dc))
+    shapes = place_shapes(rng, height, width, classes, num_objects, object_scale(dc), bool(dc.class_colors))
     for shape in shapes:
         draw_shape(image, shape, outline=int(rng.integers(0, 3)))
     return finish(rng, image), shapes
@@ -307,7 +325,9 @@ def make_video(index: int, out: Path, dc: DictConfig, classes: list[str]) -> lis
     width, height = VIDEO_SIZE
     background = textured_background(rng, height, width)
     draw_clutter(rng, background, 8)
-    shapes = place_shapes(rng, height, width, classes, int(rng.integers(2, 5)), object_scale(dc))
+    shapes = place_shapes(
+        rng, height, width, classes, int(rng.integers(2, 5)), object_scale(dc), bool(dc.class_colors)
+    )
     velocity = rng.uniform(-4, 4, (len(shapes), 2))
     path = out / "videos" / f"demo_{index:02d}.mp4"
     path.parent.mkdir(parents=True, exist_ok=True)

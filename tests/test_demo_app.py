@@ -66,7 +66,8 @@ def one_torch_thread():
 
 def scene(path: Path, seed: int, height: int = 288, width: int = 384) -> Path:
     """A demo-data-like picture (textured background, clutter, shapes) written as a JPG."""
-    image_bgr, _ = make_scene(np.random.default_rng(seed), height, width, CLASSES, 4)
+    demo_data = load_config([]).demo_data  # the configured object sizes, clutter and class colours
+    image_bgr, _ = make_scene(np.random.default_rng(seed), height, width, CLASSES, 4, demo_data)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), image_bgr)
     return path

@@ -76,7 +76,9 @@ def with_saved_model_keys(cfg: DictConfig) -> DictConfig:
             continue
         now, then = OmegaConf.to_container(cfg.get(key)), OmegaConf.to_container(saved[key])
         if now != then:
-            logger.warning(f"{key}: using the trained experiment's value from {saved_path} ({then}), not {now}")
+            logger.warning(
+                f"{key}: using the trained experiment's value from {saved_path} ({then}), not {now}"
+            )
         merged[key] = saved[key]
     return merged
 
@@ -85,5 +87,7 @@ def label_names(cfg: DictConfig) -> list[str]:
     """Class names ordered by id; ids must be 0..N-1."""
     mapping = {int(k): str(v) for k, v in cfg.label_to_name.items()}
     if sorted(mapping) != list(range(len(mapping))):
-        raise ValueError(f"label_to_name ids must be 0..{len(mapping) - 1} without gaps, got {sorted(mapping)}")
+        raise ValueError(
+            f"label_to_name ids must be 0..{len(mapping) - 1} without gaps, got {sorted(mapping)}"
+        )
     return [mapping[i] for i in range(len(mapping))]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from src.dl.negatives import clean_rate_key, fppi_key
-from tests.test_train import make_detection_data, train_config
+from tests.test_train import assert_same_weights, make_detection_data, train_config
 
 LOW = 0.001  # below the initial class prior (0.01): every query counts, so FPPI = num_queries
 NUM_QUERIES = 10  # train_overrides' model.num_queries
@@ -167,8 +167,7 @@ def test_off_by_default_and_the_metrics_do_not_change_training(tmp_path, data_di
 
     a = torch.load(measured / "last.pt", map_location="cpu", weights_only=True)
     b = torch.load(unmeasured / "last.pt", map_location="cpu", weights_only=True)
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
+    assert_same_weights(a, b, ema=False)
 
 
 def test_resume_with_denoising_negatives_is_exact(tmp_path, data_dir):
@@ -189,10 +188,7 @@ def test_resume_with_denoising_negatives_is_exact(tmp_path, data_dir):
     a = torch.load(straight / "last.pt", map_location="cpu", weights_only=True)
     b = torch.load(killed / "last.pt", map_location="cpu", weights_only=True)
     assert a["step"] == b["step"] == 4
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    for key, value in a["ema"]["module"].items():
-        assert torch.equal(value, b["ema"]["module"][key]), key
+    assert_same_weights(a, b)
     for key in ("best_score", "best_epoch", "peak_score", "best_metrics"):
         assert a["state"][key] == b["state"][key], key
     history_a, history_b = pd.read_csv(straight / "history.csv"), pd.read_csv(killed / "history.csv")

@@ -50,6 +50,15 @@ def _group_of(groups: list[dict], param: nn.Parameter) -> dict:
     return next(g for g in groups if any(p is param for p in g["params"]))
 
 
+def assert_same_weights(a: dict, b: dict, ema: bool = True) -> None:
+    """Two last.pt checkpoints hold bit-identical model (and, with `ema`, EMA) weights."""
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    if ema:
+        for key, value in a["ema"]["module"].items():
+            assert torch.equal(value, b["ema"]["module"][key]), key
+
+
 def test_param_groups_split_backbone_and_no_decay():
     model = TinyDetector()
     groups = build_param_groups(model, base_lr=1e-3, backbone_lr=1e-4, weight_decay=0.1)
@@ -399,10 +408,7 @@ def test_resume_mid_epoch_continues_exactly(tmp_path, data_dir):
     a = torch.load(Path(straight["exp_dir"]) / "last.pt", map_location="cpu", weights_only=False)
     b = torch.load(killed / "last.pt", map_location="cpu", weights_only=False)
     assert a["step"] == b["step"] == 6
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    for key, value in a["ema"]["module"].items():
-        assert torch.equal(value, b["ema"]["module"][key]), key
+    assert_same_weights(a, b)
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
     history_a, history_b = (
         pd.read_csv(Path(straight["exp_dir"]) / "history.csv"),

@@ -850,8 +850,9 @@ class Trainer:
 
     def validate(self, epoch: int) -> dict:
         """Evaluate the EMA weights on val; rank 0 judges the epoch and every rank learns the verdict."""
-        evaluation = self.evaluate_split(self.eval_model(), "val", plots=False)
-        negatives = self.negatives_metrics(self.eval_model()) if self.ctx.is_main else {}
+        model = self.eval_model()
+        evaluation = self.evaluate_split(model, "val", plots=False)
+        negatives = self.negatives_metrics(model) if self.ctx.is_main else {}
         verdict = self._judge_epoch(epoch, evaluation, negatives) if self.ctx.is_main else None
         verdict = broadcast_object(self.ctx, verdict)
         for key in (

@@ -35,7 +35,7 @@ def make_checkpoint(folder: Path, size: str, img: int, num_classes: int = 80) ->
 
 def export_all(checkpoint: Path, int8: bool) -> dict[str, Path]:
     from src.dl.export import artifact_meta, export_onnx, export_openvino, slim_onnx
-    from src.infer.torch_model import build_deploy_model
+    from src.runtime.torch_model import build_deploy_model
 
     folder = checkpoint.parent
     model, meta = build_deploy_model(checkpoint)
@@ -74,7 +74,7 @@ def quantize_on_noise(fp32_path: Path, meta, out: Path, images: int = 16) -> Pat
 
 
 def latency(path: Path, runs: int, img: int) -> tuple[float, float]:
-    from src.infer import load_model
+    from src.runtime import load_model
 
     detector = load_model(path, device="cpu")
     image = np.random.default_rng(1).integers(0, 256, (img, img, 3), dtype=np.uint8)

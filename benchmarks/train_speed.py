@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from src.dl.optim import build_optimizer
 from src.dl.train import clip_and_step, compute_loss
-from src.dl.trainer_utils import memory_used_gb, resolve_amp, seed_everything
+from src.dl.train.optim import build_optimizer
+from src.dl.train.trainer_utils import memory_used_gb, resolve_amp, seed_everything
 
 NUM_CLASSES = 4
 

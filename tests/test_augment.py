@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from src.dl.augment import (
+from src.dl.train.augment import (
     MosaicParams,
     apply_augmentations,
     build_augmentations,

@@ -10,8 +10,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from src.common.config import load_config
-from src.common.preprocess import network_boxes_to_original_xyxy
-from src.dl.dataset import (
+from src.common.network_input import network_boxes_to_original_xyxy
+from src.dl.train.dataset import (
     DetectionDataset,
     build_collate,
     build_datasets,

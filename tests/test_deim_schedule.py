@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from src.common.config import load_config
-from src.dl.augment import mix_up
-from src.dl.dataset import DetectionDataset, build_collate
-from src.dl.optim import FlatCosineLR, build_flat_cosine, build_lr_scheduler, build_optimizer, group_lrs
+from src.dl.train.augment import mix_up
+from src.dl.train.dataset import DetectionDataset, build_collate
+from src.dl.train.optim import FlatCosineLR, build_flat_cosine, build_lr_scheduler, build_optimizer, group_lrs
 from tests.test_train import assert_same_weights, make_detection_data, train_config
 
 BASE_LR, BACKBONE_LR = 1e-2, 1e-4

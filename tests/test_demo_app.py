@@ -36,7 +36,7 @@ from src.demo.app import (
     status_text,
 )
 from src.etl.make_demo_data import make_scene
-from src.infer import load_model
+from src.runtime import load_model
 
 CLASSES = ["circle", "square", "triangle", "star"]
 IMG_SIZE = 64  # D-FINE-n has strides 16 and 32: (64/16)^2 + (64/32)^2 = 20 anchors >= the queries

@@ -10,7 +10,7 @@ import pytest
 
 from src.common.config import exp_dir, load_config
 from src.common.images import read_image_rgb
-from src.infer import Detections, available_backends, load_model
+from src.runtime import Detections, available_backends, load_model
 from tests.deploy_data import CLASS_NAMES, deploy_config, make_checkpoint, make_data
 
 
@@ -86,7 +86,7 @@ def test_dynamic_batch_round_trip_matches_torch(exported):
 @pytest.mark.slow
 def test_static_batch_export_pads_partial_batches(exported, tmp_path):
     from src.dl.export import artifact_meta, export_onnx, export_openvino
-    from src.infer.torch_model import build_deploy_model
+    from src.runtime.torch_model import build_deploy_model
 
     cfg, _ = exported
     model, meta = build_deploy_model(exp_dir(cfg) / "best.pt")

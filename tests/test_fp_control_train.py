@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from src.dl.negatives import clean_rate_key, fppi_key
+from src.dl.train.negatives import clean_rate_key, fppi_key
 from tests.test_train import assert_same_weights, make_detection_data, train_config
 
 LOW = 0.001  # below the initial class prior (0.01): every query counts, so FPPI = num_queries
@@ -105,7 +105,7 @@ def test_final_metrics_have_a_negatives_row(trained):
 
 def test_options_reach_the_model_and_criterion(tmp_path, data_dir):
     from src.dl.train import Trainer
-    from src.dl.trainer_utils import DistContext
+    from src.dl.train.trainer_utils import DistContext
 
     def trainer(*overrides: str) -> Trainer:
         cfg = _fp_config(tmp_path, data_dir, "train.overwrite=true", *overrides)

@@ -1,4 +1,4 @@
-"""The one inference API (src.infer.load_model): metadata, thresholds, input forms, errors."""
+"""The one inference API (src.runtime.load_model): metadata, thresholds, input forms, errors."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from src.common.images import read_image_rgb
-from src.infer import BackendUnavailable, Detections, available_backends, backend_for, load_model
-from src.infer.meta import ModelMeta, meta_from_checkpoint
+from src.runtime import BackendUnavailable, Detections, available_backends, backend_for, load_model
+from src.runtime.meta import ModelMeta, meta_from_checkpoint
 from tests.deploy_data import CLASS_NAMES, experiment  # noqa: F401  (module fixture)
 
 

@@ -1,4 +1,4 @@
-"""Over-activation metrics on held-out background-only images (src/dl/negatives.py)."""
+"""Over-activation metrics on held-out background-only images (src/dl/train/negatives.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.dl.negatives import (
+from src.dl.train.negatives import (
     check_negatives_disjoint,
     clean_rate_key,
     configured_thresholds,
@@ -134,8 +134,8 @@ def experiment(tmp_path_factory):
 
 def test_torch_model_and_detector_agree(experiment):
     from src.d_fine import build_postprocessor
-    from src.dl.dataset import read_split
-    from src.infer import load_model
+    from src.etl.splits import read_split
+    from src.runtime import load_model
 
     cfg, checkpoint = experiment
     negatives = check_negatives_disjoint(Path(cfg.data_path) / "negatives", read_split(cfg, "train"))
@@ -173,7 +173,7 @@ def test_torch_model_and_detector_agree(experiment):
 
 
 def test_stage_writes_metrics(experiment):
-    from src.dl import negatives as stage
+    from src.dl.train import negatives as stage
 
     cfg, _ = experiment
     metrics = stage.run(cfg)

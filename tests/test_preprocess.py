@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.common.preprocess import (
+from src.common.network_input import (
     PAD_VALUE,
     Letterbox,
     boxes_to_network,

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from src.common.config import exp_dir
-from src.infer.detector import Detections
-from src.infer.evaluate import Sample
+from src.runtime.detector import Detections
+from src.runtime.evaluate import Sample
 from tests.deploy_data import CLASS_NAMES, deploy_config, make_checkpoint, make_data, make_video
 
 
@@ -173,7 +173,7 @@ def test_check_errors_stage(project):
 
 def test_test_batching_sizes_and_out_of_memory_stop(project):
     from src.dl import test_batching
-    from src.infer import load_model
+    from src.runtime import load_model
 
     root, cfg = project
     checkpoint = exp_dir(cfg) / "best.pt"

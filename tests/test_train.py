@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from src.common.config import load_config
-from src.dl.ema import ModelEMA
-from src.dl.optim import build_optimizer, build_param_groups, build_scheduler, group_lrs
-from src.dl.trainer_utils import (
+from src.dl.train.ema import ModelEMA
+from src.dl.train.optim import build_optimizer, build_param_groups, build_scheduler, group_lrs
+from src.dl.train.trainer_utils import (
     EpochShuffleSampler,
     ShardSampler,
     loss_kind,
@@ -523,7 +523,7 @@ def test_reusing_an_experiment_name_needs_overwrite_or_resume(tmp_path):
 
 def test_non_finite_losses_stop_the_run_with_a_clear_message(tmp_path, data_dir):
     from src.dl.train import Trainer, TrainingDiverged
-    from src.dl.trainer_utils import DistContext
+    from src.dl.train.trainer_utils import DistContext
 
     cfg = train_config(tmp_path, data_dir, "train.max_bad_steps=2", "train.max_steps_per_epoch=3")
     Path(cfg.output_dir, cfg.exp_name).mkdir(parents=True)
@@ -542,7 +542,7 @@ def test_non_finite_losses_stop_the_run_with_a_clear_message(tmp_path, data_dir)
 
 def test_frozen_backbone_does_not_move(tmp_path, data_dir):
     from src.dl.train import Trainer
-    from src.dl.trainer_utils import DistContext
+    from src.dl.train.trainer_utils import DistContext
 
     cfg = train_config(tmp_path, data_dir, "train.max_steps_per_epoch=1", "train.freeze_backbone_epochs=1")
     Path(cfg.output_dir, cfg.exp_name).mkdir(parents=True)

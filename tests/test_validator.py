@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from src.common.preprocess import letterbox_or_resize
-from src.dl.validator import (
+from src.common.network_input import letterbox_or_resize
+from src.metrics.validator import (
     batch_records,
     coco_dicts,
     coco_map,
@@ -228,8 +228,8 @@ def test_predict_batches_with_the_real_model(tmp_path):
         pytest.skip("the model package is not complete yet")
     from torch.utils.data import DataLoader
 
-    from src.dl.dataset import DetectionDataset, collate_fn
-    from src.dl.validator import predict_batches
+    from src.dl.train.dataset import DetectionDataset, collate_fn
+    from src.metrics.validator import predict_batches
     from tests.test_dataset import IMAGES, config, make_data
 
     torch.manual_seed(0)

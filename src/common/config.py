@@ -7,11 +7,14 @@ Every stage module has `run(cfg)` (called by tests) and `main = stage_main(run)`
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
+
+from src.common.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root, where config.yaml lives
 CONFIG_NAME = "config"
@@ -38,13 +41,28 @@ def stage_main(run: Callable[[DictConfig], object]) -> Callable[[], None]:
     @hydra.main(config_path=str(ROOT), config_name=CONFIG_NAME, version_base=None)
     @functools.wraps(run)
     def _main(cfg: DictConfig) -> None:
-        run(cfg)
+        try:
+            run(cfg)
+        except UserError as err:  # a refusal the user fixes: one line, no traceback
+            logger.error(str(err))
+            sys.exit(2)
 
     return _main
 
 
+def default_config() -> DictConfig:
+    """config.yaml as written (every default), without Hydra's own keys; interpolations kept."""
+    cfg = OmegaConf.load(ROOT / f"{CONFIG_NAME}.yaml")
+    for key in ("defaults", "hydra"):
+        cfg.pop(key, None)
+    return cfg
+
+
 def exp_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.output_dir) / str(cfg.exp_name)
+    """output_dir/exp_name, exp_name checked to be a plain folder name (src.common.experiment owns it)."""
+    from src.common.experiment import Experiment
+
+    return Experiment.of(cfg).root
 
 
 def saved_config_path(cfg: DictConfig) -> Path:

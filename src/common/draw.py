@@ -138,7 +138,7 @@ def tile_images(
 ) -> np.ndarray:
     """Put images in a grid (row-major). tile_size (w, h): every tile is letterboxed to it; default: the
     largest image's size. Empty cells are grey."""
-    from src.common.preprocess import PAD_VALUE, letterbox_or_resize
+    from src.common.network_input import PAD_VALUE, letterbox_or_resize
 
     if not images:
         raise ValueError("tile_images needs at least one image")

@@ -42,3 +42,7 @@ def atomic_torch_save(path: str | Path, obj: Any) -> Path:
 def atomic_write_csv(path: str | Path, frame) -> Path:
     """Write a pandas DataFrame as CSV atomically."""
     return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -2,7 +2,7 @@
 
     make demo-ui                      # or: python -m src.demo.app [demo_ui.port=7861 demo_ui.model_path=...]
 
-Any artifact runs (best.pt / model.onnx / model_fp32.xml / .engine, through src.infer.load_model): the
+Any artifact runs (best.pt / model.onnx / model_fp32.xml / .engine, through src.runtime.load_model): the
 list offers every artifact found in the experiment folders under output_dir, and a path can be typed in.
 The confidence slider starts at the model's own threshold (thresholds.json / the artifact's metadata; its
 per-class thresholds apply while the slider stays there). Results: annotated images (or an annotated
@@ -47,7 +47,7 @@ from src.common.images import (
 )
 from src.common.io import atomic_write, atomic_write_json
 from src.dl.infer import WRITABLE_EXTS, yolo_text
-from src.infer import ARTIFACT_NAMES, Detections, Detector, best_artifact, load_model
+from src.runtime import ARTIFACT_NAMES, Detections, Detector, best_artifact, load_model
 
 TABLE_COLUMNS = ["file", "frame", "class_id", "class_name", "score", "x1", "y1", "x2", "y2"]
 MAX_TABLE_ROWS = 2000  # rows shown in the page; the downloads hold every detection

@@ -4,7 +4,7 @@
 
 Per backend: latency median / p90 in ms (one image at a time, after warm-up; image decoding excluded,
 resize + inference + postprocessing included), throughput, mAP50, mAP50-95, precision / recall / F1 at the
-artifact's threshold (src/dl/validator.py). Writes output/<exp>/bench.csv and annotated images per backend
+artifact's threshold (src/metrics/validator.py). Writes output/<exp>/bench.csv and annotated images per backend
 (bench/<backend>/: ground truth green, predictions red).
 """
 
@@ -20,8 +20,8 @@ from omegaconf import DictConfig
 from src.common.config import exp_dir, stage_main, with_saved_model_keys
 from src.common.draw import draw_gt_vs_pred, save_image_rgb
 from src.common.io import atomic_write_csv
-from src.infer import ARTIFACT_NAMES, available_backends, backend_for, load_model
-from src.infer.evaluate import EvalResult, Sample, evaluate_detector, load_split_samples
+from src.runtime import ARTIFACT_NAMES, available_backends, backend_for, load_model
+from src.runtime.evaluate import EvalResult, Sample, evaluate_detector, load_split_samples
 
 COLUMNS = [
     "backend", "device", "infer_precision", "images", "latency_ms_median", "latency_ms_p90", "throughput_img_s",

@@ -24,8 +24,8 @@ from src.common.config import exp_dir, stage_main, with_saved_model_keys
 from src.common.draw import GT_COLOR, PRED_COLOR, draw_detections, save_image_rgb
 from src.common.images import ImageReadError
 from src.common.io import atomic_write_csv
-from src.infer.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections
-from src.infer.evaluate import Sample, load_experiment_model, load_split_samples
+from src.runtime.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections
+from src.runtime.evaluate import Sample, load_experiment_model, load_split_samples
 
 CONTEXT_COLOR = (160, 160, 160)
 COLUMNS = [
@@ -38,7 +38,7 @@ def find_errors(
     dets: Detections, sample: Sample, iou_thresh: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(FP mask over predictions, FN mask over GT, IoU matrix preds x GT) with the validator's matching."""
-    from src.dl.validator import iou_matrix, match_image
+    from src.metrics.validator import iou_matrix, match_image
 
     pred = {
         "boxes": dets.boxes.astype(np.float64),
@@ -82,7 +82,7 @@ def _box(box) -> dict[str, float]:
 
 
 def for_csv(frame: pd.DataFrame) -> pd.DataFrame:
-    """errors.csv values: box pixels and scores rounded like every other output (src/infer/detector.py),
+    """errors.csv values: box pixels and scores rounded like every other output (src/runtime/detector.py),
     so float32 noise (0.30000001192092896) never reaches the file."""
     decimals = {c: BOX_DECIMALS for c in ("x1", "y1", "x2", "y2")}
     return frame.round(decimals | {c: SCORE_DECIMALS for c in ("score", "best_iou", "severity")})

@@ -3,7 +3,7 @@
     python -m src.dl.export exp_name=my_run [export.dynamic_batch=true export.max_batch_size=8]
 
 Every artifact has the postprocessing fused (inputs images + orig_target_sizes -> labels, boxes, scores;
-see src/infer/meta.py) and carries its metadata, so `src.infer.load_model(path)` needs no config.
+see src/runtime/meta.py) and carries its metadata, so `src.runtime.load_model(path)` needs no config.
 Each one is then run on val images next to the torch model; output/<exp>/export_report.json says how far
 it drifts (boxes, scores, mAP50) and a drift beyond tolerance is reported loudly.
 """
@@ -22,8 +22,8 @@ from omegaconf import DictConfig
 
 from src.common.config import exp_dir, stage_main, with_saved_model_keys
 from src.common.io import atomic_write, atomic_write_json
-from src.infer import ARTIFACT_NAMES, available_backends, load_model
-from src.infer.meta import (
+from src.runtime import ARTIFACT_NAMES, available_backends, load_model
+from src.runtime.meta import (
     INPUT_NAMES,
     OUTPUT_NAMES,
     ModelMeta,
@@ -31,7 +31,7 @@ from src.infer.meta import (
     write_openvino_meta,
     write_sidecar,
 )
-from src.infer.torch_model import DeployModel, build_deploy_model
+from src.runtime.torch_model import DeployModel, build_deploy_model
 
 LOUD = "!" * 100
 MIN_PARITY_DETECTIONS = 10  # fewer compared detections than this: the box/score check says little
@@ -178,7 +178,7 @@ def export_openvino(onnx_path: Path, meta: ModelMeta, path: Path, fp16: bool) ->
 
 def export_tensorrt(onnx_path: Path, meta: ModelMeta, path: Path, fp16: bool, workspace_gb: float) -> Path:
     """ONNX -> serialized TensorRT engine (build it on the GPU that will run it) + `<engine>.json` metadata."""
-    from src.infer.tensorrt_model import import_tensorrt
+    from src.runtime.tensorrt_model import import_tensorrt
 
     trt = import_tensorrt()
     trt_logger = trt.Logger(trt.Logger.WARNING)
@@ -216,10 +216,10 @@ def export_tensorrt(onnx_path: Path, meta: ModelMeta, path: Path, fp16: bool, wo
 def pair_detections(reference, candidate, iou_thresh: float) -> np.ndarray:
     """Index of the `candidate` detection paired with each `reference` detection of one image (-1: none).
 
-    One-to-one, same class, IoU >= iou_thresh: the validator's matching (src/dl/validator.py), reference
+    One-to-one, same class, IoU >= iou_thresh: the validator's matching (src/metrics/validator.py), reference
     detections visited from the highest score down, each taking the free candidate box it overlaps most.
     """
-    from src.dl.validator import greedy_match, iou_matrix, score_order
+    from src.metrics.validator import greedy_match, iou_matrix, score_order
 
     iou = iou_matrix(reference.boxes, candidate.boxes)
     same_class = reference.labels[:, None] == candidate.labels[None, :]
@@ -255,7 +255,7 @@ def compare_detections(
     out of the other's top-K. Borderline: the same within the margin, e.g. a score of 0.31 in torch and
     0.29 in fp16 at conf 0.3: counted, never an error.
     """
-    from src.infer.evaluate import detection_thresholds
+    from src.runtime.evaluate import detection_thresholds
 
     box_devs, score_devs, counts = [], [], dict.fromkeys(PARITY_COUNTS, 0)
     for ref, cand in zip(reference, candidate, strict=True):
@@ -314,7 +314,7 @@ def parity_report(
     cfg: DictConfig, artifacts: dict[str, Path], torch_path: Path, device: str
 ) -> dict[str, Any]:
     """Run every artifact and the torch model on val images; drift + mAP50 per artifact."""
-    from src.infer.evaluate import evaluate_detector, load_split_samples
+    from src.runtime.evaluate import evaluate_detector, load_split_samples
 
     samples = load_split_samples(cfg, "val", limit=int(cfg.export.parity_images))
     if not samples:
@@ -425,8 +425,8 @@ def artifact_meta(
 
 def probe_batches(cfg: DictConfig, meta: ModelMeta) -> list[np.ndarray]:
     """Real val images (random noise if there are none) at every batch size the graph must serve."""
-    from src.common.preprocess import preprocess_images
-    from src.infer.evaluate import load_split_samples
+    from src.common.network_input import preprocess_images
+    from src.runtime.evaluate import load_split_samples
 
     sizes = (
         [1, 2, int(cfg.export.max_batch_size)]

@@ -28,8 +28,8 @@ from src.common.draw import draw_detections, save_image_rgb
 from src.common.images import ImageReadError, is_image, is_video, list_images, list_videos, read_image_rgb
 from src.common.io import atomic_write, atomic_write_json, atomic_write_text
 from src.etl.labels import format_yolo_lines
-from src.infer.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections, Detector, rounded
-from src.infer.evaluate import load_experiment_model
+from src.runtime.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections, Detector, rounded
+from src.runtime.evaluate import load_experiment_model
 
 CSV_COLUMNS = [
     "file",

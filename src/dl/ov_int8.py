@@ -5,7 +5,7 @@
 
 quick: nncf.quantize calibrated on `subset_size` train images (minutes).
 accuracy: nncf.quantize_with_accuracy_control: quantize, then return layers to float until `metric`
-    (default mAP_50, computed by src/dl/validator.py on `val_images` val images) drops by at most
+    (default mAP_50, computed by src/metrics/validator.py on `val_images` val images) drops by at most
     `max_drop` (absolute). Much slower: it re-validates once per layer it tries.
 float_decoding: the box-distribution decoding (softmax over the FDR bins and its weighted sum, the
     `integral` module) and the fused postprocessing stay in float (nncf.IgnoredScope). Their inputs are
@@ -32,11 +32,11 @@ from omegaconf import DictConfig
 
 from src.common.config import exp_dir, stage_main, with_saved_model_keys
 from src.common.io import atomic_write_json
-from src.common.preprocess import preprocess_images
-from src.infer import ARTIFACT_NAMES, load_model
-from src.infer.detector import Detector
-from src.infer.evaluate import Sample, evaluate_detector, load_split_samples
-from src.infer.meta import INPUT_NAMES, ModelMeta, read_openvino_meta, write_openvino_meta
+from src.common.network_input import preprocess_images
+from src.runtime import ARTIFACT_NAMES, load_model
+from src.runtime.detector import Detector
+from src.runtime.evaluate import Sample, evaluate_detector, load_split_samples
+from src.runtime.meta import INPUT_NAMES, ModelMeta, read_openvino_meta, write_openvino_meta
 
 # What `float_decoding` keeps in float, as regexes on OpenVINO op names (they keep the torch module path of
 # the legacy ONNX export): the decoder's own top-level ops, i.e. the FDR integral (softmax over the bins and
@@ -81,7 +81,7 @@ def make_transform(meta: ModelMeta):
 
 def make_validation_fn(meta: ModelMeta, cache: ImageCache, metric: str):
     """validation_fn(compiled_model, items) -> (metric value, None) over the cached val images."""
-    from src.infer.openvino_model import OpenVinoRunner
+    from src.runtime.openvino_model import OpenVinoRunner
 
     def validate(compiled_model, _items) -> tuple[float, None]:
         detector = Detector(OpenVinoRunner.from_compiled(compiled_model, meta))

@@ -20,8 +20,8 @@ from omegaconf import DictConfig
 
 from src.common.config import exp_dir, stage_main, with_saved_model_keys
 from src.common.io import atomic_write, atomic_write_csv
-from src.infer.detector import Detector
-from src.infer.evaluate import load_experiment_model
+from src.runtime.detector import Detector
+from src.runtime.evaluate import load_experiment_model
 
 OOM_MARKERS = ("out of memory", "failed to allocate", "bad_alloc", "cannot allocate", "outofmemory")
 

@@ -1,6 +1,6 @@
 """One inference API for every exported model:
 
-    from src.infer import load_model
+    from src.runtime import load_model
     model = load_model("output/demo/model.onnx")         # .pt | .onnx | .xml | .engine
     dets = model(image_rgb)                              # or model(path), model([img1, img2]), bgr=True
     dets.boxes, dets.scores, dets.labels, dets.names     # xyxy original pixels, thresholds from training
@@ -14,9 +14,10 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from src.infer.detector import Detections, Detector
-from src.infer.meta import ModelMeta
-from src.infer.runtime import BackendUnavailable
+from src.common.experiment import ARTIFACTS
+from src.runtime.backend import BackendUnavailable
+from src.runtime.detector import Detections, Detector
+from src.runtime.meta import ModelMeta
 
 __all__ = [
     "ARTIFACT_NAMES",
@@ -32,23 +33,15 @@ __all__ = [
 
 # suffix -> (backend name, module, runner class)
 _RUNNERS = {
-    ".pt": ("torch", "src.infer.torch_model", "TorchRunner"),
-    ".pth": ("torch", "src.infer.torch_model", "TorchRunner"),
-    ".onnx": ("onnx", "src.infer.onnx_model", "OnnxRunner"),
-    ".xml": ("openvino", "src.infer.openvino_model", "OpenVinoRunner"),
-    ".engine": ("tensorrt", "src.infer.tensorrt_model", "TensorRtRunner"),
+    ".pt": ("torch", "src.runtime.torch_model", "TorchRunner"),
+    ".pth": ("torch", "src.runtime.torch_model", "TorchRunner"),
+    ".onnx": ("onnx", "src.runtime.onnx_model", "OnnxRunner"),
+    ".xml": ("openvino", "src.runtime.openvino_model", "OpenVinoRunner"),
+    ".engine": ("tensorrt", "src.runtime.tensorrt_model", "TensorRtRunner"),
 }
 
-# What src.dl.export writes into output/<exp>/ (and the trainer's best.pt), by variant.
-ARTIFACT_NAMES = {
-    "torch": "best.pt",
-    "onnx": "model.onnx",
-    "ov_fp32": "model_fp32.xml",
-    "ov_fp16": "model_fp16.xml",
-    "ov_int8": "model_int8.xml",
-    "trt_fp16": "model_fp16.engine",
-    "trt_fp32": "model_fp32.engine",
-}
+# What export writes into output/<exp>/ (and the trainer's best.pt), by variant: owned by the experiment.
+ARTIFACT_NAMES = ARTIFACTS
 
 
 def backend_for(path: str | Path) -> str:
@@ -86,7 +79,7 @@ def available_backends() -> dict[str, str | None]:
         "torch": lambda: importlib.import_module("torch"),
         "onnx": lambda: importlib.import_module("onnxruntime"),
         "openvino": lambda: importlib.import_module("openvino"),
-        "tensorrt": lambda: importlib.import_module("src.infer.tensorrt_model").import_tensorrt(),
+        "tensorrt": lambda: importlib.import_module("src.runtime.tensorrt_model").import_tensorrt(),
     }
     status: dict[str, str | None] = {}
     for name, check in checks.items():

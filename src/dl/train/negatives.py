@@ -11,11 +11,11 @@ detection there is a false positive. Metrics (keys prefixed "neg_", thresholds w
 The folder must not share images with the training data (else the numbers flatter the model):
 check_negatives_disjoint compares file names and file contents.
 
-The trainer (src/dl/train.py) uses these pieces: check_negatives_disjoint once at setup (against the
+The trainer (src/dl/train/trainer.py) uses these pieces: check_negatives_disjoint once at setup (against the
 train/val/test images), evaluate_negatives on the EMA model every validation epoch (rank 0) and on best.pt
 after training (a "negatives" row of metrics.csv), prefer_lower_fppi to pick best.pt when
 train.fppi_tolerance is set. Scores are measured at configured_thresholds(cfg).
-For a trained experiment: `python -m src.dl.negatives exp_name=...` -> output/<exp>/negatives_metrics.json.
+For a trained experiment: `python -m src.dl.train.negatives exp_name=...` -> output/<exp>/negatives_metrics.json.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from src.common.config import exp_dir, stage_main, with_saved_model_keys
 from src.common.images import image_size, list_images, parallel_map, read_image_rgb
 from src.common.io import atomic_write_json
-from src.common.preprocess import image_to_tensor, letterbox_or_resize
+from src.common.network_input import image_to_tensor, letterbox_or_resize
 
 DEFAULT_THRESHOLDS = (0.3, 0.5, 0.7)
 MAX_LISTED = 10  # overlapping files named in the error
@@ -55,7 +55,7 @@ def configured_thresholds(cfg: DictConfig) -> list[float]:
 
 def split_image_paths(cfg: DictConfig) -> list[Path]:
     """Every image the split CSVs list (train, val, test; excluded ones too): what negatives must avoid."""
-    from src.dl.dataset import read_split
+    from src.etl.splits import read_split
 
     return [path for split in ("train", "val", "test") for path in read_split(cfg, split) or []]
 
@@ -237,8 +237,8 @@ def predict_negative_scores(
     show_progress: bool = True,
 ) -> list[np.ndarray]:
     """Scores (top-K, unthresholded) per image of a torch model, through the validator's own loop."""
-    from src.dl.dataset import collate_fn
-    from src.dl.validator import predict_batches
+    from src.dl.train.dataset import collate_fn
+    from src.metrics.validator import predict_batches
 
     loader = torch.utils.data.DataLoader(
         NegativeImages(image_paths, img_size, keep_ratio),
@@ -263,8 +263,8 @@ def predict_negative_scores(
 def detector_scores(
     detector, image_paths: Sequence[str | Path], batch_size: int | None = None
 ) -> list[np.ndarray]:
-    """Scores (top-K, unthresholded) per image of a src.infer Detector (any backend)."""
-    from src.infer.detector import iter_chunks
+    """Scores (top-K, unthresholded) per image of a src.runtime Detector (any backend)."""
+    from src.runtime.detector import iter_chunks
 
     scores: list[np.ndarray] = []
     num_classes = len(detector.class_names)
@@ -292,7 +292,7 @@ def evaluate_negatives(
 ) -> dict[str, float]:
     """negative_metrics of a model over `image_paths`, with the shared preprocessing.
 
-    model_or_detector: a src.infer Detector (any backend; its own input size and batch), or a torch
+    model_or_detector: a src.runtime Detector (any backend; its own input size and batch), or a torch
     detector (e.g. the trainer's EMA model) with `postprocessor`, `img_size` (h, w) and `keep_ratio`.
     """
     if len(image_paths) == 0:
@@ -329,7 +329,7 @@ def describe(metrics: dict[str, float]) -> str:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """The experiment's best artifact on train.negatives_path -> output/<exp>/negatives_metrics.json."""
-    from src.infer.evaluate import load_experiment_model
+    from src.runtime.evaluate import load_experiment_model
 
     cfg = with_saved_model_keys(cfg)
     negatives = check_negatives_disjoint(

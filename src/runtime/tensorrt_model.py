@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from src.infer.meta import INPUT_NAMES, OUTPUT_NAMES, ModelMeta, read_sidecar
-from src.infer.runtime import BackendUnavailable, Outputs
+from src.runtime.backend import BackendUnavailable, Outputs
+from src.runtime.meta import INPUT_NAMES, OUTPUT_NAMES, ModelMeta, read_sidecar
 
 
 def import_tensorrt():

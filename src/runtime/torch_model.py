@@ -12,8 +12,8 @@ import torch
 from loguru import logger
 from torch import nn
 
-from src.infer.meta import ModelMeta, meta_from_checkpoint
-from src.infer.runtime import Outputs, torch_device
+from src.runtime.backend import Outputs, torch_device
+from src.runtime.meta import ModelMeta, meta_from_checkpoint
 
 TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
 TORCH_CHUNK = 8

@@ -3,7 +3,7 @@
 
 Everything here works on one sample = (RGB uint8 image, xyxy pixel boxes float32 (N, 4), labels int64 (N,)).
 A background image is simply N = 0 and goes through every transform unchanged in that respect.
-The dataset then maps the result to the network input with src.common.preprocess (the shared geometry).
+The dataset then maps the result to the network input with src.common.network_input (the shared geometry).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from omegaconf import DictConfig
 
-from src.common.preprocess import PAD_VALUE, boxes_xyxy_to_network, fit_size, letterbox_or_resize
+from src.common.network_input import PAD_VALUE, boxes_xyxy_to_network, fit_size, letterbox_or_resize
 
 Sample = tuple[np.ndarray, np.ndarray, np.ndarray]  # image (H, W, 3) uint8, boxes (N, 4) xyxy px, labels (N,)
 

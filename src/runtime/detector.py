@@ -1,6 +1,6 @@
 """The one inference API over every backend: images in, thresholded detections in original pixels out.
 
-The shared geometry (src/common/preprocess.py) is used for every backend: each image is letterboxed or
+The shared geometry (src/common/network_input.py) is used for every backend: each image is letterboxed or
 resized to the network input, the fused postprocessing gets the NETWORK size (w, h) as its target size,
 and `boxes_to_original` maps the boxes back. A backend runner only runs the graph.
 """
@@ -16,9 +16,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from src.common.images import read_image_rgb
-from src.common.preprocess import Letterbox, boxes_to_original, preprocess_images
-from src.infer.meta import ModelMeta
-from src.infer.runtime import Outputs
+from src.common.network_input import Letterbox, boxes_to_original, preprocess_images
+from src.runtime.backend import Outputs
+from src.runtime.meta import ModelMeta
 
 
 class Runner(Protocol):
@@ -71,7 +71,7 @@ ImageLike = np.ndarray | str | Path
 
 
 class Detector:
-    """`detector(images, conf=None, bgr=False)` on any backend; build with `src.infer.load_model`.
+    """`detector(images, conf=None, bgr=False)` on any backend; build with `src.runtime.load_model`.
 
     images: one image (uint8 (H, W, 3) array, or a file path) -> one Detections;
             a list of them or a uint8 (B, H, W, 3) array -> a list of Detections (one per image).

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from loguru import logger
 
-from src.infer.meta import INPUT_NAMES, ModelMeta, read_openvino_meta
-from src.infer.runtime import BackendUnavailable, Outputs
+from src.runtime.backend import BackendUnavailable, Outputs
+from src.runtime.meta import INPUT_NAMES, ModelMeta, read_openvino_meta
 
 # our names -> OpenVINO's element type names for INFERENCE_PRECISION_HINT
 PRECISIONS = {"f32": "f32", "fp32": "f32", "f16": "f16", "fp16": "f16", "bf16": "bf16"}

@@ -1,5 +1,5 @@
-"""Run any Detector over a split and score it with src/dl/validator.py (export parity, bench, check_errors,
-ov_int8 all use this one loop). Ground truth comes from the split CSVs and YOLO labels (src/dl/dataset.py)."""
+"""Run any Detector over a split and score it with src/metrics/validator.py (export parity, bench, check_errors,
+ov_int8 all use this one loop). Ground truth comes from the split CSVs and YOLO labels (src/dl/train/dataset.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from src.common.images import ImageReadError, image_size, read_image_rgb
-from src.infer.detector import Detections, Detector
+from src.runtime.detector import Detections, Detector
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Sample:
 def load_split_samples(cfg: DictConfig, split: str, limit: int | None = None) -> list[Sample]:
     """Images and labels of <splits_dir>/<split>.csv ([] when the split file is missing or empty)."""
     from src.common.config import label_names
-    from src.dl.dataset import load_labels, read_split
+    from src.etl.splits import load_labels, read_split
 
     paths = read_split(cfg, split)
     if not paths:
@@ -111,7 +111,7 @@ def evaluate_detector(
     mAP uses every top-K detection (>= min_conf, as COCO evaluation expects); P/R/F1 are at `conf`
     (default: the artifact's global threshold). images: the samples' pictures already decoded (optional).
     """
-    from src.dl.validator import evaluate
+    from src.metrics.validator import evaluate
 
     conf = float(detector.meta.conf_thresh if conf is None else conf)
     if warmup:
@@ -149,7 +149,7 @@ def load_experiment_model(
     from omegaconf import OmegaConf
 
     from src.common.config import exp_dir
-    from src.infer import best_artifact, load_model
+    from src.runtime import best_artifact, load_model
 
     if OmegaConf.is_config(conf):  # {class: threshold} from the command line / config.yaml
         conf = OmegaConf.to_container(conf)

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from loguru import logger
 
-from src.infer.meta import INPUT_NAMES, ModelMeta, read_onnx_meta_map
-from src.infer.runtime import BackendUnavailable, Outputs, wants_cuda
+from src.runtime.backend import BackendUnavailable, Outputs, wants_cuda
+from src.runtime.meta import INPUT_NAMES, ModelMeta, read_onnx_meta_map
 
 
 class OnnxRunner:

@@ -41,7 +41,7 @@ from loguru import logger
 from src.common.boxes import box_iou, xyxy_to_xywh
 from src.common.draw import draw_gt_vs_pred, save_image_rgb
 from src.common.io import atomic_write, atomic_write_csv, atomic_write_json
-from src.common.preprocess import boxes_to_original, network_boxes_to_original_xyxy
+from src.common.network_input import boxes_to_original, network_boxes_to_original_xyxy
 
 logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
 

@@ -33,9 +33,9 @@ from tqdm import tqdm
 
 from src.common.config import exp_dir, label_names, save_run_config, stage_main
 from src.common.io import atomic_torch_save, atomic_write_csv, atomic_write_json
-from src.dl.ema import ModelEMA, unwrap_model
-from src.dl.optim import backbone_parameters, build_lr_scheduler, build_optimizer, group_lrs
-from src.dl.trainer_utils import (
+from src.dl.train.ema import ModelEMA, unwrap_model
+from src.dl.train.optim import backbone_parameters, build_lr_scheduler, build_optimizer, group_lrs
+from src.dl.train.trainer_utils import (
     DistContext,
     EpochShuffleSampler,
     ShardSampler,
@@ -383,7 +383,7 @@ class Trainer:
         return excluded
 
     def _build_data(self) -> None:
-        from src.dl.dataset import build_collate, build_datasets
+        from src.dl.train.dataset import build_collate, build_datasets
 
         self.datasets = build_datasets(self.cfg, exclude=self.excluded_images, log=self.ctx.is_main)
         self.train_collate = build_collate(self.cfg, train=True)
@@ -395,7 +395,7 @@ class Trainer:
         """The held-out background images (train.negatives_path) on rank 0, [] elsewhere or when absent.
 
         An image also in train/val/test stops the run here (its FPPI would flatter the model)."""
-        from src.dl.negatives import check_negatives_disjoint, split_image_paths
+        from src.dl.train.negatives import check_negatives_disjoint, split_image_paths
 
         negatives, error = [], None
         if self.ctx.is_main:
@@ -499,11 +499,11 @@ class Trainer:
 
     def _batches_per_epoch_all(self) -> list[int]:
         """Batches of every epoch (the train set shrinks while background images are ignored)."""
-        logger.disable("src.dl.dataset")  # set_epoch logs mosaic closing: not for this dry run
+        logger.disable("src.dl.train.dataset")  # set_epoch logs mosaic closing: not for this dry run
         try:
             return [self.batches_in_epoch(epoch) for epoch in range(int(self.tc.epochs))]
         finally:
-            logger.enable("src.dl.dataset")
+            logger.enable("src.dl.train.dataset")
 
     def batches_in_epoch(self, epoch: int) -> int:
         per_rank = self._train_sampler(epoch).per_rank
@@ -663,7 +663,7 @@ class Trainer:
         return {k: sum(d.get(k, 0.0) for d in per_rank) / len(per_rank) for k in keys}
 
     def _save_debug_images(self) -> None:
-        from src.dl.dataset import save_all_debug_images
+        from src.dl.train.dataset import save_all_debug_images
 
         n = int(self.tc.debug_images)
         if n > 0:
@@ -811,7 +811,7 @@ class Trainer:
     @torch.no_grad()
     def predict_split(self, model: nn.Module, split: str) -> tuple[list, list] | None:
         """Predictions and ground truth for every image of `split` exactly once, on rank 0 (None elsewhere)."""
-        from src.dl.validator import predict_batches
+        from src.metrics.validator import predict_batches
 
         loader = self.eval_loader(split)
         if loader is None:
@@ -830,7 +830,7 @@ class Trainer:
 
     def evaluate_split(self, model: nn.Module, split: str, plots: bool):
         """ValResult of `split` on rank 0 (None elsewhere or for an empty split); plots and eval pictures."""
-        from src.dl.validator import evaluate, save_eval_images
+        from src.metrics.validator import evaluate, save_eval_images
 
         result = self.predict_split(model, split)
         if result is None:
@@ -870,7 +870,7 @@ class Trainer:
         """FPPI, clean-image rate and max score of `model` on the negatives folder ({} without one)."""
         if not self.negatives:
             return {}
-        from src.dl.negatives import configured_thresholds, evaluate_negatives
+        from src.dl.train.negatives import configured_thresholds, evaluate_negatives
 
         mc = self.cfg.model
         return evaluate_negatives(
@@ -896,7 +896,7 @@ class Trainer:
         if improved:
             self.save_best(metrics, thresholds, epoch + 1)
         if metrics:
-            from src.dl.negatives import describe
+            from src.dl.train.negatives import describe
 
             best = "new best" if improved else f"best: epoch {state.best_epoch + 1}"
             parts = [self._describe(metrics), f"negatives: {describe(negatives)}" if negatives else ""]
@@ -917,7 +917,7 @@ class Trainer:
         tolerance = self.tc.get("fppi_tolerance")
         if tolerance is None:
             return score > self.state.best_score
-        from src.dl.negatives import fppi_key, prefer_lower_fppi
+        from src.dl.train.negatives import fppi_key, prefer_lower_fppi
 
         state = self.state
         best = {**state.best_metrics, "decision_score": state.best_score} if state.best_epoch >= 0 else None
@@ -956,7 +956,7 @@ class Trainer:
     def _write_final_files(self, checkpoint: dict, results: dict, negatives: dict) -> dict:
         import pandas as pd
 
-        from src.dl.negatives import describe
+        from src.dl.train.negatives import describe
 
         done = {split: r for split, r in results.items() if r is not None}
         rows = [{"split": split, **r.metrics} for split, r in done.items()]
@@ -1129,6 +1129,3 @@ def _saved_config(cfg: DictConfig) -> dict:
 
 
 main = stage_main(run)
-
-if __name__ == "__main__":
-    main()

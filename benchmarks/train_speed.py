@@ -14,9 +14,10 @@ import time
 
 import torch
 
+from src.common.hardware import choose_precision
 from src.dl.train import clip_and_step, compute_loss
 from src.dl.train.optim import build_optimizer
-from src.dl.train.trainer_utils import memory_used_gb, resolve_amp, seed_everything
+from src.dl.train.trainer_utils import memory_used_gb, seed_everything
 
 NUM_CLASSES = 4
 
@@ -44,7 +45,7 @@ def measure(
     from src.d_fine import build_criterion, build_model
 
     seed_everything(0)
-    amp_dtype = resolve_amp(amp, device)
+    amp_dtype = choose_precision(amp, device).dtype
     model = build_model(model_name, NUM_CLASSES, img_size=(img_size, img_size)).to(device).train()
     criterion = build_criterion(model_name, NUM_CLASSES).to(device).train()
     optimizer = build_optimizer(model, base_lr=8e-4, backbone_lr=4e-4, weight_decay=1.25e-4)

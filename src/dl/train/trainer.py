@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from src.common.config import exp_dir, label_names, save_run_config, stage_main
+from src.common.hardware import apply_channels_last
 from src.common.io import atomic_torch_save, atomic_write_csv, atomic_write_json
 from src.dl.train.ema import ModelEMA, unwrap_model
 from src.dl.train.optim import backbone_parameters, build_lr_scheduler, build_optimizer, group_lrs
@@ -45,14 +46,15 @@ from src.dl.train.trainer_utils import (
     broadcast_object,
     cleanup_distributed,
     format_duration,
+    maybe_compile,
     memory_used_gb,
     plot_curves,
     remove_sink_safely,
-    resolve_amp,
     rng_state,
     seed_everything,
     set_rng_state,
     setup_distributed,
+    setup_speed,
     sum_loss_kinds,
     to_float32,
     write_history,
@@ -180,6 +182,10 @@ RESUME_RUNTIME_KEYS = (
     "device",
     "train.resume",
     "train.num_workers",
+    "train.threads",
+    "train.compile",
+    "train.cache",
+    "train.cache_dir",
     "train.use_wandb",
     "train.abort_after_steps",
     "train.checkpoint_every_steps",
@@ -345,7 +351,8 @@ class Trainer:
         self.num_classes = len(self.class_names)
         self.batch_size = int(self.tc.batch_size)
         self.accumulation = max(int(self.tc.accumulation_steps), 1)
-        self.amp_dtype = resolve_amp(self.tc.amp, self.device)
+        self.precision = setup_speed(self.tc, self.device, ctx.world_size)  # threads + train.amp by hardware
+        self.amp_dtype = self.precision.dtype
         self.state = TrainState()
         self.partial_losses: dict = {"sums": {}, "count": 0}
         self.last_checkpoint_time = time.monotonic()
@@ -431,6 +438,7 @@ class Trainer:
         elif self.ctx.is_main and not self.tc.resume:
             logger.info("training from scratch (train.pretrained_model_path is null)")
         self.model.to(self.device)
+        apply_channels_last(self.model, self.precision)
         small_batches = self.batch_size < int(self.tc.get("sync_bn_below", 8))
         if self.ctx.distributed and self.device.type == "cuda" and small_batches:
             # Few images per GPU give noisy BatchNorm statistics: compute them over all GPUs instead.
@@ -475,7 +483,7 @@ class Trainer:
     def _wrap_ddp(self) -> nn.Module:
         """DDP over the plain model; re-done when the backbone is (un)frozen, as DDP fixes its parameter set."""
         if not self.ctx.distributed:
-            return self.model
+            return maybe_compile(self.model, bool(self.tc.compile))
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         # find_unused_parameters: a batch without any box (background-only) has no denoising queries, so the
         # denoising embedding gets no gradient in that step.
@@ -495,7 +503,7 @@ class Trainer:
         if self.ctx.is_main and hasattr(self.scheduler, "describe"):
             logger.info(f"LR schedule: {self.scheduler.describe()}")
         # Loss scaling only for fp16: bf16 has float32's range and needs none.
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.grad_scaler)
 
     def _batches_per_epoch_all(self) -> list[int]:
         """Batches of every epoch (the train set shrinks while background images are ignored)."""
@@ -541,11 +549,10 @@ class Trainer:
     def _log_setup(self) -> None:
         base_lr, backbone_lr = train_lrs(self.cfg)
         n_params = sum(p.numel() for p in self.model.parameters())
-        amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
         logger.info(
             f"D-FINE-{self.cfg.model.name} ({self.cfg.model.variant}), {self.num_classes} classes, "
             f"{n_params / 1e6:.2f}M parameters, input {list(self.cfg.model.img_size)}, device {self.device}, "
-            f"{self.ctx.world_size} process(es), AMP {amp}"
+            f"{self.ctx.world_size} process(es), {self.precision.name}"
         )
         effective = self.batch_size * self.accumulation * self.ctx.world_size
         logger.info(

@@ -26,7 +26,7 @@ import torch
 from src.common.hardware import Precision, apply_channels_last, choose_precision
 from src.dl.train import clip_and_step, compute_loss
 from src.dl.train.optim import build_optimizer
-from src.dl.train.trainer_utils import seed_everything
+from src.dl.train.trainer_utils import maybe_compile, seed_everything
 
 NUM_CLASSES = 4
 
@@ -49,31 +49,47 @@ def synthetic_batch(batch: int, img_size: int, device: torch.device) -> tuple[to
 
 
 def bare_step(
-    model_name: str, img_size: int, batch: int, precision: Precision, steps: int, warmup: int, device
+    model_name: str,
+    img_size: int,
+    batch: int,
+    precision: Precision,
+    steps: int,
+    warmup: int,
+    device,
+    compile_model: bool = False,
 ) -> dict:
-    """img/s of the train step alone on one synthetic batch (same weights and batch for every precision)."""
+    """img/s of the train step alone on one synthetic batch (same weights and batch for every precision);
+    first_step_s: the first step's time (with compile_model: torch.compile's compile time)."""
     from src.d_fine import build_criterion, build_model
 
     seed_everything(0)
     model = build_model(model_name, NUM_CLASSES, img_size=(img_size, img_size)).to(device).train()
     apply_channels_last(model, precision)
+    forward = maybe_compile(model, compile_model)
     criterion = build_criterion(model_name, NUM_CLASSES).to(device).train()
     optimizer = build_optimizer(model, base_lr=8e-4, backbone_lr=4e-4, weight_decay=1.25e-4)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.grad_scaler)
     images, targets = synthetic_batch(batch, img_size, device)
-    losses, started = [], time.perf_counter()
+    losses, first_step_s, started = [], 0.0, time.perf_counter()
     for step in range(warmup + steps):
         if step == warmup:
             _sync(device)
             started = time.perf_counter()
         torch.manual_seed(step)  # the same denoising queries in every precision
-        loss, _ = compute_loss(model, criterion, images, targets, precision.dtype)
+        loss, _ = compute_loss(forward, criterion, images, targets, precision.dtype)
         scaler.scale(loss).backward()
         clip_and_step(model, optimizer, scaler, clip_max_norm=0.1)
         losses.append(float(loss.detach()))
+        first_step_s = first_step_s or time.perf_counter() - started
     _sync(device)
     elapsed = time.perf_counter() - started
-    return {"precision": precision.name, "img_per_s": steps * batch / elapsed, "losses": losses}
+    img_per_s = steps * batch / elapsed
+    return {
+        "precision": precision.name,
+        "img_per_s": img_per_s,
+        "losses": losses,
+        "first_step_s": first_step_s,
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -151,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="train.threads (default: automatic)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-loop", action="store_true", help="bare steps only")
+    parser.add_argument("--compile", action="store_true", help="also time the bare step under torch.compile")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     chosen = choose_precision(args.amp, device)
@@ -178,6 +195,16 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         flush=True,
     )
+    if args.compile:
+        compiled = bare_step(
+            args.model, args.img_size, args.batch, chosen, args.steps, args.warmup, device, compile_model=True
+        )
+        result.update(compiled_img_per_s=compiled["img_per_s"], compile_first_step_s=compiled["first_step_s"])
+        print(
+            f"bare step under torch.compile ({chosen.name}): first step {compiled['first_step_s']:.0f} s, "
+            f"then {compiled['img_per_s']:.2f} img/s",
+            flush=True,
+        )
     if not args.skip_loop:
         with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
             data = make_data(Path(tmp), args.images)

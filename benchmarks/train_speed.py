@@ -170,16 +170,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true", help="also time the bare step under torch.compile")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    chosen = choose_precision(args.amp, device)
-    fp32 = bare_step(
-        args.model,
-        args.img_size,
-        args.batch,
+    chosen, fp32_precision, threads = (
+        choose_precision(args.amp, device),
         choose_precision("off", device),
-        args.steps,
-        args.warmup,
-        device,
+        torch.get_num_threads(),
     )
+    fp32 = bare_step(args.model, args.img_size, args.batch, fp32_precision, args.steps, args.warmup, device)
     result = {"precision": chosen.describe(), "bare_fp32_img_per_s": fp32["img_per_s"]}
     if chosen.dtype is not None:
         fast = bare_step(args.model, args.img_size, args.batch, chosen, args.steps, args.warmup, device)
@@ -209,11 +205,21 @@ def main(argv: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
             data = make_data(Path(tmp), args.images)
             result.update(full_loop(Path(tmp), data, args))
-        result["ratio_loop_to_bare_fp32"] = result["loop_img_per_s"] / result["bare_fp32_img_per_s"]
+        # A shared machine's load drifts: the bare step again after the loop, the ratio against their mean.
+        torch.set_num_threads(threads)  # the loop set train.threads
+        again = bare_step(
+            args.model, args.img_size, args.batch, fp32_precision, args.steps, args.warmup, device
+        )
+        bare = (fp32["img_per_s"] + again["img_per_s"]) / 2
+        result.update(
+            bare_fp32_after_img_per_s=again["img_per_s"],
+            ratio_loop_to_bare_fp32=result["loop_img_per_s"] / bare,
+        )
         print(
             f"full loop ({chosen.name}, {args.images} demo images, validation included): "
             f"{result['loop_img_per_s']:.2f} img/s (training alone {result['train_only_img_per_s']:.2f}, "
-            f"validation {result['validation_share']:.0%} of the epoch); "
+            f"validation {result['validation_share']:.0%} of the epoch); bare fp32 step before / after: "
+            f"{fp32['img_per_s']:.2f} / {again['img_per_s']:.2f} img/s; "
             f"loop / bare fp32 step = {result['ratio_loop_to_bare_fp32']:.2f}x",
             flush=True,
         )

@@ -552,7 +552,7 @@ class Trainer:
         logger.info(
             f"D-FINE-{self.cfg.model.name} ({self.cfg.model.variant}), {self.num_classes} classes, "
             f"{n_params / 1e6:.2f}M parameters, input {list(self.cfg.model.img_size)}, device {self.device}, "
-            f"{self.ctx.world_size} process(es), {self.precision.name}"
+            f"{self.ctx.world_size} process(es), AMP {self.precision.name}"
         )
         effective = self.batch_size * self.accumulation * self.ctx.world_size
         logger.info(

@@ -165,11 +165,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--amp", default="auto")
     parser.add_argument("--cache", default="off", help="train.cache for the loop: off | ram | disk")
     parser.add_argument("--threads", type=int, default=None, help="train.threads (default: automatic)")
+    parser.add_argument("--bare-threads", type=int, default=None, help="bare step threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-loop", action="store_true", help="bare steps only")
     parser.add_argument("--compile", action="store_true", help="also time the bare step under torch.compile")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.bare_threads:
+        torch.set_num_threads(args.bare_threads)
     chosen, fp32_precision, threads = (
         choose_precision(args.amp, device),
         choose_precision("off", device),

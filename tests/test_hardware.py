@@ -9,10 +9,12 @@ from loguru import logger
 
 from src.common.errors import ConfigError
 from src.common.hardware import (
+    _cgroup_headroom,
     apply_channels_last,
     choose_precision,
     cpu_flags,
     cpu_native_bf16,
+    ram_available_bytes,
     resolve_threads,
 )
 
@@ -110,3 +112,13 @@ def test_bf16_channels_last_losses_stay_close_to_fp32():
     for a, b in zip(fp32, bf16):
         assert abs(a - b) <= 0.03 * abs(a), (fp32, bf16)
     assert fp32 != bf16  # bf16 really ran
+
+
+def test_a_container_memory_limit_caps_the_available_memory(tmp_path):
+    (tmp_path / "memory.max").write_text("1000\n")
+    (tmp_path / "memory.current").write_text("300\n")
+    assert _cgroup_headroom(tmp_path) == 700
+    (tmp_path / "memory.max").write_text("max\n")
+    assert _cgroup_headroom(tmp_path) is None
+    assert _cgroup_headroom(tmp_path / "missing") is None
+    assert ram_available_bytes() is None or ram_available_bytes() > 0

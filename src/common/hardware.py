@@ -160,14 +160,28 @@ def resolve_threads(
 
 
 def ram_available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (what can be allocated without swapping), or None where unknown."""
+    """What can be allocated without swapping: MemAvailable from /proc/meminfo, capped by a container's
+    cgroup-v2 limit (memory.max - memory.current) where there is one; None where unknown."""
+    available = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                available = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    cgroup = _cgroup_headroom(Path("/sys/fs/cgroup"))
+    if cgroup is not None:
+        available = cgroup if available is None else min(available, cgroup)
+    return available
+
+
+def _cgroup_headroom(root: Path) -> int | None:
+    try:
+        limit = (root / "memory.max").read_text().strip()
+        used = int((root / "memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else max(int(limit) - used, 0)
 
 
 def disk_free_bytes(path: Path) -> int:

@@ -20,9 +20,11 @@ import torch
 from loguru import logger
 from omegaconf import DictConfig
 
-from src.common.config import exp_dir, stage_main, with_saved_model_keys
+from src.common.config import stage_main
+from src.common.errors import UserError
+from src.common.experiment import Experiment, file_sha256, stage_config
 from src.common.io import atomic_write, atomic_write_json
-from src.runtime import ARTIFACT_NAMES, available_backends, load_model
+from src.runtime import available_backends, load_model
 from src.runtime.meta import (
     INPUT_NAMES,
     OUTPUT_NAMES,
@@ -159,16 +161,13 @@ def export_openvino(onnx_path: Path, meta: ModelMeta, path: Path, fp16: bool) ->
     """ONNX -> OpenVINO IR (xml + bin), weights in fp16 (compress_to_fp16) or fp32; metadata in rt_info."""
     import openvino as ov
 
+    from src.runtime.openvino_model import save_ir
+
     model = ov.convert_model(str(onnx_path))
     ir_meta = copy.deepcopy(meta)
     ir_meta.precision = "fp16" if fp16 else "fp32"
     write_openvino_meta(model, ir_meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # ov.save_model writes two files (xml + bin); write under temp names, then rename both.
-    tmp_xml = path.with_name(f".{path.stem}.tmp.xml")
-    ov.save_model(model, str(tmp_xml), compress_to_fp16=fp16)
-    tmp_xml.with_suffix(".bin").replace(path.with_suffix(".bin"))
-    tmp_xml.replace(path)
+    save_ir(model, path, compress_to_fp16=fp16)  # the .xml/.bin pair replaced as a pair
     logger.info(f"OpenVINO IR ({ir_meta.precision} weights): {path}")
     return path
 
@@ -318,8 +317,9 @@ def parity_report(
 
     samples = load_split_samples(cfg, "val", limit=int(cfg.export.parity_images))
     if not samples:
-        logger.warning("no val images: export parity is not checked (run src.etl.split first)")
-        return {}
+        reason = f"no val images in {cfg.splits_dir} (data_path={cfg.data_path}): export parity NOT checked"
+        loud_error(f"{reason}; run `make split` on the experiment's data, then export again")
+        return {"skipped": reason}
     parity_conf = float(cfg.export.parity_conf)
     images = [s.read_image() for s in samples]  # decoded once for every model
     # Unthresholded (min_conf 0): mAP needs the top-K, and the pairing needs the detections below conf.
@@ -423,8 +423,9 @@ def artifact_meta(
     return out
 
 
-def probe_batches(cfg: DictConfig, meta: ModelMeta) -> list[np.ndarray]:
-    """Real val images (random noise if there are none) at every batch size the graph must serve."""
+def probe_batches(cfg: DictConfig, meta: ModelMeta) -> tuple[list[np.ndarray], str]:
+    """Real images of the experiment's splits (val, else test, else train) at every batch size the graph
+    must serve, and where they came from; ([], reason) when the data set has none."""
     from src.common.network_input import preprocess_images
     from src.runtime.evaluate import load_split_samples
 
@@ -434,79 +435,87 @@ def probe_batches(cfg: DictConfig, meta: ModelMeta) -> list[np.ndarray]:
         else [int(cfg.export.max_batch_size)]
     )
     sizes = sorted(set(sizes))
-    samples = load_split_samples(cfg, "val", limit=max(sizes))
-    if samples:
-        images = [s.read_image() for s in samples]
-        images = (images * max(sizes))[: max(sizes)]
-        batch, _ = preprocess_images(images, meta.img_size, meta.keep_ratio)
-    else:
-        batch = dummy_inputs(meta, max(sizes))[0].numpy()
-    return [batch[:n] for n in sizes]
+    for split in ("val", "test", "train"):
+        samples = load_split_samples(cfg, split, limit=max(sizes))
+        if samples:
+            images = [s.read_image() for s in samples]
+            images = (images * max(sizes))[: max(sizes)]
+            batch, _ = preprocess_images(images, meta.img_size, meta.keep_ratio)
+            return [batch[:n] for n in sizes], f"{len(samples)} {split} image(s) of {cfg.splits_dir}"
+    return [], f"no split images in {cfg.splits_dir}"
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    cfg = with_saved_model_keys(cfg)
-    out_dir = exp_dir(cfg)
-    checkpoint = out_dir / ARTIFACT_NAMES["torch"]
-    if not checkpoint.exists():
-        raise FileNotFoundError(f"{checkpoint} not found: train exp_name={cfg.exp_name} first")
+def simplify(cfg: DictConfig, onnx_path: Path, meta: ModelMeta) -> bool | str:
+    """onnxslim, verified on real images of the experiment; never on noise (it proves nothing there)."""
+    batches, source = probe_batches(cfg, meta)
+    if not batches:
+        loud_error(
+            f"onnxslim skipped: {source}, so a slimmed graph could not be verified; {onnx_path} kept unslimmed"
+        )
+        return f"skipped: {source}"
+    logger.info(f"onnxslim verified on {source}")
+    return slim_onnx(onnx_path, batches, meta)
+
+
+def export_formats(
+    cfg: DictConfig, onnx_path: Path, meta: ModelMeta, experiment: Experiment
+) -> dict[str, Path]:
+    """OpenVINO / TensorRT from the ONNX graph, where their libraries are installed."""
     formats = [str(f) for f in cfg.export.formats]
-    unknown = sorted(set(formats) - {"onnx", "openvino", "tensorrt"})
-    if unknown:
-        raise ValueError(f"export.formats: unknown {unknown}; use onnx, openvino, tensorrt")
-    model, torch_meta = build_deploy_model(checkpoint)
-    max_batch = int(cfg.export.max_batch_size)
-    meta = artifact_meta(torch_meta, None if cfg.export.dynamic_batch else max_batch, max_batch, checkpoint)
-    artifacts: dict[str, Path] = {}
-
-    onnx_path = export_onnx(
-        model,
-        meta,
-        out_dir / ARTIFACT_NAMES["onnx"],
-        meta.max_batch_size,
-        bool(cfg.export.dynamic_batch),
-        int(cfg.export.opset),
-    )
-    artifacts["onnx"] = onnx_path
-    slimmed = None
-    if cfg.export.simplify:
-        slimmed = slim_onnx(onnx_path, probe_batches(cfg, meta), meta)
-
-    status = available_backends()
+    status, artifacts = available_backends(), {}
     if "openvino" in formats:
         if status["openvino"] is None:
-            artifacts["ov_fp32"] = export_openvino(
-                onnx_path, meta, out_dir / ARTIFACT_NAMES["ov_fp32"], fp16=False
-            )
-            if cfg.export.ov_fp16:
-                artifacts["ov_fp16"] = export_openvino(
-                    onnx_path, meta, out_dir / ARTIFACT_NAMES["ov_fp16"], fp16=True
-                )
+            for key, fp16 in (("ov_fp32", False), ("ov_fp16", True)):
+                if not fp16 or cfg.export.ov_fp16:
+                    artifacts[key] = export_openvino(onnx_path, meta, experiment.artifact(key), fp16=fp16)
         else:
             logger.warning(f"OpenVINO export skipped: {status['openvino']}")
     if "tensorrt" in formats:
         if status["tensorrt"] is None:
             key = "trt_fp16" if cfg.export.trt_fp16 else "trt_fp32"
             artifacts[key] = export_tensorrt(
-                onnx_path,
-                meta,
-                out_dir / ARTIFACT_NAMES[key],
-                bool(cfg.export.trt_fp16),
+                onnx_path, meta, experiment.artifact(key), bool(cfg.export.trt_fp16),
                 float(cfg.export.trt_workspace_gb),
-            )
+            )  # fmt: skip
         else:
             logger.warning(f"TensorRT export skipped: {status['tensorrt']}")
+    return artifacts
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    cfg = stage_config(cfg)
+    experiment = Experiment.of(cfg)
+    checkpoint = experiment.file("best")
+    if not checkpoint.exists():
+        raise UserError(f"{checkpoint} not found: train exp_name={cfg.exp_name} first")
+    formats = [str(f) for f in cfg.export.formats]
+    unknown = sorted(set(formats) - {"onnx", "openvino", "tensorrt"})
+    if unknown:
+        raise UserError(f"export.formats: unknown {unknown}; use onnx, openvino, tensorrt")
+    checkpoint_hash = file_sha256(checkpoint)  # before reading: what every artifact is recorded as made from
+    model, torch_meta = build_deploy_model(checkpoint)
+    max_batch = int(cfg.export.max_batch_size)
+    meta = artifact_meta(torch_meta, None if cfg.export.dynamic_batch else max_batch, max_batch, checkpoint)
+
+    onnx_path = export_onnx(
+        model, meta, experiment.artifact("onnx"), meta.max_batch_size, bool(cfg.export.dynamic_batch),
+        int(cfg.export.opset),
+    )  # fmt: skip
+    slimmed = simplify(cfg, onnx_path, meta) if cfg.export.simplify else None
+    artifacts = {"onnx": onnx_path, **export_formats(cfg, onnx_path, meta, experiment)}
     if "onnx" not in formats:  # ONNX is the intermediate for the others; drop it if not wanted
         onnx_path.unlink()
         artifacts.pop("onnx")
+    for key in artifacts:
+        experiment.record_export(key, checkpoint_hash)
 
     report = {"artifacts": {k: str(v) for k, v in artifacts.items()}, "onnx_slimmed": slimmed}
     report["parity"] = (
         parity_report(cfg, artifacts, checkpoint, str(cfg.device)) if cfg.export.check_parity else {}
     )
-    atomic_write_json(out_dir / "export_report.json", report)
+    atomic_write_json(experiment.file("export_report"), report)
     print_report(report["parity"])
-    logger.info(f"export report: {out_dir / 'export_report.json'}")
+    logger.info(f"export report: {experiment.file('export_report')}")
     return report
 
 

@@ -126,7 +126,9 @@ def test_slim_graph_that_changes_outputs_is_discarded(exported, tmp_path, monkey
         return proto
 
     monkeypatch.setattr(onnxslim, "slim", miscompiling_slim)
-    assert slim_onnx(path, probe_batches(cfg, meta), meta) is False
+    batches, source = probe_batches(cfg, meta)
+    assert "val image" in source
+    assert slim_onnx(path, batches, meta) is False
     assert path.read_bytes() == before  # the unslimmed graph is kept
 
 

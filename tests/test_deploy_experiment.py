@@ -54,6 +54,11 @@ def later(root: Path, exp: str, *overrides: str):
     )
 
 
+def data(root: Path) -> str:
+    """data_path given explicitly (the same as the experiment's): isolates a test from stage_config."""
+    return f"data_path={root / 'data'}"
+
+
 def split_size(root: Path, split: str) -> int:
     return len(pd.read_csv(root / "data" / f"{split}.csv"))
 
@@ -98,28 +103,42 @@ def test_one_class_model_on_three_classes(root):
     from src.dl import bench, check_errors, export, ov_int8
 
     trained(root, "one", DATA_CLASSES, "model.use_one_class=true")
-    parity = export.run(later(root, "one"))["parity"]
+    parity = export.run(later(root, "one", data(root)))["parity"]
     assert parity["images"] > 0 and all("error" not in parity[k] for k in ("onnx", "ov_fp32"))
     assert parity["onnx"]["ok"]
 
-    frame = bench.run(later(root, "one", "bench.backends=[torch,ov_fp32]"))
+    frame = bench.run(later(root, "one", data(root), "bench.backends=[torch,ov_fp32]"))
     assert frame["backend"].tolist() == ["torch", "ov_fp32"]
     assert frame[["mAP_50", "f1@tuned", "f1@eval"]].apply(lambda c: c.between(0, 1)).all().all()
 
-    errors = check_errors.run(later(root, "one"))
+    errors = check_errors.run(later(root, "one", data(root)))
     assert set(errors["class_name"]) == {"object"} and set(errors["class_id"]) == {0}
 
-    report = ov_int8.run(later(root, "one"))
+    report = ov_int8.run(later(root, "one", data(root)))
     assert [r["model"] for r in report["results"]] == ["fp32", "int8"]
-    assert (exp_dir(later(root, "one")) / "model_int8.xml").exists()
+    assert (exp_dir(later(root, "one", data(root))) / "model_int8.xml").exists()
 
 
-def test_stale_export_refused_with_re_export_message(root, tmp_path):
-    from src.dl import bench, export
+@pytest.fixture(scope="module")
+def exported(root):
+    """Experiment "base" exported to ONNX only; tests copy it (copy_experiment) instead of exporting again."""
+    from src.dl import export
+
+    cfg = trained(root, "base", OWN_CLASSES, "export.formats=[onnx]", "export.check_parity=false")
+    export.run(cfg)
+    return exp_dir(cfg)
+
+
+def copy_experiment(root: Path, folder: Path, exp: str):
+    shutil.copytree(folder, root / "output" / exp)
+    return deploy_config(root, f"exp_name={exp}", "~label_to_name", f"+label_to_name={OWN_CLASSES}")
+
+
+def test_stale_export_refused_with_re_export_message(root, exported, tmp_path):
+    from src.dl import bench
     from src.runtime import best_artifact, load_model
 
-    cfg = trained(root, "stale", OWN_CLASSES, "export.formats=[onnx]", "export.check_parity=false")
-    export.run(cfg)
+    cfg = copy_experiment(root, exported, "stale")
     onnx_path = exp_dir(cfg) / "model.onnx"
     elsewhere = tmp_path / "copy" / "model.onnx"
     elsewhere.parent.mkdir()
@@ -135,21 +154,17 @@ def test_stale_export_refused_with_re_export_message(root, tmp_path):
         bench.run(later(root, "stale", "bench.backends=[onnx]"))
     assert load_model(elsewhere).backend == "onnx"  # a file outside the experiment is not checked
 
-    export.run(cfg)
-    assert load_model(onnx_path).backend == "onnx"
 
+def test_bench_with_every_backend_broken_keeps_the_table_and_fails(root, exported):
+    from src.dl import bench
 
-def test_bench_with_every_backend_broken_keeps_the_table_and_fails(root):
-    from src.dl import bench, export
-
-    cfg = trained(root, "broken", OWN_CLASSES, "export.formats=[onnx]", "export.check_parity=false")
-    export.run(cfg)
-    bench.run(later(root, "broken", "bench.backends=[onnx]"))
+    cfg = copy_experiment(root, exported, "broken")
+    bench.run(later(root, "broken", data(root), "bench.backends=[onnx]"))
     table = exp_dir(cfg) / "bench.csv"
     before = table.read_bytes()
     (exp_dir(cfg) / "model.onnx").write_bytes(b"not an onnx graph")
     command = [sys.executable, "-m", "src.dl.bench", f"output_dir={root / 'output'}", "exp_name=broken"]
-    command += ["device=cpu", "bench.backends=[onnx]", "bench.warmup=0", "bench.save_images=0"]
+    command += [data(root), "device=cpu", "bench.backends=[onnx]", "bench.warmup=0", "bench.save_images=0"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     output = done.stdout + done.stderr

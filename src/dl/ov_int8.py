@@ -151,7 +151,7 @@ def measure(
     """Latency + metrics of one IR on the val images; with `reference` (fp32's EvalResult) also the drift
     of its detections (above the model's threshold) from fp32's; a detection within `score_margin` of the
     threshold in one model and below it in the other is borderline, not unmatched."""
-    from src.dl.export import compare_detections
+    from src.dl.parity import compare_detections
 
     detector = load_model(path, device="cpu", precision=precision)
     result = evaluate_detector(detector, validation.samples, images=validation.images, warmup=3, desc=label)

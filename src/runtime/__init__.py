@@ -15,7 +15,7 @@ import importlib
 from pathlib import Path
 
 from src.common.errors import ExperimentError
-from src.common.experiment import ARTIFACTS, Experiment
+from src.common.experiment import ARTIFACTS, FILES, Experiment
 from src.runtime.backend import BackendUnavailable
 from src.runtime.detector import Detections, Detector
 from src.runtime.meta import ModelMeta
@@ -112,9 +112,11 @@ def available_backends() -> dict[str, str | None]:
 
 
 def experiment_of(path: str | Path) -> Experiment | None:
-    """The experiment folder an artifact lies in (a folder holding best.pt), else None."""
+    """The experiment folder an artifact lies in (best.pt beside a training config or manifest), else None:
+    a folder of the user's holding copied model files is not an experiment and is not checked."""
     folder = Path(path).resolve().parent
-    if not (folder / ARTIFACTS["torch"]).exists():
+    marks = [FILES["config"], FILES["manifest"]]
+    if not (folder / ARTIFACTS["torch"]).exists() or not any((folder / m).exists() for m in marks):
         return None
     try:
         return Experiment(folder.parent, folder.name)

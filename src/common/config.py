@@ -108,8 +108,8 @@ def validate_config(
 ) -> DictConfig:
     """Check every key of the composed cfg against config.yaml (types) and config_rules (ranges, choices).
 
-    Raises one ConfigError listing every problem (after `problems` found earlier), one per line. Returns cfg with model.img_size as [h, w]
-    and int label ids.
+    Raises one ConfigError listing every problem (after `problems` found earlier), one per line.
+    Returns cfg with model.img_size as [h, w] and int label ids.
     """
     problems = [*problems, *config_problems(cfg, defaults if defaults is not None else default_config())]
     if problems:
@@ -276,7 +276,8 @@ def check_overrides(
     out, problems = [], []
     for arg in overrides:
         match = _OVERRIDE.fullmatch(arg)
-        if match is None or match["key"].split(".")[0] == "hydra":
+        is_override = match is not None and (match["rest"] or match["prefix"] == "~")
+        if not is_override or match["key"].split(".")[0] == "hydra":  # flags (--cfg job), Hydra's keys
             out.append(arg)
             continue
         prefix, key, rest = match["prefix"] or "", match["key"], match["rest"] or ""

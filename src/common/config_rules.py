@@ -183,6 +183,7 @@ RULES: dict[str, Rule] = {
         "a non-empty list of metric names", lambda v: isinstance(v, str) and bool(v)
     ),
     "train.max_bad_steps": at_least(1),
+    "train.checkpoint_every_minutes": at_least(0, kind="float"),  # an int default; 0.5 is fine
     "train.max_steps_per_epoch": at_least(1, nullable=True, kind="int"),
     "train.abort_after_steps": at_least(1, nullable=True, kind="int"),
     "train.conf_thresh": PROBABILITY,
@@ -191,6 +192,7 @@ RULES: dict[str, Rule] = {
     "train.mosaic.scale": pair("[min, max] zoom with 0 < min <= max", lambda v: _number(v) and v > 0),
     "train.mosaic.degrees": between(0, 180),
     "train.mosaic.translate": PROBABILITY,
+    "train.mosaic.min_box_px": at_least(0, kind="float"),
     "train.mosaic.min_area_ratio": PROBABILITY,
     "train.multiscale_prob": PROBABILITY,
     "train.mixup.prob": PROBABILITY,
@@ -198,7 +200,7 @@ RULES: dict[str, Rule] = {
         "[start, end] epochs (ints, start >= 0, end > start or null)", _mixup_epochs, typed=True
     ),
     "train.augs.*": PROBABILITY,
-    "train.augs.rotation_degree": between(0, 180),
+    "train.augs.rotation_degree": between(0, 180, kind="float"),
     "train.cls_loss": one_of("auto", "vfl", "mal"),
     "train.dn_negatives.iou_thresh": PROBABILITY,
     "train.flat_cosine.flat_epochs": at_least(0, nullable=True, kind="int"),
@@ -209,6 +211,7 @@ RULES: dict[str, Rule] = {
     "export.formats": subset_of("onnx", "openvino", "tensorrt"),
     "export.opset": at_least(17),
     "export.max_batch_size": at_least(1),
+    "export.trt_workspace_gb": above(0, kind="float"),
     "export.ov_precision": one_of(*OV_PRECISIONS),
     "export.parity_images": at_least(1),
     "export.parity_conf": PROBABILITY,
@@ -243,7 +246,7 @@ RULES: dict[str, Rule] = {
     ),
     "demo_ui.max_images": at_least(1),
     "demo_ui.max_video_frames": at_least(1, nullable=True),
-    "demo_ui.max_video_seconds": above(0, nullable=True),
+    "demo_ui.max_video_seconds": above(0, nullable=True, kind="float"),
     "demo_ui.concurrency": at_least(1),
     "demo_ui.queue_size": at_least(1),
     "demo_ui.keep_results": at_least(1),

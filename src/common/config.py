@@ -181,12 +181,12 @@ def _kind(default) -> str | None:
 
 
 def _is_kind(value, kind: str) -> bool:
+    if kind == "str":  # Hydra parses `exp_name=2024` as an int, `x=true` (for auto | true | false) as a bool
+        return isinstance(value, (str, int, float, bool))
     if kind == "bool" or isinstance(value, bool):
         return isinstance(value, bool) and kind == "bool"
     if kind == "float":  # a float key accepts ints
         return isinstance(value, (int, float))
-    if kind == "str":  # Hydra parses `exp_name=2024` as an int
-        return isinstance(value, (str, int, float))
     return isinstance(value, {"int": int, "list": list, "dict": dict}[kind])
 
 

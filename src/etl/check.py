@@ -326,7 +326,7 @@ def check_dataset(cfg: DictConfig, write: bool = True) -> Report:
         clip_tolerance=float(c.clip_tolerance),
         find_duplicates=bool(c.find_duplicates),
         skip_bad=bool(c.skip_bad),
-        workers=int(c.workers),
+        workers=int(c.get("workers", 1)),
     )
     if write:
         write_report(report, c.report_dir)

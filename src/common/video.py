@@ -31,7 +31,8 @@ class VideoInput:
     """An open video: fps, size (width, height), frame count (None when the container does not say)."""
 
     capture: object  # cv2.VideoCapture
-    path: Path
+    path: Path | int | str  # a file, a webcam index or a stream URL
+    name: str  # what messages call it
     fps: float
     size: tuple[int, int]
     total: int | None
@@ -56,12 +57,14 @@ class VideoInput:
         self.close()
 
 
-def open_video(path: str | Path, name: str | None = None) -> VideoInput:
-    """Open a video file; VideoReadError (naming `name`, default the path) when it has no video stream."""
+def open_video(path: str | Path | int, name: str | None = None) -> VideoInput:
+    """Open a video file (or a webcam index / stream URL); VideoReadError (naming `name`, default the
+    source) when it has no video stream."""
     import cv2
 
-    path, name = Path(path), name or str(path)
-    capture = cv2.VideoCapture(str(path))
+    path = path if isinstance(path, int) or "://" in str(path) else Path(path)
+    name = name or str(path)
+    capture = cv2.VideoCapture(path if isinstance(path, int) else str(path))
     if not capture.isOpened():
         capture.release()
         raise VideoReadError(f"{name}: cannot open the video (unknown format or corrupt file)")
@@ -73,7 +76,7 @@ def open_video(path: str | Path, name: str | None = None) -> VideoInput:
     fps = capture.get(cv2.CAP_PROP_FPS)
     fps = float(fps) if fps and np.isfinite(fps) and fps > 0 else DEFAULT_FPS
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-    return VideoInput(capture, path, fps, (width, height), total)
+    return VideoInput(capture, path, name, fps, (width, height), total if total and total > 0 else None)
 
 
 class VideoOutput:

@@ -4,7 +4,8 @@
 
 Per backend: latency median / p90 in ms (one image at a time, after warm-up; image decoding excluded,
 resize + inference + postprocessing included), throughput, mAP50, mAP50-95, and precision / recall / F1 at
-both thresholds, named: `*@tuned` at the model's saved threshold (thresholds.json, column conf_tuned) and
+both thresholds, named: `*@tuned` at the model's saved thresholds (thresholds.json: the global one in column
+conf_tuned, plus its per-class ones; what infer applies) and
 `*@eval` at train.conf_thresh (column conf_eval), the threshold of training's metrics.csv
 (src/metrics/validator.py). Writes output/<exp>/bench.csv and annotated images per backend
 (bench/<backend>/: ground truth green, predictions red).
@@ -97,7 +98,10 @@ def bench_one(cfg: DictConfig, variant: str, path: Path, samples: list[LabelledI
     )
     detector = load_model(path, device=str(cfg.device), precision=precision)
     result = evaluate_detector(detector, samples, warmup=int(cfg.bench.warmup), desc=f"bench {variant}")
-    conf_eval = float(cfg.train.conf_thresh)  # what training's metrics.csv reports P/R/F1 at
+    # P/R/F1 where the model is deployed (its saved global + per-class thresholds, what infer applies) and
+    # at train.conf_thresh, what training's metrics.csv reports them at.
+    at_tuned = score(result.above(detector.thresholds()), result.samples, detector.class_names, conf=0.0)
+    conf_eval = float(cfg.train.conf_thresh)
     at_eval = score(result.detections, result.samples, detector.class_names, conf_eval)
     if cfg.bench.save_images:
         pictures = Experiment.of(cfg).file("bench_images") / variant
@@ -112,8 +116,8 @@ def bench_one(cfg: DictConfig, variant: str, path: Path, samples: list[LabelledI
         **result.latency_stats(),
         "mAP_50": result.metrics["mAP_50"],
         "mAP_50_95": result.metrics["mAP_50_95"],
-        "conf_tuned": result.conf_thresh,
-        **{f"{k}@tuned": result.metrics[k] for k in PR_KEYS},
+        "conf_tuned": float(detector.meta.conf_thresh),
+        **{f"{k}@tuned": at_tuned[k] for k in PR_KEYS},
         "conf_eval": conf_eval,
         **{f"{k}@eval": at_eval[k] for k in PR_KEYS},
         "artifact": str(path),

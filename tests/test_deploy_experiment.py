@@ -216,3 +216,16 @@ def test_infer_keeps_same_stem_inputs_apart_and_replaces_only_its_own_outputs(ro
     assert file_hashes(other_out) == other_before  # another input's outputs untouched
     assert file_hashes(media) == media_before  # the inputs are never written to
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_export_without_split_images_claims_nothing(root, exported, tmp_path):
+    """No val (or any split) images: parity and onnxslim are skipped with the reason, never run on noise."""
+    from src.dl import export
+
+    copy_experiment(root, exported, "nosplit")
+    empty = tmp_path / "no_splits"
+    (empty / "images").mkdir(parents=True)
+    cfg = later(root, "nosplit", f"data_path={empty}", "export.formats=[onnx]", "export.simplify=true")
+    report = export.run(cfg)
+    assert str(report["onnx_slimmed"]).startswith("skipped: no split images")
+    assert "no val images" in report["parity"]["skipped"]

@@ -167,12 +167,16 @@ def load_experiment_model(
     """A stage's model: `model_path` when given, else the experiment's best artifact for cfg.device."""
     from omegaconf import OmegaConf
 
+    from src.common.errors import UserError
     from src.common.experiment import Experiment
     from src.runtime import best_artifact, load_model
 
     if OmegaConf.is_config(conf):  # {class: threshold} from the command line / config.yaml
         conf = OmegaConf.to_container(conf)
-    path = Path(model_path) if model_path else best_artifact(Experiment.of(cfg).root, str(cfg.device))
-    detector = load_model(path, device=str(cfg.device), precision=precision, conf=conf)
+    try:
+        path = Path(model_path) if model_path else best_artifact(Experiment.of(cfg).root, str(cfg.device))
+        detector = load_model(path, device=str(cfg.device), precision=precision, conf=conf)
+    except FileNotFoundError as err:  # nothing trained / exported, or a mistyped model_path: one line
+        raise UserError(str(err)) from err
     logger.info(f"model: {detector}")
     return detector

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import Sampler
 
+from src.common.device import resolve_device
 from src.common.hardware import Precision, choose_precision, resolve_threads
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -46,20 +47,6 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """`auto` -> this process's GPU if there is one, else CPU; explicit names are checked, not trusted."""
-    device = str(device)
-    if device == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"device={device} was asked for but CUDA is not available here; use device=cpu or auto"
-        )
-    if device == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(device)
 
 
 def setup_distributed(device: str = "auto") -> DistContext:

@@ -24,10 +24,12 @@ from loguru import logger
 from omegaconf import DictConfig
 
 from src.common.config import label_names, stage_main
+from src.common.errors import UserError
 from src.common.images import IMAGE_EXTS, ImageReadError, list_images, parallel_map, read_image_rgb
 from src.common.io import atomic_write_csv, atomic_write_json
 from src.etl.labels import (
     FATAL,
+    UNNAMED_CLASS,
     WARNING,
     LabelFile,
     Problem,
@@ -40,7 +42,7 @@ from src.etl.labels import (
 MAX_PROBLEMS_SHOWN = 20
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The data set cannot be used as is; the message lists the problems (file and line)."""
 
 
@@ -313,6 +315,39 @@ def fatal_error_message(report: Report, report_dir: str | Path) -> str:
     )
 
 
+def unnamed_class_message(report: Report) -> str | None:
+    """The stop message for class ids that label_to_name does not name (None when there are none).
+
+    Not skippable: leaving those images out would quietly train without a class the user labelled.
+    """
+    unnamed = [p for p in report.problems if p.kind == UNNAMED_CLASS]
+    if not unnamed:
+        return None
+    ids = sorted({int(p.message.split()[2]) for p in unnamed})
+    files = sorted({p.file for p in unnamed})
+    listed = ", ".join(f"{p.file}:{p.line}" for p in unnamed[:MAX_PROBLEMS_SHOWN])
+    more = f" ... and {len(unnamed) - MAX_PROBLEMS_SHOWN} more" if len(unnamed) > MAX_PROBLEMS_SHOWN else ""
+    named = ", ".join(f"{i}: {n}" for i, n in enumerate(report.class_names))
+    return (
+        f"class id(s) {', '.join(map(str, ids))} in {len(unnamed)} label line(s) of {len(files)} file(s) are not "
+        f"named in label_to_name ({{{named}}}): {listed}{more}. Name every class in label_to_name "
+        f"(ids 0..N-1) or fix those labels; check.skip_bad does not skip this."
+    )
+
+
+def unused_class_warning(report: Report) -> str | None:
+    """A warning naming classes of label_to_name that no usable image contains (the model would still
+    learn an output for each of them, and report them at mAP 0)."""
+    unused = [f"{i}: {name}" for i, (name, n) in enumerate(report.boxes_per_class().items()) if n == 0]
+    if not unused:
+        return None
+    return (
+        f"label_to_name names {len(unused)} class(es) that no label uses: {', '.join(unused)}; the model will "
+        f"still have {len(report.class_names)} outputs. Remove unused names from label_to_name (ids 0..N-1) "
+        "unless those classes are coming."
+    )
+
+
 def check_dataset(cfg: DictConfig, write: bool = True) -> Report:
     """Run the doctor on cfg.data_path with cfg.check settings; split and train call this first.
 
@@ -331,6 +366,12 @@ def check_dataset(cfg: DictConfig, write: bool = True) -> Report:
     if write:
         write_report(report, c.report_dir)
     (logger.warning if report.problems else logger.info)("\n" + report.text())
+    unnamed = unnamed_class_message(report)
+    if unnamed:
+        raise DatasetError(unnamed)
+    unused = unused_class_warning(report)
+    if unused:
+        logger.warning(unused)
     if report.fatal and not report.skip_bad:
         raise DatasetError(fatal_error_message(report, c.report_dir))
     if not report.usable_images:

@@ -1,0 +1,152 @@
+"""Near-duplicate images: perceptual hash (imagehash's DCT pHash) + a band-pass thumbnail check, grouped.
+
+Re-encoded, resized, slightly cropped or brightened copies and neighbouring video frames look alike at low
+resolution. Two images are a pair when BOTH hold (a mirrored copy counts too: every image is also
+fingerprinted mirrored):
+- their 64-bit pHashes differ in at most `max_distance` bits (cheap, from the maintained imagehash library);
+- the correlation of their band-pass thumbnails (grey, central 80%, 32x32, difference of Gaussians) is at
+  least `min_similarity`. pHash alone could not reach the target on planted copies: its low frequencies are
+  shared by unrelated scenes of one kind, and a 10% crop moves it as far (benchmarks/near_duplicates.py).
+Pairs chain into groups (frames of one video become one group). split keeps every group in one split; the
+doctor lists groups inside a split and across splits (leaks) with a contact sheet per group.
+
+Memory: 2 hashes + 2 thumbnails (8 KB) per image. All pairs are compared in chunks of CHUNK rows (one matrix
+product each): 10,000 images take seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+PRE_SIZE = 128  # grey thumbnail the pHash is computed from: area-averaging a full image down is fast
+THUMB = 32  # side of the band-pass thumbnail
+CENTRAL = 0.8  # share of each side the thumbnail covers: the borders are what a crop removes
+BAND = (2.0, 8.0)  # Gaussian sigmas (thumbnail pixels) of the band pass: no pixel noise, no global gradient
+CHUNK = 1024  # rows compared at once: CHUNK x N distances and similarities
+
+NO_SPLIT = ""
+
+
+@dataclass
+class Fingerprint:
+    """What near-duplicate search keeps of one image (the image itself is not kept)."""
+
+    hashes: tuple[int, int]  # pHash of the image, of the mirrored image (64-bit)
+    thumbs: np.ndarray  # (2, THUMB * THUMB) float32 unit-norm band-pass thumbnails: plain, mirrored
+
+
+def fingerprint(rgb: np.ndarray) -> Fingerprint:
+    """Fingerprint of an RGB uint8 (H, W, 3) image of any size."""
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    small = cv2.resize(gray, (PRE_SIZE, PRE_SIZE), interpolation=cv2.INTER_AREA)
+    mirrored = np.ascontiguousarray(small[:, ::-1])
+    return Fingerprint((_phash(small), _phash(mirrored)), np.stack([_band_pass(small), _band_pass(mirrored)]))
+
+
+def _phash(gray: np.ndarray) -> int:
+    import imagehash
+    from PIL import Image
+
+    return int(np.packbits(imagehash.phash(Image.fromarray(gray)).hash.reshape(-1)).view(">u8")[0])
+
+
+def _band_pass(gray: np.ndarray) -> np.ndarray:
+    size = gray.shape[0]
+    margin = int(size * (1 - CENTRAL) / 2)
+    central = gray[margin : size - margin, margin : size - margin]
+    thumb = cv2.resize(central, (THUMB, THUMB), interpolation=cv2.INTER_AREA).astype(np.float32)
+    thumb = cv2.GaussianBlur(thumb, (0, 0), BAND[0]) - cv2.GaussianBlur(thumb, (0, 0), BAND[1])
+    thumb -= thumb.mean()  # brightness and contrast changes cancel out in the correlation
+    return (thumb / (np.linalg.norm(thumb) + 1e-6)).reshape(-1)
+
+
+def _popcount(values: np.ndarray) -> np.ndarray:
+    """Set bits per uint64 (numpy >= 2 has it built in; older numpy: a byte lookup table)."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(values)
+    table = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+    return table[values.view(np.uint8)].reshape(*values.shape, 8).sum(-1)
+
+
+def close_pairs(
+    prints: Sequence[Fingerprint], max_distance: int, min_similarity: float
+) -> Iterator[tuple[int, int, int, float]]:
+    """(i, j, pHash distance, thumbnail similarity) with i < j for every near-duplicate pair."""
+    if len(prints) < 2:
+        return
+    plain = np.array([p.hashes[0] for p in prints], np.uint64)  # (N,)
+    mirrored = np.array([p.hashes[1] for p in prints], np.uint64)
+    thumbs = np.stack([p.thumbs[0] for p in prints])  # (N, T)
+    thumbs_mirrored = np.stack([p.thumbs[1] for p in prints])
+    for start in range(0, len(prints), CHUNK):
+        block = slice(start, start + CHUNK)
+        distance = np.minimum(
+            _popcount(plain[block, None] ^ plain[None, :]), _popcount(plain[block, None] ^ mirrored[None, :])
+        )  # (C, N)
+        similarity = np.maximum(thumbs[block] @ thumbs.T, thumbs[block] @ thumbs_mirrored.T)  # (C, N)
+        rows, cols = np.nonzero((distance <= max_distance) & (similarity >= min_similarity))
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            if c > r + start:
+                yield r + start, c, int(distance[r, c]), float(similarity[r, c])
+
+
+def group_pairs(count: int, pairs: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Connected components (union-find) of the pairs with more than one member, each sorted, by first."""
+    parent = list(range(count))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in pairs:
+        a, b = root(i), root(j)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    members: dict[int, list[int]] = {}
+    for i in range(count):
+        members.setdefault(root(i), []).append(i)
+    return sorted(group for group in members.values() if len(group) > 1)
+
+
+def near_duplicate_groups(
+    names: Sequence[str], prints: Sequence[Fingerprint | None], max_distance: int, min_similarity: float
+) -> list[list[str]]:
+    """Groups of image names that are near-duplicates (None: an image without a fingerprint, left out)."""
+    index = [i for i, p in enumerate(prints) if p is not None]
+    pairs = [(i, j) for i, j, _, _ in close_pairs([prints[i] for i in index], max_distance, min_similarity)]
+    return [[names[index[k]] for k in group] for group in group_pairs(len(index), pairs)]
+
+
+def leaking_groups(groups: list[list[str]], split_of: dict[str, str]) -> list[list[str]]:
+    """Groups whose members sit in more than one split (images in no split do not count)."""
+    return [g for g in groups if len({split_of[n] for n in g if split_of.get(n, NO_SPLIT)}) > 1]
+
+
+def home_split(group: list[str], split_of: dict[str, str], order: Sequence[str]) -> str:
+    """Where a leaking group goes: the split holding most of it; a tie goes to the earlier split of
+    `order` (train first: val/test lose an image rather than keep a copy of a training image)."""
+    counts = {s: sum(split_of.get(n) == s for n in group) for s in order}
+    return max(order, key=lambda s: (counts[s], -order.index(s)))
+
+
+def contact_sheet(paths: Sequence[Path], captions: Sequence[str], thumb: int = 256) -> np.ndarray:
+    """One picture of a group: every member letterboxed to thumb x thumb with its caption, in a grid."""
+    from src.common.draw import put_title, tile_images
+    from src.common.images import ImageReadError, read_image_rgb
+    from src.common.network_input import letterbox_or_resize
+
+    tiles = []
+    for path, caption in zip(paths, captions, strict=True):
+        try:
+            image, _ = letterbox_or_resize(read_image_rgb(path), (thumb, thumb), keep_ratio=True)
+        except (ImageReadError, OSError):
+            image = np.full((thumb, thumb, 3), 114, np.uint8)
+        tiles.append(put_title(image, caption))
+    return tile_images(tiles, tile_size=(thumb, thumb))

@@ -161,7 +161,7 @@ def small_object_advice(
         f"{sizes['size_px'].median():.1f} px). Small objects vanish when images are shrunk: use "
         f"model.img_size=[{suggested[0]}, {suggested[1]}] ({share_suggested:.0%} small), or tile the images at "
         f"full resolution (`python -m src.etl.tile`: {share_native:.0%} small) and infer sliced "
-        "(infer.sliced=true)."
+        "(slicing.enabled=true)."
     )
 
 

@@ -4,8 +4,8 @@
     python -m src.etl.split split.val=0.2 split.test=0 split.stratify=true
 
 Deterministic: images sorted by name, then shuffled with cfg.seed. Exact duplicates and near-duplicate groups
-(re-encoded / resized / cropped copies, video frames; found by the doctor) always land in one split, so val/test
-never contain a copy of a training image.
+(re-encoded / resized / cropped copies, video frames; found by the doctor) and the tiles of one image (a tiled
+data set's tiles.csv) always land in one split, so val/test never contain a copy of a training image.
 An existing split that leaks (a group across splits) is refused: split.fix_leaks=true moves each leaking
 group whole into the split holding most of it (the rest of the split is kept as it is); delete the split
 files for a fresh split.
@@ -29,6 +29,7 @@ from src.common.io import atomic_write_csv
 from src.etl.check import Report, check_dataset
 from src.etl.near_duplicates import group_pairs, home_split, leaking_groups
 from src.etl.splits import split_membership
+from src.etl.tile import tile_groups
 
 SPLITS = ("train", "val", "test")
 BACKGROUND_GROUP = -1
@@ -156,7 +157,7 @@ def write_splits(cfg: DictConfig, report: Report, splits: dict[str, list[str]]) 
 
 def run(cfg: DictConfig) -> dict[str, list[str]]:
     report = check_dataset(cfg)
-    together = merge_groups(report.duplicate_groups, report.near_duplicate_groups)
+    together = merge_groups(report.duplicate_groups, report.near_duplicate_groups, tile_groups(cfg.data_path))
     fixed = fix_existing_leaks(cfg, together)
     if fixed is not None:
         write_splits(cfg, report, fixed)

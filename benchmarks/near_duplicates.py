@@ -86,7 +86,8 @@ def near_duplicate_quality(
 
 def doctor_speed(count: int, workers: int = 2) -> dict:
     """Time the doctor (full decode, content hash, pHash, labels, groups, sizes) over `count` 640x480 JPGs."""
-    from src.etl.check import diagnose
+    from src.etl.check import NearDuplicateSettings, diagnose
+    from src.etl.data_quality import box_size_table
 
     with tempfile.TemporaryDirectory() as tmp:
         images, labels = Path(tmp) / "images", Path(tmp) / "labels"
@@ -102,7 +103,10 @@ def doctor_speed(count: int, workers: int = 2) -> dict:
             (labels / f"img_{i:05d}.txt").write_text("0 0.5 0.5 0.1 0.1\n1 0.2 0.2 0.05 0.05\n")
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         start = time.perf_counter()
-        report = diagnose(Path(tmp), ["a", "b"], workers=workers, img_size=(640, 640))
+        report = diagnose(
+            Path(tmp), ["a", "b"], workers=workers, near_duplicates=NearDuplicateSettings(22, 0.8)
+        )
+        box_size_table(report, (640, 640), keep_ratio=False)
         seconds = time.perf_counter() - start
         rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {

@@ -10,8 +10,8 @@ fingerprinted mirrored):
 Pairs chain into groups (frames of one video become one group). split keeps every group in one split; the
 doctor lists groups inside a split and across splits (leaks) with a contact sheet per group.
 
-Memory: 2 hashes + 2 thumbnails (8 KB) per image. All pairs are compared in chunks of CHUNK rows (one matrix
-product each): 10,000 images take seconds.
+Memory: 2 hashes + 2 thumbnails (8 KB) per image. All pairs' pHashes are compared in chunks of CHUNK rows;
+thumbnails only for the pairs whose pHashes are close.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ PRE_SIZE = 128  # grey thumbnail the pHash is computed from: area-averaging a fu
 THUMB = 32  # side of the band-pass thumbnail
 CENTRAL = 0.8  # share of each side the thumbnail covers: the borders are what a crop removes
 BAND = (2.0, 8.0)  # Gaussian sigmas (thumbnail pixels) of the band pass: no pixel noise, no global gradient
-CHUNK = 1024  # rows compared at once: CHUNK x N distances and similarities
+CHUNK = 256  # rows compared at once: CHUNK x N pHash distances
+PAIR_BATCH = 8192  # thumbnail pairs correlated at once (3 x 32 MB)
 
 NO_SPLIT = ""
 
@@ -65,14 +66,6 @@ def _band_pass(gray: np.ndarray) -> np.ndarray:
     return (thumb / (np.linalg.norm(thumb) + 1e-6)).reshape(-1)
 
 
-def _popcount(values: np.ndarray) -> np.ndarray:
-    """Set bits per uint64 (numpy >= 2 has it built in; older numpy: a byte lookup table)."""
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(values)
-    table = np.array([bin(i).count("1") for i in range(256)], np.uint8)
-    return table[values.view(np.uint8)].reshape(*values.shape, 8).sum(-1)
-
-
 def close_pairs(
     prints: Sequence[Fingerprint], max_distance: int, min_similarity: float
 ) -> Iterator[tuple[int, int, int, float]]:
@@ -83,16 +76,35 @@ def close_pairs(
     mirrored = np.array([p.hashes[1] for p in prints], np.uint64)
     thumbs = np.stack([p.thumbs[0] for p in prints])  # (N, T)
     thumbs_mirrored = np.stack([p.thumbs[1] for p in prints])
+    # Buffers reused for every chunk: allocating CHUNK x N arrays each time cost 10x the arithmetic (page faults).
+    xor = np.empty((CHUNK, len(prints)), np.uint64)
+    distance, mirrored_distance = np.empty((2, CHUNK, len(prints)), np.uint8)
     for start in range(0, len(prints), CHUNK):
-        block = slice(start, start + CHUNK)
-        distance = np.minimum(
-            _popcount(plain[block, None] ^ plain[None, :]), _popcount(plain[block, None] ^ mirrored[None, :])
-        )  # (C, N)
-        similarity = np.maximum(thumbs[block] @ thumbs.T, thumbs[block] @ thumbs_mirrored.T)  # (C, N)
-        rows, cols = np.nonzero((distance <= max_distance) & (similarity >= min_similarity))
-        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-            if c > r + start:
-                yield r + start, c, int(distance[r, c]), float(similarity[r, c])
+        rows_here = len(plain[start : start + CHUNK])
+        x, d, dm = xor[:rows_here], distance[:rows_here], mirrored_distance[:rows_here]  # (C, N)
+        np.bitwise_count(np.bitwise_xor(plain[start : start + CHUNK, None], plain[None, :], out=x), out=d)
+        np.bitwise_count(np.bitwise_xor(plain[start : start + CHUNK, None], mirrored[None, :], out=x), out=dm)
+        np.minimum(d, dm, out=d)
+        rows, cols = np.nonzero(d <= max_distance)
+        upper = cols > rows + start
+        rows, cols = rows[upper], cols[upper]
+        similarity = _similarities(thumbs, thumbs_mirrored, rows + start, cols)
+        for r, c, sim in zip(rows.tolist(), cols.tolist(), similarity.tolist(), strict=True):
+            if sim >= min_similarity:
+                yield r + start, c, int(d[r, c]), float(sim)
+
+
+def _similarities(thumbs: np.ndarray, mirrored: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Correlation (mirror included) of the thumbnail pairs (rows[k], cols[k]) that passed the pHash test:
+    only those are computed (few in most data sets), in batches of PAIR_BATCH to bound memory."""
+    out = np.empty(len(rows), np.float32)
+    for start in range(0, len(rows), PAIR_BATCH):
+        r, c = rows[start : start + PAIR_BATCH], cols[start : start + PAIR_BATCH]
+        left = thumbs[r]  # (P, T)
+        out[start : start + PAIR_BATCH] = np.maximum(
+            np.einsum("pt,pt->p", left, thumbs[c]), np.einsum("pt,pt->p", left, mirrored[c])
+        )
+    return out
 
 
 def group_pairs(count: int, pairs: Sequence[tuple[int, int]]) -> list[list[int]]:

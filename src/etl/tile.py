@@ -93,6 +93,7 @@ def tile_image(
 def settings_from(cfg: DictConfig) -> TileSettings:
     t = cfg.tile
     size = t.size if t.size is not None else cfg.model.img_size
+    size = [size, size] if isinstance(size, int) else size  # one int: a square
     return TileSettings(
         (int(size[0]), int(size[1])),
         float(t.overlap),

@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--similarities", type=float, nargs="+", default=None, help="default: check's setting"
     )
+    parser.add_argument(
+        "--seed", type=int, default=1, help="scenes and copies (the settings were chosen on seed 0)"
+    )
     parser.add_argument("--doctor", type=int, default=0, help="also time the doctor over this many images")
     args = parser.parse_args(argv)
     from src.common.config import default_config
@@ -136,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     check = default_config().check
     for distance in args.distances or [int(check.near_duplicate_distance)]:
         for similarity in args.similarities or [float(check.near_duplicate_similarity)]:
-            print(near_duplicate_quality(args.scenes, args.copies, distance, similarity), flush=True)
+            print(
+                near_duplicate_quality(args.scenes, args.copies, distance, similarity, args.seed), flush=True
+            )
     if args.doctor:
         print(doctor_speed(args.doctor), flush=True)
 

@@ -22,6 +22,7 @@ from src.common.draw import draw_gt_vs_pred, save_image_rgb
 from src.common.io import atomic_write_csv
 from src.runtime import ARTIFACT_NAMES, available_backends, backend_for, load_model
 from src.runtime.evaluate import EvalResult, Sample, evaluate_detector, load_split_samples
+from src.runtime.slicing import sliced_if_configured
 
 COLUMNS = [
     "backend", "device", "infer_precision", "images", "latency_ms_median", "latency_ms_p90", "throughput_img_s",
@@ -83,7 +84,7 @@ def bench_one(cfg: DictConfig, variant: str, path: Path, samples: list[Sample]) 
         if variant == "torch"
         else None
     )
-    detector = load_model(path, device=str(cfg.device), precision=precision)
+    detector = sliced_if_configured(load_model(path, device=str(cfg.device), precision=precision), cfg)
     result = evaluate_detector(detector, samples, warmup=int(cfg.bench.warmup), desc=f"bench {variant}")
     if cfg.bench.save_images:
         pictures = exp_dir(cfg) / "bench" / variant

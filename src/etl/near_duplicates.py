@@ -4,13 +4,14 @@ Re-encoded, resized, slightly cropped or brightened copies and neighbouring vide
 resolution. Two images are a pair when BOTH hold (a mirrored copy counts too: every image is also
 fingerprinted mirrored):
 - their 64-bit pHashes differ in at most `max_distance` bits (cheap, from the maintained imagehash library);
-- the correlation of their band-pass thumbnails (grey, central 80%, 32x32, difference of Gaussians) is at
-  least `min_similarity`. pHash alone could not reach the target on planted copies: its low frequencies are
-  shared by unrelated scenes of one kind, and a 10% crop moves it as far (benchmarks/near_duplicates.py).
+- the correlation of their band-pass colour thumbnails (central 80%, difference of Gaussians at 32x32, kept
+  as 16x16x3) is at least `min_similarity`. pHash alone could not reach the target on planted copies: its
+  grey low frequencies are shared by unrelated scenes of one kind, and a 10% crop moves it as far; a grey
+  thumbnail still paired 2% of unrelated scenes, colour none (benchmarks/near_duplicates.py).
 Pairs chain into groups (frames of one video become one group). split keeps every group in one split; the
 doctor lists groups inside a split and across splits (leaks) with a contact sheet per group.
 
-Memory: 2 hashes + 2 thumbnails (8 KB) per image. All pairs' pHashes are compared in chunks of CHUNK rows;
+Memory: 2 hashes + 2 thumbnails (6 KB) per image. All pairs' pHashes are compared in chunks of CHUNK rows;
 thumbnails only for the pairs whose pHashes are close.
 """
 
@@ -25,6 +26,7 @@ import numpy as np
 
 PRE_SIZE = 128  # grey thumbnail the pHash is computed from: area-averaging a full image down is fast
 THUMB = 32  # side of the band-pass thumbnail
+STORED = 16  # side of the thumbnail kept per image
 CENTRAL = 0.8  # share of each side the thumbnail covers: the borders are what a crop removes
 BAND = (2.0, 8.0)  # Gaussian sigmas (thumbnail pixels) of the band pass: no pixel noise, no global gradient
 CHUNK = 256  # rows compared at once: CHUNK x N pHash distances
@@ -38,15 +40,18 @@ class Fingerprint:
     """What near-duplicate search keeps of one image (the image itself is not kept)."""
 
     hashes: tuple[int, int]  # pHash of the image, of the mirrored image (64-bit)
-    thumbs: np.ndarray  # (2, THUMB * THUMB) float32 unit-norm band-pass thumbnails: plain, mirrored
+    thumbs: np.ndarray  # (2, STORED * STORED * 3) float32 unit-norm band-pass thumbnails: plain, mirrored
 
 
 def fingerprint(rgb: np.ndarray) -> Fingerprint:
     """Fingerprint of an RGB uint8 (H, W, 3) image of any size."""
-    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    small = cv2.resize(gray, (PRE_SIZE, PRE_SIZE), interpolation=cv2.INTER_AREA)
+    small_rgb = cv2.resize(rgb, (PRE_SIZE, PRE_SIZE), interpolation=cv2.INTER_AREA)
+    small = cv2.cvtColor(small_rgb, cv2.COLOR_RGB2GRAY)
     mirrored = np.ascontiguousarray(small[:, ::-1])
-    return Fingerprint((_phash(small), _phash(mirrored)), np.stack([_band_pass(small), _band_pass(mirrored)]))
+    mirrored_rgb = np.ascontiguousarray(small_rgb[:, ::-1])
+    return Fingerprint(
+        (_phash(small), _phash(mirrored)), np.stack([_band_pass(small_rgb), _band_pass(mirrored_rgb)])
+    )
 
 
 def _phash(gray: np.ndarray) -> int:
@@ -56,13 +61,16 @@ def _phash(gray: np.ndarray) -> int:
     return int(np.packbits(imagehash.phash(Image.fromarray(gray)).hash.reshape(-1)).view(">u8")[0])
 
 
-def _band_pass(gray: np.ndarray) -> np.ndarray:
-    size = gray.shape[0]
+def _band_pass(rgb: np.ndarray) -> np.ndarray:
+    """(PRE_SIZE, PRE_SIZE, 3) uint8 -> (STORED * STORED * 3,) unit-norm float32."""
+    size = rgb.shape[0]
     margin = int(size * (1 - CENTRAL) / 2)
-    central = gray[margin : size - margin, margin : size - margin]
+    central = rgb[margin : size - margin, margin : size - margin]
     thumb = cv2.resize(central, (THUMB, THUMB), interpolation=cv2.INTER_AREA).astype(np.float32)
     thumb = cv2.GaussianBlur(thumb, (0, 0), BAND[0]) - cv2.GaussianBlur(thumb, (0, 0), BAND[1])
-    thumb -= thumb.mean()  # brightness and contrast changes cancel out in the correlation
+    # What is left after the band pass varies slowly: STORED x STORED samples keep it at a quarter of the memory.
+    thumb = cv2.resize(thumb, (STORED, STORED), interpolation=cv2.INTER_AREA)
+    thumb -= thumb.mean(axis=(0, 1))  # brightness and contrast changes cancel out in the correlation
     return (thumb / (np.linalg.norm(thumb) + 1e-6)).reshape(-1)
 
 

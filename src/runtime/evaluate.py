@@ -150,10 +150,12 @@ def load_experiment_model(
 
     from src.common.config import exp_dir
     from src.runtime import best_artifact, load_model
+    from src.runtime.slicing import sliced_if_configured
 
     if OmegaConf.is_config(conf):  # {class: threshold} from the command line / config.yaml
         conf = OmegaConf.to_container(conf)
     path = Path(model_path) if model_path else best_artifact(exp_dir(cfg), str(cfg.device))
     detector = load_model(path, device=str(cfg.device), precision=precision, conf=conf)
+    detector = sliced_if_configured(detector, cfg)  # slicing.enabled (auto: trained on tiles)
     logger.info(f"model: {detector}")
     return detector

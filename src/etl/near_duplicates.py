@@ -30,7 +30,7 @@ STORED = 16  # side of the thumbnail kept per image
 CENTRAL = 0.8  # share of each side the thumbnail covers: the borders are what a crop removes
 BAND = (2.0, 8.0)  # Gaussian sigmas (thumbnail pixels) of the band pass: no pixel noise, no global gradient
 CHUNK = 256  # rows compared at once: CHUNK x N pHash distances
-PAIR_BATCH = 8192  # thumbnail pairs correlated at once (3 x 32 MB)
+PAIR_BATCH = 2048  # thumbnail pairs correlated at once (3 x 6 MB)
 
 NO_SPLIT = ""
 

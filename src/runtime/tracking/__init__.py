@@ -1,0 +1,31 @@
+"""Multi-object tracking for video inference (ByteTrack), its output files and live inputs.
+
+    tracks = VideoTracks(TrackerSettings.from_config(cfg.infer.tracker), detector.thresholds(),
+                         detector.class_names, out_dir / "tracks" / "clip")
+    with tracks:                                                 # files kept even after Ctrl-C
+        for index, frame in frames:
+            dets = detector(frame, conf=tracks.detector_conf)   # low-score ones too (ByteTrack)
+            annotated = tracks.frame(index, frame, dets)        # ids drawn; clip.txt (MOT) + clip.csv rows
+
+bytetrack.py: the tracker; writers.py: MOT txt / CSV and the per-frame hook; stream.py: webcam / URL
+inputs and the clean Ctrl-C stop.
+"""
+
+from src.runtime.tracking.bytetrack import Tracker, TrackerSettings, iou_pairs
+from src.runtime.tracking.stream import LiveVideo, open_source, parse_source, source_name, stop_on_ctrl_c
+from src.runtime.tracking.writers import CSV_COLUMNS, TrackFiles, VideoTracks, mot_lines
+
+__all__ = [
+    "CSV_COLUMNS",
+    "LiveVideo",
+    "TrackFiles",
+    "Tracker",
+    "TrackerSettings",
+    "VideoTracks",
+    "iou_pairs",
+    "mot_lines",
+    "open_source",
+    "parse_source",
+    "source_name",
+    "stop_on_ctrl_c",
+]

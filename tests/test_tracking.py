@@ -125,6 +125,7 @@ def test_mot_txt_and_csv_format(tmp_path):
 
 def write_video(path: Path, frames: list[np.ndarray], fps: float = 10.0) -> Path:
     height, width = frames[0].shape[:2]
+    path.parent.mkdir(parents=True, exist_ok=True)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
     for frame in frames:
         writer.write(frame)
@@ -195,3 +196,87 @@ def test_sources_and_output_names():
     assert source_name(0) == "webcam0"
     assert source_name("rtsp://user:pw@cam:554/live") == "rtsp_cam_554_live"  # no credentials in names
     assert source_name(Path("videos/a.mp4")) == "a"
+
+
+# ------------------------------------------------------------------ through the infer stage (a real model)
+@pytest.fixture(scope="module")
+def tiny_experiment(tmp_path_factory):
+    """A tiny D-FINE checkpoint (deterministic weights) and a 24-frame video of moving shapes."""
+    from tests.deploy_data import deploy_config, make_checkpoint
+
+    root = tmp_path_factory.mktemp("track_infer")
+    make_checkpoint(deploy_config(root))
+    scene = make_scene(frames=24, objects=3, seed=2, size=(160, 120), keep_frames=True)
+    return root, write_video(root / "media" / "clip.mp4", scene.frames, fps=10.0)
+
+
+def infer_config(root: Path, source: str, *overrides: str):
+    from tests.deploy_data import deploy_config
+
+    model = root / "output" / "tiny" / "best.pt"
+    return deploy_config(root, f"infer.input={source}", f"infer.model_path={model}", *overrides)
+
+
+def mot_frames(path: Path) -> list[int]:
+    return [int(line.split(",")[0]) for line in path.read_text().splitlines()]
+
+
+def test_infer_tracks_a_video(tiny_experiment):
+    from src.dl import infer
+
+    root, video = tiny_experiment
+    cfg = infer_config(root, str(video.parent), "infer.track=true", "infer.conf=0.05", "infer.save_crops=false")
+    summary = infer.run(cfg)
+    out = root / "output" / "tiny" / "infer"
+    assert count_frames(out / "videos" / "clip.mp4") == 24
+    frames = mot_frames(out / "tracks" / "clip.txt")
+    assert frames and min(frames) >= 1 and max(frames) <= 24
+    assert summary["tracks"]["clip.mp4"] >= 1
+    with open(out / "tracks" / "clip.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(frames) and {int(r["track_id"]) for r in rows} >= {1}
+    predictions = list(csv.DictReader((out / "predictions.csv").read_text().splitlines()))
+    assert all(float(r["score"]) >= 0.05 for r in predictions)  # the tracker's low scores stay out
+
+
+def test_infer_live_input_stopped_by_ctrl_c_keeps_outputs(tiny_experiment, monkeypatch):
+    """A stream (the video read through a file:// URL) stopped by a real SIGINT during the third batch:
+    the frames done before it are in a playable video, the track files and predictions.csv/json."""
+    from src.dl import infer
+
+    root, video = tiny_experiment
+    load = infer.load_experiment_model
+    batches = []
+
+    def load_and_interrupt(*args, **kwargs):
+        detector = load(*args, **kwargs)
+        predict = detector.predict
+
+        def predict_then_ctrl_c(images, *a, **k):
+            if len(batches) == 2:
+                signal.raise_signal(signal.SIGINT)
+            batches.append(len(images))
+            return predict(images, *a, **k)
+
+        detector.predict = predict_then_ctrl_c
+        return detector
+
+    monkeypatch.setattr(infer, "load_experiment_model", load_and_interrupt)
+    cfg = infer_config(root, f"file://{video}", "infer.track=true", "infer.conf=0.05", "exp_name=tiny")
+    summary = infer.run(cfg)
+    done = sum(batches[:2])
+    assert 0 < done < 24 and summary["video_frames"] == done
+    out = root / "output" / "tiny" / "infer"
+    name = source_name(f"file://{video}")
+    assert count_frames(out / "videos" / f"{name}.mp4") == done
+    assert max(mot_frames(out / "tracks" / f"{name}.txt")) <= done
+    assert (out / "predictions.json").exists() and not list((out / "videos").glob(".*"))
+
+
+def test_infer_dead_stream_is_named(tiny_experiment):
+    from src.dl import infer
+
+    root, _ = tiny_experiment
+    summary = infer.run(infer_config(root, "rtsp://user:secret@127.0.0.1:1/live"))
+    (reason,) = summary["failed"].values()
+    assert "rtsp://127.0.0.1:1/live" in reason and "secret" not in reason

@@ -7,6 +7,10 @@ YOLO txt predictions (labels/, optionally with a score column), crops per class 
 predictions.csv (one row per detection) and predictions.json (summary). Folders are searched
 recursively, any extension case; unreadable files are reported and skipped. Frames are processed as they
 are read (memory stays bounded however long the video).
+
+infer.input may also be a webcam index (0) or a stream URL (rtsp://...): Ctrl-C stops it and keeps what
+was written. infer.track=true tracks objects through every video (src.runtime.tracking): ids drawn, and
+tracks/<video>.txt (MOT challenge) + tracks/<video>.csv.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import csv
 import os
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +30,21 @@ from tqdm import tqdm
 
 from src.common.config import exp_dir, stage_main, with_saved_model_keys
 from src.common.draw import draw_detections, save_image_rgb
+from src.common.errors import UserError
 from src.common.images import ImageReadError, is_image, is_video, list_images, list_videos, read_image_rgb
 from src.common.io import atomic_write, atomic_write_json, atomic_write_text
 from src.etl.labels import format_yolo_lines
 from src.runtime.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections, Detector, rounded
 from src.runtime.evaluate import load_experiment_model
+from src.runtime.tracking import (
+    TrackerSettings,
+    VideoTracks,
+    is_live,
+    open_source,
+    parse_source,
+    source_name,
+    stop_on_ctrl_c,
+)
 
 CSV_COLUMNS = [
     "file",
@@ -98,6 +113,7 @@ class InferOutputs:
     per_file: dict[str, int] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     frames: int = 0
+    tracks: dict[str, int] = field(default_factory=dict)  # video -> number of track ids
 
     def relative(self, path: Path) -> Path:
         try:
@@ -141,7 +157,19 @@ class InferOutputs:
         if self.options.save_crops:
             self.save_crops(image_rgb, dets, str(rel.with_suffix("")).replace(os.sep, "__"))
 
-    def video_frame(self, rel: Path, frame_index: int, frame_rgb: np.ndarray, dets: Detections) -> np.ndarray:
+    def video_tracks(self, rel: Path) -> VideoTracks | None:
+        """The tracker and track files of one video (None when infer.track is off)."""
+        if not self.options.track:
+            return None
+        settings = TrackerSettings.from_config(self.options.tracker)
+        base = self.out_dir / "tracks" / rel.with_suffix("")
+        return VideoTracks(settings, self.detector.thresholds(), self.detector.class_names, base)
+
+    def video_frame(
+        self, rel: Path, frame_index: int, frame_rgb: np.ndarray, dets: Detections, tracks: VideoTracks | None
+    ) -> np.ndarray:
+        annotated = tracks.frame(frame_index, frame_rgb, dets) if tracks is not None else None
+        dets = tracks.confident(dets) if tracks is not None else dets
         self.record(str(rel), frame_index, dets)
         self.frames += 1
         stem = f"{str(rel.with_suffix('')).replace(os.sep, '__')}_f{frame_index:06d}"
@@ -150,6 +178,8 @@ class InferOutputs:
             atomic_write_text(label_path, yolo_text(dets, self.options.label_scores))
         if self.options.save_crops and self.options.video_crops:
             self.save_crops(frame_rgb, dets, stem)
+        if annotated is not None:
+            return annotated
         return draw_detections(frame_rgb, dets.boxes, dets.labels, dets.scores, self.detector.class_names)
 
 
@@ -175,72 +205,80 @@ def process_images(paths: list[Path], outputs: InferOutputs, conf: Any) -> None:
         flush()
 
 
-def process_video(path: Path, outputs: InferOutputs, conf: Any) -> None:
-    """Annotate a video frame by frame (batched by the model's batch size); same fps and frame size."""
+def process_video(source: Path | int | str, outputs: InferOutputs, conf: Any) -> None:
+    """Annotate a video file, webcam or stream frame by frame (batched by the model's batch size); same fps
+    and frame size. A live input runs until it ends or Ctrl-C, and keeps what was written."""
     import cv2
 
-    capture = cv2.VideoCapture(str(path))
-    ok, first = capture.read() if capture.isOpened() else (False, None)
-    if not ok:
-        capture.release()
-        logger.warning(f"skipped unreadable video: {path}")
-        outputs.failed[str(path)] = "cannot open or decode the video"
+    live = is_live(source)
+    try:
+        video = open_source(source)
+    except UserError as err:
+        logger.warning(f"skipped: {err}")
+        outputs.failed[str(source)] = str(err)
         return
-    rel = outputs.relative(path)
-    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
-    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-    height, width = first.shape[:2]
+    rel = Path(source_name(source)) if live else outputs.relative(source)
     final = outputs.out_dir / "videos" / rel.with_suffix(".mp4")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.stem}.tmp.mp4")  # cv2 picks the container from the suffix
     writer = (
-        cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+        cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), video.fps, video.size)
         if outputs.options.save_videos
         else None
     )
     if writer is not None and not writer.isOpened():
-        capture.release()
+        video.close()
         raise RuntimeError(f"OpenCV cannot write an mp4v video to {tmp} (codec unavailable?)")
+    tracks = outputs.video_tracks(rel)
+    conf = tracks.detector_conf if tracks is not None else conf  # the tracker uses low scores too
     detector, batch, index = outputs.detector, [], 0
 
     def flush() -> None:
         nonlocal index
-        frames_rgb = [np.ascontiguousarray(f[..., ::-1]) for f in batch]
-        for frame_rgb, dets in zip(frames_rgb, detector.predict(frames_rgb, conf), strict=True):
-            annotated = outputs.video_frame(rel, index, frame_rgb, dets)
+        for frame_rgb, dets in zip(batch, detector.predict(batch, conf), strict=True):
+            annotated = outputs.video_frame(rel, index, frame_rgb, dets, tracks)
             if writer is not None:
                 writer.write(np.ascontiguousarray(annotated[..., ::-1]))
             index += 1
         batch.clear()
 
     try:
-        frame = first
-        with tqdm(total=total, desc=f"video {rel}", dynamic_ncols=True, leave=False) as bar:
-            while frame is not None:
-                batch.append(frame)
+        with (
+            tqdm(total=video.total, desc=f"video {rel}", dynamic_ncols=True, leave=False) as bar,
+            stop_on_ctrl_c(video.name) if live else nullcontext(),  # a file: Ctrl-C stops the whole run
+        ):
+            for _, frame_rgb in video.frames():
+                batch.append(frame_rgb)
                 if len(batch) >= detector.max_batch:
                     bar.update(len(batch))
                     flush()
-                ok, frame = capture.read()
-                frame = frame if ok else None
             bar.update(len(batch))
             if batch:
                 flush()
     finally:
-        capture.release()
+        video.close()
         if writer is not None:
-            writer.release()
-    if writer is not None:
+            writer.release()  # also after Ctrl-C or an error: the mp4 is finalised, hence playable
+        if tracks is not None:
+            tracks.close()
+            outputs.tracks[str(rel)] = len(tracks.tracker.by_id)
+    if writer is not None and index > 0:
         os.replace(tmp, final)
+    elif writer is not None:
+        tmp.unlink(missing_ok=True)
     if index == 0:
-        outputs.failed[str(path)] = "no frames"
+        outputs.failed[str(source)] = "no frames"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     cfg = with_saved_model_keys(cfg)
     options = cfg.infer
     detector = load_experiment_model(cfg, options.model_path, options.precision, options.conf)
-    images, videos, root = find_inputs(Path(options.input), bool(options.recursive))
+    source = parse_source(options.input)
+    if is_live(source):
+        images, videos, root = [], [source], Path.cwd()
+    else:
+        images, videos, root = find_inputs(source, bool(options.recursive))
     logger.info(f"infer: {len(images)} image(s), {len(videos)} video(s) from {options.input}")
     out_dir = exp_dir(cfg) / "infer"
     outputs = InferOutputs(out_dir, detector, root, options)
@@ -270,6 +308,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "per_file": outputs.per_file,
         "failed": outputs.failed,
     }
+    if options.track:
+        summary["tracks"] = outputs.tracks
     atomic_write_json(out_dir / "predictions.json", summary)
     if outputs.failed:
         logger.warning(

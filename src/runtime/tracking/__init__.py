@@ -12,7 +12,14 @@ inputs and the clean Ctrl-C stop.
 """
 
 from src.runtime.tracking.bytetrack import Tracker, TrackerSettings, iou_pairs
-from src.runtime.tracking.stream import LiveVideo, open_source, parse_source, source_name, stop_on_ctrl_c
+from src.runtime.tracking.stream import (
+    LiveVideo,
+    is_live,
+    open_source,
+    parse_source,
+    source_name,
+    stop_on_ctrl_c,
+)
 from src.runtime.tracking.writers import CSV_COLUMNS, TrackFiles, VideoTracks, mot_lines
 
 __all__ = [
@@ -23,6 +30,7 @@ __all__ = [
     "TrackerSettings",
     "VideoTracks",
     "iou_pairs",
+    "is_live",
     "mot_lines",
     "open_source",
     "parse_source",

@@ -25,7 +25,8 @@ from loguru import logger
 from src.common.errors import UserError
 
 DEFAULT_FPS = 25.0  # when the camera or container does not say
-URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
+# Read as live inputs by FFmpeg (file:// too: a recorded file played as a stream, e.g. for a test).
+URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "file://")
 
 
 def parse_source(text: str | int | Path) -> int | str | Path:
@@ -69,13 +70,15 @@ def display_name(source: int | str | Path) -> str:
 
 @dataclass
 class LiveVideo:
-    """An open capture: fps, size (width, height); frames() yields RGB frames until the input ends."""
+    """An open capture: fps, size (width, height), total frames (None: live or not said); frames() yields
+    RGB frames until the input ends."""
 
     capture: object  # cv2.VideoCapture
     name: str
     live: bool
     fps: float
     size: tuple[int, int]
+    total: int | None
     retries: int = 3  # a live input gets this many more reads (0.2 s apart) before it counts as dead
     frames_read: int = 0
 
@@ -121,14 +124,16 @@ def open_source(source: int | str | Path) -> LiveVideo:
         raise UserError(
             f"{name}: cannot open or read the {kind} (wrong index/URL, dead stream or corrupt file)"
         )
-    # The first frame was read to prove the input works: reopen a file to start from frame 0, keep a live
-    # input going (its first frame is gone, as any later one would be).
+    # The first frame was read to prove the input works: a file is reopened to start from frame 0 (safer
+    # than seeking in every codec); a live input goes on (its first frame is gone, as any later one would be).
     if isinstance(source, Path):
-        capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+        capture.release()
+        capture = cv2.VideoCapture(str(source))
     fps = capture.get(cv2.CAP_PROP_FPS)
     fps = float(fps) if fps and np.isfinite(fps) and 0 < fps < 1000 else DEFAULT_FPS
     height, width = first.shape[:2]
-    return LiveVideo(capture, name, is_live(source), fps, (width, height))
+    total = None if is_live(source) else int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+    return LiveVideo(capture, name, is_live(source), fps, (width, height), total)
 
 
 @contextmanager

@@ -117,6 +117,14 @@ class VideoTracks:
     def detector_conf(self) -> float:
         return self.tracker.detector_conf
 
+    def confident(self, dets: Detections) -> Detections:
+        """The detections at or above the model's thresholds: what a run without tracking reports (the
+        low-score ones made for the tracker stay out of predictions.csv, labels and crops)."""
+        labels = np.clip(dets.labels, 0, len(self.tracker.thresholds) - 1)
+        keep = np.flatnonzero(dets.scores >= self.tracker.thresholds[labels])
+        names = [dets.names[i] for i in keep]
+        return Detections(dets.boxes[keep], dets.scores[keep], dets.labels[keep], names, dets.image_size)
+
     def update(self, frame_index: int, dets: Detections) -> tuple[np.ndarray, np.ndarray]:
         """Track one frame's detections -> (ids (N,), majority class (N,)); -1 where not tracked."""
         ids = self.tracker.update(dets)

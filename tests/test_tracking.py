@@ -92,7 +92,9 @@ def test_synthetic_video_ids_stable_scored_by_trackeval():
     result = score(scene, tracked)
     assert result["IDF1"] >= 0.9
     assert result["IDSW_per_100"] <= 2
-    assert np.median(times) < 20  # generous on a loaded CI machine; the benchmark reports the real figure
+    assert (
+        np.median(times[:, 1]) < 20
+    )  # generous on a loaded CI machine; the benchmark reports the real figure
 
 
 def test_majority_vote_class_and_csv_final_class(tmp_path):
@@ -225,7 +227,9 @@ def test_infer_tracks_a_video(tiny_experiment):
     from src.dl import infer
 
     root, video = tiny_experiment
-    cfg = infer_config(root, str(video.parent), "infer.track=true", "infer.conf=0.05", "infer.save_crops=false")
+    cfg = infer_config(
+        root, str(video.parent), "infer.track=true", "infer.conf=0.05", "infer.save_crops=false"
+    )
     summary = infer.run(cfg)
     out = root / "output" / "tiny" / "infer"
     assert count_frames(out / "videos" / "clip.mp4") == 24

@@ -164,13 +164,16 @@ def track_to_files(source, out: Path, scene, stop_at: int | None = None) -> int:
     return video.frames_read
 
 
-@pytest.mark.parametrize("stop_at", [None, 12], ids=["end of stream", "ctrl-c"])
-def test_stream_end_or_ctrl_c_keeps_playable_outputs(tmp_path, stop_at):
+@pytest.mark.parametrize("as_url", [False, True], ids=["file", "stream url"])
+@pytest.mark.parametrize("stop_at", [None, 12], ids=["end of input", "ctrl-c"])
+def test_stream_end_or_ctrl_c_keeps_playable_outputs(tmp_path, stop_at, as_url):
+    """A real video file read as a file or as a live stream (file:// URL: the end of the file is a stream
+    that stops sending, retried then ended)."""
     scene = make_scene(frames=30, objects=3, seed=1, size=(160, 120), keep_frames=True)
     source = write_video(tmp_path / "stream.mp4", scene.frames)
     out = tmp_path / "out"
     out.mkdir()
-    read = track_to_files(parse_source(str(source)), out, scene, stop_at)
+    read = track_to_files(parse_source(f"file://{source}" if as_url else str(source)), out, scene, stop_at)
     expected = 30 if stop_at is None else stop_at
     assert read == expected
     assert count_frames(out / "clip.mp4") == expected  # playable, every processed frame in it

@@ -79,6 +79,7 @@ class LiveVideo:
     fps: float
     size: tuple[int, int]
     total: int | None
+    first: np.ndarray | None  # BGR: the frame open_source read to prove the input works, yielded first
     retries: int = 3  # a live input gets this many more reads (0.2 s apart) before it counts as dead
     frames_read: int = 0
 
@@ -86,7 +87,8 @@ class LiveVideo:
         """(index, RGB uint8 (H, W, 3) frame) one at a time. A file ends at its last frame; a stream that
         stops sending is reported (a dead stream) and ends the loop: the output written so far is kept."""
         while True:
-            ok, frame = self.capture.read()
+            ok, frame = (True, self.first) if self.first is not None else self.capture.read()
+            self.first = None
             for _ in range(self.retries if self.live and not ok else 0):
                 time.sleep(0.2)
                 ok, frame = self.capture.read()
@@ -124,16 +126,11 @@ def open_source(source: int | str | Path) -> LiveVideo:
         raise UserError(
             f"{name}: cannot open or read the {kind} (wrong index/URL, dead stream or corrupt file)"
         )
-    # The first frame was read to prove the input works: a file is reopened to start from frame 0 (safer
-    # than seeking in every codec); a live input goes on (its first frame is gone, as any later one would be).
-    if isinstance(source, Path):
-        capture.release()
-        capture = cv2.VideoCapture(str(source))
     fps = capture.get(cv2.CAP_PROP_FPS)
     fps = float(fps) if fps and np.isfinite(fps) and 0 < fps < 1000 else DEFAULT_FPS
     height, width = first.shape[:2]
     total = None if is_live(source) else int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-    return LiveVideo(capture, name, is_live(source), fps, (width, height), total)
+    return LiveVideo(capture, name, is_live(source), fps, (width, height), total, first)
 
 
 @contextmanager

@@ -222,6 +222,11 @@ def infer_config(root: Path, source: str, *overrides: str):
     return deploy_config(root, f"infer.input={source}", f"infer.model_path={model}", *overrides)
 
 
+def infer_folder(summary: dict, root: Path) -> Path:
+    """Where infer wrote: the summary says it (infer/<input name>/) or, in the older layout, infer/."""
+    return Path(summary["out_dir"]) if "out_dir" in summary else root / "output" / "tiny" / "infer"
+
+
 def mot_frames(path: Path) -> list[int]:
     return [int(line.split(",")[0]) for line in path.read_text().splitlines()]
 
@@ -234,7 +239,7 @@ def test_infer_tracks_a_video(tiny_experiment):
         root, str(video.parent), "infer.track=true", "infer.conf=0.05", "infer.save_crops=false"
     )
     summary = infer.run(cfg)
-    out = root / "output" / "tiny" / "infer"
+    out = infer_folder(summary, root)
     assert count_frames(out / "videos" / "clip.mp4") == 24
     frames = mot_frames(out / "tracks" / "clip.txt")
     assert frames and min(frames) >= 1 and max(frames) <= 24
@@ -273,7 +278,7 @@ def test_infer_live_input_stopped_by_ctrl_c_keeps_outputs(tiny_experiment, monke
     summary = infer.run(cfg)
     done = sum(batches[:2])
     assert 0 < done < 24 and summary["video_frames"] == done
-    out = root / "output" / "tiny" / "infer"
+    out = infer_folder(summary, root)
     name = source_name(f"file://{video}")
     assert count_frames(out / "videos" / f"{name}.mp4") == done
     assert max(mot_frames(out / "tracks" / f"{name}.txt")) <= done

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import csv
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -144,10 +147,12 @@ def count_frames(path: Path) -> int:
     return count
 
 
-def track_to_files(source, out: Path, scene, stop_at: int | None = None) -> int:
+def track_to_files(source, out: Path, scene, stop_at: int | None = None, pace: float = 0.0) -> int:
     """The live-input loop of video inference with the scene's boxes as the detector: read frames, track,
-    draw, write the annotated video and the track files; SIGINT (a real Ctrl-C) before frame `stop_at`."""
+    draw, write the annotated video and the track files; Ctrl-C before frame `stop_at`. pace: seconds
+    per frame (a live camera's rate), each frame index printed. Returns the number of frames written."""
     rng = np.random.default_rng(0)
+    written = 0
     with open_source(source) as video, VideoTracks(SETTINGS, THRESHOLDS, NAMES, out / "clip") as tracks:
         writer = cv2.VideoWriter(
             str(out / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), video.fps, video.size
@@ -156,12 +161,18 @@ def track_to_files(source, out: Path, scene, stop_at: int | None = None) -> int:
             with stop_on_ctrl_c(video.name):
                 for index, frame_rgb in video.frames():
                     if index == stop_at:
-                        signal.raise_signal(signal.SIGINT)  # Python turns it into KeyboardInterrupt
+                        # What Python's SIGINT handler raises. Not a real signal in the shared test process:
+                        # after the training/export tests one killed it with SIGSEGV (see the subprocess test).
+                        raise KeyboardInterrupt
                     annotated = tracks.frame(index, frame_rgb, detections_of(scene, index, rng))
                     writer.write(np.ascontiguousarray(annotated[..., ::-1]))
+                    written += 1
+                    if pace:
+                        print(f"frame {index}", flush=True)
+                        time.sleep(pace)
         finally:
             writer.release()
-    return video.frames_read
+    return written
 
 
 @pytest.mark.parametrize("as_url", [False, True], ids=["file", "stream url"])
@@ -173,13 +184,47 @@ def test_stream_end_or_ctrl_c_keeps_playable_outputs(tmp_path, stop_at, as_url):
     source = write_video(tmp_path / "stream.mp4", scene.frames)
     out = tmp_path / "out"
     out.mkdir()
-    read = track_to_files(parse_source(f"file://{source}" if as_url else str(source)), out, scene, stop_at)
+    written = track_to_files(parse_source(f"file://{source}" if as_url else str(source)), out, scene, stop_at)
     expected = 30 if stop_at is None else stop_at
-    assert read == expected
+    assert written == expected
     assert count_frames(out / "clip.mp4") == expected  # playable, every processed frame in it
     frames = {int(line.split(",")[0]) for line in (out / "clip.txt").read_text().splitlines()}
     assert max(frames) == expected  # MOT frames count from 1
     assert (out / "clip.csv").read_text().startswith(",".join(CSV_COLUMNS))
+
+
+CHILD = """
+import sys
+from pathlib import Path
+from benchmarks.tracking import make_scene
+from src.runtime.tracking import parse_source
+from tests.test_tracking import track_to_files
+scene = make_scene(frames=60, objects=3, seed=1, size=(160, 120))
+print("written", track_to_files(parse_source(sys.argv[1]), Path(sys.argv[2]), scene, pace=0.05), flush=True)
+"""
+
+
+def test_real_ctrl_c_on_a_live_input_keeps_playable_outputs(tmp_path):
+    """A real SIGINT sent to a process reading a stream (file:// URL) at a camera's pace."""
+    scene = make_scene(frames=60, objects=3, seed=1, size=(160, 120), keep_frames=True)
+    source = write_video(tmp_path / "stream.mp4", scene.frames)
+    out = tmp_path / "out"
+    out.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, f"file://{source}", str(out)],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for line in child.stdout:
+        if line.startswith("frame 5"):
+            child.send_signal(signal.SIGINT)
+            break
+    rest, errors = child.communicate(timeout=120)
+    assert child.returncode == 0, errors
+    written = int(rest.strip().splitlines()[-1].split()[-1])
+    assert 5 < written < 60 and "stopped by Ctrl-C" in errors
+    assert count_frames(out / "clip.mp4") == written
+    assert max(mot_frames(out / "clip.txt")) == written
 
 
 def test_unreadable_inputs_are_named(tmp_path):
@@ -266,7 +311,7 @@ def test_infer_live_input_stopped_by_ctrl_c_keeps_outputs(tiny_experiment, monke
 
         def predict_then_ctrl_c(images, *a, **k):
             if len(batches) == 2:
-                signal.raise_signal(signal.SIGINT)
+                raise KeyboardInterrupt  # Ctrl-C while the model runs (a real SIGINT: see below)
             batches.append(len(images))
             return predict(images, *a, **k)
 

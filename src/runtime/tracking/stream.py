@@ -100,8 +100,8 @@ class LiveVideo:
                         f"{self.name}: no more frames after {self.frames_read} (stream ended or dead)"
                     )
                 return
-            yield self.frames_read, np.ascontiguousarray(frame[..., ::-1])
             self.frames_read += 1
+            yield self.frames_read - 1, np.ascontiguousarray(frame[..., ::-1])
 
     def close(self) -> None:
         self.capture.release()

@@ -17,17 +17,20 @@ import pytest
 
 from benchmarks.tracking import SETTINGS, count_crossings, detections_of, make_scene, run_tracker
 from src.common.config import load_config
-from src.common.errors import UserError
+from src.common.video import (
+    VideoReadError,
+    display_name,
+    open_video,
+    parse_source,
+    source_name,
+    stop_on_ctrl_c,
+)
 from src.runtime.detector import Detections
 from src.runtime.tracking import (
     CSV_COLUMNS,
     Tracker,
     TrackerSettings,
     VideoTracks,
-    open_source,
-    parse_source,
-    source_name,
-    stop_on_ctrl_c,
 )
 
 NAMES = ["circle", "square", "triangle", "star"]
@@ -153,7 +156,10 @@ def track_to_files(source, out: Path, scene, stop_at: int | None = None, pace: f
     per frame (a live camera's rate), each frame index printed. Returns the number of frames written."""
     rng = np.random.default_rng(0)
     written = 0
-    with open_source(source) as video, VideoTracks(SETTINGS, THRESHOLDS, NAMES, out / "clip") as tracks:
+    with (
+        open_video(source, display_name(source)) as video,
+        VideoTracks(SETTINGS, THRESHOLDS, NAMES, out / "clip") as tracks,
+    ):
         writer = cv2.VideoWriter(
             str(out / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), video.fps, video.size
         )
@@ -197,7 +203,7 @@ CHILD = """
 import sys
 from pathlib import Path
 from benchmarks.tracking import make_scene
-from src.runtime.tracking import parse_source
+from src.common.video import parse_source
 from tests.test_tracking import track_to_files
 scene = make_scene(frames=60, objects=3, seed=1, size=(160, 120))
 print("written", track_to_files(parse_source(sys.argv[1]), Path(sys.argv[2]), scene, pace=0.05), flush=True)
@@ -229,14 +235,15 @@ def test_real_ctrl_c_on_a_live_input_keeps_playable_outputs(tmp_path):
 
 def test_unreadable_inputs_are_named(tmp_path):
     missing = tmp_path / "missing.mp4"
-    with pytest.raises(UserError, match="missing.mp4"):
-        open_source(missing)
+    with pytest.raises(VideoReadError, match="missing.mp4"):
+        open_video(missing)
     corrupt = tmp_path / "corrupt.mp4"
     corrupt.write_bytes(np.random.default_rng(0).integers(0, 255, 4096, dtype=np.uint8).tobytes())
-    with pytest.raises(UserError, match="corrupt.mp4"):
-        open_source(corrupt)
-    with pytest.raises(UserError, match="webcam 97"):
-        open_source(97)
+    with pytest.raises(VideoReadError, match="corrupt.mp4"):
+        open_video(corrupt)
+    with pytest.raises(VideoReadError, match="webcam 97"):
+        open_video(97, display_name(97))
+    assert display_name("rtsp://user:pw@cam:554/live") == "rtsp://cam:554/live"
 
 
 def test_sources_and_output_names():

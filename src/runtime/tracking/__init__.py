@@ -7,33 +7,19 @@
             dets = detector(frame, conf=tracks.detector_conf)   # low-score ones too (ByteTrack)
             annotated = tracks.frame(index, frame, dets)        # ids drawn; clip.txt (MOT) + clip.csv rows
 
-bytetrack.py: the tracker; writers.py: MOT txt / CSV and the per-frame hook; stream.py: webcam / URL
-inputs and the clean Ctrl-C stop.
+bytetrack.py: the tracker; writers.py: MOT txt / CSV and the per-frame hook. Live inputs (webcam, stream
+URL) and the clean Ctrl-C stop are in src/common/video.py.
 """
 
 from src.runtime.tracking.bytetrack import Tracker, TrackerSettings, iou_pairs
-from src.runtime.tracking.stream import (
-    LiveVideo,
-    is_live,
-    open_source,
-    parse_source,
-    source_name,
-    stop_on_ctrl_c,
-)
 from src.runtime.tracking.writers import CSV_COLUMNS, TrackFiles, VideoTracks, mot_lines
 
 __all__ = [
     "CSV_COLUMNS",
-    "LiveVideo",
     "TrackFiles",
     "Tracker",
     "TrackerSettings",
     "VideoTracks",
     "iou_pairs",
-    "is_live",
     "mot_lines",
-    "open_source",
-    "parse_source",
-    "source_name",
-    "stop_on_ctrl_c",
 ]

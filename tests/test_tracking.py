@@ -275,8 +275,8 @@ def infer_config(root: Path, source: str, *overrides: str):
 
 
 def infer_folder(summary: dict, root: Path) -> Path:
-    """Where infer wrote: the summary says it (infer/<input name>/) or, in the older layout, infer/."""
-    return Path(summary["out_dir"]) if "out_dir" in summary else root / "output" / "tiny" / "infer"
+    """Where infer wrote (infer/<input name>/, in the summary)."""
+    return Path(summary["out_dir"])
 
 
 def mot_frames(path: Path) -> list[int]:

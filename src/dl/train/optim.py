@@ -179,25 +179,35 @@ SCHEDULERS = ("onecycle", "flat_cosine")
 def build_lr_scheduler(
     optimizer: torch.optim.Optimizer, train_cfg: Mapping, steps_per_epoch: Sequence[int]
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """The schedule `train.scheduler` names, stepped once per optimizer step.
-
-    train_cfg: the `train` config section (keys missing in an older run's saved config take the defaults).
-    """
-    name = str(train_cfg.get("scheduler") or "onecycle")
+    """The schedule `train.scheduler` names, stepped once per optimizer step (train_cfg: the `train` section)."""
+    name = str(train_cfg["scheduler"])
     if name == "onecycle":
-        return build_scheduler(optimizer, sum(steps_per_epoch), float(train_cfg.get("warmup_pct", 0.1)))
+        return build_scheduler(optimizer, sum(steps_per_epoch), float(train_cfg["warmup_pct"]))
     if name == "flat_cosine":
-        options = train_cfg.get("flat_cosine") or {}
-        flat_epochs = options.get("flat_epochs")
+        options = train_cfg["flat_cosine"]
+        flat_epochs = options["flat_epochs"]
         return build_flat_cosine(
             optimizer,
             steps_per_epoch,
-            warmup_steps=int(options.get("warmup_steps", 2000)),
+            warmup_steps=int(options["warmup_steps"]),
             flat_epochs=None if flat_epochs is None else int(flat_epochs),
-            no_aug_epochs=int(train_cfg.get("no_aug_epochs") or 0),
-            min_lr_ratio=float(options.get("min_lr_ratio", 0.5)),
+            no_aug_epochs=int(train_cfg["no_aug_epochs"]),
+            min_lr_ratio=float(options["min_lr_ratio"]),
         )
     raise ValueError(f"train.scheduler must be one of {list(SCHEDULERS)}, got {name!r}")
+
+
+def train_lrs(cfg) -> tuple[float, float]:
+    """(base_lr, backbone_lr) for the model size from train.lrs."""
+    name = str(cfg.model.name)
+    if name not in cfg.train.lrs:
+        from src.common.errors import ConfigError
+
+        raise ConfigError(
+            f"train.lrs has no entry for model.name={name}; add train.lrs.{name}.{{base_lr,backbone_lr}}"
+        )
+    lrs = cfg.train.lrs[name]
+    return float(lrs.base_lr), float(lrs.backbone_lr)
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:

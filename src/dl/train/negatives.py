@@ -31,6 +31,7 @@ from loguru import logger
 from omegaconf import DictConfig
 
 from src.common.config import stage_main
+from src.common.errors import UserError
 from src.common.experiment import Experiment, stage_config
 from src.common.images import image_size, list_images, parallel_map, read_image_rgb
 from src.common.io import atomic_write_json
@@ -38,6 +39,10 @@ from src.common.network_input import image_to_tensor, letterbox_or_resize
 
 DEFAULT_THRESHOLDS = (0.3, 0.5, 0.7)
 MAX_LISTED = 10  # overlapping files named in the error
+
+
+class NegativesOverlapError(UserError, ValueError):
+    """A negative image is also a train/val/test image: its false-positive numbers would flatter the model."""
 
 
 def fppi_key(threshold: float) -> str:
@@ -81,7 +86,8 @@ def check_negatives_disjoint(
     """The negative images (sorted), after checking that none of them is also a training image.
 
     Overlap = the same file name stem (case-insensitive; a converted copy keeps its stem) or the same
-    bytes. Raises ValueError naming the overlapping files; unreadable negatives raise ImageReadError.
+    bytes. Raises NegativesOverlapError (a ValueError) naming the overlapping files; unreadable negatives
+    raise ImageReadError.
     negatives_path None -> []; a missing folder -> [] (missing_ok) or FileNotFoundError.
     Only training files whose size equals a negative's are hashed, so a big training set costs stat calls.
     """
@@ -108,7 +114,7 @@ def check_negatives_disjoint(
     if overlaps:
         listed = "\n  ".join(overlaps[:MAX_LISTED])
         more = f"\n  ... and {len(overlaps) - MAX_LISTED} more" if len(overlaps) > MAX_LISTED else ""
-        raise ValueError(
+        raise NegativesOverlapError(
             f"negatives folder {folder} overlaps the training images ({len(overlaps)} pair(s)):\n  {listed}{more}\n"
             "Negatives used in training make the false-positive metrics meaningless: remove these files "
             "from the negatives folder (or the images from the training split); rename a file if it is a "

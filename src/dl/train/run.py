@@ -89,6 +89,19 @@ def resume_point(cfg: DictConfig, exp: Experiment) -> tuple[DictConfig, TrainSta
     return config_for_resume(cfg, saved), TrainState(**checkpoint.training["state"])
 
 
+def is_finished(cfg: DictConfig, exp: Experiment, state: TrainState) -> bool:
+    """Every epoch trained (or stopped early) and best.pt evaluated: nothing left to resume."""
+    if state.finished:
+        return True
+    # A last.pt written before TrainState.finished existed: the final evaluation's files come after it.
+    early_stop = int(cfg.train.early_stopping)
+    trained = state.epoch >= int(cfg.train.epochs) or (
+        early_stop > 0 and state.epochs_without_improvement >= early_stop
+    )
+    thresholds, last = exp.file("thresholds"), exp.file("last")
+    return trained and thresholds.exists() and thresholds.stat().st_mtime >= last.stat().st_mtime
+
+
 def config_for_resume(cfg: DictConfig, saved: DictConfig | dict) -> DictConfig:
     """The run's saved config with only RESUME_RUNTIME_KEYS taken from `cfg` (warns about other changes)."""
     resumed = OmegaConf.create(saved)
@@ -214,7 +227,7 @@ def run(cfg: DictConfig) -> dict:
             logger.add(sys.stderr, level="WARNING")
         if cfg.train.resume:
             cfg, state = resume_point(cfg, exp)
-            if state.finished:
+            if is_finished(cfg, exp, state):
                 failed = False
                 return _finished(exp, state)
         refuse_taken_folder(cfg, exp)

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
+from src.common.errors import UserError
 from src.common.experiment import Experiment
 from src.d_fine.checkpoint import RunCheckpoint, load_run_checkpoint, save_run_checkpoint
 from src.d_fine.model import build
@@ -77,18 +78,17 @@ class Trainer(EpochLoop):
 
         seed_everything(int(cfg.seed) + ctx.rank, bool(self.tc.deterministic))
         self.resume_checkpoint = load_run_checkpoint(self.exp.file("last")) if self.tc.resume else None
-        from src.dl.train.dataset import build_collate
-
         self.excluded_images = on_main(ctx, self._run_doctor)
         self._build_data()
-        self.negatives = on_main(ctx, self._check_negatives) or []
+        negatives = on_main(ctx, self._check_negatives)
+        self.negatives = negatives if ctx.is_main else []  # rank 0 measures them
         self._build_model()
         self._build_optimization()
         if self.tc.resume:
             self._resume()
         self.evaluator = Evaluator(
-            cfg, ctx, self.spec, self.exp, self.postprocessor, self.datasets,
-            build_collate(cfg, train=False), self.negatives, self.amp_dtype,
+            cfg, ctx, self.spec, self.exp, self.postprocessor, self.datasets, self.eval_collate,
+            self.negatives, self.amp_dtype,
         )  # fmt: skip
         if ctx.is_main:
             self._log_setup()
@@ -110,8 +110,9 @@ class Trainer(EpochLoop):
 
         self.datasets = build_datasets(self.cfg, exclude=self.excluded_images, log=self.ctx.is_main)
         self.train_collate = build_collate(self.cfg, train=True)
+        self.eval_collate = build_collate(self.cfg, train=False)
         if len(self.datasets["train"].image_paths) == 0:
-            raise ValueError(f"no training images: {Path(self.cfg.splits_dir) / 'train.csv'} lists none")
+            raise UserError(f"no training images: {Path(self.cfg.splits_dir) / 'train.csv'} lists none")
 
     def _check_negatives(self) -> list[Path]:
         """The held-out background images (train.negatives_path); an image also in train/val/test stops the

@@ -155,6 +155,24 @@ def test_resume_of_a_finished_run_does_no_work(tmp_path, data_dir, finished):
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps  # nothing re-evaluated
 
 
+def test_resume_completes_a_config_saved_before_newer_keys_existed(tmp_path, data_dir):
+    from src.dl.train import TrainingAborted
+
+    common = ("train.epochs=2", "train.checkpoint_every_steps=1", *TINY, "train.max_steps_per_epoch=2")
+    with pytest.raises(TrainingAborted):
+        _run(train_config(tmp_path, data_dir, "train.abort_after_steps=1", *common))
+    last = tmp_path / "output" / "run" / "last.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    for group, key in (("train", "dn_negatives"), ("train", "negatives_thresholds"), ("train", "cls_loss"),
+                       ("train", "fppi_tolerance"), ("train", "flat_cosine"), ("model", "use_one_class")):  # fmt: skip
+        del checkpoint["config"][group][key]
+    torch.save(checkpoint, last)
+    summary = _run(train_config(tmp_path, data_dir, "train.resume=true", *common))
+    assert summary["epochs_trained"] == 2
+    saved = torch.load(last, weights_only=True)["config"]
+    assert saved["train"]["cls_loss"] == "auto" and saved["model"]["use_one_class"] is False
+
+
 # ---------------------------------------------------------------------------------------------- manifest
 
 

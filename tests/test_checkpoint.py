@@ -309,7 +309,7 @@ def test_build_returns_model_criterion_and_postprocessor_for_a_spec():
 
 
 def test_run_checkpoint_round_trip(tmp_path):
-    from src.d_fine import RunCheckpoint, build, load_run_checkpoint, save_run_checkpoint
+    from src.d_fine import ModelSpec, RunCheckpoint, build, load_run_checkpoint, save_run_checkpoint
 
     spec = _spec(use_one_class=True)
     model = build(spec).model
@@ -329,6 +329,10 @@ def test_run_checkpoint_round_trip(tmp_path):
     assert load_run_checkpoint(save_run_checkpoint(tmp_path / "last.pt", last)).training["step"] == 5
     with pytest.raises(ValueError, match="unknown training"):
         save_run_checkpoint(tmp_path / "x.pt", RunCheckpoint(spec, {}, {}, training={"oops": 1}))
+    # a meta without arch_overrides (older files): the architecture is read off the weights
+    wide = build(_spec(arch_overrides={"decoder_ffn_dim": 1024})).model.state_dict()
+    old_meta = {k: v for k, v in _spec().to_meta().items() if k != "arch_overrides"}
+    build(ModelSpec.from_meta(old_meta, wide)).model.load_state_dict(wide)
     torch.save({"model": model.state_dict()}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="not a checkpoint of this project"):
         load_run_checkpoint(tmp_path / "foreign.pt")

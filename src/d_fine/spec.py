@@ -94,8 +94,15 @@ class ModelSpec:
         }
 
     @classmethod
-    def from_meta(cls, meta: Mapping) -> ModelSpec:
-        """From a checkpoint's "meta" (also those written before use_one_class / data_class_names existed)."""
+    def from_meta(cls, meta: Mapping, state: Mapping | None = None) -> ModelSpec:
+        """From a checkpoint's "meta" (also those written before use_one_class / data_class_names existed).
+
+        state: the checkpoint's weights; the architecture overrides are then read off them (a meta written
+        before it recorded arch_overrides still rebuilds a model fine-tuned from released weights)."""
+        if state is not None:
+            from src.d_fine.sizes import arch_overrides_from_state_dict
+
+            meta = {**meta, "arch_overrides": arch_overrides_from_state_dict(dict(state))}
         names = list(meta.get("class_names") or [str(i) for i in range(int(meta["num_classes"]))])
         one_class = bool(meta.get("use_one_class", False))
         return cls(

@@ -64,7 +64,8 @@ def build_deploy_model(path: str | Path) -> tuple[DeployModel, ModelMeta]:
 
     checkpoint = read_project_checkpoint(path)
     meta = checkpoint_meta(path, checkpoint.meta)
-    model, _, postprocessor = build(ModelSpec.from_meta(checkpoint.meta))  # the trainer's own build
+    # the trainer's own build; the architecture read off the weights (fine-tuned from released files)
+    model, _, postprocessor = build(ModelSpec.from_meta(checkpoint.meta, checkpoint.state))
     try:
         model.load_state_dict(checkpoint.state)  # strict: our own checkpoint must match its architecture
     except RuntimeError as err:

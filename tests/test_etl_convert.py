@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from src.common.errors import ConfigError
 from src.etl import convert
 from src.etl.convert import ConvertError
 from src.etl.labels import read_yolo_labels
@@ -111,7 +112,7 @@ def test_coco_bad_inputs(tmp_path):
         convert.run(etl_config(tmp_path, tmp_path / "o", *base, f"convert.src={tmp_path / 'none.json'}"))
     with pytest.raises(ConvertError, match="set convert.src"):
         convert.run(etl_config(tmp_path, tmp_path / "o", "convert.format=coco2yolo"))
-    with pytest.raises(ConvertError, match="convert.format must be"):
+    with pytest.raises(ConfigError, match="convert.format must be one of coco2yolo"):  # at load_config
         convert.run(etl_config(tmp_path, tmp_path / "o", "convert.format=csv"))
 
 

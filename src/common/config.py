@@ -1,61 +1,297 @@
-"""One Hydra config for every stage: entry helper, experiment folder, and the run's saved config.
+"""One Hydra config for every stage: entry helper, validation, experiment folder, and the run's saved config.
 
 Every stage module has `run(cfg)` (called by tests) and `main = stage_main(run)` (the CLI):
     python -m src.etl.split split.val=0.2
+
+The composed config is validated once, at the stage's start (`stage_main`) or when built (`load_config`):
+each key has its default's type in config.yaml, src/common/config_rules.py adds ranges and choices, and
+an unknown key is refused with the closest known one. Every problem is listed in one ConfigError.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import functools
+import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from src.common.errors import UserError
+from src.common.config_rules import NON_NEGATIVE, OPEN_MAPS, REPLACED_MAPS, Rule, rule_for
+from src.common.errors import ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root, where config.yaml lives
 CONFIG_NAME = "config"
 
-# Keys that define the trained model. Train saves them; every later stage given exp_name re-reads them,
-# so a user never repeats train-time overrides.
-MODEL_KEYS = ("model", "label_to_name")
-
 
 def load_config(overrides: Sequence[str] = (), config_dir: Path | None = None) -> DictConfig:
-    """Compose config.yaml with command-line style overrides (what tests and notebooks use)."""
+    """Compose config.yaml with command-line style overrides, validated (what tests and notebooks use)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    defaults = default_config(config_dir)
+    overrides, unknown = check_overrides(overrides, defaults)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir or ROOT), version_base=None):
-        return compose(config_name=CONFIG_NAME, overrides=list(overrides))
+        cfg = compose(config_name=CONFIG_NAME, overrides=overrides)
+    return validate_config(cfg, defaults, unknown)
 
 
 def stage_main(run: Callable[[DictConfig], object]) -> Callable[[], None]:
-    """Wrap a stage's `run(cfg)` as a Hydra CLI entry point reading config.yaml at the repo root."""
+    """Wrap a stage's `run(cfg)` as a Hydra CLI entry point reading config.yaml at the repo root.
+
+    The command line's keys are checked before Hydra parses them (Hydra's own error for an unknown key has
+    no suggestion and a traceback hint): unknown ones are held back and reported with every other problem
+    of the composed config, which is validated before `run`.
+    """
     import hydra
+
+    unknown: list[str] = []
 
     @hydra.main(config_path=str(ROOT), config_name=CONFIG_NAME, version_base=None)
     @functools.wraps(run)
     def _main(cfg: DictConfig) -> None:
-        try:
-            run(cfg)
-        except UserError as err:  # a refusal the user fixes: one line, no traceback
-            logger.error(str(err))
-            sys.exit(2)
+        with _user_errors_as_one_line():
+            run(validate_config(cfg, problems=unknown))
 
-    return _main
+    @functools.wraps(run)
+    def main() -> None:
+        sys.argv[1:], found = check_overrides(sys.argv[1:])
+        unknown[:] = found
+        _main()
+
+    return main
 
 
-def default_config() -> DictConfig:
+@contextlib.contextmanager
+def _user_errors_as_one_line():
+    """A UserError (a refusal the user fixes) is logged as its message, no traceback, and exits 2."""
+    try:
+        yield
+    except UserError as err:
+        logger.error(str(err))
+        sys.exit(2)
+
+
+def default_config(config_dir: Path | None = None) -> DictConfig:
     """config.yaml as written (every default), without Hydra's own keys; interpolations kept."""
-    cfg = OmegaConf.load(ROOT / f"{CONFIG_NAME}.yaml")
+    cfg = OmegaConf.load(Path(config_dir or ROOT) / f"{CONFIG_NAME}.yaml")
     for key in ("defaults", "hydra"):
         cfg.pop(key, None)
     return cfg
+
+
+def complete_with_defaults(saved: DictConfig | dict) -> DictConfig:
+    """A saved run config (possibly from an older version, missing keys) completed from config.yaml.
+
+    The saved values win; a map whose override replaces it whole (label_to_name) is taken as saved.
+    """
+    saved = saved if isinstance(saved, DictConfig) else OmegaConf.create(saved)
+    merged = OmegaConf.merge(default_config(), saved)
+    for key in REPLACED_MAPS:
+        if OmegaConf.select(saved, key) is not None:
+            OmegaConf.update(merged, key, OmegaConf.select(saved, key), merge=False)
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def validate_config(
+    cfg: DictConfig, defaults: DictConfig | None = None, problems: Sequence[str] = ()
+) -> DictConfig:
+    """Check every key of the composed cfg against config.yaml (types) and config_rules (ranges, choices).
+
+    Raises one ConfigError listing every problem (after `problems` found earlier), one per line.
+    Returns cfg with model.img_size as [h, w] and int label ids.
+    """
+    problems = [*problems, *config_problems(cfg, defaults if defaults is not None else default_config())]
+    if problems:
+        raise ConfigError("\n".join(problems))
+    size = cfg.model.img_size
+    if isinstance(size, int):  # one int means a square input
+        cfg.model.img_size = [size, size]
+    # int ids: `label_to_name.4=dog` on the command line makes the string key "4"
+    cfg.label_to_name = {int(k): v for k, v in cfg.label_to_name.items()}
+    return cfg
+
+
+def config_problems(cfg: DictConfig, defaults: DictConfig) -> list[str]:
+    """Every problem of cfg as one line naming the key, the value and what is allowed."""
+    default = OmegaConf.to_container(defaults, resolve=True)
+    try:
+        value = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:  # e.g. an interpolation to a key that does not exist
+        return [f"config: {str(err).splitlines()[0]}"]
+    problems: list[str] = []
+    _check_map(value, default, "", _known_keys(default), problems)
+    return problems
+
+
+def _check_map(value: dict, default: dict, prefix: str, known: list[str], problems: list[str]) -> None:
+    for name, item in value.items():
+        key = f"{prefix}{name}"
+        if name in default:
+            _check(item, default[name], key, known, problems)
+        else:
+            problems.append(unknown_key_message(key, known))
+    problems.extend(
+        f"{prefix}{name} is missing (config.yaml has it)" for name in default if name not in value
+    )
+
+
+def _check(value, default, key: str, known: list[str], problems: list[str]) -> None:
+    rule = rule_for(key)
+    if key in OPEN_MAPS and isinstance(value, dict):  # new entries welcome; known ones keep their type
+        template = OPEN_MAPS[key]
+        for name, item in value.items():
+            if name in default or template is not None:
+                _check(item, default[name if name in default else template], f"{key}.{name}", known, problems)
+    elif isinstance(default, dict) and not (rule and rule.typed):
+        if isinstance(value, dict):
+            _check_map(value, default, f"{key}.", known, problems)
+        else:
+            problems.append(f"{key} must be a map of {', '.join(map(str, default))}, got {_show(value)}")
+        return
+    allowed = _leaf_problem(value, default, rule)
+    if allowed:
+        problems.append(f"{key} must be {allowed}, got {_show(value)}")
+
+
+_KINDS = {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "dict"}
+_KIND_WORDS = {
+    "bool": "true or false",
+    "int": "an int",
+    "float": "a number",
+    "str": "a string",
+    "list": "a list",
+    "dict": "a map",
+}
+
+
+def _kind(default) -> str | None:
+    """The type config.yaml's default says (None: a null default, any type)."""
+    return _KINDS.get(type(default))
+
+
+def _is_kind(value, kind: str) -> bool:
+    if kind == "str":  # Hydra parses `exp_name=2024` as an int, `x=true` (for auto | true | false) as a bool
+        return isinstance(value, (str, int, float, bool))
+    if kind == "bool" or isinstance(value, bool):
+        return isinstance(value, bool) and kind == "bool"
+    if kind == "float":  # a float key accepts ints
+        return isinstance(value, (int, float))
+    return isinstance(value, {"int": int, "list": list, "dict": dict}[kind])
+
+
+def _leaf_problem(value, default, rule: Rule | None) -> str | None:
+    """What is allowed when value breaks its type or rule; None when it is fine."""
+    kind = (rule.kind if rule else None) or _kind(default)
+    if rule is None and kind in ("int", "float"):
+        rule = NON_NEGATIVE  # every number in config.yaml is a count, size, rate or weight
+    if rule is None:
+        allowed = _KIND_WORDS.get(kind, "")
+    else:
+        allowed = rule.allowed if rule.typed or not kind else f"{_KIND_WORDS[kind]} {rule.allowed}"
+    nullable = default is None or (rule is not None and rule.nullable)
+    if value is None:
+        return None if nullable else allowed
+    allowed += " or null" * nullable
+    if kind and not (rule and rule.typed) and not _is_kind(value, kind):
+        return allowed
+    if rule is not None and not _passes(rule, value):
+        return allowed
+    if kind == "list" and rule is None:
+        return _list_items_problem(value, default)
+    return None
+
+
+def _passes(rule: Rule, value) -> bool:
+    try:
+        return bool(rule.ok(value))
+    except (TypeError, ValueError):  # a comparison with a value of another type
+        return False
+
+
+def _list_items_problem(value: list, default: list) -> str | None:
+    """A list key whose default items share one type: every item must have it."""
+    kinds = {_kind(item) for item in default}
+    if len(kinds) != 1 or None in kinds:
+        return None
+    kind = kinds.pop()
+    return None if all(_is_kind(item, kind) for item in value) else f"a list of {kind} items"
+
+
+def _show(value) -> str:
+    """A value as the user would write it (null, true, "text", [1, 2])."""
+    return json.dumps(value, default=str)
+
+
+# ---------------------------------------------------------------------------------------------- unknown keys
+
+
+def _known_keys(default: dict, prefix: str = "") -> list[str]:
+    """Every dotted key of config.yaml, maps included ("train", "train.mosaic", "train.mosaic.prob"...)."""
+    keys = []
+    for name, value in default.items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        if isinstance(value, dict):
+            keys += _known_keys(value, f"{key}.")
+    return keys
+
+
+def unknown_key_message(key: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else "see config.yaml for the keys"
+    return f"unknown key {key}: {hint}"
+
+
+def _open_map_of(key: str) -> str | None:
+    """The open map a key lies in (label_to_name.4 -> label_to_name), else None."""
+    return next((name for name in OPEN_MAPS if key.startswith(f"{name}.")), None)
+
+
+# `key=value`, `+key=value`, `++key=value`, `~key[=value]`; group overrides (a/b=c) and flags are Hydra's
+_OVERRIDE = re.compile(r"(?P<prefix>~|\+\+|\+)?(?P<key>[A-Za-z_][\w.\-]*)(?P<rest>=.*)?", re.DOTALL)
+
+
+def check_overrides(
+    overrides: Sequence[str], defaults: DictConfig | None = None
+) -> tuple[list[str], list[str]]:
+    """Check command-line overrides' keys before Hydra does: (the overrides Hydra should get, problems).
+
+    An unknown key is left out, its problem naming the closest known key. A new entry of an open map
+    (label_to_name.4=dog) needs no `+`; a whole-map override of label_to_name replaces config.yaml's map
+    (Hydra would merge the two).
+    """
+    default = OmegaConf.to_container(defaults if defaults is not None else default_config(), resolve=False)
+    known = _known_keys(default)
+    out, problems = [], []
+    for arg in overrides:
+        match = _OVERRIDE.fullmatch(arg)
+        is_override = match is not None and (match["rest"] or match["prefix"] == "~")
+        if not is_override or match["key"].split(".")[0] == "hydra":  # flags (--cfg job), Hydra's keys
+            out.append(arg)
+            continue
+        prefix, key, rest = match["prefix"] or "", match["key"], match["rest"] or ""
+        if _open_map_of(key):  # an entry, new or not (the map may have been replaced just before)
+            out.append(arg if prefix else f"++{arg}")
+        elif key in known:
+            replace = key in REPLACED_MAPS and not prefix and rest.lstrip("=").startswith("{")
+            out += [f"~{key}", f"+{arg}"] if replace else [arg]
+        else:
+            problems.append(unknown_key_message(key, known))
+    return out, problems
+
+
+# ---------------------------------------------------------------------------------------------- saved config
 
 
 def exp_dir(cfg: DictConfig) -> Path:
@@ -79,26 +315,10 @@ def save_run_config(cfg: DictConfig, path: Path | None = None) -> Path:
 
 
 def with_saved_model_keys(cfg: DictConfig) -> DictConfig:
-    """Return cfg with the model-defining keys taken from the experiment's saved config, if there is one.
+    """Deprecated: use src.common.experiment.stage_config (this alias goes when no stage calls it)."""
+    from src.common.experiment import stage_config
 
-    A differing value given now is overridden by the trained one, with a warning: the weights fix it.
-    """
-    saved_path = saved_config_path(cfg)
-    if not saved_path.exists():
-        return cfg
-    saved = OmegaConf.load(saved_path)
-    merged = cfg.copy()
-    OmegaConf.set_struct(merged, False)
-    for key in MODEL_KEYS:
-        if key not in saved:
-            continue
-        now, then = OmegaConf.to_container(cfg.get(key)), OmegaConf.to_container(saved[key])
-        if now != then:
-            logger.warning(
-                f"{key}: using the trained experiment's value from {saved_path} ({then}), not {now}"
-            )
-        merged[key] = saved[key]
-    return merged
+    return stage_config(cfg)
 
 
 def label_names(cfg: DictConfig) -> list[str]:

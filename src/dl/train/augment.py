@@ -46,13 +46,13 @@ def build_augmentations(augs: DictConfig | dict, seed: int | None = None):
         if float(prob) > 0:
             transforms.append(make(float(prob)))
 
-    add(augs.get("left_right_flip", 0), lambda p: A.HorizontalFlip(p=p))
-    add(augs.get("up_down_flip", 0), lambda p: A.VerticalFlip(p=p))
-    add(augs.get("rotate_90", 0), lambda p: A.RandomRotate90(p=p))
-    if float(augs.get("rotation_degree", 0)) > 0:
-        limit = float(augs.get("rotation_degree"))
+    add(augs["left_right_flip"], lambda p: A.HorizontalFlip(p=p))
+    add(augs["up_down_flip"], lambda p: A.VerticalFlip(p=p))
+    add(augs["rotate_90"], lambda p: A.RandomRotate90(p=p))
+    if float(augs["rotation_degree"]) > 0:
+        limit = float(augs["rotation_degree"])
         add(
-            augs.get("rotation_p", 0),
+            augs["rotation_p"],
             lambda p: A.Rotate(
                 limit=limit,
                 interpolation=cv2.INTER_LINEAR,
@@ -61,13 +61,13 @@ def build_augmentations(augs: DictConfig | dict, seed: int | None = None):
                 p=p,
             ),
         )
-    add(augs.get("brightness_contrast", 0), lambda p: A.RandomBrightnessContrast(p=p))
-    add(augs.get("gamma", 0), lambda p: A.RandomGamma(p=p))
-    add(augs.get("blur", 0), lambda p: A.Blur(blur_limit=(3, 5), p=p))
-    add(augs.get("noise", 0), lambda p: A.GaussNoise(std_range=(0.02, 0.1), p=p))
-    add(augs.get("to_gray", 0), lambda p: A.ToGray(p=p))
+    add(augs["brightness_contrast"], lambda p: A.RandomBrightnessContrast(p=p))
+    add(augs["gamma"], lambda p: A.RandomGamma(p=p))
+    add(augs["blur"], lambda p: A.Blur(blur_limit=(3, 5), p=p))
+    add(augs["noise"], lambda p: A.GaussNoise(std_range=(0.02, 0.1), p=p))
+    add(augs["to_gray"], lambda p: A.ToGray(p=p))
     add(
-        augs.get("coarse_dropout", 0),
+        augs["coarse_dropout"],
         lambda p: A.CoarseDropout(
             num_holes_range=(1, 4),
             hole_height_range=(0.05, 0.15),
@@ -126,12 +126,12 @@ class MosaicParams:
     @classmethod
     def from_cfg(cls, mosaic: DictConfig | dict) -> MosaicParams:
         return cls(
-            scale=tuple(float(s) for s in mosaic.get("scale", (0.5, 1.5))),
-            degrees=float(mosaic.get("degrees", 0.0)),
-            translate=float(mosaic.get("translate", 0.2)),
-            shear=float(mosaic.get("shear", 2.0)),
-            min_box_px=float(mosaic.get("min_box_px", 2.0)),
-            min_area_ratio=float(mosaic.get("min_area_ratio", 0.1)),
+            scale=tuple(float(s) for s in mosaic["scale"]),
+            degrees=float(mosaic["degrees"]),
+            translate=float(mosaic["translate"]),
+            shear=float(mosaic["shear"]),
+            min_box_px=float(mosaic["min_box_px"]),
+            min_area_ratio=float(mosaic["min_area_ratio"]),
         )
 
 

@@ -103,13 +103,13 @@ class DetectionDataset(Dataset):
         self.mosaic_prob = float(train_cfg.mosaic.prob) if self.train else 0.0
         self.mosaic_params = MosaicParams.from_cfg(train_cfg.mosaic)
         self.mosaic_until_epoch = int(train_cfg.epochs) - int(train_cfg.mosaic.no_mosaic_epochs)
-        # .get: a resumed run's saved config may predate these keys
-        self.no_aug_epochs = int(train_cfg.get("no_aug_epochs") or 0)
+        # the validated config has every key (an older run's saved config: complete_with_defaults)
+        self.no_aug_epochs = int(train_cfg.no_aug_epochs)
         self.aug_until_epoch = int(train_cfg.epochs) - self.no_aug_epochs
-        mixup = train_cfg.get("mixup") or {}
-        self.mixup_prob = float(mixup.get("prob", 0.0)) if self.train else 0.0
-        self.mixup_epochs = mixup_window(mixup.get("epochs"))
-        self.ignore_background_epochs = int(train_cfg.get("ignore_background_epochs", 0))
+        mixup = train_cfg.mixup
+        self.mixup_prob = float(mixup.prob) if self.train else 0.0
+        self.mixup_epochs = mixup_window(mixup.epochs)
+        self.ignore_background_epochs = int(train_cfg.ignore_background_epochs)
         self.epoch = 0
         self.augment = self.train  # False: plain samples (evaluation, or the no-aug epochs)
         self.mosaic_enabled = self.mosaic_prob > 0
@@ -278,7 +278,7 @@ def build_collate(cfg: DictConfig, train: bool):
     if not train or float(cfg.train.multiscale_prob) <= 0:
         return collate_fn
     img_size = (int(cfg.model.img_size[0]), int(cfg.model.img_size[1]))
-    until_epoch = int(cfg.train.epochs) - int(cfg.train.get("no_aug_epochs") or 0)
+    until_epoch = int(cfg.train.epochs) - int(cfg.train.no_aug_epochs)
     return TrainCollate(img_size, float(cfg.train.multiscale_prob), until_epoch)
 
 

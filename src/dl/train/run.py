@@ -18,7 +18,7 @@ from pathlib import Path
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
-from src.common.config import default_config, save_run_config, stage_main
+from src.common.config import complete_with_defaults, save_run_config, stage_main
 from src.common.errors import ExperimentError
 from src.common.experiment import FILES, Experiment
 from src.d_fine.checkpoint import load_run_checkpoint
@@ -85,8 +85,7 @@ def resume_point(cfg: DictConfig, exp: Experiment) -> tuple[DictConfig, TrainSta
             "(or pick the exp_name of the interrupted run)"
         )
     checkpoint = load_run_checkpoint(last, mmap=True)
-    saved = OmegaConf.merge(default_config(), OmegaConf.create(checkpoint.config))
-    return config_for_resume(cfg, saved), TrainState(**checkpoint.training["state"])
+    return config_for_resume(cfg, complete_with_defaults(checkpoint.config)), TrainState(**checkpoint.training["state"])
 
 
 def is_finished(cfg: DictConfig, exp: Experiment, state: TrainState) -> bool:

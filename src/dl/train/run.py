@@ -85,7 +85,8 @@ def resume_point(cfg: DictConfig, exp: Experiment) -> tuple[DictConfig, TrainSta
             "(or pick the exp_name of the interrupted run)"
         )
     checkpoint = load_run_checkpoint(last, mmap=True)
-    return config_for_resume(cfg, complete_with_defaults(checkpoint.config)), TrainState(**checkpoint.training["state"])
+    state = TrainState(**checkpoint.training["state"])
+    return config_for_resume(cfg, complete_with_defaults(checkpoint.config)), state
 
 
 def is_finished(cfg: DictConfig, exp: Experiment, state: TrainState) -> bool:

@@ -491,7 +491,7 @@ def test_doctor_rejects_bad_labels_and_skip_bad_trains_without_them(tmp_path):
     from src.etl.check import DatasetError
 
     data = make_detection_data(tmp_path / "data", {"train": 3, "val": 2})
-    (data / "labels" / "train_1.txt").write_text("9 0.5 0.5 0.2 0.2\n")  # class 9 does not exist
+    (data / "labels" / "train_1.txt").write_text("0 0.5 0.5 0.2\n")  # a field missing: fatal, skippable
     with pytest.raises(DatasetError, match="train_1.txt"):
         _run(train_config(tmp_path, data))
     summary = _run(

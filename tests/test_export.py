@@ -141,7 +141,7 @@ def test_tensorrt_engine_round_trip(exported, tmp_path):
     cfg, _ = exported
     onnx_path = exp_dir(cfg) / "model.onnx"
     meta = load_model(onnx_path).meta
-    engine = export_tensorrt(onnx_path, meta, tmp_path / "model_fp32.engine", fp16=False, workspace_gb=1)
+    engine = export_tensorrt(onnx_path, meta, tmp_path / "model_fp32.engine", "fp32", workspace_gb=1)
     images = val_images(cfg, 3)
     reference = load_model(exp_dir(cfg) / "best.pt", device="cuda")(images, conf=0.05)
     assert_same_detections(reference, load_model(engine)(images, conf=0.05), box_atol=0.1, score_atol=1e-3)

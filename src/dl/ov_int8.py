@@ -192,12 +192,12 @@ def print_table(rows: list[dict[str, Any]], images: int) -> None:
     print("\n".join(["", f"OpenVINO fp32 vs int8 on {images} val images (CPU, batch 1):", *lines, note, ""]))
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def make_int8(cfg: DictConfig, experiment: Experiment) -> tuple[Path, dict[str, Any], ImageCache]:
+    """Quantize the experiment's model_fp32.xml -> model_int8.xml (recorded in the manifest).
+    Returns the int8 path, the report so far and the val images decoded for measuring it."""
     import openvino as ov
 
-    cfg = stage_config(cfg)
     options = cfg.ov_int8
-    experiment = Experiment.of(cfg)
     fp32_path = experiment.artifact("ov_fp32")
     if not fp32_path.exists():
         raise UserError(f"{fp32_path} not found: run `python -m src.dl.export exp_name={cfg.exp_name}` first")
@@ -227,6 +227,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     report: dict[str, Any] = {"mode": str(options.mode), "float_decoding": bool(options.float_decoding),
                               "calibration_images": len(calibration.images), "quantize_seconds": seconds}  # fmt: skip
+    return int8_path, report, validation
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    cfg = stage_config(cfg)
+    options = cfg.ov_int8
+    experiment = Experiment.of(cfg)
+    fp32_path = experiment.artifact("ov_fp32")
+    int8_path, report, validation = make_int8(cfg, experiment)
     if validation.samples:
         precision = str(options.precision)
         fp32_row, fp32_result = measure(fp32_path, precision, validation, "fp32")

@@ -294,10 +294,16 @@ def test_parity_report_flags_a_broken_export_and_passes_fp16(exported, tmp_path)
 
     cfg, _ = exported
     out = exp_dir(cfg)
-    artifacts = {
-        "ov_fp16": out / "model_fp16.xml",
-        "onnx_shifted": edited_onnx(out / "model.onnx", tmp_path / "shifted.onnx", "boxes", "Add", 3.0),
-        "onnx_halved": edited_onnx(out / "model.onnx", tmp_path / "halved.onnx", "scores", "Mul", 0.5),
+    artifacts = {  # deployment name -> (file, runtime precision)
+        "ov_fp16": (out / "model_fp16.xml", "f32"),
+        "onnx_shifted": (
+            edited_onnx(out / "model.onnx", tmp_path / "shifted.onnx", "boxes", "Add", 3.0),
+            None,
+        ),
+        "onnx_halved": (
+            edited_onnx(out / "model.onnx", tmp_path / "halved.onnx", "scores", "Mul", 0.5),
+            None,
+        ),
     }
     report = parity_report(cfg, artifacts, out / "best.pt", "cpu")
     assert report["torch"]["detections"] >= 10  # enough detections for the comparison to mean something

@@ -236,6 +236,7 @@ RULES: dict[str, Rule] = {
     "test_batching.batch_sizes": list_of("a non-empty list of ints >= 1", lambda v: _int(v) and v >= 1),
     "test_batching.runs": at_least(1),
     "ov_int8.mode": one_of("quick", "accuracy"),
+    "ov_int8.preset": one_of("mixed", "performance"),
     "ov_int8.subset_size": at_least(1),
     "ov_int8.val_images": at_least(1),
     "ov_int8.max_drop": PROBABILITY,

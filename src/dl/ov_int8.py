@@ -106,10 +106,16 @@ def quantize(ov_model, cfg: DictConfig, meta: ModelMeta, calibration: ImageCache
     calibration_data = nncf.Dataset(calibration.images, transform)
     scope = float_decoding_scope(ov_model) if options.float_decoding else None
     common = {
-        "preset": nncf.QuantizationPreset.MIXED,  # asymmetric activations: better for post-softmax/ReLU ranges
+        # mixed: asymmetric activations (post-softmax/ReLU ranges); performance: symmetric, fastest kernels
+        "preset": {
+            "mixed": nncf.QuantizationPreset.MIXED,
+            "performance": nncf.QuantizationPreset.PERFORMANCE,
+        }[str(options.preset)],
         "subset_size": min(int(options.subset_size), len(calibration.images)),
         "ignored_scope": scope,
-        "model_type": nncf.ModelType.TRANSFORMER,  # smooth-quant friendly handling of the decoder's MatMuls
+        "fast_bias_correction": bool(options.fast_bias_correction),
+        # transformer: smooth-quant friendly handling of the decoder's MatMuls (some ops stay float)
+        "model_type": nncf.ModelType.TRANSFORMER if options.transformer else None,
     }
     if options.mode == "quick":
         return nncf.quantize(ov_model, calibration_data, **common)

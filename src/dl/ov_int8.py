@@ -201,7 +201,7 @@ def print_table(rows: list[dict[str, Any]], images: int) -> None:
 def make_int8(cfg: DictConfig, experiment: Experiment) -> tuple[Path, dict[str, Any], ImageCache]:
     """Quantize the experiment's model_fp32.xml -> model_int8.xml (recorded in the manifest).
     Returns the int8 path, the report so far and the val images decoded for measuring it."""
-    import openvino as ov
+    from src.runtime.openvino_model import shared_core
 
     options = cfg.ov_int8
     fp32_path = experiment.artifact("ov_fp32")
@@ -209,7 +209,7 @@ def make_int8(cfg: DictConfig, experiment: Experiment) -> tuple[Path, dict[str, 
         raise UserError(f"{fp32_path} not found: run `python -m src.dl.export exp_name={cfg.exp_name}` first")
     ensure_fresh(fp32_path)  # int8 from a stale fp32 IR would be stale too
     made_from = experiment.manifest().get("made_into", {}).get("ov_fp32", {}).get("checkpoint_sha256")
-    ov_model = ov.Core().read_model(str(fp32_path))
+    ov_model = shared_core().read_model(str(fp32_path))  # one Core per process (see shared_core)
     meta = read_openvino_meta(ov_model, fp32_path)
 
     calibration_samples = load_split_samples(cfg, "train", limit=int(options.subset_size))

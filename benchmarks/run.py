@@ -1,9 +1,10 @@
-"""`make benchmark`: every benchmark table in one go (model size/latency, training speed, loader, backends).
+"""`make benchmark`: every benchmark table in one go (model size/latency, training speed, loader, backends,
+data quality, tracking).
 
     python -m benchmarks.run                 # all of them
-    python -m benchmarks.run model train     # a subset (model | train | loader | backends | data)
+    python -m benchmarks.run model train     # a subset (model | train | loader | backends | data | tracking)
 Each part also runs alone with its own flags:
-python -m benchmarks.<model_speed|train_speed|loader_speed|backend_speed|near_duplicates> -h
+python -m benchmarks.<model_speed|train_speed|loader_speed|backend_speed|near_duplicates|tracking> -h
 """
 
 import sys
@@ -19,6 +20,7 @@ PARTS = {
     "loader": ("Data loader alone, with and without train.cache (mosaic on)", "benchmarks.loader_speed"),
     "backends": ("Per-backend latency, n and s at 640 on CPU", "benchmarks.backend_speed"),
     "data": ("Near-duplicates on planted copies; the doctor's speed", "benchmarks.near_duplicates"),
+    "tracking": ("Tracking alone on a synthetic video of crossing shapes (ByteTrack)", "benchmarks.tracking"),
 }
 
 

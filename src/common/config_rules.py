@@ -137,7 +137,7 @@ FOLDER_OR_NULL = Rule("a folder path", lambda v: isinstance(v, str) and bool(v),
 TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
 OV_PRECISIONS = ("f32", "f16", "bf16")
 ANY_PRECISION = one_of(*TORCH_PRECISIONS, "f32", "f16", nullable=True)
-ARTIFACT_VARIANTS = ("torch", "onnx", "ov_fp32", "ov_fp16", "ov_int8", "trt_fp16", "trt_fp32")
+ARTIFACT_VARIANTS = ("torch", "onnx", "ov_fp32", "ov_fp16", "ov_int8", "trt_fp16", "trt_fp32", "trt_int8")
 SPLITS = ("train", "val", "test")
 
 RULES: dict[str, Rule] = {
@@ -231,8 +231,11 @@ RULES: dict[str, Rule] = {
     "export.opset": at_least(17),
     "export.max_batch_size": at_least(1),
     "export.trt_workspace_gb": above(0, kind="float"),
-    "export.ov_precision": one_of(*OV_PRECISIONS),
+    "export.precision": one_of("auto", "fp32", "bf16", "f16", "int8"),
+    "export.precision_rule.map50_drop": PROBABILITY,
+    "export.precision_rule.mean_iou": PROBABILITY,
     "export.parity_images": at_least(1),
+    "export.latency_runs": at_least(1),
     "export.parity_conf": PROBABILITY,
     "export.tolerance.*.score": PROBABILITY,
     "export.tolerance.*.map50": PROBABILITY,
@@ -241,9 +244,12 @@ RULES: dict[str, Rule] = {
     "bench.images": at_least(1, nullable=True, kind="int"),
     "bench.backends": subset_of(*ARTIFACT_VARIANTS),
     "bench.torch_precision": one_of(*TORCH_PRECISIONS),
-    "bench.ov_precision": one_of(*OV_PRECISIONS),
     "infer.precision": ANY_PRECISION,
     "infer.conf": Rule("a score in [0, 1] or {class_name: score}", _conf, nullable=True, typed=True),
+    "infer.tracker.low_conf": PROBABILITY,
+    "infer.tracker.match_iou": PROBABILITY,
+    "infer.tracker.low_match_iou": PROBABILITY,
+    "infer.tracker.confirm_frames": at_least(1),
     "check_errors.splits": subset_of(*SPLITS),
     "check_errors.precision": ANY_PRECISION,
     "check_errors.conf": Rule("a score in [0, 1] or {class_name: score}", _conf, nullable=True, typed=True),
@@ -253,6 +259,7 @@ RULES: dict[str, Rule] = {
     "test_batching.batch_sizes": list_of("a non-empty list of ints >= 1", lambda v: _int(v) and v >= 1),
     "test_batching.runs": at_least(1),
     "ov_int8.mode": one_of("quick", "accuracy"),
+    "ov_int8.preset": one_of("mixed", "performance"),
     "ov_int8.subset_size": at_least(1),
     "ov_int8.val_images": at_least(1),
     "ov_int8.max_drop": PROBABILITY,

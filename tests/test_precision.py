@@ -36,8 +36,16 @@ def test_parity_mean_iou_of_paired_detections():
     assert compare_detections(reference, reference, conf=0.3)["mean_iou"] == 1.0
 
 
-def entry(ms: float, drop: float = 0.0, iou: float = 1.0) -> dict:
-    return {"latency_ms_median": ms, "mAP_50_delta": -drop, "mean_iou": iou, "ok": True}
+def entry(ms: float, drop: float = 0.0, iou: float = 1.0, compared: int = 50) -> dict:
+    return {"latency_ms_median": ms, "mAP_50_delta": -drop, "mean_iou": iou, "compared": compared, "ok": True}
+
+
+def test_a_reduced_precision_compared_on_no_detections_is_not_chosen():
+    """An untrained model detects nothing above parity_conf: "no box moved" must not pick int8 unverified."""
+    parity = {"ov_fp32": entry(60, compared=0), "ov_int8": entry(25, compared=0)}
+    choice = choose(parity, {}, "auto", RULE)
+    assert choice["name"] == "ov_fp32"
+    assert "ov_int8 fails: only 0 detections compared (< 10): parity not verified" in choice["reason"]
 
 
 def test_choose_fastest_that_holds_and_pins():
@@ -95,7 +103,7 @@ def test_export_chooses_records_and_uses_a_precision_on_this_machine(exported):
         assert "no native BF16" in report["skipped"]["ov_fp32@bf16"]
     # the choice: the fastest measured deployment that holds the rule (or fp32 when none does)
     holding = [n for n, e in parity.items() if n in BY_NAME and -e["mAP_50_delta"] <= 0.005
-               and e["mean_iou"] >= 0.99]  # fmt: skip
+               and e["mean_iou"] >= 0.99 and (BY_NAME[n].family == "fp32" or e["compared"] >= 10)]  # fmt: skip
     assert choice["name"] == min(holding, key=lambda n: parity[n]["latency_ms_median"])
     experiment = Experiment.of(cfg)
     assert experiment.deployment()["name"] == choice["name"] and choice["reason"]

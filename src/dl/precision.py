@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from src.dl.parity import MIN_PARITY_DETECTIONS
 from src.runtime import available_backends, backend_for
 
 FAMILIES = ("fp32", "bf16", "f16", "int8")
@@ -74,11 +75,20 @@ def candidates(
     return runnable, skipped
 
 
-def holds(entry: dict[str, Any], rule) -> list[str]:
-    """What breaks the precision rule for one parity entry (empty: it holds)."""
+def holds(entry: dict[str, Any], rule, reduced: bool = True) -> list[str]:
+    """What breaks the precision rule for one parity entry (empty: it holds).
+
+    A reduced precision (not fp32) must also have been compared on enough detections: with an untrained
+    model nothing scores above parity_conf, and "no box moved" would otherwise pick int8 unverified.
+    """
     if "error" in entry:
         return [f"cannot run: {entry['error']}"]
     problems = []
+    compared = int(entry.get("compared", 0))
+    if reduced and compared < MIN_PARITY_DETECTIONS:
+        problems.append(
+            f"only {compared} detections compared (< {MIN_PARITY_DETECTIONS}): parity not verified"
+        )
     drop = -float(entry["mAP_50_delta"])
     if drop > float(rule.map50_drop):
         problems.append(f"mAP50 drop {drop:.4f} > {rule.map50_drop}")
@@ -95,7 +105,7 @@ def choose(parity: dict[str, Any], skipped: dict[str, str], pin: str, rule) -> d
     """
     measured = {n: e for n, e in parity.items() if n in BY_NAME and isinstance(e, dict)}
     latency = {n: float(e["latency_ms_median"]) for n, e in measured.items() if "error" not in e}
-    verdicts = {n: holds(e, rule) for n, e in measured.items()}
+    verdicts = {n: holds(e, rule, BY_NAME[n].family != "fp32") for n, e in measured.items()}
     fastest = sorted(latency, key=latency.get)
     notes = [f"skipped {n}: {r}" for n, r in skipped.items()]
     notes += [f"{n} fails: {'; '.join(v)}" for n, v in verdicts.items() if v]

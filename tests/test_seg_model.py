@@ -203,3 +203,16 @@ def test_masks_to_original_undoes_letterbox_and_resize(keep_ratio):
 
     identity = masks_to_original(np.full((2, 8, 8), 1.0, np.float32), Letterbox.identity(32, 32))
     assert identity.shape == (2, 32, 32) and bool(identity.all())
+
+
+def test_a_detection_checkpoint_loads_into_a_segmentation_model():
+    from src.d_fine import load_pretrained
+
+    torch.manual_seed(0)
+    detector = build_model("n", NUM_CLASSES, img_size=(128, 128), num_queries=QUERIES)
+    segmenter = build_model("n", NUM_CLASSES, img_size=(128, 128), num_queries=QUERIES, task="segment")
+    report = load_pretrained(segmenter, detector.state_dict())
+    assert report.missing and all(key.startswith("mask_head.") for key in report.missing)
+    assert "mask branch not in the checkpoint: it starts fresh" in str(report)
+    assert "missing in the checkpoint" not in str(report)
+    assert torch.equal(segmenter.decoder.enc_score_head.weight, detector.decoder.enc_score_head.weight)

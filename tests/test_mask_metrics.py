@@ -114,3 +114,13 @@ def test_mask_map_without_ground_truth_and_rle_round_trip():
     assert all(isinstance(rle["counts"], str) and rle["size"] == [30, 40] for rle in rles)
     decoded = mask_utils.decode(rles)  # (H, W, K)
     assert np.array_equal(decoded.transpose(2, 0, 1).astype(bool), masks)
+
+
+def test_mask_iou_pairs_masks_by_index():
+    from src.metrics.masks import mask_iou
+
+    a = np.zeros((3, 10, 10), bool)
+    b = np.zeros((3, 10, 10), bool)
+    a[0, :5], b[0, :, :5] = True, True  # 25 / 75
+    a[1, 2:4, 2:4], b[1, 2:4, 2:4] = True, True  # identical
+    assert mask_iou(a, b).tolist() == pytest.approx([1 / 3, 1.0, 1.0])  # third pair: both empty

@@ -201,6 +201,10 @@ def test_masks_to_original_undoes_letterbox_and_resize(keep_ratio):
     iou = (mask & expected).sum() / (mask | expected).sum()
     assert iou > 0.9, iou
 
+    # Cropped to a box covering the left half of the rectangle: the right half is cleared.
+    cropped = masks_to_original(logits, meta, boxes_xyxy=[[0, 0, 80, 90]])[0].numpy()
+    assert cropped[:, :80].sum() == mask[:, :80].sum() > 0 and not cropped[:, 80:].any()
+
     identity = masks_to_original(np.full((2, 8, 8), 1.0, np.float32), Letterbox.identity(32, 32))
     assert identity.shape == (2, 32, 32) and bool(identity.all())
 
@@ -216,3 +220,14 @@ def test_a_detection_checkpoint_loads_into_a_segmentation_model():
     assert "mask branch not in the checkpoint: it starts fresh" in str(report)
     assert "missing in the checkpoint" not in str(report)
     assert torch.equal(segmenter.decoder.enc_score_head.weight, detector.decoder.enc_score_head.weight)
+
+
+def test_deployed_segmentation_model_keeps_its_outputs():
+    torch.manual_seed(0)
+    model = build_model("s", NUM_CLASSES, img_size=(64, 64), num_queries=QUERIES, task="segment").eval()
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(images)
+        got = model.deploy()(images)
+    for key in ("pred_logits", "pred_boxes", "pred_masks"):
+        assert torch.allclose(expected[key], got[key], atol=1e-4), key

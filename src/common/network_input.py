@@ -145,13 +145,15 @@ def boxes_to_original(boxes_xyxy, meta: Letterbox):
 MASK_CHUNK = 16  # masks resampled at once: bounds the float memory to 16 original-size maps
 
 
-def masks_to_original(mask_logits, meta: Letterbox, threshold: float = 0.0):
+def masks_to_original(mask_logits, meta: Letterbox, threshold: float = 0.0, boxes_xyxy=None):
     """Mask logits (K, h, w) over the whole network input (any stride: h = net_h / s) -> bool masks
     (K, orig_h, orig_w) of the original image: logit > threshold (0 = probability 0.5).
 
     Every original pixel centre is mapped into the network input (net = orig * scale + pad, the inverse of
     boxes_to_original) and the logits are read there bilinearly, so padding and scale are undone in one
-    resampling. Takes numpy or torch, returns torch (on the logits' device).
+    resampling. boxes_xyxy (K, 4) in original pixels (boxes_to_original's): pixels outside each mask's own
+    box are cleared (a query's stray blobs elsewhere in the image are not its object). Takes numpy or
+    torch, returns torch (on the logits' device).
     """
     import torch
     import torch.nn.functional as F
@@ -172,6 +174,13 @@ def masks_to_original(mask_logits, meta: Letterbox, threshold: float = 0.0):
         grid_k = grid.expand(len(chunk), -1, -1, -1)
         sampled = F.grid_sample(chunk, grid_k, padding_mode="border", align_corners=False)
         masks[start : start + len(chunk)] = sampled[:, 0] > threshold
+    if boxes_xyxy is not None:
+        boxes = torch.as_tensor(boxes_xyxy, dtype=torch.float32, device=device).reshape(-1, 4)
+        centres_x = torch.arange(meta.orig_w, device=device) + 0.5  # original pixel centres
+        centres_y = torch.arange(meta.orig_h, device=device) + 0.5
+        inside_x = (centres_x >= boxes[:, :1]) & (centres_x <= boxes[:, 2:3])  # (K, orig_w)
+        inside_y = (centres_y >= boxes[:, 1:2]) & (centres_y <= boxes[:, 3:4])  # (K, orig_h)
+        masks &= inside_y[:, :, None] & inside_x[:, None, :]
     return masks
 
 

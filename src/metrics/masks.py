@@ -46,6 +46,17 @@ def _numpy(values) -> np.ndarray:
     return values.detach().cpu().numpy() if hasattr(values, "detach") else np.asarray(values)
 
 
+def mask_iou(masks_a, masks_b) -> np.ndarray:
+    """IoU of each mask in masks_a (N, H, W) with the one at the same index in masks_b (N, H, W): (N,)
+    float64; two empty masks count as IoU 1 (they agree). For export parity and error analysis."""
+    a = _numpy(masks_a).astype(bool).reshape(len(masks_a), -1)
+    b = _numpy(masks_b).astype(bool).reshape(len(masks_b), -1)
+    if a.shape != b.shape:
+        raise ValueError(f"mask_iou needs masks of one shape, got {a.shape} and {b.shape}")
+    union = (a | b).sum(1)
+    return np.where(union > 0, (a & b).sum(1) / np.maximum(union, 1), 1.0)
+
+
 def mask_coco_dicts(preds: Sequence[dict], gts: Sequence[dict], num_classes: int) -> tuple[dict, list[dict]]:
     """In-memory COCO ground truth with RLE segmentations and the detection list; image ids 1..N,
     category ids class + 1 (as validator.coco_dicts)."""

@@ -6,7 +6,12 @@ each <= 1.3x the detector's).
 The bare step: model forward (train mode, denoising on), criterion, backward, AdamW, on synthetic images
 with 3 filled polygons each (masks for the segmentation run). Each task runs in its own process so its
 peak memory is its own: peak GPU memory on CUDA; on CPU the growth of the process's peak resident memory
-over what it held before the first step (model, optimizer and batch already built).
+over what it held before the first step (model, optimizer and batch already built), which the allocator
+makes noisy, so also the bytes of the tensors autograd saves for backward in one step (deterministic: the
+activation memory training adds per step; tensors are counted each time autograd saves them). Step time:
+the fastest of `steps` (the least disturbed by other processes on a shared machine). GFLOPs: one eval
+forward of the deployed model at the same size, batch 1 (torch's FlopCounterMode; the machine-independent
+cost).
 """
 
 from __future__ import annotations
@@ -75,22 +80,49 @@ def measure(task: str, size: str, img: int, batch: int, steps: int, device: str)
         loss.backward()
         optimizer.step()
 
-    step()  # warm-up (optimizer state, allocator)
+    saved = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()  # also the warm-up (optimizer state, allocator)
     before = _rss_mb()
     if dev.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
         step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:  # ru_maxrss is in KiB on Linux
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
-    return {"task": task, "step_s": seconds, "peak_mb": peak}
+    return {
+        "task": task,
+        "step_s": min(times),
+        "peak_mb": peak,
+        "saved_mb": sum(saved) / 2**20,
+        "gflops": forward_gflops(size, img, task),
+    }
+
+
+def forward_gflops(size: str, img: int, task: str) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from src.d_fine import build_model
+
+    model = build_model(size, NUM_CLASSES, img_size=(img, img), task=task).deploy()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.rand(1, 3, img, img))
+    return counter.get_total_flops() / 1e9
 
 
 def main(argv: list[str]) -> None:
@@ -111,13 +143,20 @@ def main(argv: list[str]) -> None:
     for task in ("detect", "segment"):
         child = [sys.executable, "-m", "benchmarks.seg_step", *argv, "--task", task]
         results[task] = json.loads(subprocess.run(child, capture_output=True, text=True, check=True).stdout)
-    print(f"D-FINE-{args.size}, {args.img} px, batch {args.batch}, {args.device}, mean of {args.steps} steps")
+    print(
+        f"D-FINE-{args.size}, {args.img} px, batch {args.batch}, {args.device}, fastest of {args.steps} steps"
+    )
     for task, row in results.items():
-        print(f"  {task:8s} step {row['step_s']:.3f} s   peak memory {row['peak_mb']:.0f} MB")
+        print(
+            f"  {task:8s} step {row['step_s']:.3f} s   peak memory {row['peak_mb']:.0f} MB   "
+            f"saved for backward {row['saved_mb']:.0f} MB   forward {row['gflops']:.2f} GFLOPs"
+        )
     detect, segment = results["detect"], results["segment"]
     print(
         f"  segment / detect: step {segment['step_s'] / detect['step_s']:.2f}x, "
-        f"peak memory {segment['peak_mb'] / max(detect['peak_mb'], 1e-9):.2f}x"
+        f"peak memory {segment['peak_mb'] / max(detect['peak_mb'], 1e-9):.2f}x, "
+        f"saved for backward {segment['saved_mb'] / detect['saved_mb']:.2f}x, "
+        f"forward GFLOPs {segment['gflops'] / detect['gflops']:.2f}x"
     )
 
 

@@ -60,24 +60,29 @@ def make_data(cfg) -> Path:
     return Path(cfg.data_path)
 
 
-def tiny_model(cfg):
+def tiny_model(cfg, num_classes: int = len(CLASS_NAMES)):
     from src.d_fine import build_model
 
-    model = build_model("n", len(CLASS_NAMES), img_size=tuple(cfg.model.img_size), num_queries=NUM_QUERIES)
+    model = build_model("n", num_classes, img_size=tuple(cfg.model.img_size), num_queries=NUM_QUERIES)
     skip = {k for k in model.state_dict() if k.endswith(("anchors", "valid_mask"))}
     model.load_state_dict(deterministic_state_dict(model.state_dict(), skip=skip))
     return model.eval()
 
 
 def make_checkpoint(cfg, thresholds: dict | None = None) -> Path:
-    """output/<exp>/best.pt (+ thresholds.json, config.yaml) as the trainer writes them."""
-    model = tiny_model(cfg)
-    thresholds = thresholds or {"conf_thresh": 0.3, "f1": 0.0, "per_class": {"square": 0.4}}
+    """output/<exp>/best.pt (+ thresholds.json, config.yaml) as the trainer writes them: the classes of
+    cfg.label_to_name, or the one class "object" with model.use_one_class=true."""
+    from src.common.config import label_names
+
+    class_names = ["object"] if cfg.model.use_one_class else label_names(cfg)
+    model = tiny_model(cfg, len(class_names))
+    default_per_class = {"square": 0.4} if "square" in class_names else {}
+    thresholds = thresholds or {"conf_thresh": 0.3, "f1": 0.0, "per_class": default_per_class}
     meta = {
         "model_name": "n",
         "variant": "dfine",
-        "num_classes": len(CLASS_NAMES),
-        "class_names": CLASS_NAMES,
+        "num_classes": len(class_names),
+        "class_names": class_names,
         "img_size": [IMG_SIZE, IMG_SIZE],
         "keep_ratio": bool(cfg.model.keep_ratio),
         "num_queries": NUM_QUERIES,

@@ -126,7 +126,9 @@ def test_slim_graph_that_changes_outputs_is_discarded(exported, tmp_path, monkey
         return proto
 
     monkeypatch.setattr(onnxslim, "slim", miscompiling_slim)
-    assert slim_onnx(path, probe_batches(cfg, meta), meta) is False
+    batches, source = probe_batches(cfg, meta)
+    assert "val image" in source
+    assert slim_onnx(path, batches, meta) is False
     assert path.read_bytes() == before  # the unslimmed graph is kept
 
 
@@ -220,7 +222,7 @@ def parity_scenes():
 def test_parity_ignores_threshold_flips_and_the_low_score_tail(parity_scenes):
     """The demo's false alarm: a faithful fp16 artifact whose near-threshold scores cross 0.3 and whose
     low-score tail is ordered differently must NOT be flagged, and its drift must be the real one."""
-    from src.dl.export import beyond_tolerance, compare_detections
+    from src.dl.parity import beyond_tolerance, compare_detections
 
     reference, tolerance, rng = parity_scenes
 
@@ -248,7 +250,7 @@ def test_parity_ignores_threshold_flips_and_the_low_score_tail(parity_scenes):
     ],
 )
 def test_parity_flags_a_broken_artifact(parity_scenes, breakage, expected):
-    from src.dl.export import beyond_tolerance, compare_detections
+    from src.dl.parity import beyond_tolerance, compare_detections
 
     reference, tolerance, rng = parity_scenes
 
@@ -288,7 +290,7 @@ def test_parity_report_flags_a_broken_export_and_passes_fp16(exported, tmp_path)
     halved is flagged. The untrained tiny model scores every query about 0.73-0.77, so fp16 reorders the
     top-K cut: those detections must count as borderline, not as missing. (Its boxes are a few px wide, so
     a 3 px shift loses the pairs altogether: unmatched.)"""
-    from src.dl.export import parity_report
+    from src.dl.parity import parity_report
 
     cfg, _ = exported
     out = exp_dir(cfg)

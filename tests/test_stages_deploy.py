@@ -14,7 +14,7 @@ import pytest
 
 from src.common.config import exp_dir
 from src.runtime.detector import Detections
-from src.runtime.evaluate import Sample
+from src.runtime.evaluate import LabelledImage
 from tests.deploy_data import CLASS_NAMES, deploy_config, make_checkpoint, make_data, make_video
 
 
@@ -46,7 +46,8 @@ def test_infer_images_and_video(project):
         root, f"infer.input={media}", "infer.label_scores=true", "infer.crop_padding=3", "infer.conf=0.2"
     )  # the experiment's fastest export: OpenVINO fp32 on CPU
     summary = infer.run(cfg)
-    out = exp_dir(cfg) / "infer"
+    out = exp_dir(cfg) / "infer" / "media"
+    assert summary["out_dir"] == str(out)
 
     assert summary["backend"] == "openvino" and summary["images"] == 3 and summary["videos"] == 1
     assert summary["video_frames"] == 5
@@ -92,7 +93,7 @@ def test_infer_one_file_with_torch(project):
     )
     summary = infer.run(cfg)
     assert summary["backend"] == "torch" and summary["images"] == 1
-    assert (exp_dir(cfg) / "infer" / "images" / image.name).exists()
+    assert (exp_dir(cfg) / "infer" / image.name / "images" / image.name).exists()
 
 
 def test_crop_box_padding_pixels_or_fraction():
@@ -115,7 +116,7 @@ def test_bench_every_available_backend(project):
     assert (frame["latency_ms_median"] > 0).all() and (
         frame["latency_ms_p90"] >= frame["latency_ms_median"]
     ).all()
-    metrics = frame[["mAP_50", "mAP_50_95", "f1"]]
+    metrics = frame[["mAP_50", "mAP_50_95", "f1@tuned", "f1@eval"]]
     assert ((metrics >= 0) & (metrics <= 1)).all().all()
     saved = pd.read_csv(exp_dir(cfg) / "bench.csv")
     assert saved["backend"].tolist() == frame["backend"].tolist()
@@ -128,7 +129,7 @@ def test_find_errors_on_known_detections():
     the square is (wrong class: FP, and the square is a FN)."""
     from src.dl.check_errors import error_rows, find_errors
 
-    sample = Sample(
+    sample = LabelledImage(
         Path("a.jpg"), np.array([[0, 0, 10, 10], [50, 50, 70, 70]], float), np.array([0, 1]), "val"
     )
     dets = Detections(

@@ -214,7 +214,7 @@ class Experiment:
         reason = self.stale_reason(path)
         if reason:
             raise StaleArtifactError(
-                f"{self.root}: {reason}; re-export with `make export ARGS=\"exp_name={self.name}\"`"
+                f'{self.root}: {reason}; re-export with `make export ARGS="exp_name={self.name}"`'
             )
         return Path(path)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
 import shutil
 import tempfile
 import threading
@@ -33,8 +32,10 @@ import pandas as pd
 from loguru import logger
 from omegaconf import DictConfig
 
-from src.common.config import exp_dir, stage_main
+from src.common.config import stage_main
 from src.common.draw import draw_detections, save_image_rgb
+from src.common.errors import ExperimentError
+from src.common.experiment import ARTIFACTS, Experiment, stage_config
 from src.common.images import (
     IMAGE_EXTS,
     VIDEO_EXTS,
@@ -46,8 +47,9 @@ from src.common.images import (
     read_image_rgb,
 )
 from src.common.io import atomic_write, atomic_write_json
+from src.common.video import VideoOutput, VideoReadError, open_video
 from src.dl.infer import WRITABLE_EXTS, yolo_text
-from src.runtime import ARTIFACT_NAMES, Detections, Detector, best_artifact, load_model
+from src.runtime import Detections, Detector, best_artifact, load_model
 
 TABLE_COLUMNS = ["file", "frame", "class_id", "class_name", "score", "x1", "y1", "x2", "y2"]
 MAX_TABLE_ROWS = 2000  # rows shown in the page; the downloads hold every detection
@@ -59,13 +61,13 @@ DOWNLOAD_FOURCC = "mp4v"  # the annotated .mp4 offered for download (same as src
 
 
 def find_models(output_dir: str | Path) -> list[Path]:
-    """Every artifact (ARTIFACT_NAMES) in the experiment folders directly under output_dir, sorted."""
+    """Every artifact (src.common.experiment.ARTIFACTS) in the experiment folders directly under output_dir, sorted."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
     found = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        found += [folder / name for name in ARTIFACT_NAMES.values() if (folder / name).is_file()]
+        found += [folder / name for name in ARTIFACTS.values() if (folder / name).is_file()]
     return found
 
 
@@ -79,7 +81,11 @@ def default_model(cfg: DictConfig) -> str | None:
     if cfg.demo_ui.model_path:
         return str(cfg.demo_ui.model_path)
     try:
-        return str(best_artifact(exp_dir(cfg), str(cfg.device)))
+        return str(best_artifact(Experiment.of(cfg).root, str(cfg.device)))
+    except ExperimentError as err:  # a stale export: say so, offer another model
+        logger.warning(str(err))
+        models = find_models(cfg.output_dir)
+        return str(models[0]) if models else None
     except FileNotFoundError:
         models = find_models(cfg.output_dir)
         return str(models[0]) if models else None
@@ -284,10 +290,6 @@ def write_zip(path: Path, root: Path, files: Sequence[Path]) -> Path:
 # ---------------------------------------------------------------- video
 
 
-class VideoReadError(ValueError):
-    """A video that cannot be opened or decoded (the message names the file)."""
-
-
 @dataclass
 class VideoLimits:
     max_frames: int | None = None  # None / 0: no limit
@@ -298,68 +300,6 @@ class VideoLimits:
         if self.max_seconds:
             caps.append(max(1, int(round(float(self.max_seconds) * fps))))
         return min(caps) if caps else None
-
-
-def iter_video_frames(capture, cap: int | None) -> Iterator[tuple[int, np.ndarray]]:
-    """(index, RGB frame) one at a time from an open cv2.VideoCapture, at most `cap` frames."""
-    index = 0
-    while cap is None or index < cap:
-        ok, frame = capture.read()
-        if not ok:
-            return
-        yield index, np.ascontiguousarray(frame[..., ::-1])
-        index += 1
-
-
-def open_video(path: Path, name: str):
-    """(capture, fps, (width, height), total frames or None) or VideoReadError."""
-    import cv2
-
-    capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
-        capture.release()
-        raise VideoReadError(f"{name}: cannot open the video (unknown format or corrupt file)")
-    width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
-    height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
-    if width <= 0 or height <= 0:
-        capture.release()
-        raise VideoReadError(f"{name}: no video stream found")
-    fps = capture.get(cv2.CAP_PROP_FPS)
-    fps = fps if fps and np.isfinite(fps) and fps > 0 else 25.0
-    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-    return capture, fps, (width, height), total
-
-
-class VideoWriters:
-    """The annotated .mp4 (download) and .webm (in-page preview), written to temp names then renamed."""
-
-    def __init__(self, mp4: Path, webm: Path, fps: float, size: tuple[int, int]):
-        import cv2
-
-        self.finals = [mp4, webm]
-        self.temps = [p.with_name(f".{p.stem}.tmp{p.suffix}") for p in self.finals]  # cv2 needs the suffix
-        mp4.parent.mkdir(parents=True, exist_ok=True)
-        self.writers = [
-            cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*fourcc), fps, size)
-            for tmp, fourcc in zip(self.temps, (DOWNLOAD_FOURCC, PREVIEW_FOURCC), strict=True)
-        ]
-        if not all(w.isOpened() for w in self.writers):
-            self.release()
-            raise RuntimeError(f"OpenCV cannot write {DOWNLOAD_FOURCC} mp4 / {PREVIEW_FOURCC} webm videos")
-
-    def write(self, frame_rgb: np.ndarray) -> None:
-        frame_bgr = np.ascontiguousarray(frame_rgb[..., ::-1])
-        for writer in self.writers:
-            writer.write(frame_bgr)
-
-    def release(self) -> None:
-        for writer in self.writers:
-            writer.release()
-
-    def finish(self) -> None:
-        self.release()
-        for tmp, final in zip(self.temps, self.finals, strict=True):
-            os.replace(tmp, final)
 
 
 def predict_video(
@@ -380,7 +320,8 @@ def predict_video(
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="dfine_demo_"))
     if not is_video(path):
         raise VideoReadError(f"{path.name}: not a supported video ({', '.join(sorted(VIDEO_EXTS))})")
-    capture, fps, size, total = open_video(path, path.name)
+    video = open_video(path, path.name)
+    fps, size, total = video.fps, video.size, video.total
     cap = (limits or VideoLimits()).frame_cap(fps)
     thresholds = class_thresholds(detector, conf, classes)
     results, rows = Results(), []
@@ -390,12 +331,12 @@ def predict_video(
     def stream(json_tmp: Path, zip_tmp: Path) -> int:
         """Every frame through the model into the writers; returns the frame count."""
         frames = 0
-        writers = VideoWriters(mp4, webm, fps, size)
+        writers = VideoOutput([(mp4, DOWNLOAD_FOURCC), (webm, PREVIEW_FOURCC)], fps, size)
         try:
             with open(json_tmp, "w", encoding="utf-8") as handle, zipfile.ZipFile(zip_tmp, "w") as labels:
                 header = {**model_summary(detector, thresholds), "video": path.name, "fps": fps}
                 handle.write(json.dumps(header)[:-1] + ', "frames": [\n')  # the frames follow, streamed
-                for index, frame in iter_video_frames(capture, cap):
+                for index, frame in video.frames(cap):
                     dets = detector.predict([frame], thresholds)[0]
                     names = detector.class_names
                     writers.write(draw_detections(frame, dets.boxes, dets.labels, dets.scores, names))
@@ -407,7 +348,7 @@ def predict_video(
                     frames += 1
                 handle.write("\n]}\n")
         except BaseException:
-            writers.release()
+            writers.abort()
             raise
         writers.finish()
         return frames
@@ -421,7 +362,7 @@ def predict_video(
             ),
         )
     finally:
-        capture.release()
+        video.close()
     frames = counted[0]
     if frames == 0:
         raise VideoReadError(f"{path.name}: no frame could be decoded")
@@ -687,6 +628,7 @@ def launch_app(demo, cfg: DictConfig, block: bool = True, port: int | None = Non
 
 
 def run(cfg: DictConfig) -> str:
+    cfg = stage_config(cfg)
     return launch_app(build_app(cfg), cfg)
 
 

@@ -3,9 +3,15 @@
     python -m src.dl.bench exp_name=my_run [bench.backends=[torch,onnx] bench.images=100]
 
 Per backend: latency median / p90 in ms (one image at a time, after warm-up; image decoding excluded,
-resize + inference + postprocessing included), throughput, mAP50, mAP50-95, precision / recall / F1 at the
-artifact's threshold (src/metrics/validator.py). Writes output/<exp>/bench.csv and annotated images per backend
+resize + inference + postprocessing included), throughput, mAP50, mAP50-95, and precision / recall / F1 at
+both thresholds, named: `*@tuned` at the model's saved thresholds (thresholds.json: the global one in column
+conf_tuned, plus its per-class ones; what infer applies) and
+`*@eval` at train.conf_thresh (column conf_eval), the threshold of training's metrics.csv
+(src/metrics/validator.py). Writes output/<exp>/bench.csv and annotated images per backend
 (bench/<backend>/: ground truth green, predictions red).
+
+A backend that fails is reported with its file and the reason; when every backend fails the stage exits
+non-zero and the previous bench.csv is kept.
 """
 
 from __future__ import annotations
@@ -17,38 +23,45 @@ import pandas as pd
 from loguru import logger
 from omegaconf import DictConfig
 
-from src.common.config import exp_dir, stage_main, with_saved_model_keys
+from src.common.config import stage_main
 from src.common.draw import draw_gt_vs_pred, save_image_rgb
+from src.common.errors import UserError
+from src.common.experiment import ARTIFACTS, Experiment, stage_config
 from src.common.io import atomic_write_csv
-from src.runtime import ARTIFACT_NAMES, available_backends, backend_for, load_model
-from src.runtime.evaluate import EvalResult, Sample, evaluate_detector, load_split_samples
+from src.runtime import available_backends, backend_for, load_model
+from src.runtime.evaluate import EvalResult, LabelledImage, evaluate_detector, load_split_samples, score
 
+PR_KEYS = ("precision", "recall", "f1")
 COLUMNS = [
     "backend", "device", "infer_precision", "images", "latency_ms_median", "latency_ms_p90", "throughput_img_s",
-    "mAP_50", "mAP_50_95", "precision", "recall", "f1", "artifact",
+    "mAP_50", "mAP_50_95", "conf_tuned", "precision@tuned", "recall@tuned", "f1@tuned",
+    "conf_eval", "precision@eval", "recall@eval", "f1@eval", "artifact",
 ]  # fmt: skip
 
 
-def bench_samples(cfg: DictConfig) -> tuple[str, list[Sample]]:
+class BenchFailed(UserError):
+    """Every backend failed: nothing measured, the previous bench.csv is kept."""
+
+
+def bench_samples(cfg: DictConfig) -> tuple[str, list[LabelledImage]]:
     split = str(cfg.bench.split)
     order = ["test", "val"] if split == "auto" else [split]
     for name in order:
         samples = load_split_samples(cfg, name, limit=cfg.bench.images)
         if samples:
             return name, samples
-    raise FileNotFoundError(
-        f"no images in the {' / '.join(order)} split(s) of {cfg.splits_dir}: run `make split`"
-    )
+    raise UserError(f"no images in the {' / '.join(order)} split(s) of {cfg.splits_dir}: run `make split`")
 
 
 def artifacts_to_bench(cfg: DictConfig) -> dict[str, Path]:
     """Variant -> file for each requested variant that exists and whose backend works here."""
     status = available_backends()
     found = {}
+    experiment = Experiment.of(cfg)
     for variant in cfg.bench.backends:
-        if variant not in ARTIFACT_NAMES:
-            raise ValueError(f"bench.backends: unknown {variant!r}; choose from {sorted(ARTIFACT_NAMES)}")
-        path = exp_dir(cfg) / ARTIFACT_NAMES[variant]
+        if variant not in ARTIFACTS:
+            raise UserError(f"bench.backends: unknown {variant!r}; choose from {sorted(ARTIFACTS)}")
+        path = experiment.artifact(variant)
         reason = status[backend_for(path)]
         if not path.exists():
             logger.info(
@@ -75,7 +88,7 @@ def save_pictures(result: EvalResult, out_dir: Path, thresholds, class_names: li
         save_image_rgb(out_dir / f"{sample.path.stem}.jpg", picture)
 
 
-def bench_one(cfg: DictConfig, variant: str, path: Path, samples: list[Sample]) -> dict[str, Any]:
+def bench_one(cfg: DictConfig, variant: str, path: Path, samples: list[LabelledImage]) -> dict[str, Any]:
     precision = (
         cfg.bench.ov_precision
         if variant.startswith("ov")
@@ -85,8 +98,13 @@ def bench_one(cfg: DictConfig, variant: str, path: Path, samples: list[Sample]) 
     )
     detector = load_model(path, device=str(cfg.device), precision=precision)
     result = evaluate_detector(detector, samples, warmup=int(cfg.bench.warmup), desc=f"bench {variant}")
+    # P/R/F1 where the model is deployed (its saved global + per-class thresholds, what infer applies) and
+    # at train.conf_thresh, what training's metrics.csv reports them at.
+    at_tuned = score(result.above(detector.thresholds()), result.samples, detector.class_names, conf=0.0)
+    conf_eval = float(cfg.train.conf_thresh)
+    at_eval = score(result.detections, result.samples, detector.class_names, conf_eval)
     if cfg.bench.save_images:
-        pictures = exp_dir(cfg) / "bench" / variant
+        pictures = Experiment.of(cfg).file("bench_images") / variant
         save_pictures(
             result, pictures, detector.thresholds(), detector.class_names, int(cfg.bench.save_images)
         )
@@ -96,7 +114,12 @@ def bench_one(cfg: DictConfig, variant: str, path: Path, samples: list[Sample]) 
         "infer_precision": detector.runner.precision,
         "images": len(result.samples),
         **result.latency_stats(),
-        **{k: result.metrics[k] for k in ("mAP_50", "mAP_50_95", "precision", "recall", "f1")},
+        "mAP_50": result.metrics["mAP_50"],
+        "mAP_50_95": result.metrics["mAP_50_95"],
+        "conf_tuned": float(detector.meta.conf_thresh),
+        **{f"{k}@tuned": at_tuned[k] for k in PR_KEYS},
+        "conf_eval": conf_eval,
+        **{f"{k}@eval": at_eval[k] for k in PR_KEYS},
         "artifact": str(path),
     }
 
@@ -107,22 +130,28 @@ def format_table(frame: pd.DataFrame) -> str:
 
 
 def run(cfg: DictConfig) -> pd.DataFrame:
-    cfg = with_saved_model_keys(cfg)
+    cfg = stage_config(cfg)
+    experiment = Experiment.of(cfg)
     split, samples = bench_samples(cfg)
     artifacts = artifacts_to_bench(cfg)
     if not artifacts:
-        raise FileNotFoundError(f"nothing to benchmark in {exp_dir(cfg)}: train and export first")
+        raise UserError(f"nothing to benchmark in {experiment.root}: train and export first")
     logger.info(f"bench on {len(samples)} {split} images: {', '.join(artifacts)}")
-    rows = []
+    rows, failures = [], []
     for variant, path in artifacts.items():
         try:
             rows.append(bench_one(cfg, variant, path, samples))
         except Exception as err:  # one broken backend must not hide the others' numbers
-            logger.error(f"bench: {variant} failed: {err}")
+            failures.append(f"{variant} ({path}): {err}")
+            logger.error(f"bench: {failures[-1]}")
+    if not rows:
+        raise BenchFailed(
+            f"bench: every backend failed, {experiment.file('bench')} left as it was: " + "; ".join(failures)
+        )
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    atomic_write_csv(exp_dir(cfg) / "bench.csv", frame)
+    atomic_write_csv(experiment.file("bench"), frame)
     print(f"\nBenchmark on the {split} split ({len(samples)} images), batch 1:\n{format_table(frame)}\n")
-    logger.info(f"bench: {exp_dir(cfg) / 'bench.csv'}")
+    logger.info(f"bench: {experiment.file('bench')}")
     return frame
 
 

@@ -20,12 +20,13 @@ from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from src.common.config import exp_dir, stage_main, with_saved_model_keys
+from src.common.config import stage_main
 from src.common.draw import GT_COLOR, PRED_COLOR, draw_detections, save_image_rgb
+from src.common.experiment import Experiment, stage_config
 from src.common.images import ImageReadError
 from src.common.io import atomic_write_csv
 from src.runtime.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections
-from src.runtime.evaluate import Sample, load_experiment_model, load_split_samples
+from src.runtime.evaluate import LabelledImage, load_experiment_model, load_split_samples
 
 CONTEXT_COLOR = (160, 160, 160)
 COLUMNS = [
@@ -35,7 +36,7 @@ COLUMNS = [
 
 
 def find_errors(
-    dets: Detections, sample: Sample, iou_thresh: float
+    dets: Detections, sample: LabelledImage, iou_thresh: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(FP mask over predictions, FN mask over GT, IoU matrix preds x GT) with the validator's matching."""
     from src.metrics.validator import iou_matrix, match_image
@@ -52,7 +53,9 @@ def find_errors(
     return matched_gt < 0, fn, iou_matrix(pred["boxes"], sample.boxes)
 
 
-def error_rows(dets: Detections, sample: Sample, fp, fn, iou, names: list[str], picture: str) -> list[dict]:
+def error_rows(
+    dets: Detections, sample: LabelledImage, fp, fn, iou, names: list[str], picture: str
+) -> list[dict]:
     """One row per error. best_iou: overlap with the nearest box on the other side (any class)."""
     rows = []
     base = {"image": str(sample.path), "split": sample.split, "picture": picture}
@@ -88,7 +91,9 @@ def for_csv(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.round(decimals | {c: SCORE_DECIMALS for c in ("score", "best_iou", "severity")})
 
 
-def draw_errors(image: np.ndarray, dets: Detections, sample: Sample, fp, fn, names: list[str]) -> np.ndarray:
+def draw_errors(
+    image: np.ndarray, dets: Detections, sample: LabelledImage, fp, fn, names: list[str]
+) -> np.ndarray:
     """Correct boxes thin grey (context), FN ground truth green, FP predictions red with scores."""
     correct_gt = ~fn
     picture = draw_detections(image, sample.boxes[correct_gt], sample.labels[correct_gt], color=CONTEXT_COLOR, line_width=1, show_labels=False)  # fmt: skip
@@ -133,10 +138,10 @@ def check_split(cfg: DictConfig, detector, split: str, out_dir: Path) -> tuple[l
 
 
 def run(cfg: DictConfig) -> pd.DataFrame:
-    cfg = with_saved_model_keys(cfg)
+    cfg = stage_config(cfg)
     options = cfg.check_errors
     detector = load_experiment_model(cfg, options.model_path, options.precision)
-    out_dir = exp_dir(cfg) / "check_errors"
+    out_dir = Experiment.of(cfg).file("check_errors")
     rows: list[dict[str, Any]] = []
     for split in options.splits:
         rows += check_split(cfg, detector, str(split), out_dir)[0]

@@ -2,17 +2,24 @@
 
     python -m src.dl.infer exp_name=my_run infer.input=path/to/folder_or_file [infer.model_path=...onnx]
 
-Output in output/<exp>/infer/: annotated images (images/), annotated videos (videos/, same fps and size),
-YOLO txt predictions (labels/, optionally with a score column), crops per class (crops/<class>/),
-predictions.csv (one row per detection) and predictions.json (summary). Folders are searched
-recursively, any extension case; unreadable files are reported and skipped. Frames are processed as they
-are read (memory stays bounded however long the video).
+Output in output/<exp>/infer/<input name>/: annotated images (images/), annotated videos (videos/, same fps
+and size), YOLO txt predictions (labels/, optionally with a score column), crops per class (crops/<class>/),
+predictions.csv (one row per detection) and predictions.json (summary). Every output keeps the input's
+path relative to the input folder; when two inputs share a stem (a.jpg, a.png) their outputs keep the
+extension too (labels/a.jpg.txt, labels/a.png.txt), so nothing overwrites anything.
+
+A run is written into a temp folder and then replaces the previous outputs of the same input as a whole:
+no stale file of an earlier run stays mixed in, outputs of other inputs are untouched, and the inputs
+themselves are never written to. Folders are searched recursively, any extension case; unreadable files
+are reported and skipped. Frames are processed as they are read (memory stays bounded).
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +30,13 @@ from loguru import logger
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from src.common.config import exp_dir, stage_main, with_saved_model_keys
+from src.common.config import stage_main
 from src.common.draw import draw_detections, save_image_rgb
+from src.common.errors import UserError
+from src.common.experiment import Experiment, stage_config
 from src.common.images import ImageReadError, is_image, is_video, list_images, list_videos, read_image_rgb
-from src.common.io import atomic_write, atomic_write_json, atomic_write_text
+from src.common.io import atomic_write, atomic_write_json, atomic_write_text, read_json
+from src.common.video import VideoOutput, VideoReadError, open_video
 from src.etl.labels import format_yolo_lines
 from src.runtime.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections, Detector, rounded
 from src.runtime.evaluate import load_experiment_model
@@ -46,17 +56,42 @@ CSV_COLUMNS = [
 ]
 # Annotated images keep their format when OpenCV can write it; anything else (HEIC, TIFF...) becomes JPG.
 WRITABLE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+VIDEO_FOURCC = "mp4v"  # annotated videos: .mp4 (OpenCV's wheels have no H.264 encoder)
+SUMMARY = "predictions.json"  # marks a folder as an infer output (only such folders are ever replaced)
 
 
 def find_inputs(source: Path, recursive: bool = True) -> tuple[list[Path], list[Path], Path]:
     """(images, videos, root the output paths are relative to) for a file or a folder."""
     if not source.exists():
-        raise FileNotFoundError(f"infer.input not found: {source}")
+        raise UserError(f"infer.input not found: {source}")
     if source.is_file():
         if not (is_image(source) or is_video(source)):
-            raise ValueError(f"{source}: not an image or video file (by its extension)")
+            raise UserError(f"infer.input={source}: not an image or video file (by its extension)")
         return ([source], [], source.parent) if is_image(source) else ([], [source], source.parent)
     return list_images(source, recursive), list_videos(source, recursive), source
+
+
+def output_keys(paths: list[Path], root: Path) -> dict[Path, Path]:
+    """Input -> the name its outputs take (relative, no suffix): the relative path without its extension,
+    or with it (sub/a.png) when another input shares that stem, so a.jpg and a.png keep apart."""
+    relative = {path: relative_to(path, root) for path in paths}
+    stems = Counter(rel.with_suffix("") for rel in relative.values())
+    return {
+        path: rel.with_suffix("") if stems[rel.with_suffix("")] == 1 else rel
+        for path, rel in relative.items()
+    }
+
+
+def relative_to(path: Path, root: Path) -> Path:
+    try:
+        return path.relative_to(root)
+    except ValueError:
+        return Path(path.name)
+
+
+def with_extra_suffix(key: Path, suffix: str) -> Path:
+    """sub/a + .txt -> sub/a.txt; sub/a.png + .txt -> sub/a.png.txt (the kept extension stays)."""
+    return key.with_name(key.name + suffix)
 
 
 def crop_box(box: np.ndarray, width: int, height: int, padding: int | float) -> tuple[int, int, int, int]:
@@ -93,6 +128,7 @@ class InferOutputs:
     detector: Detector
     root: Path
     options: DictConfig
+    keys: dict[Path, Path] = field(default_factory=dict)  # input -> output name (see output_keys)
     csv_writer: Any = None
     per_class: Counter = field(default_factory=Counter)
     per_file: dict[str, int] = field(default_factory=dict)
@@ -100,10 +136,10 @@ class InferOutputs:
     frames: int = 0
 
     def relative(self, path: Path) -> Path:
-        try:
-            return path.relative_to(self.root)
-        except ValueError:
-            return Path(path.name)
+        return relative_to(path, self.root)
+
+    def key(self, path: Path) -> Path:
+        return self.keys.get(path) or self.relative(path).with_suffix("")
 
     def record(self, name: str, frame: int | None, dets: Detections) -> None:
         height, width = dets.image_size
@@ -126,27 +162,32 @@ class InferOutputs:
             )
 
     def image(self, path: Path, image_rgb: np.ndarray, dets: Detections) -> None:
-        rel = self.relative(path)
+        rel, key = self.relative(path), self.key(path)
         self.record(str(rel), None, dets)
         if self.options.save_images:
-            suffix = rel.suffix if rel.suffix.lower() in WRITABLE_EXTS else ".jpg"
+            # a.jpg -> images/a.jpg (its own name); a.heic -> images/a.jpg, or images/a.heic.jpg beside an a.jpg
+            name = rel if rel.suffix.lower() in WRITABLE_EXTS else with_extra_suffix(key, ".jpg")
             picture = draw_detections(
                 image_rgb, dets.boxes, dets.labels, dets.scores, self.detector.class_names
             )
-            save_image_rgb(self.out_dir / "images" / rel.with_suffix(suffix), picture)
+            save_image_rgb(self.out_dir / "images" / name, picture)
         if self.options.save_labels:
             atomic_write_text(
-                self.out_dir / "labels" / rel.with_suffix(".txt"), yolo_text(dets, self.options.label_scores)
+                self.out_dir / "labels" / with_extra_suffix(key, ".txt"),
+                yolo_text(dets, self.options.label_scores),
             )
         if self.options.save_crops:
-            self.save_crops(image_rgb, dets, str(rel.with_suffix("")).replace(os.sep, "__"))
+            self.save_crops(image_rgb, dets, str(key).replace(os.sep, "__"))
 
-    def video_frame(self, rel: Path, frame_index: int, frame_rgb: np.ndarray, dets: Detections) -> np.ndarray:
+    def video_frame(
+        self, path: Path, frame_index: int, frame_rgb: np.ndarray, dets: Detections
+    ) -> np.ndarray:
+        rel, key = self.relative(path), self.key(path)
         self.record(str(rel), frame_index, dets)
         self.frames += 1
-        stem = f"{str(rel.with_suffix('')).replace(os.sep, '__')}_f{frame_index:06d}"
+        stem = f"{str(key).replace(os.sep, '__')}_f{frame_index:06d}"
         if self.options.video_labels:
-            label_path = self.out_dir / "labels" / rel.with_suffix("") / f"{frame_index:06d}.txt"
+            label_path = self.out_dir / "labels" / key / f"{frame_index:06d}.txt"
             atomic_write_text(label_path, yolo_text(dets, self.options.label_scores))
         if self.options.save_crops and self.options.video_crops:
             self.save_crops(frame_rgb, dets, stem)
@@ -177,73 +218,104 @@ def process_images(paths: list[Path], outputs: InferOutputs, conf: Any) -> None:
 
 def process_video(path: Path, outputs: InferOutputs, conf: Any) -> None:
     """Annotate a video frame by frame (batched by the model's batch size); same fps and frame size."""
-    import cv2
-
-    capture = cv2.VideoCapture(str(path))
-    ok, first = capture.read() if capture.isOpened() else (False, None)
-    if not ok:
-        capture.release()
-        logger.warning(f"skipped unreadable video: {path}")
-        outputs.failed[str(path)] = "cannot open or decode the video"
+    try:
+        video = open_video(path)
+    except VideoReadError as err:
+        logger.warning(f"skipped unreadable video: {err}")
+        outputs.failed[str(path)] = str(err)
         return
-    rel = outputs.relative(path)
-    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
-    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-    height, width = first.shape[:2]
-    final = outputs.out_dir / "videos" / rel.with_suffix(".mp4")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.stem}.tmp.mp4")  # cv2 picks the container from the suffix
+    final = outputs.out_dir / "videos" / with_extra_suffix(outputs.key(path), ".mp4")
     writer = (
-        cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-        if outputs.options.save_videos
-        else None
+        VideoOutput([(final, VIDEO_FOURCC)], video.fps, video.size) if outputs.options.save_videos else None
     )
-    if writer is not None and not writer.isOpened():
-        capture.release()
-        raise RuntimeError(f"OpenCV cannot write an mp4v video to {tmp} (codec unavailable?)")
     detector, batch, index = outputs.detector, [], 0
 
     def flush() -> None:
         nonlocal index
-        frames_rgb = [np.ascontiguousarray(f[..., ::-1]) for f in batch]
-        for frame_rgb, dets in zip(frames_rgb, detector.predict(frames_rgb, conf), strict=True):
-            annotated = outputs.video_frame(rel, index, frame_rgb, dets)
+        for frame_rgb, dets in zip(batch, detector.predict(batch, conf), strict=True):
+            annotated = outputs.video_frame(path, index, frame_rgb, dets)
             if writer is not None:
-                writer.write(np.ascontiguousarray(annotated[..., ::-1]))
+                writer.write(annotated)
             index += 1
         batch.clear()
 
     try:
-        frame = first
-        with tqdm(total=total, desc=f"video {rel}", dynamic_ncols=True, leave=False) as bar:
-            while frame is not None:
-                batch.append(frame)
+        with video, tqdm(total=video.total, desc=f"video {outputs.relative(path)}", leave=False) as bar:
+            for _, frame_rgb in video.frames():
+                batch.append(frame_rgb)
                 if len(batch) >= detector.max_batch:
                     bar.update(len(batch))
                     flush()
-                ok, frame = capture.read()
-                frame = frame if ok else None
             bar.update(len(batch))
             if batch:
                 flush()
-    finally:
-        capture.release()
+    except BaseException:
         if writer is not None:
-            writer.release()
+            writer.abort()
+        raise
     if writer is not None:
-        os.replace(tmp, final)
+        writer.finish()
     if index == 0:
         outputs.failed[str(path)] = "no frames"
 
 
+def output_folder(cfg: DictConfig, source: Path) -> Path:
+    """infer/<input name>/ of the experiment; another input of the same name gets <name>-2, -3, ..."""
+    infer_dir = Experiment.of(cfg).file("infer")
+    name = source.resolve().name or "input"
+    for n in range(1, 1000):
+        folder = infer_dir / (name if n == 1 else f"{name}-{n}")
+        summary = folder / SUMMARY
+        if not folder.exists() or (
+            summary.exists() and read_json(summary).get("input") == str(source.resolve())
+        ):
+            return folder
+    raise UserError(f"{infer_dir}: too many outputs named {name}; remove some")
+
+
+def replace_folder(staging: Path, final: Path) -> None:
+    """Put a finished run's folder in place of the previous run's outputs of the same input."""
+    if final.exists():
+        if not (final / SUMMARY).exists():
+            raise UserError(
+                f"{final} exists and is not an infer output ({SUMMARY} missing): not replacing it"
+            )
+        old = staging.with_name(staging.name + ".old")
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, final)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    cfg = with_saved_model_keys(cfg)
+    cfg = stage_config(cfg)
     options = cfg.infer
+    source = Path(options.input)
+    images, videos, root = find_inputs(source, bool(options.recursive))
+    final = output_folder(cfg, source)
+    if final.resolve().is_relative_to(source.resolve()) or source.resolve().is_relative_to(final.resolve()):
+        raise UserError(
+            f"infer.input={source} and the output folder {final} overlap: pick an input elsewhere"
+        )
     detector = load_experiment_model(cfg, options.model_path, options.precision, options.conf)
-    images, videos, root = find_inputs(Path(options.input), bool(options.recursive))
-    logger.info(f"infer: {len(images)} image(s), {len(videos)} video(s) from {options.input}")
-    out_dir = exp_dir(cfg) / "infer"
-    outputs = InferOutputs(out_dir, detector, root, options)
+    logger.info(f"infer: {len(images)} image(s), {len(videos)} video(s) from {source} -> {final}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        summary = infer_into(staging, detector, images, videos, root, options)
+        replace_folder(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info(f"infer: {summary['detections']} detections -> {final}")
+    return summary | {"out_dir": str(final)}
+
+
+def infer_into(
+    out_dir: Path, detector: Detector, images: list[Path], videos: list[Path], root: Path, options: DictConfig
+) -> dict[str, Any]:
+    """Every output of one run into out_dir; returns the summary (also written as predictions.json)."""
+    outputs = InferOutputs(out_dir, detector, root, options, output_keys(images + videos, root))
 
     def write_rows(tmp: Path) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
@@ -258,7 +330,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "model": str(detector.path),
         "backend": detector.backend,
         "precision": detector.runner.precision,
-        "input": str(options.input),
+        "input": str(Path(options.input).resolve()),
         "images": len(images) - sum(1 for f in outputs.failed if Path(f) in set(images)),
         "videos": len(videos),
         "video_frames": outputs.frames,
@@ -270,12 +342,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "per_file": outputs.per_file,
         "failed": outputs.failed,
     }
-    atomic_write_json(out_dir / "predictions.json", summary)
+    atomic_write_json(out_dir / SUMMARY, summary)
     if outputs.failed:
-        logger.warning(
-            f"{len(outputs.failed)} file(s) could not be read (listed in predictions.json 'failed')"
-        )
-    logger.info(f"infer: {summary['detections']} detections -> {out_dir}")
+        logger.warning(f"{len(outputs.failed)} file(s) could not be read (listed in {SUMMARY} 'failed')")
     return summary
 
 

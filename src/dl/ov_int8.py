@@ -30,12 +30,14 @@ import numpy as np
 from loguru import logger
 from omegaconf import DictConfig
 
-from src.common.config import exp_dir, stage_main, with_saved_model_keys
+from src.common.config import stage_main
+from src.common.errors import UserError
+from src.common.experiment import Experiment, stage_config
 from src.common.io import atomic_write_json
 from src.common.network_input import preprocess_images
-from src.runtime import ARTIFACT_NAMES, load_model
+from src.runtime import ensure_fresh, load_model
 from src.runtime.detector import Detector
-from src.runtime.evaluate import Sample, evaluate_detector, load_split_samples
+from src.runtime.evaluate import LabelledImage, evaluate_detector, load_split_samples
 from src.runtime.meta import INPUT_NAMES, ModelMeta, read_openvino_meta, write_openvino_meta
 
 # What `float_decoding` keeps in float, as regexes on OpenVINO op names (they keep the torch module path of
@@ -61,7 +63,7 @@ def float_decoding_scope(ov_model):
 class ImageCache:
     """Decoded RGB images of a few samples, kept in memory (NNCF iterates several times over them)."""
 
-    def __init__(self, samples: list[Sample]):
+    def __init__(self, samples: list[LabelledImage]):
         self.samples = samples
         self.images = [s.read_image() for s in samples]
 
@@ -128,18 +130,14 @@ def quantize(ov_model, cfg: DictConfig, meta: ModelMeta, calibration: ImageCache
 
 
 def save_int8(quantized, meta: ModelMeta, path: Path, extra: dict[str, Any]) -> Path:
-    """Write the quantized IR (xml + bin under temp names, then renamed) with int8 metadata."""
-    import openvino as ov
+    """Write the quantized IR (the xml/bin pair replaced as a pair) with int8 metadata."""
+    from src.runtime.openvino_model import save_ir
 
     int8_meta = copy.deepcopy(meta)
     int8_meta.precision = "int8"
     int8_meta.extra = {**int8_meta.extra, **extra}
     write_openvino_meta(quantized, int8_meta)
-    tmp_xml = path.with_name(f".{path.stem}.tmp.xml")
-    ov.save_model(quantized, str(tmp_xml), compress_to_fp16=False)
-    tmp_xml.with_suffix(".bin").replace(path.with_suffix(".bin"))
-    tmp_xml.replace(path)
-    return path
+    return save_ir(quantized, path, compress_to_fp16=False)
 
 
 def measure(
@@ -153,7 +151,7 @@ def measure(
     """Latency + metrics of one IR on the val images; with `reference` (fp32's EvalResult) also the drift
     of its detections (above the model's threshold) from fp32's; a detection within `score_margin` of the
     threshold in one model and below it in the other is borderline, not unmatched."""
-    from src.dl.export import compare_detections
+    from src.dl.parity import compare_detections
 
     detector = load_model(path, device="cpu", precision=precision)
     result = evaluate_detector(detector, validation.samples, images=validation.images, warmup=3, desc=label)
@@ -197,14 +195,14 @@ def print_table(rows: list[dict[str, Any]], images: int) -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     import openvino as ov
 
-    cfg = with_saved_model_keys(cfg)
+    cfg = stage_config(cfg)
     options = cfg.ov_int8
-    out_dir = exp_dir(cfg)
-    fp32_path = out_dir / ARTIFACT_NAMES["ov_fp32"]
+    experiment = Experiment.of(cfg)
+    fp32_path = experiment.artifact("ov_fp32")
     if not fp32_path.exists():
-        raise FileNotFoundError(
-            f"{fp32_path} not found: run `python -m src.dl.export exp_name={cfg.exp_name}` first"
-        )
+        raise UserError(f"{fp32_path} not found: run `python -m src.dl.export exp_name={cfg.exp_name}` first")
+    ensure_fresh(fp32_path)  # int8 from a stale fp32 IR would be stale too
+    made_from = experiment.manifest().get("made_into", {}).get("ov_fp32", {}).get("checkpoint_sha256")
     ov_model = ov.Core().read_model(str(fp32_path))
     meta = read_openvino_meta(ov_model, fp32_path)
 
@@ -212,7 +210,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not calibration_samples:
         calibration_samples = load_split_samples(cfg, "val", limit=int(options.subset_size))
     if not calibration_samples:
-        raise FileNotFoundError(f"no train/val images for calibration in {cfg.splits_dir}: run src.etl.split")
+        raise UserError(f"no train/val images for calibration in {cfg.splits_dir}: run src.etl.split")
     logger.info(f"ov_int8 ({options.mode}): decoding {len(calibration_samples)} calibration images")
     calibration = ImageCache(calibration_samples)
     validation = ImageCache(load_split_samples(cfg, "val", limit=int(options.val_images)))
@@ -220,9 +218,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     quantized = quantize(ov_model, cfg, meta, calibration, validation)
     int8_path = save_int8(
-        quantized, meta, out_dir / ARTIFACT_NAMES["ov_int8"],
+        quantized, meta, experiment.artifact("ov_int8"),
         {"int8_mode": str(options.mode), "float_decoding": bool(options.float_decoding)},
     )  # fmt: skip
+    experiment.record_export("ov_int8", made_from, mode=str(options.mode))
     seconds = time.perf_counter() - started
     logger.info(f"int8 model: {int8_path} ({seconds:.0f} s)")
 
@@ -246,7 +245,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                    "speedup": rows[0]["latency_ms_median"] / rows[1]["latency_ms_median"]}  # fmt: skip
     else:
         logger.warning("no val images: int8 accuracy not measured")
-    atomic_write_json(out_dir / "ov_int8_report.json", report)
+    atomic_write_json(experiment.file("ov_int8_report"), report)
     return report
 
 

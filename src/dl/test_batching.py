@@ -18,7 +18,8 @@ import pandas as pd
 from loguru import logger
 from omegaconf import DictConfig
 
-from src.common.config import exp_dir, stage_main, with_saved_model_keys
+from src.common.config import stage_main
+from src.common.experiment import Experiment, stage_config
 from src.common.io import atomic_write, atomic_write_csv
 from src.runtime.detector import Detector
 from src.runtime.evaluate import load_experiment_model
@@ -115,7 +116,7 @@ def plot(frame: pd.DataFrame, path: Path, title: str) -> Path:
 
 
 def run(cfg: DictConfig) -> pd.DataFrame:
-    cfg = with_saved_model_keys(cfg)
+    cfg = stage_config(cfg)
     options = cfg.test_batching
     detector = load_experiment_model(cfg, options.model_path, options.precision)
     sizes = batch_sizes_for(detector, list(options.batch_sizes))
@@ -124,14 +125,12 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     frame.insert(0, "backend", detector.backend)
     frame.insert(1, "device", str(detector.runner.device))
     frame.insert(2, "infer_precision", detector.runner.precision)
-    out = exp_dir(cfg)
-    atomic_write_csv(out / "test_batching.csv", frame)
+    out = Experiment.of(cfg).file("test_batching")
+    atomic_write_csv(out, frame)
     if (frame["status"] == "ok").any():
-        plot(frame, out / "test_batching.png", f"{detector.backend} on {detector.runner.device}")
+        plot(frame, out.with_suffix(".png"), f"{detector.backend} on {detector.runner.device}")
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    logger.info(
-        f"test_batching: {len(frame)} sizes in {time.perf_counter() - started:.0f} s -> {out / 'test_batching.csv'}"
-    )
+    logger.info(f"test_batching: {len(frame)} sizes in {time.perf_counter() - started:.0f} s -> {out}")
     return frame
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from src.common.experiment import ARTIFACTS
+from src.common.errors import ExperimentError
+from src.common.experiment import ARTIFACTS, FILES, Experiment
 from src.runtime.backend import BackendUnavailable
 from src.runtime.detector import Detections, Detector
 from src.runtime.meta import ModelMeta
 
 __all__ = [
-    "ARTIFACT_NAMES",
     "BackendUnavailable",
     "Detections",
     "Detector",
@@ -28,6 +28,7 @@ __all__ = [
     "available_backends",
     "backend_for",
     "best_artifact",
+    "ensure_fresh",
     "load_model",
 ]
 
@@ -39,9 +40,6 @@ _RUNNERS = {
     ".xml": ("openvino", "src.runtime.openvino_model", "OpenVinoRunner"),
     ".engine": ("tensorrt", "src.runtime.tensorrt_model", "TensorRtRunner"),
 }
-
-# What export writes into output/<exp>/ (and the trainer's best.pt), by variant: owned by the experiment.
-ARTIFACT_NAMES = ARTIFACTS
 
 
 def backend_for(path: str | Path) -> str:
@@ -61,16 +59,36 @@ def load_model(
         explicitly: OpenVINO would otherwise pick bf16 on CPUs that have it); ONNX/TensorRT run as exported.
     conf: default threshold(s) for every call (float, or {class name/id: value}); None = the artifact's.
     A folder is accepted too: its best artifact for the device is used (see best_artifact).
+    An export inside an experiment folder made from another checkpoint than its current best.pt is refused
+    (StaleArtifactError: re-export); a file elsewhere is not checked.
     """
     path = Path(path)
     if path.is_dir():
         path = best_artifact(path, device)
     if not path.exists():
         raise FileNotFoundError(f"model file not found: {path}")
+    ensure_fresh(path)
     backend_for(path)  # raises a clear error for an unknown suffix
     _, module_name, class_name = _RUNNERS[path.suffix.lower()]
     runner_class = getattr(importlib.import_module(module_name), class_name)
-    return Detector(runner_class(path, device=device, precision=precision), conf=conf)
+    try:
+        runner = runner_class(path, device=device, precision=precision)
+    except BackendUnavailable:
+        raise
+    except Exception as err:  # a library's own message often does not say which file it could not read
+        if str(path) in str(err):
+            raise
+        raise type(err)(f"{path}: {err}") if _rebuildable(err) else RuntimeError(f"{path}: {err}") from err
+    return Detector(runner, conf=conf)
+
+
+def _rebuildable(err: Exception) -> bool:
+    """Whether err's type can be re-raised with a new message (one str argument)."""
+    try:
+        type(err)("probe")
+    except Exception:
+        return False
+    return True
 
 
 def available_backends() -> dict[str, str | None]:
@@ -93,8 +111,28 @@ def available_backends() -> dict[str, str | None]:
     return status
 
 
+def experiment_of(path: str | Path) -> Experiment | None:
+    """The experiment folder an artifact lies in (best.pt beside a training config or manifest), else None:
+    a folder of the user's holding copied model files is not an experiment and is not checked."""
+    folder = Path(path).resolve().parent
+    marks = [FILES["config"], FILES["manifest"]]
+    if not (folder / ARTIFACTS["torch"]).exists() or not any((folder / m).exists() for m in marks):
+        return None
+    try:
+        return Experiment(folder.parent, folder.name)
+    except ExperimentError:  # not a name an experiment could have: a folder of the user's
+        return None
+
+
+def ensure_fresh(path: str | Path) -> Path:
+    """StaleArtifactError for an export of an experiment that no longer matches its best.pt."""
+    experiment = experiment_of(path)
+    return experiment.ensure_fresh(path) if experiment is not None else Path(path)
+
+
 def best_artifact(folder: str | Path, device: str = "auto") -> Path:
-    """The fastest artifact present in an experiment folder for the device.
+    """The fastest artifact present in an experiment folder for the device; a stale one is refused
+    (StaleArtifactError), never skipped silently for an older or slower one.
 
     GPU: TensorRT fp16 > fp32 > ONNX > torch. CPU: OpenVINO int8 is NOT picked automatically (it trades
     accuracy; ask for it by path), so OpenVINO fp32 > ONNX > torch.
@@ -104,9 +142,9 @@ def best_artifact(folder: str | Path, device: str = "auto") -> Path:
     gpu = device != "cpu" and status["tensorrt"] is None
     order = ["trt_fp16", "trt_fp32", "onnx", "torch"] if gpu else ["ov_fp32", "onnx", "torch"]
     for key in order:
-        candidate = folder / ARTIFACT_NAMES[key]
+        candidate = folder / ARTIFACTS[key]
         if candidate.exists() and status[backend_for(candidate)] is None:
-            return candidate
+            return ensure_fresh(candidate)
     raise FileNotFoundError(
-        f"no model artifact in {folder} (looked for {[ARTIFACT_NAMES[k] for k in order]}); train or export first"
+        f"no model artifact in {folder} (looked for {[ARTIFACTS[k] for k in order]}); train or export first"
     )

@@ -23,11 +23,7 @@ def wants_cuda(device: str) -> bool:
 
 
 def torch_device(device: str) -> str:
-    """Resolve 'auto' to cuda when available, else cpu; other values pass through."""
-    import torch
+    """The torch device name for a runtime `device` value (src.common.device.resolve_device decides)."""
+    from src.common.device import resolve_device
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device} asked, but torch sees no CUDA GPU (use device=cpu or auto)")
-    return str(device)
+    return str(resolve_device(device))

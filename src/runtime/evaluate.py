@@ -1,5 +1,6 @@
 """Run any Detector over a split and score it with src/metrics/validator.py (export parity, bench, check_errors,
-ov_int8 all use this one loop). Ground truth comes from the split CSVs and YOLO labels (src/dl/train/dataset.py)."""
+ov_int8 all use this one loop). Ground truth comes from the split CSVs and YOLO labels (src/etl/splits.py);
+a model trained with model.use_one_class=true is scored against every box as its one class."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from src.runtime.detector import Detections, Detector
 
 
 @dataclass
-class Sample:
-    """One labelled image: ground truth in ORIGINAL pixels."""
+class LabelledImage:
+    """One labelled image of a split: ground truth in ORIGINAL pixels (the training side's augmentation
+    sample is src.dl.train.augment.Sample, a different thing)."""
 
     path: Path
     boxes: np.ndarray  # (M, 4) float64 xyxy
@@ -35,8 +37,11 @@ class Sample:
                 "image_id": self.image_id, "path": str(self.path)}  # fmt: skip
 
 
-def load_split_samples(cfg: DictConfig, split: str, limit: int | None = None) -> list[Sample]:
-    """Images and labels of <splits_dir>/<split>.csv ([] when the split file is missing or empty)."""
+def load_split_samples(cfg: DictConfig, split: str, limit: int | None = None) -> list[LabelledImage]:
+    """Images and labels of <splits_dir>/<split>.csv ([] when the split file is missing or empty).
+
+    With model.use_one_class every ground-truth box gets class 0, the one class such a model predicts.
+    """
     from src.common.config import label_names
     from src.etl.splits import load_labels, read_split
 
@@ -51,14 +56,15 @@ def load_split_samples(cfg: DictConfig, split: str, limit: int | None = None) ->
         width, height = image_size(path) if len(ids) else (1, 1)  # header only; no decode
         cx, cy, w, h = (np.asarray(boxes, np.float64).reshape(-1, 4) * [width, height, width, height]).T
         xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
-        samples.append(Sample(path, xyxy, np.asarray(ids, np.int64), split, index))
+        ids = np.zeros(len(ids), np.int64) if cfg.model.use_one_class else np.asarray(ids, np.int64)
+        samples.append(LabelledImage(path, xyxy, ids, split, index))
     return samples
 
 
 @dataclass
 class EvalResult:
     detections: list[Detections]  # per sample, every top-K detection with score >= the evaluation's min_conf
-    samples: list[Sample]
+    samples: list[LabelledImage]
     metrics: dict[str, float]  # validator metrics (mAP_50, mAP_50_95, precision, recall, f1, ...)
     latencies_ms: list[float] = field(default_factory=list)  # per image: pre + inference + post (no decode)
     conf_thresh: float = 0.5  # the threshold P/R/F1 were computed at
@@ -82,6 +88,26 @@ class EvalResult:
         return {k: float(self.metrics[k]) for k in keys if k in self.metrics} | {"images": len(self.samples)}
 
 
+def score(
+    detections: Sequence[Detections],
+    samples: Sequence[LabelledImage],
+    class_names: Sequence[str],
+    conf: float,
+    iou_thresh: float = 0.5,
+) -> dict[str, float]:
+    """Validator metrics of per-image detections against their samples' ground truth (P/R/F1 at conf)."""
+    from src.metrics.validator import evaluate
+
+    preds, gts = [], []
+    for dets, sample in zip(detections, samples, strict=True):
+        height, width = dets.image_size
+        preds.append(
+            {"boxes": dets.boxes, "scores": dets.scores, "labels": dets.labels, "image_id": sample.image_id}
+        )
+        gts.append(sample.ground_truth(width, height))
+    return evaluate(preds, gts, list(class_names), conf_thresh=conf, iou_thresh=iou_thresh).metrics
+
+
 def detection_thresholds(dets: Detections, conf: float | np.ndarray) -> np.ndarray:
     """(N,) the threshold each detection is held to: conf is one float or per-class thresholds (C,)."""
     thresholds = np.asarray(conf, np.float32)
@@ -98,7 +124,7 @@ def filter_detections(dets: Detections, conf: float | np.ndarray) -> Detections:
 
 def evaluate_detector(
     detector: Detector,
-    samples: Sequence[Sample],
+    samples: Sequence[LabelledImage],
     conf: float | None = None,
     min_conf: float = 0.0,
     warmup: int = 0,
@@ -111,12 +137,10 @@ def evaluate_detector(
     mAP uses every top-K detection (>= min_conf, as COCO evaluation expects); P/R/F1 are at `conf`
     (default: the artifact's global threshold). images: the samples' pictures already decoded (optional).
     """
-    from src.metrics.validator import evaluate
-
     conf = float(detector.meta.conf_thresh if conf is None else conf)
     if warmup:
         detector.warmup(warmup)
-    detections, latencies, kept, preds, gts, failed = [], [], [], [], [], []
+    detections, latencies, kept, failed = [], [], [], []
     for index, sample in enumerate(
         tqdm(samples, desc=desc or f"eval {detector.backend}", leave=False, dynamic_ncols=True)
     ):
@@ -130,12 +154,7 @@ def evaluate_detector(
         detections.append(dets)
         latencies.append(ms)
         kept.append(sample)
-        height, width = image.shape[:2]
-        preds.append(
-            {"boxes": dets.boxes, "scores": dets.scores, "labels": dets.labels, "image_id": sample.image_id}
-        )
-        gts.append(sample.ground_truth(width, height))
-    metrics = evaluate(preds, gts, detector.class_names, conf_thresh=conf, iou_thresh=iou_thresh).metrics
+    metrics = score(detections, kept, detector.class_names, conf, iou_thresh)
     return EvalResult(detections, kept, metrics, latencies, conf, failed)
 
 
@@ -148,12 +167,16 @@ def load_experiment_model(
     """A stage's model: `model_path` when given, else the experiment's best artifact for cfg.device."""
     from omegaconf import OmegaConf
 
-    from src.common.config import exp_dir
+    from src.common.errors import UserError
+    from src.common.experiment import Experiment
     from src.runtime import best_artifact, load_model
 
     if OmegaConf.is_config(conf):  # {class: threshold} from the command line / config.yaml
         conf = OmegaConf.to_container(conf)
-    path = Path(model_path) if model_path else best_artifact(exp_dir(cfg), str(cfg.device))
-    detector = load_model(path, device=str(cfg.device), precision=precision, conf=conf)
+    try:
+        path = Path(model_path) if model_path else best_artifact(Experiment.of(cfg).root, str(cfg.device))
+        detector = load_model(path, device=str(cfg.device), precision=precision, conf=conf)
+    except FileNotFoundError as err:  # nothing trained / exported, or a mistyped model_path: one line
+        raise UserError(str(err)) from err
     logger.info(f"model: {detector}")
     return detector

@@ -6,6 +6,7 @@ bf16 on CPUs that have it (and f16 on GPUs), which changes accuracy silently.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,31 @@ class OpenVinoRunner:
 
 def _type_name(value) -> str:
     return value.to_string() if hasattr(value, "to_string") else str(value)
+
+
+def save_ir(model, path: str | Path, compress_to_fp16: bool) -> Path:
+    """Write an OpenVINO IR (path.xml + path.bin) replacing an existing pair as a pair.
+
+    Both files are written into a temp folder beside `path` first (a failure leaves the old pair intact).
+    Then the old .xml is moved out of the way before the new .bin lands, and the new .xml comes last, so a
+    reader finds the old pair, no .xml at all (a clear "not found"), or the new pair: never an .xml beside
+    a .bin of another model.
+    """
+    import shutil
+    import tempfile
+
+    import openvino as ov
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent))
+    try:
+        new_xml = staging / path.name
+        ov.save_model(model, str(new_xml), compress_to_fp16=compress_to_fp16)
+        if path.exists():
+            os.replace(path, staging / f"old{path.suffix}")
+        os.replace(new_xml.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(new_xml, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path

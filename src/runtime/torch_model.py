@@ -12,6 +12,7 @@ import torch
 from loguru import logger
 from torch import nn
 
+from src.common.experiment import FILES
 from src.runtime.backend import Outputs, torch_device
 from src.runtime.meta import ModelMeta, meta_from_checkpoint
 
@@ -53,7 +54,7 @@ def read_project_checkpoint(path: str | Path):
 
 def checkpoint_meta(path: str | Path, meta: dict[str, Any]) -> ModelMeta:
     """The checkpoint's ModelMeta; thresholds.json beside it (written after training) takes precedence."""
-    thresholds_file = Path(path).with_name("thresholds.json")
+    thresholds_file = Path(path).with_name(FILES["thresholds"])
     thresholds = json.loads(thresholds_file.read_text(encoding="utf-8")) if thresholds_file.exists() else None
     return meta_from_checkpoint(meta, thresholds)
 

@@ -28,11 +28,9 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
 	  >/dev/null; } || echo "chromium not installed: the browser test will be skipped"
 
-# test_train.py runs in its own process: after the rest of the suite, its SIGKILL-and-resume test has
-# segfaulted the shared pytest process (not reproducible alone; under investigation).
+# One pytest process (the exit-139 crash that split it was OpenVINO's signal stack: docs/notes/openvino_signal_stack.md).
 test: setup browser
-	$(PY) -m pytest -q tests --ignore=tests/test_train.py $(ARGS)
-	$(PY) -m pytest -q tests/test_train.py $(ARGS)
+	$(PY) -m pytest -q tests $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check src tests benchmarks

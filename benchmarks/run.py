@@ -1,8 +1,9 @@
 """`make benchmark`: every benchmark table in one go (model size/latency, training throughput, backends).
 
-    python -m benchmarks.run                 # all three
-    python -m benchmarks.run model train     # a subset (model | train | backends | seg)
-Each part also runs alone with its own flags: python -m benchmarks.<model_speed|train_speed|backend_speed|seg_step> -h
+    python -m benchmarks.run                 # all of them
+    python -m benchmarks.run model train     # a subset (model | train | backends | data | seg)
+Each part also runs alone with its own flags:
+python -m benchmarks.<model_speed|train_speed|backend_speed|near_duplicates|seg_step> -h
 """
 
 import sys
@@ -13,6 +14,7 @@ PARTS = {
     "model": ("Model size and CPU eager latency (batch 1, 640x640)", "benchmarks.model_speed"),
     "train": ("Training throughput and peak memory (D-FINE-n, 320 px, batch 4)", "benchmarks.train_speed"),
     "backends": ("Per-backend latency, n and s at 640 on CPU", "benchmarks.backend_speed"),
+    "data": ("Near-duplicates on planted copies; the doctor's speed", "benchmarks.near_duplicates"),
     "seg": ("Segmentation vs detection training step (D-FINE-n, 256 px, batch 4)", "benchmarks.seg_step"),
 }
 

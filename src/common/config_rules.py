@@ -169,6 +169,23 @@ RULES: dict[str, Rule] = {
         "[min, max] with 0 < min <= max <= 0.9", lambda v: _number(v) and 0 < v <= 0.9
     ),
     "demo_data.clutter": pair("[min, max] ints >= 0", lambda v: _int(v) and v >= 0),
+    "check.near_duplicate_distance": between(0, 64),
+    "check.near_duplicate_similarity": between(-1, 1),
+    "check.small_object_px": at_least(0, kind="float"),
+    "check.small_object_share": PROBABILITY,
+    "tile.size": Rule(
+        "[h, w] (or one int for a square) of positive multiples of 32", _img_size, typed=True, nullable=True
+    ),
+    "tile.overlap": Rule("in [0, 1)", lambda v: 0 <= v < 1),
+    "tile.min_visible": PROBABILITY,
+    "tile.background_rate": PROBABILITY,
+    "tile.jpg_quality": between(1, 100),
+    "tile.workers": at_least(1),
+    "slicing.enabled": Rule("auto | true | false", lambda v: v in ("auto", True, False), typed=True),
+    "slicing.overlap": Rule("in [0, 1)", lambda v: 0 <= v < 1),
+    "slicing.match_metric": one_of("ios", "iou"),
+    "slicing.match_threshold": PROBABILITY,
+    "slicing.merge": one_of("nmm", "nms"),
     # ------------------------------------------------------------ train
     "train.epochs": at_least(1),
     "train.batch_size": at_least(1),

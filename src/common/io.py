@@ -10,11 +10,30 @@ from pathlib import Path
 from typing import Any
 
 
+def current_umask() -> int:
+    """The process umask. Linux shows it in /proc (reading it there changes nothing); elsewhere set and
+    restore it (a moment where another thread could create a file with the wrong mode, hence the fallback)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write_fn: Callable[[Path], Any]) -> Path:
-    """Call write_fn(tmp_path) on a temp file beside `path`, then rename it over `path` in one step."""
+    """Call write_fn(tmp_path) on a temp file beside `path`, then rename it over `path` in one step.
+
+    The file gets the mode a plain open() would give it (0666 minus the umask): mkstemp makes it 0600,
+    which would hide every output from the user's group and from other services reading it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
     try:
         write_fn(Path(tmp))

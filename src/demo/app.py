@@ -50,6 +50,7 @@ from src.common.io import atomic_write, atomic_write_json
 from src.common.video import VideoOutput, VideoReadError, open_video
 from src.dl.infer import WRITABLE_EXTS, yolo_text
 from src.runtime import Detections, Detector, best_artifact, load_model
+from src.runtime.slicing import sliced_if_configured
 
 TABLE_COLUMNS = ["file", "frame", "class_id", "class_name", "score", "x1", "y1", "x2", "y2"]
 MAX_TABLE_ROWS = 2000  # rows shown in the page; the downloads hold every detection
@@ -94,8 +95,15 @@ def default_model(cfg: DictConfig) -> str | None:
 class ModelCache:
     """Loaded Detectors by path; keeps the `size` most recently used (each holds a whole model)."""
 
-    def __init__(self, device: str = "auto", precision: str | None = None, size: int = 1):
+    def __init__(
+        self,
+        device: str = "auto",
+        precision: str | None = None,
+        size: int = 1,
+        wrap=lambda detector: detector,
+    ):
         self.device, self.precision, self.size = device, precision, max(1, size)
+        self.wrap = wrap  # e.g. sliced inference (src/runtime/slicing.py)
         self._models: dict[str, Detector] = {}
         self._lock = threading.Lock()
 
@@ -105,7 +113,7 @@ class ModelCache:
             if key in self._models:
                 self._models[key] = self._models.pop(key)  # most recently used goes last
                 return self._models[key]
-            detector = load_model(key, device=self.device, precision=self.precision)
+            detector = self.wrap(load_model(key, device=self.device, precision=self.precision))
             logger.info(f"demo: loaded {detector}")
             self._models[key] = detector
             while len(self._models) > self.size:
@@ -383,7 +391,9 @@ class DemoApp:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.options = cfg.demo_ui
-        self.models = ModelCache(str(cfg.device), self.options.precision)
+        self.models = ModelCache(
+            str(cfg.device), self.options.precision, wrap=lambda detector: sliced_if_configured(detector, cfg)
+        )
         # Results of recent requests live in a private temp folder (Gradio copies what it serves into its
         # own cache); it is removed at exit, and older requests are pruned as new ones come.
         self.work_root = Path(tempfile.mkdtemp(prefix="dfine_demo_ui_"))

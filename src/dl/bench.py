@@ -30,6 +30,7 @@ from src.common.experiment import ARTIFACTS, Experiment, stage_config
 from src.common.io import atomic_write_csv
 from src.runtime import available_backends, backend_for, load_model
 from src.runtime.evaluate import EvalResult, LabelledImage, evaluate_detector, load_split_samples, score
+from src.runtime.slicing import sliced_if_configured
 
 PR_KEYS = ("precision", "recall", "f1")
 COLUMNS = [
@@ -96,7 +97,7 @@ def bench_one(cfg: DictConfig, variant: str, path: Path, samples: list[LabelledI
         if variant == "torch"
         else None
     )
-    detector = load_model(path, device=str(cfg.device), precision=precision)
+    detector = sliced_if_configured(load_model(path, device=str(cfg.device), precision=precision), cfg)
     result = evaluate_detector(detector, samples, warmup=int(cfg.bench.warmup), desc=f"bench {variant}")
     # P/R/F1 where the model is deployed (its saved global + per-class thresholds, what infer applies) and
     # at train.conf_thresh, what training's metrics.csv reports them at.

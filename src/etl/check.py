@@ -19,15 +19,19 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from loguru import logger
 from omegaconf import DictConfig
 
 from src.common.config import label_names, stage_main
+from src.common.errors import UserError
 from src.common.images import IMAGE_EXTS, ImageReadError, list_images, parallel_map, read_image_rgb
 from src.common.io import atomic_write_csv, atomic_write_json
+from src.etl.data_quality import write_quality_reports
 from src.etl.labels import (
     FATAL,
+    UNNAMED_CLASS,
     WARNING,
     LabelFile,
     Problem,
@@ -36,11 +40,12 @@ from src.etl.labels import (
     labels_dir,
     read_yolo_labels,
 )
+from src.etl.near_duplicates import Fingerprint, fingerprint, near_duplicate_groups
 
 MAX_PROBLEMS_SHOWN = 20
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The data set cannot be used as is; the message lists the problems (file and line)."""
 
 
@@ -55,6 +60,7 @@ class ImageRecord:
     has_label_file: bool = False
     usable: bool = True
     digest: str = ""
+    box_wh: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))  # (N, 2) normalised w, h
 
     @property
     def num_boxes(self) -> int:
@@ -74,6 +80,7 @@ class Report:
     orphan_labels: list[str]
     duplicate_groups: list[list[str]]
     skip_bad: bool
+    near_duplicate_groups: list[list[str]] = field(default_factory=list)
 
     @property
     def fatal(self) -> list[Problem]:
@@ -122,6 +129,7 @@ class Report:
             "warnings": len(self.warnings),
             "orphan_labels": len(self.orphan_labels),
             "duplicate_groups": len(self.duplicate_groups),
+            "near_duplicate_groups": len(self.near_duplicate_groups),
         }
 
     def to_json(self) -> dict:
@@ -136,6 +144,7 @@ class Report:
             },
             "orphan_labels": self.orphan_labels,
             "duplicate_groups": self.duplicate_groups,
+            "near_duplicate_groups": self.near_duplicate_groups,
             "problems": [asdict(p) for p in self.problems],
             "images": [
                 {
@@ -157,7 +166,8 @@ class Report:
             f"({s['labelled_images']} labelled, {s['background_images']} background), {s['boxes']} boxes",
             "  boxes per class: " + ", ".join(f"{k}={v}" for k, v in s["boxes_per_class"].items()),
             f"  {s['fatal_problems']} fatal problem(s), {s['warnings']} warning(s), "
-            f"{s['orphan_labels']} orphan label file(s), {s['duplicate_groups']} group(s) of duplicate images",
+            f"{s['orphan_labels']} orphan label file(s), {s['duplicate_groups']} group(s) of duplicate images, "
+            f"{s['near_duplicate_groups']} group(s) of near-duplicates",
         ]
         shown = sorted(self.problems, key=lambda p: p.severity != FATAL)[:MAX_PROBLEMS_SHOWN]
         lines += [f"  {p}" for p in shown]
@@ -172,15 +182,26 @@ def _concerns(problem: Problem, image: str) -> bool:
     return Path(problem.file).stem == Path(image).stem
 
 
-def _inspect_image(path: Path, find_duplicates: bool) -> tuple[int, int, str] | str:
-    """(width, height, pixel digest) of a readable image, else the error message."""
+@dataclass(frozen=True)
+class NearDuplicateSettings:
+    max_distance: int  # pHash bits
+    min_similarity: float  # band-pass thumbnail correlation
+
+
+def _inspect_image(
+    path: Path, find_duplicates: bool, near: NearDuplicateSettings | None
+) -> tuple[int, int, str, Fingerprint | None] | str:
+    """(width, height, pixel digest, near-duplicate fingerprint) of a readable image, else the error message.
+
+    The image is decoded in full once (a truncated file fails here) and only its small fingerprint is kept.
+    """
     try:
         rgb = read_image_rgb(path)
     except (ImageReadError, OSError) as err:
         return str(err)
     # Digest of the decoded pixels: finds copies even when the files differ in metadata.
     digest = hashlib.blake2b(rgb.tobytes(), digest_size=16).hexdigest() if find_duplicates else ""
-    return rgb.shape[1], rgb.shape[0], digest
+    return rgb.shape[1], rgb.shape[0], digest, fingerprint(rgb) if near else None
 
 
 def _tiny_box_warnings(labels: LabelFile, width: int, height: int) -> list[Problem]:
@@ -237,6 +258,7 @@ def diagnose(
     find_duplicates: bool = True,
     skip_bad: bool = False,
     workers: int = 1,
+    near_duplicates: NearDuplicateSettings | None = None,
 ) -> Report:
     """Inspect a data set folder and return the report. Bad files are findings in the report, not exceptions;
     DatasetError only when there is nothing to inspect (no images folder, no images). See check_dataset."""
@@ -254,15 +276,21 @@ def diagnose(
     if not lbl_dir.is_dir():
         problems.append(Problem(str(lbl_dir), None, WARNING, "no labels folder: every image is background"))
     records = [ImageRecord(image=p.name) for p in images]
-    inspected = parallel_map(lambda p: _inspect_image(p, find_duplicates), images, workers, "checking images")
+    inspected = parallel_map(
+        lambda p: _inspect_image(p, find_duplicates, near_duplicates), images, workers, "checking images"
+    )
+    prints: list[Fingerprint | None] = []
     for path, record, info in zip(images, records, inspected, strict=True):
         if isinstance(info, str):
             problems.append(Problem(str(path), None, FATAL, info))
+            prints.append(None)
             continue
-        record.width, record.height, record.digest = info
+        record.width, record.height, record.digest, print_ = info
+        prints.append(print_)
         labels = read_yolo_labels(label_path_for(path, lbl_dir), len(class_names), clip_tolerance)
         record.has_label_file = labels.exists
         record.class_ids = labels.class_ids.tolist()
+        record.box_wh = labels.boxes[:, 2:4].copy()
         problems += labels.problems + _tiny_box_warnings(labels, record.width, record.height)
 
     stems = {p.stem for p in images}
@@ -281,7 +309,15 @@ def diagnose(
     bad_stems = {Path(p.file).stem for p in problems if p.severity == FATAL}
     for record in records:
         record.usable = Path(record.image).stem not in bad_stems
-    return Report(str(data_path), class_names, records, problems, orphans, duplicate_groups, skip_bad)
+    near_groups = []
+    if near_duplicates is not None:
+        names = [r.image for r in records]
+        near_groups = near_duplicate_groups(
+            names, prints, near_duplicates.max_distance, near_duplicates.min_similarity
+        )
+    return Report(
+        str(data_path), class_names, records, problems, orphans, duplicate_groups, skip_bad, near_groups
+    )
 
 
 def _duplicate_groups(records: list[ImageRecord]) -> list[list[str]]:
@@ -313,6 +349,39 @@ def fatal_error_message(report: Report, report_dir: str | Path) -> str:
     )
 
 
+def unnamed_class_message(report: Report) -> str | None:
+    """The stop message for class ids that label_to_name does not name (None when there are none).
+
+    Not skippable: leaving those images out would quietly train without a class the user labelled.
+    """
+    unnamed = [p for p in report.problems if p.kind == UNNAMED_CLASS]
+    if not unnamed:
+        return None
+    ids = sorted({int(p.message.split()[2]) for p in unnamed})
+    files = sorted({p.file for p in unnamed})
+    listed = ", ".join(f"{p.file}:{p.line}" for p in unnamed[:MAX_PROBLEMS_SHOWN])
+    more = f" ... and {len(unnamed) - MAX_PROBLEMS_SHOWN} more" if len(unnamed) > MAX_PROBLEMS_SHOWN else ""
+    named = ", ".join(f"{i}: {n}" for i, n in enumerate(report.class_names))
+    return (
+        f"class id(s) {', '.join(map(str, ids))} in {len(unnamed)} label line(s) of {len(files)} file(s) are not "
+        f"named in label_to_name ({{{named}}}): {listed}{more}. Name every class in label_to_name "
+        f"(ids 0..N-1) or fix those labels; check.skip_bad does not skip this."
+    )
+
+
+def unused_class_warning(report: Report) -> str | None:
+    """A warning naming classes of label_to_name that no usable image contains (the model would still
+    learn an output for each of them, and report them at mAP 0)."""
+    unused = [f"{i}: {name}" for i, (name, n) in enumerate(report.boxes_per_class().items()) if n == 0]
+    if not unused:
+        return None
+    return (
+        f"label_to_name names {len(unused)} class(es) that no label uses: {', '.join(unused)}; the model will "
+        f"still have {len(report.class_names)} outputs. Remove unused names from label_to_name (ids 0..N-1) "
+        "unless those classes are coming."
+    )
+
+
 def check_dataset(cfg: DictConfig, write: bool = True) -> Report:
     """Run the doctor on cfg.data_path with cfg.check settings; split and train call this first.
 
@@ -320,17 +389,30 @@ def check_dataset(cfg: DictConfig, write: bool = True) -> Report:
     image is left. Writes report.json / report.csv to check.report_dir (write=False: don't).
     """
     c = cfg.check
+    near = (
+        NearDuplicateSettings(int(c.near_duplicate_distance), float(c.near_duplicate_similarity))
+        if c.near_duplicates
+        else None
+    )
     report = diagnose(
         cfg.data_path,
         label_names(cfg),
         clip_tolerance=float(c.clip_tolerance),
         find_duplicates=bool(c.find_duplicates),
         skip_bad=bool(c.skip_bad),
-        workers=int(c.get("workers", 1)),
+        workers=int(c.workers),
+        near_duplicates=near,
     )
     if write:
         write_report(report, c.report_dir)
+        write_quality_reports(cfg, report)
     (logger.warning if report.problems else logger.info)("\n" + report.text())
+    unnamed = unnamed_class_message(report)
+    if unnamed:
+        raise DatasetError(unnamed)
+    unused = unused_class_warning(report)
+    if unused:
+        logger.warning(unused)
     if report.fatal and not report.skip_bad:
         raise DatasetError(fatal_error_message(report, c.report_dir))
     if not report.usable_images:

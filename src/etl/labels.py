@@ -22,6 +22,10 @@ Severity = Literal["fatal", "warning"]
 FATAL: Severity = "fatal"
 WARNING: Severity = "warning"
 
+# Problem.kind of a class id that label_to_name does not name: a config mismatch, not a bad image, so it
+# stops check/split even with check.skip_bad (leaving those images out would silently drop a class).
+UNNAMED_CLASS = "unnamed_class"
+
 IMAGES_DIR = "images"
 LABELS_DIR = "labels"
 LABEL_EXT = ".txt"
@@ -35,6 +39,7 @@ class Problem:
     line: int | None
     severity: Severity
     message: str
+    kind: str = ""  # a machine-readable category where a stage treats it specially (UNNAMED_CLASS)
 
     def __str__(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
@@ -93,7 +98,7 @@ def _parse_class_id(token: str, num_classes: int | None, report) -> int | None:
         report(WARNING, f"class id written as {token!r}; read as {class_id}")
     if class_id < 0 or (num_classes is not None and class_id >= num_classes):
         valid = f"0..{num_classes - 1}" if num_classes else "none"
-        report(FATAL, f"class id {class_id} is not in label_to_name (valid ids: {valid})")
+        report(FATAL, f"class id {class_id} is not in label_to_name (valid ids: {valid})", UNNAMED_CLASS)
         return None
     return class_id
 
@@ -174,8 +179,8 @@ def parse_yolo_text(
         if not tokens:
             continue
 
-        def report(severity: Severity, message: str, _line=line_no) -> None:
-            problems.append(Problem(str(path), _line, severity, message))
+        def report(severity: Severity, message: str, kind: str = "", _line=line_no) -> None:
+            problems.append(Problem(str(path), _line, severity, message, kind))
 
         n_coords = len(tokens) - 1
         if n_coords != 4 and (n_coords < 6 or n_coords % 2):

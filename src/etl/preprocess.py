@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from src.common.config import stage_main
+from src.common.errors import ConfigError, UserError
 from src.common.images import (
     IMAGE_EXTS,
     ImageReadError,
@@ -108,10 +110,11 @@ class Converter:
             )
         try:
             if source.suffix.lower() in JPG_EXTS:
-                with Image.open(source) as header:  # header only: decide without decoding
-                    if header.mode == "RGB" and exif_orientation(header) == 1:
-                        return Outcome(source, SKIPPED)
-                rgb = upright_rgb(open_image(source))
+                # Decoded in full, not judged by its header: a truncated JPG has a fine header.
+                image = open_image(source)
+                if image.mode == "RGB" and exif_orientation(image) == 1:
+                    return Outcome(source, SKIPPED)
+                rgb = upright_rgb(image)
             else:
                 rgb = read_image_rgb(source)
         except (ImageReadError, OSError, SyntaxError, ValueError) as err:
@@ -214,14 +217,37 @@ def plan_targets(
     return targets, clashes
 
 
+def refuse_unwritable(folder: Path, originals: Path) -> None:
+    """Stop before touching anything when images/ or the originals folder cannot be written.
+
+    Probed by creating a file: os.access and mode bits say nothing about read-only mounts, and root passes them.
+    """
+    existing = originals
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # originals_dir is created later: its nearest existing parent must take it
+    for place, why in (
+        (folder, "converted images are written there"),
+        (existing, "originals are moved there"),
+    ):
+        try:
+            with tempfile.NamedTemporaryFile(dir=place, prefix=".preprocess-probe-"):
+                pass
+        except OSError as err:
+            raise UserError(
+                f"cannot write in {place} ({err.strerror or err}); {why}. Nothing was changed: make it writable "
+                "(or copy the data set somewhere writable) and run preprocess again"
+            ) from err
+
+
 def run(cfg: DictConfig) -> Summary:
     data_path = Path(cfg.data_path)
     folder = images_dir(data_path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"no images folder: {folder}")
+        raise UserError(f"no images folder: {folder} (expected <data_path>/images)")
     originals = Path(cfg.preprocess.originals_dir)
     if originals.resolve().is_relative_to(folder.resolve()):
-        raise ValueError(f"preprocess.originals_dir ({originals}) must not be inside {folder}")
+        raise ConfigError(f"preprocess.originals_dir ({originals}) must not be inside {folder}")
+    refuse_unwritable(folder, originals)
 
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTS]

@@ -3,8 +3,12 @@
     python -m src.etl.split                                  # 80/10/10, seed 42
     python -m src.etl.split split.val=0.2 split.test=0 split.stratify=true
 
-Deterministic: images sorted by name, then shuffled with cfg.seed. Exact duplicate images (found by the
-doctor) always land in the same split, so val/test never contain a copy of a training image.
+Deterministic: images sorted by name, then shuffled with cfg.seed. Exact duplicates and near-duplicate groups
+(re-encoded / resized / cropped copies, video frames; found by the doctor) and the tiles of one image (a tiled
+data set's tiles.csv) always land in one split, so val/test never contain a copy of a training image.
+An existing split that leaks (a group across splits) is refused: split.fix_leaks=true moves each leaking
+group whole into the split holding most of it (the rest of the split is kept as it is); delete the split
+files for a fresh split.
 split.stratify=true keeps class proportions alike across splits: every image is grouped by its rarest class
 (background images form their own group) and each group is dealt out in the split ratios.
 """
@@ -20,8 +24,12 @@ from loguru import logger
 from omegaconf import DictConfig
 
 from src.common.config import stage_main
+from src.common.errors import UserError
 from src.common.io import atomic_write_csv
 from src.etl.check import Report, check_dataset
+from src.etl.near_duplicates import group_pairs, home_split, leaking_groups
+from src.etl.splits import split_membership
+from src.etl.tile import tile_groups
 
 SPLITS = ("train", "val", "test")
 BACKGROUND_GROUP = -1
@@ -85,6 +93,14 @@ def assign_splits(
     return assignment
 
 
+def merge_groups(*group_lists: list[list[str]]) -> list[list[str]]:
+    """Groups sharing an image become one (an exact copy of a near-duplicate joins its group)."""
+    names = sorted({name for groups in group_lists for group in groups for name in group})
+    index = {name: i for i, name in enumerate(names)}
+    pairs = [(index[g[0]], index[n]) for groups in group_lists for g in groups for n in g[1:]]
+    return [[names[i] for i in group] for group in group_pairs(len(names), pairs)]
+
+
 def keep_duplicates_together(assignment: dict[str, int], duplicate_groups: list[list[str]]) -> None:
     """Move every copy of an image into the split of its first copy (by name): no train/val leakage."""
     for group in duplicate_groups:
@@ -107,8 +123,45 @@ def split_table(report: Report, splits: dict[str, list[str]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def fix_existing_leaks(cfg: DictConfig, groups: list[list[str]]) -> dict[str, list[str]] | None:
+    """None when there is no split yet, or one that does not leak (a fresh split follows). A leaking split is
+    refused unless split.fix_leaks, which moves each leaking group whole into one split and keeps the rest."""
+    split_of = split_membership(cfg)
+    leaks = leaking_groups(groups, split_of)
+    if not leaks:
+        return None
+    moved = {n: home_split(g, split_of, SPLITS) for g in leaks for n in g if split_of.get(n)}
+    changed = {n: s for n, s in moved.items() if split_of[n] != s}
+    if not cfg.split.fix_leaks:
+        example = ", ".join(f"{n} ({split_of[n]})" for n in leaks[0] if split_of.get(n))
+        raise UserError(
+            f"the existing split in {cfg.splits_dir} leaks: {len(leaks)} group(s) of (near-)duplicate images span "
+            f"splits, e.g. {example}; fixing it moves {len(changed)} image(s). Run with split.fix_leaks=true to "
+            "move whole groups (the rest of the split stays), or delete train/val/test.csv for a fresh split"
+        )
+    split_of.update(changed)
+    logger.warning(
+        f"split.fix_leaks: moved {len(changed)} image(s) of {len(leaks)} leaking group(s) into one split each"
+    )
+    return {name: sorted(n for n, s in split_of.items() if s == name) for name in SPLITS}
+
+
+def write_splits(cfg: DictConfig, report: Report, splits: dict[str, list[str]]) -> None:
+    out_dir = Path(cfg.splits_dir)
+    for name, names in splits.items():  # test.csv is written even when empty, so no stale one stays behind
+        atomic_write_csv(out_dir / f"{name}.csv", pd.DataFrame({"image": names}, dtype=str))
+    known = [n for n in sum(splits.values(), []) if n in report.usable_images]
+    table = split_table(report, {k: [n for n in v if n in set(known)] for k, v in splits.items()})
+    logger.info(f"splits written to {out_dir}/{{train,val,test}}.csv\n{table.to_string(index=False)}")
+
+
 def run(cfg: DictConfig) -> dict[str, list[str]]:
     report = check_dataset(cfg)
+    together = merge_groups(report.duplicate_groups, report.near_duplicate_groups, tile_groups(cfg.data_path))
+    fixed = fix_existing_leaks(cfg, together)
+    if fixed is not None:
+        write_splits(cfg, report, fixed)
+        return fixed
     fractions = split_fractions(cfg)
     images = sorted(report.usable_images)
     if cfg.split.ignore_negatives:
@@ -121,19 +174,14 @@ def run(cfg: DictConfig) -> dict[str, list[str]]:
     rng = np.random.default_rng(int(cfg.seed)) if cfg.split.shuffle else None
     groups = rarest_class_groups(report, images) if cfg.split.stratify else None
     assignment = assign_splits(images, fractions, rng, groups)
-    keep_duplicates_together(assignment, report.duplicate_groups)
+    keep_duplicates_together(assignment, together)
 
     splits = {
         name: sorted(img for img, s in assignment.items() if s == index) for index, name in enumerate(SPLITS)
     }
     if not splits["val"] and fractions[1] > 0:
         logger.warning(f"val split is empty: only {len(images)} usable image(s)")
-    out_dir = Path(cfg.splits_dir)
-    for name, names in splits.items():  # test.csv is written even when empty, so no stale one stays behind
-        atomic_write_csv(out_dir / f"{name}.csv", pd.DataFrame({"image": names}, dtype=str))
-    logger.info(
-        f"splits written to {out_dir}/{{train,val,test}}.csv\n{split_table(report, splits).to_string(index=False)}"
-    )
+    write_splits(cfg, report, splits)
     return splits
 
 

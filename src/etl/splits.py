@@ -85,3 +85,21 @@ def load_labels(
     if warnings:
         logger.warning(f"{len(warnings)} label warning(s), e.g. {warnings[0]}")
     return boxes, class_ids
+
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def split_membership(cfg: DictConfig) -> dict[str, str]:
+    """image name (relative to <data_path>/images) -> split, from the split files that exist ({} if none).
+
+    Entries outside images/ keep their path as written; an image listed twice keeps its first split.
+    """
+    folder = images_dir(Path(cfg.data_path)).resolve()
+    membership: dict[str, str] = {}
+    for split in SPLIT_NAMES:
+        for path in read_split(cfg, split) or []:
+            resolved = path.resolve()
+            name = str(resolved.relative_to(folder)) if resolved.is_relative_to(folder) else str(path)
+            membership.setdefault(name, split)
+    return membership

@@ -170,12 +170,14 @@ def load_experiment_model(
     from src.common.errors import UserError
     from src.common.experiment import Experiment
     from src.runtime import best_artifact, load_model
+    from src.runtime.slicing import sliced_if_configured
 
     if OmegaConf.is_config(conf):  # {class: threshold} from the command line / config.yaml
         conf = OmegaConf.to_container(conf)
     try:
         path = Path(model_path) if model_path else best_artifact(Experiment.of(cfg).root, str(cfg.device))
         detector = load_model(path, device=str(cfg.device), precision=precision, conf=conf)
+        detector = sliced_if_configured(detector, cfg)  # slicing.enabled (auto: trained on tiles)
     except FileNotFoundError as err:  # nothing trained / exported, or a mistyped model_path: one line
         raise UserError(str(err)) from err
     logger.info(f"model: {detector}")

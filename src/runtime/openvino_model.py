@@ -7,6 +7,7 @@ bf16 on CPUs that have it (and f16 on GPUs), which changes accuracy silently.
 from __future__ import annotations
 
 import os
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -26,19 +27,29 @@ def openvino_device(device: str) -> str:
     return str(device).upper()
 
 
+@cache
+def shared_core():
+    """The process's one ov.Core. Each Core builds its own CPU plugin, and each plugin swaps the calling
+    thread's alternate signal stack for a fresh mmap, unmapped again when the plugin goes; plugins released in
+    creation order leave that thread on an unmapped stack, and the next signal it handles (a child's SIGCHLD,
+    Ctrl+C) kills the process with no traceback (exit 139). docs/notes/openvino_signal_stack.md"""
+    import openvino as ov
+
+    return ov.Core()
+
+
 class OpenVinoRunner:
     backend = "openvino"
 
     def __init__(self, path: str | Path, device: str = "auto", precision: str | None = None):
         try:
-            import openvino as ov
+            core = shared_core()
         except ImportError as err:
             raise BackendUnavailable("openvino", "openvino is not installed: pip install openvino") from err
         self.path = Path(path)
         precision = precision or "f32"
         if precision not in PRECISIONS:
             raise ValueError(f"OpenVINO precision must be one of f32|f16|bf16, got {precision!r}")
-        core = ov.Core()
         model = core.read_model(str(self.path))
         self.meta: ModelMeta = read_openvino_meta(model, self.path)
         # A port may carry several tensor names (OpenVINO merges names when it folds a no-op Cast).

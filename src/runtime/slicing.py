@@ -1,0 +1,166 @@
+"""Sliced inference (SAHI-style) over any Detector: overlapping slices at full resolution + the whole image.
+
+    from src.runtime import load_model
+    from src.runtime.slicing import SlicedDetector
+    model = SlicedDetector(load_model("output/exp/model.onnx"), overlap=0.2)
+    dets = model(image_rgb)                 # the same call API and Detections as Detector
+
+A large image shrunk to the network input loses its small objects. Each slice is the network input size
+cut from the ORIGINAL pixels (no shrinking), so a small object keeps its size; the whole image is also run
+(slicing.full_image) for objects larger than a slice. Detections of all passes are shifted back into image
+pixels and merged per class, greedily by score: a box matching a kept one (intersection over the smaller box,
+or IoU) above the threshold is merged into it (union of the boxes, the higher score: a large object cut by
+slice edges comes back whole) or, with merge="nms", dropped.
+
+sahi's own slicing was not used: the sahi wheel requires opencv-python (this project allows only the
+headless build, both at once break each other), shapely, fire and requests; the slicing and merging here are
+~100 lines on the shared tile geometry (src/etl/tiling.py).
+Each slice goes through the backend at the model's input size, so latency grows with the number of slices:
+a 1920x1080 image at 640 px with 0.2 overlap is 4x3 = 12 slices + 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from src.etl.tiling import tile_windows
+from src.runtime.detector import Detections, Detector
+
+METRICS = ("ios", "iou")
+MERGES = ("nmm", "nms")
+TILES_CSV = "tiles.csv"  # what a tiled data set carries (src/etl/tile.py): slicing.enabled=auto looks for it
+
+
+class SlicedDetector(Detector):
+    """A Detector whose predict() runs overlapping slices (+ the whole image) and merges the detections.
+
+    Everything else (thresholds, class names, meta, backend, timing, warm-up) is the wrapped detector's.
+    raw() stays the plain whole-image pass (the backend's top-K for one input).
+    """
+
+    def __init__(
+        self,
+        base: Detector,
+        overlap: float = 0.2,
+        full_image: bool = True,
+        match_metric: str = "ios",
+        match_threshold: float = 0.5,
+        merge: str = "nmm",
+        slice_size: tuple[int, int] | None = None,
+    ):
+        super().__init__(base.runner, base.default_conf)
+        if match_metric not in METRICS or merge not in MERGES:
+            raise ValueError(f"match_metric must be one of {METRICS} and merge one of {MERGES}")
+        self.path = base.path
+        self.overlap, self.full_image = float(overlap), bool(full_image)
+        self.match_metric, self.match_threshold, self.merge = match_metric, float(match_threshold), merge
+        self.slice_size = tuple(slice_size) if slice_size else tuple(self.meta.img_size)  # (h, w)
+
+    def __repr__(self) -> str:
+        return f"Sliced({super().__repr__()}, slice={self.slice_size}, overlap={self.overlap})"
+
+    def windows(self, width: int, height: int) -> np.ndarray:
+        """(S, 4) xyxy crops run for one image: the slices, then the whole image when it is larger than one."""
+        slices = tile_windows(width, height, self.slice_size[1], self.slice_size[0], self.overlap)
+        if self.full_image and len(slices) > 1:
+            slices = np.concatenate([slices, [[0, 0, width, height]]])
+        return slices
+
+    def predict(
+        self,
+        images_rgb: Sequence[np.ndarray],
+        conf: float | dict | None = None,
+        batch_size: int | None = None,
+    ) -> list[Detections]:
+        results = []
+        for image in images_rgb:
+            height, width = image.shape[:2]
+            windows = self.windows(width, height)
+            crops = [image[y0:y1, x0:x1] for x0, y0, x1, y1 in windows]
+            per_crop = super().predict(crops, conf, batch_size)
+            results.append(self._merge(per_crop, windows, (height, width)))
+        return results
+
+    def _merge(
+        self, per_crop: list[Detections], windows: np.ndarray, image_size: tuple[int, int]
+    ) -> Detections:
+        offsets = np.concatenate(
+            [np.tile(w[:2], 2)[None].repeat(len(d), 0) for d, w in zip(per_crop, windows)]
+        )
+        boxes = np.concatenate([d.boxes.reshape(-1, 4) for d in per_crop]) + offsets.reshape(-1, 4)
+        scores = np.concatenate([d.scores for d in per_crop])
+        labels = np.concatenate([d.labels for d in per_crop])
+        boxes, scores, labels = merge_detections(
+            boxes.astype(np.float32), scores, labels, self.match_metric, self.match_threshold, self.merge
+        )
+        return Detections(boxes, scores, labels, [self.class_names[i] for i in labels], image_size)
+
+
+def pairwise_overlap(box: np.ndarray, others: np.ndarray, metric: str) -> np.ndarray:
+    """Overlap of one xyxy box with (N, 4) others: IoU, or intersection over the smaller area (IoS)."""
+    wh = np.clip(np.minimum(box[2:], others[:, 2:]) - np.maximum(box[:2], others[:, :2]), 0, None)  # (N, 2)
+    inter = wh[:, 0] * wh[:, 1]
+    area = float((box[2] - box[0]) * (box[3] - box[1]))
+    areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
+    denominator = np.minimum(area, areas) if metric == "ios" else area + areas - inter
+    return inter / np.maximum(denominator, 1e-9)
+
+
+def merge_detections(
+    boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, metric: str, threshold: float, merge: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class-wise greedy merge, highest score first. boxes (N, 4) xyxy -> kept (K, 4), scores (K,), labels (K,),
+    sorted by score. merge="nmm": a kept box grows to the union of the boxes it absorbs; "nms": they are dropped."""
+    order = np.argsort(-scores, kind="stable")
+    boxes, scores, labels = boxes[order], scores[order], labels[order]
+    taken = np.zeros(len(boxes), bool)
+    kept_boxes, kept = [], []
+    for i in range(len(boxes)):
+        if taken[i]:
+            continue
+        taken[i] = True
+        box = boxes[i].copy()
+        while True:  # nmm: the grown box may now match pieces the first one did not (a block cut into slices)
+            rest = np.nonzero(~taken & (labels == labels[i]))[0]
+            matched = rest[pairwise_overlap(box, boxes[rest], metric) >= threshold]
+            if not len(matched):
+                break
+            taken[matched] = True
+            if merge == "nms":
+                break
+            box = np.concatenate(
+                [
+                    np.minimum(box[:2], boxes[matched, :2].min(0)),
+                    np.maximum(box[2:], boxes[matched, 2:].max(0)),
+                ]
+            )
+        kept_boxes.append(box)
+        kept.append(i)
+    kept = np.array(kept, np.int64)
+    merged = np.array(kept_boxes, np.float32).reshape(-1, 4)
+    return merged, scores[kept].astype(np.float32), labels[kept].astype(np.int64)
+
+
+def trained_on_tiles(data_path: str | Path) -> bool:
+    return (Path(data_path) / TILES_CSV).exists()
+
+
+def sliced_if_configured(detector: Detector, cfg: DictConfig) -> Detector:
+    """The stages' one line: wrap the loaded detector when slicing.enabled is true, or auto and the
+    experiment's data set is tiled (cfg.data_path: the experiment's, see src/common/experiment.py)."""
+    s = cfg.slicing
+    enabled = trained_on_tiles(cfg.data_path) if str(s.enabled) == "auto" else bool(s.enabled)
+    if not enabled:
+        return detector
+    return SlicedDetector(
+        detector,
+        float(s.overlap),
+        bool(s.full_image),
+        str(s.match_metric),
+        float(s.match_threshold),
+        str(s.merge),
+    )

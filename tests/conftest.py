@@ -1,0 +1,25 @@
+"""Suite-wide guard: a test that leaves the main thread's signal stack dangling fails by name.
+
+Without it, the damage shows only later, as a silent exit 139 of the whole pytest process in whichever test
+first receives a handled signal (see tests/signal_stack.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.signal_stack import SUPPORTED, dangling_signal_stack, disable_signal_stack
+
+
+@pytest.fixture(autouse=True)
+def main_thread_signal_stack_stays_mapped(request):
+    yield
+    if not SUPPORTED:
+        return
+    address = dangling_signal_stack()
+    if address is not None:
+        disable_signal_stack()  # the rest of the session goes on instead of dying at the next signal
+        pytest.fail(
+            f"{request.node.nodeid} left the main thread's alternate signal stack on unmapped memory "
+            f"(0x{address:x}); the next handled signal would kill pytest (docs/notes/openvino_signal_stack.md)"
+        )

@@ -1,0 +1,120 @@
+"""etl.tile: overlapping tiles at the network size, labels clipped, cut boxes dropped, background sampled,
+tiles of one image kept in one split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from src.etl import split, tile
+from src.etl.labels import read_yolo_labels
+from src.etl.tiling import tile_starts, tile_windows
+from tests.etl_data import etl_config
+
+WIDTH, HEIGHT, OBJECT = (
+    1000,
+    600,
+    40,
+)  # a large image with 40 px objects; tiles of 256 overlapping by >= 51 px
+
+
+def object_boxes() -> np.ndarray:
+    """(N, 4) xyxy: a grid of objects everywhere, many of them across tile borders."""
+    rng = np.random.default_rng(0)
+    xs, ys = np.meshgrid(np.arange(20, WIDTH - OBJECT - 20, 90), np.arange(15, HEIGHT - OBJECT - 15, 85))
+    x0 = xs.ravel() + rng.integers(0, 10, xs.size)
+    y0 = ys.ravel() + rng.integers(0, 10, ys.size)
+    return np.stack([x0, y0, x0 + OBJECT, y0 + OBJECT], axis=1).astype(np.float64)
+
+
+@pytest.fixture()
+def large(tmp_path) -> Path:
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    image = np.full((HEIGHT, WIDTH, 3), 90, np.uint8)
+    boxes = object_boxes()
+    for x0, y0, x1, y1 in boxes.astype(int):
+        cv2.rectangle(image, (x0, y0), (x1 - 1, y1 - 1), (250, 40, 40), -1)
+    cv2.imwrite(str(root / "images" / "big.jpg"), image)
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2 / WIDTH, (boxes[:, 1] + boxes[:, 3]) / 2 / HEIGHT
+    lines = [f"0 {a:.6f} {b:.6f} {OBJECT / WIDTH:.6f} {OBJECT / HEIGHT:.6f}" for a, b in zip(cx, cy)]
+    (root / "labels" / "big.txt").write_text("\n".join(lines) + "\n")
+    cv2.imwrite(
+        str(root / "images" / "small.jpg"), np.full((100, 120, 3), 30, np.uint8)
+    )  # background, < a tile
+    return root
+
+
+def tile_config(tmp_path, data, *overrides):
+    return etl_config(tmp_path, data, "tile.size=[256,256]", "tile.overlap=0.2", *overrides)
+
+
+def boxes_in_source(tiles: pd.DataFrame, out: Path) -> list[tuple[np.ndarray, bool]]:
+    """Every tile label mapped back to the source image: (xyxy, whole = not cut by the tile edge)."""
+    found = []
+    for row in tiles.itertuples():
+        labels = read_yolo_labels(out / "labels" / f"{Path(row.tile).stem}.txt", 4)
+        tw, th = row.x1 - row.x0, row.y1 - row.y0
+        for cx, cy, w, h in labels.boxes.astype(np.float64):
+            box = np.array([(cx - w / 2) * tw + row.x0, (cy - h / 2) * th + row.y0, (cx + w / 2) * tw + row.x0,
+                            (cy + h / 2) * th + row.y0])  # fmt: skip
+            found.append((box, abs(w * tw - OBJECT) < 0.5 and abs(h * th - OBJECT) < 0.5))
+    return found
+
+
+def test_tiles_cover_every_object_whole_exactly_once(tmp_path, large):
+    out = tmp_path / "tiles"
+    tiles = tile.run(tile_config(tmp_path, large, f"tile.out={out}", "tile.background_rate=1"))
+    windows = tile_windows(WIDTH, HEIGHT, 256, 256, 0.2)
+    assert len(tiles) == len(windows) + 1  # every window of big.jpg (rate 1) + small.jpg whole
+    small = tiles[tiles["source"] == "small.jpg"].iloc[0]
+    assert (small.x0, small.y0, small.x1, small.y1) == (0, 0, 120, 100)
+    objects = object_boxes()
+    found = boxes_in_source(tiles[tiles["source"] == "big.jpg"], out)
+    whole = {tuple(np.round(box).astype(int)) for box, is_whole in found if is_whole}
+    # every object is whole in at least one tile, and the whole copies are exactly the objects (each once)
+    assert whole == {tuple(b.astype(int)) for b in objects}
+    # a cut copy keeps >= min_visible of its object and lies inside it (clipped, never moved)
+    for box, is_whole in found:
+        if not is_whole:
+            match = objects[np.argmin(np.abs(objects - box).sum(1))]
+            inside = np.clip(box, match[[0, 1, 0, 1]], match[[2, 3, 2, 3]])
+            assert np.allclose(inside, box, atol=0.5)
+            assert (box[2] - box[0]) * (box[3] - box[1]) >= 0.5 * OBJECT * OBJECT - 1
+
+
+def test_background_rate_and_split_follow_the_source(tmp_path, large):
+    pd.DataFrame({"image": ["big.jpg"]}).to_csv(large / "train.csv", index=False)
+    pd.DataFrame({"image": ["small.jpg"]}).to_csv(large / "val.csv", index=False)
+    pd.DataFrame({"image": []}, dtype=str).to_csv(large / "test.csv", index=False)
+    out = tmp_path / "tiles"
+    tiles = tile.run(tile_config(tmp_path, large, f"tile.out={out}", "tile.background_rate=0"))
+    assert (tiles["boxes"] > 0).all() and "small.jpg" not in set(tiles["source"])
+    assert pd.read_csv(out / "train.csv")["image"].tolist() == tiles["tile"].tolist()
+    assert pd.read_csv(out / "val.csv")["image"].tolist() == []
+    with pytest.raises(Exception, match="not empty"):
+        tile.run(tile_config(tmp_path, large, f"tile.out={out}"))
+
+
+def test_split_of_a_tiled_set_keeps_tiles_of_one_image_together(tmp_path, large):
+    out = tmp_path / "tiles"
+    tile.run(tile_config(tmp_path, large, f"tile.out={out}", "tile.background_rate=1"))
+    cfg = etl_config(
+        tmp_path, out, "split.train=0.5", "split.val=0.5", "split.test=0", "check.near_duplicates=false"
+    )
+    splits = split.run(cfg)
+    homes = {s for s, names in splits.items() for n in names if n.startswith("big__")}
+    assert len(homes) == 1
+
+
+def test_tile_starts():
+    assert tile_starts(100, 256, 0.2) == [0]
+    assert tile_starts(256, 256, 0.2) == [0]
+    starts = tile_starts(1000, 256, 0.2)
+    assert starts[0] == 0 and starts[-1] == 1000 - 256
+    assert all(256 - (b - a) >= 0.2 * 256 for a, b in zip(starts, starts[1:]))  # overlap at least 20%

@@ -19,6 +19,9 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
+	# TrackEval (MOTChallenge metrics for benchmarks/tracking.py) without its opencv-python dependency, a
+	# second OpenCV that would overwrite the headless cv2 above; the metrics only need numpy and scipy.
+	$(PY) -m pip install -q --no-deps "trackeval>=1.3,<2"
 	touch $(STAMP)
 
 # Debian's chromium drives the Gradio UI test through Playwright (never `playwright install`).

@@ -1,9 +1,10 @@
-"""`make benchmark`: every benchmark table in one go (model size/latency, training throughput, backends).
+"""`make benchmark`: every benchmark table in one go (model size/latency, training throughput, backends,
+data quality, tracking).
 
     python -m benchmarks.run                 # all of them
-    python -m benchmarks.run model train     # a subset (model | train | backends | data | seg)
+    python -m benchmarks.run model train     # a subset (model | train | backends | data | tracking | seg)
 Each part also runs alone with its own flags:
-python -m benchmarks.<model_speed|train_speed|backend_speed|near_duplicates|seg_step> -h
+python -m benchmarks.<model_speed|train_speed|backend_speed|near_duplicates|tracking|seg_step> -h
 """
 
 import sys
@@ -15,6 +16,7 @@ PARTS = {
     "train": ("Training throughput and peak memory (D-FINE-n, 320 px, batch 4)", "benchmarks.train_speed"),
     "backends": ("Per-backend latency, n and s at 640 on CPU", "benchmarks.backend_speed"),
     "data": ("Near-duplicates on planted copies; the doctor's speed", "benchmarks.near_duplicates"),
+    "tracking": ("Tracking alone on a synthetic video of crossing shapes (ByteTrack)", "benchmarks.tracking"),
     "seg": ("Segmentation vs detection training step (D-FINE-n, 256 px, batch 4)", "benchmarks.seg_step"),
 }
 

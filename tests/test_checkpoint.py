@@ -257,3 +257,82 @@ def test_small_sizes_cannot_be_told_apart_and_the_report_says_so(tmp_path, coco_
     named = tmp_path / "my_deim_run.pth"
     torch.save({"model": coco_state}, named)
     assert load_pretrained(_tiny(80), named).variant == "deim"
+
+
+# --- our format and the model spec --------------------------------------------------------------------------
+
+
+def _spec(**changes):
+    from src.d_fine import ModelSpec
+
+    fields = dict(
+        size="n", variant="dfine", img_size=("64", 96), data_class_names=("a", "b", "c"), num_queries=20
+    )
+    return ModelSpec(**(fields | changes))
+
+
+def test_model_spec_casts_once_and_refuses_bad_values():
+    from src.common.config import load_config
+    from src.common.errors import ConfigError
+    from src.d_fine import ModelSpec
+
+    spec = _spec()
+    assert spec.img_size == (64, 96) and spec.class_names == ["a", "b", "c"] and spec.num_classes == 3
+    one = _spec(use_one_class=True)
+    assert one.class_names == ["object"] and one.num_classes == 1 and one.data_class_names == ("a", "b", "c")
+    for bad in ({"img_size": (60, 64)}, {"img_size": (0, 64)}, {"num_queries": 0}, {"data_class_names": ()}):
+        with pytest.raises(ConfigError):
+            _spec(**bad)
+    cfg = load_config(["model.img_size=[96,128]", "model.use_one_class=true"])
+    spec = ModelSpec.from_config(cfg)
+    assert spec.img_size == (96, 128) and spec.use_one_class and len(spec.data_class_names) == 4
+    with pytest.raises(ConfigError, match="model.img_size"):
+        ModelSpec.from_config(load_config(["model.img_size=[abc,64]"]))
+    assert ModelSpec.from_meta(one.to_meta()) == one
+    # a checkpoint written before use_one_class / data_class_names existed
+    old = {k: v for k, v in _spec().to_meta().items() if k not in ("use_one_class", "data_class_names")}
+    assert ModelSpec.from_meta(old) == _spec()
+
+
+def test_build_returns_model_criterion_and_postprocessor_for_a_spec():
+    from src.d_fine import build
+
+    spec = _spec(variant="deim", use_one_class=True)
+    model, criterion, postprocessor = build(spec)
+    assert criterion.cls_loss == "mal" and model.decoder.num_queries == 20  # auto: DEIM's own loss
+    with torch.no_grad():
+        out = model.eval()(torch.rand(1, 3, 64, 96))
+    assert out["pred_logits"].shape == (1, 20, 1)
+    assert build(spec, cls_loss="vfl", bg_loss_weight=2.0).criterion.bg_loss_weight == 2.0
+    with pytest.raises(ValueError, match="train.cls_loss"):
+        build(spec, cls_loss="focal")
+
+
+def test_run_checkpoint_round_trip(tmp_path):
+    from src.d_fine import ModelSpec, RunCheckpoint, build, load_run_checkpoint, save_run_checkpoint
+
+    spec = _spec(use_one_class=True)
+    model = build(spec).model
+    best = RunCheckpoint(
+        spec, model.state_dict(), {"exp_name": "x"}, {"conf_thresh": 0.4}, {"mAP_50": 0.5}, 3
+    )
+    path = save_run_checkpoint(tmp_path / "best.pt", best)
+    raw = torch.load(path, weights_only=True)
+    assert raw["ema"] is None and raw["meta"]["use_one_class"] is True and raw["meta"]["epoch"] == 3
+    loaded = load_run_checkpoint(path)
+    assert loaded.spec == spec and loaded.training is None and loaded.thresholds == {"conf_thresh": 0.4}
+    build(loaded.spec).model.load_state_dict(loaded.model)
+    # last.pt: the training part travels as top-level keys
+    last = RunCheckpoint(
+        spec, model.state_dict(), {}, training={"optimizer": {"s": 1}, "step": 5, "ema": None}
+    )
+    assert load_run_checkpoint(save_run_checkpoint(tmp_path / "last.pt", last)).training["step"] == 5
+    with pytest.raises(ValueError, match="unknown training"):
+        save_run_checkpoint(tmp_path / "x.pt", RunCheckpoint(spec, {}, {}, training={"oops": 1}))
+    # a meta without arch_overrides (older files): the architecture is read off the weights
+    wide = build(_spec(arch_overrides={"decoder_ffn_dim": 1024})).model.state_dict()
+    old_meta = {k: v for k, v in _spec().to_meta().items() if k != "arch_overrides"}
+    build(ModelSpec.from_meta(old_meta, wide)).model.load_state_dict(wide)
+    torch.save({"model": model.state_dict()}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not a checkpoint of this project"):
+        load_run_checkpoint(tmp_path / "foreign.pt")

@@ -124,17 +124,17 @@ def test_options_reach_the_model_and_criterion(tmp_path, data_dir):
     key = fppi_key(0.4)
     on.state.best_metrics, on.state.best_score, on.state.best_epoch = {key: 2.0}, 1.0, 0
     on.state.peak_score = 1.0
-    assert on._beats_best({key: 1.0}, 0.95)
-    assert not on._beats_best({key: 3.0}, 1.05)
-    assert on._beats_best({key: 3.0}, 1.2)  # beyond the band the score decides
+    assert on.evaluator.beats_best(on.state, {key: 1.0}, 0.95)
+    assert not on.evaluator.beats_best(on.state, {key: 3.0}, 1.05)
+    assert on.evaluator.beats_best(on.state, {key: 3.0}, 1.2)  # beyond the band the score decides
     on.state.peak_score = 1.2  # the band hangs from the highest score seen
-    assert not on._beats_best({key: 1.0}, 0.95)
+    assert not on.evaluator.beats_best(on.state, {key: 1.0}, 0.95)
 
     off = trainer("model.variant=deim", "train.negatives_path=null")
     assert off.model.decoder.num_dn_negatives == 0 and off.negatives == []
     assert off.criterion.cls_loss == "mal" and off.criterion.bg_loss_weight == 1.0  # auto: mal for deim
     off.state.best_score = 0.0  # no tolerance: the plain higher decision score
-    assert not off._beats_best({}, -1.0) and off._beats_best({}, 0.5)
+    assert not off.evaluator.beats_best(off.state, {}, -1.0) and off.evaluator.beats_best(off.state, {}, 0.5)
     with pytest.raises(ValueError, match="train.cls_loss"):
         trainer("train.cls_loss=focal")
 

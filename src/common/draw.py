@@ -161,3 +161,28 @@ def save_image_rgb(path: str | Path, image: np.ndarray, jpg_quality: int = 95) -
     if not ok:
         raise ValueError(f"cannot encode an image as {path.suffix!r} for {path}")
     return atomic_write(path, lambda tmp: tmp.write_bytes(encoded.tobytes()))
+
+
+def draw_tracks(
+    image: np.ndarray,
+    boxes_xyxy,
+    track_ids,
+    labels,
+    scores=None,
+    class_names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Tracked boxes with "#id name score" tags on a copy of `image`, one colour per track id (so an id
+    switch shows as a colour change)."""
+    out = np.ascontiguousarray(image, dtype=np.uint8).copy()
+    boxes = _as_numpy(boxes_xyxy, np.float64).reshape(-1, 4)
+    ids = _as_numpy(track_ids, np.int64).reshape(-1)
+    labels = _as_numpy(labels, np.int64).reshape(-1)
+    scores_np = None if scores is None else _as_numpy(scores, np.float64).reshape(-1)
+    width = _line_width(out)
+    for i, (box, track_id, label) in enumerate(zip(boxes, ids, labels, strict=True)):
+        color = class_color(int(track_id))
+        x1, y1, x2, y2 = (round(float(v)) for v in box)
+        cv2.rectangle(out, (x1, y1), (x2, y2), color, width)
+        score = None if scores_np is None else float(scores_np[i])
+        _put_label(out, f"#{track_id} {label_text(int(label), score, class_names)}", x1, y1, color, width)
+    return out

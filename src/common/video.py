@@ -8,16 +8,23 @@
 
 Writers write to temp names beside the final files (cv2 picks the container from the suffix), so a
 half-written video never takes a final name; abort() removes the temp files.
+
+Live inputs: `source = parse_source("0")` (webcam 0; "rtsp://cam/live" a URL; anything else a path), then
+open_video(source, display_name(source)); `with stop_on_ctrl_c(name): <frame loop>` ends the loop on Ctrl-C
+so that the outputs are finished, not aborted.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from loguru import logger
 
 DEFAULT_FPS = 25.0  # when the container does not say
 
@@ -120,3 +127,58 @@ class VideoOutput:
         self.release()
         for tmp in self.temps:
             tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ live inputs (webcam, stream URL)
+# Read as live inputs by FFmpeg (file:// too: a recorded file played as a stream, e.g. for a test).
+URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "file://")
+
+
+def parse_source(text: str | int | Path) -> int | str | Path:
+    """A webcam index (an int, or digits), a stream URL (kept a string: Path would eat its '//'), or a
+    file path."""
+    if isinstance(text, int):
+        return text
+    value = str(text).strip()
+    if value.isdigit():
+        return int(value)
+    if value.lower().startswith(URL_SCHEMES):
+        return value
+    return Path(value)
+
+
+def is_live(source: int | str | Path) -> bool:
+    """A webcam or a stream (parse_source's int or str), not a file."""
+    return not isinstance(source, Path)
+
+
+def source_name(source: int | str | Path) -> str:
+    """A file-name-safe name for outputs: webcam0, or the URL's host/path without credentials
+    (rtsp://user:pw@cam:554/live -> rtsp_cam_554_live); a path's stem."""
+    if isinstance(source, int):
+        return f"webcam{source}"
+    if isinstance(source, Path):
+        return source.stem
+    scheme, _, rest = source.partition("://")
+    rest = rest.rsplit("@", 1)[-1]  # never write a password into a file name
+    return re.sub(r"[^A-Za-z0-9]+", "_", f"{scheme}_{rest}").strip("_")
+
+
+def display_name(source: int | str | Path) -> str:
+    """How messages name the input (a URL without its credentials)."""
+    if isinstance(source, int):
+        return f"webcam {source}"
+    if isinstance(source, str):
+        scheme, _, rest = source.partition("://")
+        return f"{scheme}://{rest.rsplit('@', 1)[-1]}"
+    return str(source)
+
+
+@contextmanager
+def stop_on_ctrl_c(name: str) -> Iterator[None]:
+    """Ctrl-C (KeyboardInterrupt) ends the block quietly: the code after it then closes the outputs
+    normally, so the video and files written so far are kept and playable."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        logger.warning(f"{name}: stopped by Ctrl-C; the output written so far is kept")

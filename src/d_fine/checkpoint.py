@@ -1,4 +1,13 @@
-"""Loading pretrained D-FINE / DEIM-D-FINE weights into a model built for the user's classes.
+"""Our checkpoint format (written and read only here), and loading pretrained weights into a model.
+
+Ours: `save_run_checkpoint(path, RunCheckpoint)` / `load_run_checkpoint(path)`. best.pt holds the weights to
+use; last.pt also everything a resumed run needs (`RunCheckpoint.training`). The dict on disk:
+    {"version", "model": state dict, "ema": None | {"module", "updates"}, "meta": ModelSpec.to_meta() +
+     thresholds, metrics, epoch, "config": the run's resolved config, + last.pt: optimizer, scheduler, scaler,
+     state, epoch, step, rng, partial_losses, wandb_id}
+Both load with torch.load(weights_only=True), so either can also be a train.pretrained_model_path.
+
+Pretrained weights:
 
 Accepted inputs: an official D-FINE/DEIM training file ({"ema": {"module": sd, ...}, "model": sd, ...}),
 one of ours ({"model": sd, "ema": sd | None, "meta": {...}}), or a bare state dict; EMA weights win when
@@ -23,7 +32,8 @@ import torch
 from loguru import logger
 from torch import nn
 
-from src.common.io import atomic_write
+from src.common.io import atomic_torch_save, atomic_write
+from src.d_fine.spec import ModelSpec
 
 COCO_CLASSES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -59,6 +69,77 @@ DEIM_DRIVE_LINKS = {
     ("x", "obj365"): "https://drive.google.com/file/d/1RMNrHh3bYN0FfT5ZlWhXtQxkG23xb2xj/view",
 }
 DOWNLOAD_TIMEOUT_S = 20  # per network operation: fail fast when offline, never on a slow but live link
+
+
+CHECKPOINT_VERSION = 1
+# last.pt only: what a resumed run restores (top-level keys of the file)
+TRAINING_KEYS = (
+    "ema", "optimizer", "scheduler", "scaler", "state", "epoch", "step", "rng", "partial_losses", "wandb_id",
+)  # fmt: skip
+
+
+@dataclass
+class RunCheckpoint:
+    """One of our checkpoints: the model (spec + weights), how the run was configured, what it scored."""
+
+    spec: ModelSpec
+    model: dict[str, torch.Tensor]  # the weights to use (best.pt: the evaluated ones, EMA when on)
+    config: dict  # the run's resolved config
+    thresholds: dict = field(default_factory=dict)  # score thresholds picked on val
+    metrics: dict = field(default_factory=dict)  # val metrics of these weights
+    epoch: int = 0  # the epoch (1-based) these weights come from
+    training: dict | None = None  # last.pt: TRAINING_KEYS (None in best.pt)
+    version: int = CHECKPOINT_VERSION
+
+    @property
+    def meta(self) -> dict:
+        return self.spec.to_meta() | {
+            "thresholds": self.thresholds,
+            "metrics": self.metrics,
+            "epoch": self.epoch,
+        }
+
+
+def save_run_checkpoint(path: str | Path, checkpoint: RunCheckpoint) -> Path:
+    """Write `checkpoint` atomically (a kill never leaves half a file under the name)."""
+    raw = {
+        "version": checkpoint.version,
+        "model": checkpoint.model,
+        "ema": None,
+        "meta": checkpoint.meta,
+        "config": checkpoint.config,
+    }
+    if checkpoint.training is not None:
+        unknown = set(checkpoint.training) - set(TRAINING_KEYS)
+        if unknown:
+            raise ValueError(f"unknown training checkpoint keys {sorted(unknown)}; known: {TRAINING_KEYS}")
+        raw |= checkpoint.training
+    return atomic_torch_save(path, raw)
+
+
+def load_run_checkpoint(path: str | Path, mmap: bool = False) -> RunCheckpoint:
+    """Read one of our checkpoints (best.pt / last.pt). mmap: tensors stay on disk until used."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    raw = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    meta = raw.get("meta") if isinstance(raw, Mapping) else None
+    if not isinstance(meta, Mapping) or "img_size" not in meta or not isinstance(raw.get("model"), Mapping):
+        raise ValueError(
+            f"{path}: not a checkpoint of this project (no 'model' and 'meta' with classes and input size); "
+            "official D-FINE weights are used via train.pretrained_model_path"
+        )
+    training = {key: raw[key] for key in TRAINING_KEYS if key in raw} if "optimizer" in raw else None
+    return RunCheckpoint(
+        spec=ModelSpec.from_meta(meta),
+        model=dict(raw["model"]),
+        config=dict(raw.get("config") or {}),
+        thresholds=dict(meta.get("thresholds") or {}),
+        metrics=dict(meta.get("metrics") or {}),
+        epoch=int(meta.get("epoch") or 0),
+        training=training,
+        version=int(raw.get("version", CHECKPOINT_VERSION)),
+    )
 
 
 @dataclass

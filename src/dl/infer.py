@@ -12,6 +12,10 @@ A run is written into a temp folder and then replaces the previous outputs of th
 no stale file of an earlier run stays mixed in, outputs of other inputs are untouched, and the inputs
 themselves are never written to. Folders are searched recursively, any extension case; unreadable files
 are reported and skipped. Frames are processed as they are read (memory stays bounded).
+
+infer.input may also be a webcam index (0) or a stream URL (rtsp://...): Ctrl-C stops it and keeps what
+was written. infer.track=true tracks objects through every video (src.runtime.tracking): ids drawn, and
+tracks/<video>.txt (MOT challenge) + tracks/<video>.csv.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +41,20 @@ from src.common.errors import UserError
 from src.common.experiment import Experiment, stage_config
 from src.common.images import ImageReadError, is_image, is_video, list_images, list_videos, read_image_rgb
 from src.common.io import atomic_write, atomic_write_json, atomic_write_text, read_json
-from src.common.video import VideoOutput, VideoReadError, open_video
+from src.common.video import (
+    VideoOutput,
+    VideoReadError,
+    display_name,
+    is_live,
+    open_video,
+    parse_source,
+    source_name,
+    stop_on_ctrl_c,
+)
 from src.etl.labels import format_yolo_lines
 from src.runtime.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections, Detector, rounded
 from src.runtime.evaluate import load_experiment_model
+from src.runtime.tracking import TrackerSettings, VideoTracks
 
 CSV_COLUMNS = [
     "file",
@@ -82,7 +97,9 @@ def output_keys(paths: list[Path], root: Path) -> dict[Path, Path]:
     }
 
 
-def relative_to(path: Path, root: Path) -> Path:
+def relative_to(path: Path | int | str, root: Path) -> Path:
+    if is_live(path):  # a webcam index or stream URL: its file-name-safe name
+        return Path(source_name(path))
     try:
         return path.relative_to(root)
     except ValueError:
@@ -134,6 +151,7 @@ class InferOutputs:
     per_file: dict[str, int] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     frames: int = 0
+    tracks: dict[str, int] = field(default_factory=dict)  # video -> number of track ids
 
     def relative(self, path: Path) -> Path:
         return relative_to(path, self.root)
@@ -179,9 +197,24 @@ class InferOutputs:
         if self.options.save_crops:
             self.save_crops(image_rgb, dets, str(key).replace(os.sep, "__"))
 
+    def video_tracks(self, path: Path | int | str) -> VideoTracks | None:
+        """The tracker and track files (tracks/<key>.txt, .csv) of one video; None when infer.track is off."""
+        if not self.options.track:
+            return None
+        settings = TrackerSettings.from_config(self.options.tracker)
+        base = self.out_dir / "tracks" / self.key(path)
+        return VideoTracks(settings, self.detector.thresholds(), self.detector.class_names, base)
+
     def video_frame(
-        self, path: Path, frame_index: int, frame_rgb: np.ndarray, dets: Detections
+        self,
+        path: Path | int | str,
+        frame_index: int,
+        frame_rgb: np.ndarray,
+        dets: Detections,
+        tracks: VideoTracks | None,
     ) -> np.ndarray:
+        annotated = tracks.frame(frame_index, frame_rgb, dets) if tracks is not None else None
+        dets = tracks.confident(dets) if tracks is not None else dets  # the tracker's low scores stay out
         rel, key = self.relative(path), self.key(path)
         self.record(str(rel), frame_index, dets)
         self.frames += 1
@@ -191,6 +224,8 @@ class InferOutputs:
             atomic_write_text(label_path, yolo_text(dets, self.options.label_scores))
         if self.options.save_crops and self.options.video_crops:
             self.save_crops(frame_rgb, dets, stem)
+        if annotated is not None:
+            return annotated
         return draw_detections(frame_rgb, dets.boxes, dets.labels, dets.scores, self.detector.class_names)
 
 
@@ -216,31 +251,39 @@ def process_images(paths: list[Path], outputs: InferOutputs, conf: Any) -> None:
         flush()
 
 
-def process_video(path: Path, outputs: InferOutputs, conf: Any) -> None:
-    """Annotate a video frame by frame (batched by the model's batch size); same fps and frame size."""
+def process_video(path: Path | int | str, outputs: InferOutputs, conf: Any) -> None:
+    """Annotate a video, webcam or stream frame by frame (batched by the model's batch size); same fps and
+    frame size. A live input runs until it ends or Ctrl-C, and keeps what was written."""
+    live = is_live(path)
     try:
-        video = open_video(path)
+        video = open_video(path, display_name(path))
     except VideoReadError as err:
         logger.warning(f"skipped unreadable video: {err}")
-        outputs.failed[str(path)] = str(err)
+        outputs.failed[display_name(path)] = str(err)
         return
     final = outputs.out_dir / "videos" / with_extra_suffix(outputs.key(path), ".mp4")
     writer = (
         VideoOutput([(final, VIDEO_FOURCC)], video.fps, video.size) if outputs.options.save_videos else None
     )
+    tracks = outputs.video_tracks(path)
+    conf = tracks.detector_conf if tracks is not None else conf  # the tracker uses low scores too
     detector, batch, index = outputs.detector, [], 0
 
     def flush() -> None:
         nonlocal index
         for frame_rgb, dets in zip(batch, detector.predict(batch, conf), strict=True):
-            annotated = outputs.video_frame(path, index, frame_rgb, dets)
+            annotated = outputs.video_frame(path, index, frame_rgb, dets, tracks)
             if writer is not None:
                 writer.write(annotated)
             index += 1
         batch.clear()
 
     try:
-        with video, tqdm(total=video.total, desc=f"video {outputs.relative(path)}", leave=False) as bar:
+        with (
+            video,
+            tqdm(total=video.total, desc=f"video {outputs.relative(path)}", leave=False) as bar,
+            stop_on_ctrl_c(video.name) if live else nullcontext(),  # a file: Ctrl-C stops the whole run
+        ):
             for _, frame_rgb in video.frames():
                 batch.append(frame_rgb)
                 if len(batch) >= detector.max_batch:
@@ -253,22 +296,35 @@ def process_video(path: Path, outputs: InferOutputs, conf: Any) -> None:
         if writer is not None:
             writer.abort()
         raise
-    if writer is not None:
+    finally:
+        if tracks is not None:
+            tracks.close()
+            outputs.tracks[str(outputs.relative(path))] = len(tracks.tracker.by_id)
+    if live:  # a stream that stops sending frames ends like this too: say so, keep what was written
+        logger.warning(f"{video.name}: stopped after {index} frames (end of stream, dead stream or Ctrl-C)")
+    if writer is not None and index > 0:
         writer.finish()
+    elif writer is not None:
+        writer.abort()
     if index == 0:
-        outputs.failed[str(path)] = "no frames"
+        outputs.failed[display_name(path)] = "no frames"
 
 
-def output_folder(cfg: DictConfig, source: Path) -> Path:
+def input_identity(source: Path | int | str) -> tuple[str, str]:
+    """(output folder name, the input as predictions.json records it) of a path, webcam or stream URL."""
+    if is_live(source):
+        return source_name(source), display_name(source)
+    return source.resolve().name or "input", str(source.resolve())
+
+
+def output_folder(cfg: DictConfig, source: Path | int | str) -> Path:
     """infer/<input name>/ of the experiment; another input of the same name gets <name>-2, -3, ..."""
     infer_dir = Experiment.of(cfg).file("infer")
-    name = source.resolve().name or "input"
+    name, identity = input_identity(source)
     for n in range(1, 1000):
         folder = infer_dir / (name if n == 1 else f"{name}-{n}")
         summary = folder / SUMMARY
-        if not folder.exists() or (
-            summary.exists() and read_json(summary).get("input") == str(source.resolve())
-        ):
+        if not folder.exists() or (summary.exists() and read_json(summary).get("input") == identity):
             return folder
     raise UserError(f"{infer_dir}: too many outputs named {name}; remove some")
 
@@ -291,10 +347,15 @@ def replace_folder(staging: Path, final: Path) -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     cfg = stage_config(cfg)
     options = cfg.infer
-    source = Path(options.input)
-    images, videos, root = find_inputs(source, bool(options.recursive))
+    source = parse_source(options.input)
+    if is_live(source):
+        images, videos, root = [], [source], Path.cwd()
+    else:
+        images, videos, root = find_inputs(source, bool(options.recursive))
     final = output_folder(cfg, source)
-    if final.resolve().is_relative_to(source.resolve()) or source.resolve().is_relative_to(final.resolve()):
+    if not is_live(source) and (
+        final.resolve().is_relative_to(source.resolve()) or source.resolve().is_relative_to(final.resolve())
+    ):
         raise UserError(
             f"infer.input={source} and the output folder {final} overlap: pick an input elsewhere"
         )
@@ -330,7 +391,7 @@ def infer_into(
         "model": str(detector.path),
         "backend": detector.backend,
         "precision": detector.runner.precision,
-        "input": str(Path(options.input).resolve()),
+        "input": input_identity(parse_source(options.input))[1],
         "images": len(images) - sum(1 for f in outputs.failed if Path(f) in set(images)),
         "videos": len(videos),
         "video_frames": outputs.frames,
@@ -342,6 +403,8 @@ def infer_into(
         "per_file": outputs.per_file,
         "failed": outputs.failed,
     }
+    if options.track:
+        summary["tracks"] = outputs.tracks
     atomic_write_json(out_dir / SUMMARY, summary)
     if outputs.failed:
         logger.warning(f"{len(outputs.failed)} file(s) could not be read (listed in {SUMMARY} 'failed')")

@@ -61,27 +61,18 @@ def checkpoint_meta(path: str | Path, meta: dict[str, Any]) -> ModelMeta:
 
 def build_deploy_model(path: str | Path) -> tuple[DeployModel, ModelMeta]:
     """(fused eval model on CPU, fp32; its metadata) from one of our checkpoints."""
-    from src.d_fine import build_model, build_postprocessor
-    from src.d_fine.sizes import arch_overrides_from_state_dict
+    from src.d_fine import ModelSpec, build
 
     checkpoint = read_project_checkpoint(path)
     meta = checkpoint_meta(path, checkpoint.meta)
-    model = build_model(
-        meta.model_name,
-        meta.num_classes,
-        img_size=meta.img_size,
-        variant=meta.variant,
-        num_queries=meta.num_queries,
-        # a model fine-tuned from released weights keeps their decoder width / LAB blocks
-        arch_overrides=arch_overrides_from_state_dict(checkpoint.state),
-    )
+    # the trainer's own build; the architecture read off the weights (fine-tuned from released files)
+    model, _, postprocessor = build(ModelSpec.from_meta(checkpoint.meta, checkpoint.state))
     try:
         model.load_state_dict(checkpoint.state)  # strict: our own checkpoint must match its architecture
     except RuntimeError as err:
         raise ValueError(
             f"{path}: weights do not fit D-FINE-{meta.model_name} ({meta.variant}): {err}"
         ) from err
-    postprocessor = build_postprocessor(meta.num_classes, num_top_queries=meta.num_queries)
     return DeployModel(model, postprocessor).eval(), meta
 
 

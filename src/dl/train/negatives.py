@@ -11,7 +11,7 @@ detection there is a false positive. Metrics (keys prefixed "neg_", thresholds w
 The folder must not share images with the training data (else the numbers flatter the model):
 check_negatives_disjoint compares file names and file contents.
 
-The trainer (src/dl/train/trainer.py) uses these pieces: check_negatives_disjoint once at setup (against the
+The trainer (src/dl/train/trainer.py, evaluation.py) uses these pieces: check_negatives_disjoint once at setup (against the
 train/val/test images), evaluate_negatives on the EMA model every validation epoch (rank 0) and on best.pt
 after training (a "negatives" row of metrics.csv), prefer_lower_fppi to pick best.pt when
 train.fppi_tolerance is set. Scores are measured at configured_thresholds(cfg).
@@ -30,13 +30,19 @@ import torch
 from loguru import logger
 from omegaconf import DictConfig
 
-from src.common.config import exp_dir, stage_main, with_saved_model_keys
+from src.common.config import stage_main
+from src.common.errors import UserError
+from src.common.experiment import Experiment, stage_config
 from src.common.images import image_size, list_images, parallel_map, read_image_rgb
 from src.common.io import atomic_write_json
 from src.common.network_input import image_to_tensor, letterbox_or_resize
 
 DEFAULT_THRESHOLDS = (0.3, 0.5, 0.7)
 MAX_LISTED = 10  # overlapping files named in the error
+
+
+class NegativesOverlapError(UserError, ValueError):
+    """A negative image is also a train/val/test image: its false-positive numbers would flatter the model."""
 
 
 def fppi_key(threshold: float) -> str:
@@ -49,8 +55,7 @@ def clean_rate_key(threshold: float) -> str:
 
 def configured_thresholds(cfg: DictConfig) -> list[float]:
     """train.negatives_thresholds plus train.conf_thresh (the FPPI that fppi_tolerance compares), sorted."""
-    listed = cfg.train.get("negatives_thresholds", DEFAULT_THRESHOLDS)
-    return sorted({*(float(t) for t in listed), float(cfg.train.conf_thresh)})
+    return sorted({*(float(t) for t in cfg.train.negatives_thresholds), float(cfg.train.conf_thresh)})
 
 
 def split_image_paths(cfg: DictConfig) -> list[Path]:
@@ -81,7 +86,8 @@ def check_negatives_disjoint(
     """The negative images (sorted), after checking that none of them is also a training image.
 
     Overlap = the same file name stem (case-insensitive; a converted copy keeps its stem) or the same
-    bytes. Raises ValueError naming the overlapping files; unreadable negatives raise ImageReadError.
+    bytes. Raises NegativesOverlapError (a ValueError) naming the overlapping files; unreadable negatives
+    raise ImageReadError.
     negatives_path None -> []; a missing folder -> [] (missing_ok) or FileNotFoundError.
     Only training files whose size equals a negative's are hashed, so a big training set costs stat calls.
     """
@@ -108,7 +114,7 @@ def check_negatives_disjoint(
     if overlaps:
         listed = "\n  ".join(overlaps[:MAX_LISTED])
         more = f"\n  ... and {len(overlaps) - MAX_LISTED} more" if len(overlaps) > MAX_LISTED else ""
-        raise ValueError(
+        raise NegativesOverlapError(
             f"negatives folder {folder} overlaps the training images ({len(overlaps)} pair(s)):\n  {listed}{more}\n"
             "Negatives used in training make the false-positive metrics meaningless: remove these files "
             "from the negatives folder (or the images from the training split); rename a file if it is a "
@@ -331,7 +337,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """The experiment's best artifact on train.negatives_path -> output/<exp>/negatives_metrics.json."""
     from src.runtime.evaluate import load_experiment_model
 
-    cfg = with_saved_model_keys(cfg)
+    cfg = stage_config(cfg)  # data, classes and model settings of the trained experiment
     negatives = check_negatives_disjoint(
         cfg.train.negatives_path, split_image_paths(cfg), workers=int(cfg.check.workers), missing_ok=False
     )
@@ -339,7 +345,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise ValueError(f"no images in the negatives folder {cfg.train.negatives_path}")
     detector = load_experiment_model(cfg)
     metrics = evaluate_negatives(detector, negatives, configured_thresholds(cfg))
-    path = atomic_write_json(exp_dir(cfg) / "negatives_metrics.json", metrics | {"model": str(detector.path)})
+    path = atomic_write_json(
+        Experiment.of(cfg).file("negatives_metrics"), metrics | {"model": str(detector.path)}
+    )
     logger.info(f"negatives ({len(negatives)} images): {describe(metrics)} -> {path}")
     return metrics
 

@@ -197,6 +197,19 @@ def build_lr_scheduler(
     raise ValueError(f"train.scheduler must be one of {list(SCHEDULERS)}, got {name!r}")
 
 
+def train_lrs(cfg) -> tuple[float, float]:
+    """(base_lr, backbone_lr) for the model size from train.lrs."""
+    name = str(cfg.model.name)
+    if name not in cfg.train.lrs:
+        from src.common.errors import ConfigError
+
+        raise ConfigError(
+            f"train.lrs has no entry for model.name={name}; add train.lrs.{name}.{{base_lr,backbone_lr}}"
+        )
+    lrs = cfg.train.lrs[name]
+    return float(lrs.base_lr), float(lrs.backbone_lr)
+
+
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """Current LR of each named group: {'lr_backbone': ..., 'lr_rest': ...} (no-decay twins share the LR)."""
     lrs = {}

@@ -1,0 +1,198 @@
+"""Evaluation during and after training: predictions on val/test, the negatives folder, which epoch is best,
+and the final files (metrics.csv, per_class.csv, thresholds.json, plots/, eval_preds/).
+
+Every rank predicts its shard of a split; rank 0 gathers, scores and judges (the others get None).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from loguru import logger
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader
+
+from src.common.experiment import Experiment
+from src.common.io import atomic_write_csv, atomic_write_json
+from src.d_fine.spec import ModelSpec
+from src.dl.train.core import TrainState
+from src.dl.train.trainer_utils import DistContext, ShardSampler, all_gather_objects
+
+
+class Evaluator:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        ctx: DistContext,
+        spec: ModelSpec,
+        exp: Experiment,
+        postprocessor: nn.Module,
+        datasets: dict,
+        collate,
+        negatives: list[Path],
+        amp_dtype: torch.dtype | None,
+    ) -> None:
+        self.cfg, self.tc, self.ctx, self.spec, self.exp = cfg, cfg.train, ctx, spec, exp
+        self.postprocessor, self.datasets, self.collate = postprocessor, datasets, collate
+        self.negatives, self.amp_dtype = negatives, amp_dtype
+        self.device = ctx.device
+        self.conf_thresh, self.iou_thresh = float(self.tc.conf_thresh), float(self.tc.iou_thresh)
+
+    # ------------------------------------------------------------------ predictions
+
+    def eval_loader(self, split: str) -> DataLoader | None:
+        dataset = self.datasets.get(split)
+        if dataset is None or len(dataset) == 0:
+            return None
+        return DataLoader(
+            dataset,
+            batch_size=int(self.tc.batch_size),
+            sampler=ShardSampler(len(dataset), self.ctx.rank, self.ctx.world_size),
+            num_workers=int(self.tc.num_workers),
+            collate_fn=self.collate,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(int(self.cfg.seed)),
+        )
+
+    @torch.no_grad()
+    def predict_split(self, model: nn.Module, split: str) -> tuple[list, list] | None:
+        """Predictions and ground truth for every image of `split` exactly once, on rank 0 (None elsewhere)."""
+        from src.metrics.validator import predict_batches
+
+        loader = self.eval_loader(split)
+        if loader is None:
+            return None
+        was_training = model.training
+        model.eval()
+        preds, gts = predict_batches(
+            model, loader, self.device, self.postprocessor, self.amp_dtype, desc=f"eval {split}",
+            show_progress=self.ctx.is_main,
+        )  # fmt: skip
+        model.train(was_training)
+        gathered = all_gather_objects(self.ctx, (preds, gts))
+        if not self.ctx.is_main:
+            return None
+        return [p for part, _ in gathered for p in part], [g for _, part in gathered for g in part]
+
+    def evaluate_split(self, model: nn.Module, split: str, plots: bool):
+        """ValResult of `split` on rank 0 (None elsewhere or for an empty split); plots and eval pictures."""
+        from src.metrics.validator import evaluate, save_eval_images
+
+        result = self.predict_split(model, split)
+        if result is None:
+            return None
+        preds, gts = result
+        names = self.spec.class_names
+        evaluation = evaluate(preds, gts, names, self.conf_thresh, self.iou_thresh)
+        pictures = self.exp.file("eval_preds") / split
+        shutil.rmtree(pictures, ignore_errors=True)  # only this eval's pictures
+        save_eval_images(preds, gts, pictures, names, self.conf_thresh, int(self.tc.eval_images))
+        if plots:
+            evaluation.save(self.exp.file("plots") / split)
+        return evaluation
+
+    def negatives_metrics(self, model: nn.Module) -> dict[str, float]:
+        """FPPI, clean-image rate and max score of `model` on the negatives folder ({} without one)."""
+        if not self.negatives:
+            return {}
+        from src.dl.train.negatives import configured_thresholds, evaluate_negatives
+
+        return evaluate_negatives(
+            model, self.negatives, configured_thresholds(self.cfg), postprocessor=self.postprocessor,
+            img_size=self.spec.img_size, keep_ratio=self.spec.keep_ratio, device=self.device,
+            batch_size=int(self.tc.batch_size), num_workers=int(self.tc.num_workers),
+            amp_dtype=self.amp_dtype, show_progress=self.ctx.is_main,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ which epoch is best
+
+    def judge_epoch(self, state: TrainState, epoch: int, evaluation, negatives: dict) -> dict:
+        """This epoch's metrics (val + negatives), thresholds, and whether they beat the best so far."""
+        if evaluation is None:
+            if epoch == 0:
+                logger.warning("no validation images: best.pt follows the latest weights, no early stopping")
+            metrics, thresholds, score = dict(negatives), {}, float(epoch)  # every epoch 'improves'
+            improved = score > state.best_score
+        else:
+            metrics = {k: float(v) for k, v in evaluation.metrics.items()} | negatives
+            thresholds, score = evaluation.thresholds, self.decision_score(metrics)
+            improved = self.beats_best(state, metrics, score)
+        if metrics:
+            from src.dl.train.negatives import describe
+
+            best = "new best" if improved else f"best: epoch {state.best_epoch + 1}"
+            parts = [self.describe(metrics), f"negatives: {describe(negatives)}" if negatives else ""]
+            logger.info(f"epoch {epoch + 1}: {'; '.join(p for p in parts if p)} ({best})")
+        return {
+            "improved": improved,
+            "metrics": metrics,
+            "thresholds": thresholds,
+            "best_score": score if improved else state.best_score,
+            "best_epoch": epoch if improved else state.best_epoch,
+            "epochs_without_improvement": 0 if improved else state.epochs_without_improvement + 1,
+            "best_metrics": metrics if improved else state.best_metrics,
+            "best_thresholds": thresholds if improved else state.best_thresholds,
+            "peak_score": max(state.peak_score, score),
+        }
+
+    def beats_best(self, state: TrainState, metrics: dict, score: float) -> bool:
+        """Higher decision score wins; with train.fppi_tolerance, within that band of the best score the
+        lower FPPI at conf_thresh wins (prefer_lower_fppi; the band hangs from the highest score seen)."""
+        tolerance = self.tc.fppi_tolerance
+        if tolerance is None:
+            return score > state.best_score
+        from src.dl.train.negatives import fppi_key, prefer_lower_fppi
+
+        best = {**state.best_metrics, "decision_score": state.best_score} if state.best_epoch >= 0 else None
+        return prefer_lower_fppi(
+            {**metrics, "decision_score": score}, best, float(tolerance), fppi_key(self.conf_thresh),
+            map_key="decision_score", peak_map=state.peak_score,
+        )  # fmt: skip
+
+    def decision_score(self, metrics: dict) -> float:
+        names = list(self.tc.decision_metrics)
+        missing = [n for n in names if n not in metrics]
+        if missing:
+            raise KeyError(f"train.decision_metrics {missing} are not computed; available: {sorted(metrics)}")
+        return float(sum(float(metrics[n]) for n in names))
+
+    def describe(self, metrics: dict) -> str:
+        shown = dict.fromkeys([*self.tc.decision_metrics, "mAP_50_95", "precision", "recall"])
+        return ", ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics)
+
+    # ------------------------------------------------------------------ after training
+
+    def write_final_files(self, results: dict, negatives: dict) -> tuple[dict, dict]:
+        """metrics.csv (+ a "negatives" row), per_class.csv, thresholds.json (picked on val); rank 0.
+
+        Returns (thresholds, {split: metrics} of the splits that have images)."""
+        import pandas as pd
+
+        from src.dl.train.negatives import describe
+
+        done = {split: r for split, r in results.items() if r is not None}
+        rows = [{"split": split, **r.metrics} for split, r in done.items()]
+        if negatives:  # its own row: the neg_* columns, nothing else (no boxes to match there)
+            rows.append({"split": "negatives", **negatives})
+        atomic_write_csv(self.exp.file("metrics"), pd.DataFrame(rows))
+        per_class = [r.per_class.assign(split=split) for split, r in done.items()]
+        if per_class:
+            frame = pd.concat(per_class, ignore_index=True)
+            columns = ["split", *[c for c in frame.columns if c != "split"]]
+            atomic_write_csv(self.exp.file("per_class"), frame[columns])
+        # Thresholds are chosen on val only; test stays an unbiased check of them.
+        thresholds = (
+            done["val"].thresholds if "val" in done else {"conf_thresh": self.conf_thresh, "per_class": {}}
+        )
+        atomic_write_json(self.exp.file("thresholds"), thresholds)
+        for split, r in done.items():
+            logger.info(f"best.pt on {split}: {self.describe(r.metrics)}")
+        if negatives:
+            logger.info(f"best.pt on negatives: {describe(negatives)}")
+        logger.info(
+            f"thresholds (picked on val): global {thresholds['conf_thresh']:.2f} -> {self.exp.file('thresholds')}"
+        )
+        return thresholds, {split: {k: float(v) for k, v in r.metrics.items()} for split, r in done.items()}

@@ -1,0 +1,154 @@
+"""Per-video track outputs: a MOT-challenge txt and a CSV, plus the per-frame hook that ties the tracker,
+the files and the drawing together (`VideoTracks`).
+
+Both files are streamed to hidden temp files beside their final names and moved into place by close(),
+which also runs after Ctrl-C, a dead stream or an error: what was written is kept, never half a line.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+
+from src.common.draw import draw_tracks
+from src.runtime.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections, rounded
+from src.runtime.tracking.bytetrack import Tracker, TrackerSettings
+
+# MOT-challenge ground-truth/result format (MOT16/17/20): frame numbers start at 1; x, y = top-left.
+MOT_FIELDS = "frame,id,x,y,w,h,score,-1,-1,-1"
+CSV_COLUMNS = [
+    "frame",  # 0-based, as in predictions.csv (the MOT txt counts from 1, as its format says)
+    "track_id",
+    "class_id",  # the track's class: majority vote over all its detections
+    "class_name",
+    "det_class_id",  # this detection's own class
+    "score",
+    "x1",
+    "y1",
+    "x2",
+    "y2",
+]
+
+
+def mot_lines(frame_index: int, ids: np.ndarray, boxes: np.ndarray, scores: np.ndarray) -> str:
+    """MOT txt lines of one frame (0-based frame_index) for the tracked detections (ids >= 1)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+    xywh, scores = rounded(xywh, BOX_DECIMALS), rounded(scores, SCORE_DECIMALS)
+    return "".join(
+        f"{frame_index + 1},{int(i)},{x},{y},{w},{h},{s},-1,-1,-1\n"
+        for i, (x, y, w, h), s in zip(ids, xywh, scores, strict=True)
+    )
+
+
+class TrackFiles:
+    """<base>.txt (MOT) and <base>.csv of one video; rows streamed, class names resolved on close()."""
+
+    def __init__(self, base: Path, class_names: list[str]):
+        self.mot_path, self.csv_path = base.with_suffix(".txt"), base.with_suffix(".csv")
+        self.class_names = class_names
+        base.parent.mkdir(parents=True, exist_ok=True)
+        self._mot_tmp = self.mot_path.with_name(f".{self.mot_path.name}.tmp")
+        self._rows_tmp = self.csv_path.with_name(f".{self.csv_path.name}.rows.tmp")
+        # Open for the whole video (rows are streamed); close() closes them.
+        self._mot = open(self._mot_tmp, "w", encoding="utf-8")  # noqa: SIM115
+        self._rows = open(self._rows_tmp, "w", newline="", encoding="utf-8")  # noqa: SIM115
+        self._rows_writer = csv.writer(self._rows)
+        self.closed = False
+
+    def write(self, frame_index: int, ids: np.ndarray, dets: Detections) -> None:
+        """The tracked detections (ids >= 1) of one frame."""
+        keep = ids >= 0
+        boxes, scores = dets.boxes[keep], dets.scores[keep]
+        self._mot.write(mot_lines(frame_index, ids[keep], boxes, scores))
+        for track_id, label, score, box in zip(
+            ids[keep], dets.labels[keep], rounded(scores, SCORE_DECIMALS), rounded(boxes, BOX_DECIMALS),
+            strict=True,
+        ):  # fmt: skip
+            self._rows_writer.writerow([frame_index, int(track_id), int(label), score, *box])
+
+    def close(self, voted: dict[int, int]) -> tuple[Path, Path]:
+        """Move both files into place; the CSV gets each track's final majority class (`voted`: id -> class)."""
+        if self.closed:
+            return self.mot_path, self.csv_path
+        self.closed = True
+        self._mot.close()
+        self._rows.close()
+        os.replace(self._mot_tmp, self.mot_path)
+        csv_tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp")
+        with (
+            open(self._rows_tmp, newline="", encoding="utf-8") as rows,
+            open(csv_tmp, "w", newline="", encoding="utf-8") as out,
+        ):
+            writer = csv.writer(out)
+            writer.writerow(CSV_COLUMNS)
+            for frame, track_id, det_label, score, *box in csv.reader(rows):
+                label = voted.get(int(track_id), int(det_label))
+                writer.writerow([frame, track_id, label, self.class_names[label], det_label, score, *box])
+        os.replace(csv_tmp, self.csv_path)
+        os.remove(self._rows_tmp)
+        return self.mot_path, self.csv_path
+
+
+class VideoTracks:
+    """Tracking of one video or stream: `annotated = tracks.frame(index, frame_rgb, dets)` per frame, then
+    close(). Run the detector at `tracks.detector_conf` (below the model's thresholds: ByteTrack uses the
+    low-score detections to keep tracks through occlusions).
+
+    files_base: tracks/<video> without suffix -> <video>.txt (MOT) and <video>.csv; None: no files.
+    """
+
+    def __init__(
+        self,
+        settings: TrackerSettings,
+        thresholds: np.ndarray,
+        class_names: list[str],
+        files_base: Path | None,
+    ):
+        self.tracker = Tracker(settings, thresholds)
+        self.class_names = class_names
+        self.files = TrackFiles(files_base, class_names) if files_base is not None else None
+        self.tracked_detections = 0
+
+    @property
+    def detector_conf(self) -> float:
+        return self.tracker.detector_conf
+
+    def confident(self, dets: Detections) -> Detections:
+        """The detections at or above the model's thresholds: what a run without tracking reports (the
+        low-score ones made for the tracker stay out of predictions.csv, labels and crops)."""
+        labels = np.clip(dets.labels, 0, len(self.tracker.thresholds) - 1)
+        keep = np.flatnonzero(dets.scores >= self.tracker.thresholds[labels])
+        names = [dets.names[i] for i in keep]
+        return Detections(dets.boxes[keep], dets.scores[keep], dets.labels[keep], names, dets.image_size)
+
+    def update(self, frame_index: int, dets: Detections) -> tuple[np.ndarray, np.ndarray]:
+        """Track one frame's detections -> (ids (N,), majority class (N,)); -1 where not tracked."""
+        ids = self.tracker.update(dets)
+        if self.files is not None:
+            self.files.write(frame_index, ids, dets)
+        self.tracked_detections += int((ids >= 0).sum())
+        return ids, self.tracker.voted_labels(ids)
+
+    def frame(self, frame_index: int, frame_rgb: np.ndarray, dets: Detections) -> np.ndarray:
+        """update() and the frame with the tracked boxes drawn ("#id class score", a colour per id)."""
+        ids, labels = self.update(frame_index, dets)
+        keep = ids >= 0
+        return draw_tracks(
+            frame_rgb, dets.boxes[keep], ids[keep], labels[keep], dets.scores[keep], self.class_names
+        )
+
+    def close(self) -> tuple[Path, Path] | None:
+        if self.files is None:
+            return None
+        voted = {track_id: track.voted_label() for track_id, track in self.tracker.by_id.items()}
+        return self.files.close(voted)
+
+    def __enter__(self) -> VideoTracks:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()  # after Ctrl-C or an error too: the rows written so far are kept

@@ -231,3 +231,33 @@ def test_deployed_segmentation_model_keeps_its_outputs():
         got = model.deploy()(images)
     for key in ("pred_logits", "pred_boxes", "pred_masks"):
         assert torch.allclose(expected[key], got[key], atol=1e-4), key
+
+
+def test_model_spec_task_builds_the_mask_branch_and_round_trips():
+    from src.common.errors import ConfigError
+    from src.d_fine import ModelSpec, build
+
+    fields = dict(
+        size="n", variant="dfine", img_size=(128, 128), data_class_names=("a", "b"), num_queries=QUERIES
+    )
+    spec = ModelSpec(**fields, task="segment")
+    model, criterion, _ = build(spec, mask_loss=_mask_loss_settings())
+    assert model.task == "segment" and criterion.mask_loss is not None
+    assert build(ModelSpec(**fields)).model.task == "detect"
+    assert ModelSpec.from_meta(spec.to_meta()) == spec
+    before_segmentation = {k: v for k, v in spec.to_meta().items() if k != "task"}
+    assert ModelSpec.from_meta(before_segmentation).task == "detect"
+    with pytest.raises(ConfigError, match="model.task"):
+        ModelSpec(**fields, task="panoptic")
+    assert ModelSpec.from_config(load_config(["model.task=segment"])).task == "segment"
+
+
+def test_training_a_segmentation_model_is_refused_until_the_data_gives_masks(tmp_path):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "src.dl.train", "model.task=segment", f"output_dir={tmp_path}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "model.task=segment" in result.stderr + result.stdout and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())  # refused before writing anything

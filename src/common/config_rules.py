@@ -153,6 +153,7 @@ RULES: dict[str, Rule] = {
         "[h, w] (or one int for a square) of positive multiples of 32", _img_size, typed=True
     ),
     "model.num_queries": at_least(1),
+    "model.task": one_of("detect", "segment"),
     # ------------------------------------------------------------ etl
     "preprocess.jpg_quality": between(1, 100),
     "preprocess.pdf_dpi": at_least(1),

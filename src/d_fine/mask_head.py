@@ -27,7 +27,6 @@ from torch import nn
 
 from src.d_fine.decoder import MLP
 
-TASKS = ("detect", "segment")
 NORM_GROUPS = 32  # GroupNorm groups (batch-size independent: masks often train with small batches)
 MASK_DIM = 128  # pixel / mask embedding width at every size (its cost grows with width x pixels x queries)
 

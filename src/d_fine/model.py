@@ -13,9 +13,9 @@ from torch import nn
 from src.d_fine.decoder import DFineDecoder
 from src.d_fine.encoder import HybridEncoder
 from src.d_fine.hgnetv2 import HGNetv2
-from src.d_fine.mask_head import TASKS, MaskHead, build_mask_head
+from src.d_fine.mask_head import MaskHead, build_mask_head
 from src.d_fine.sizes import ModelSize, get_size
-from src.d_fine.spec import ModelSpec
+from src.d_fine.spec import TASKS, ModelSpec
 
 
 class DFINE(nn.Module):
@@ -142,11 +142,15 @@ class Detector(NamedTuple):
     postprocessor: nn.Module  # raw outputs -> labels, boxes (pixels), scores
 
 
-def build(spec: ModelSpec, cls_loss: str = "auto", bg_loss_weight: float = 1.0) -> Detector:
+def build(
+    spec: ModelSpec, cls_loss: str = "auto", bg_loss_weight: float = 1.0, mask_loss: dict | None = None
+) -> Detector:
     """(model, criterion, postprocessor) for `spec`.
 
     cls_loss: "vfl" | "mal", or "auto" = each variant's own (DEIM trains with MAL, D-FINE with VFL).
     bg_loss_weight: extra weight on the classification loss of unmatched queries (1.0 = official).
+    mask_loss: train.mask_loss, for a segmentation spec's criterion (without it that criterion refuses
+    mask outputs: enough for deployment, where the criterion is not used).
     """
     from src.d_fine.criterion import build_criterion
     from src.d_fine.postprocess import build_postprocessor
@@ -163,7 +167,14 @@ def build(spec: ModelSpec, cls_loss: str = "auto", bg_loss_weight: float = 1.0) 
         variant=spec.variant,
         num_queries=spec.num_queries,
         arch_overrides=spec.arch_overrides or None,
+        task=spec.task,
     )
-    criterion = build_criterion(spec.size, spec.num_classes, cls_loss=cls_loss, bg_loss_weight=bg_loss_weight)
+    criterion = build_criterion(
+        spec.size,
+        spec.num_classes,
+        cls_loss=cls_loss,
+        bg_loss_weight=bg_loss_weight,
+        mask_loss=mask_loss if spec.task == "segment" else None,
+    )
     postprocessor = build_postprocessor(spec.num_classes, num_top_queries=spec.num_queries)
     return Detector(model, criterion, postprocessor)

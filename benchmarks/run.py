@@ -1,10 +1,10 @@
-"""`make benchmark`: every benchmark table in one go (model size/latency, training throughput, backends,
+"""`make benchmark`: every benchmark table in one go (model size/latency, training speed, loader, backends,
 data quality, tracking).
 
     python -m benchmarks.run                 # all of them
-    python -m benchmarks.run model train     # a subset (model | train | backends | data | tracking | seg)
+    python -m benchmarks.run model train     # a subset (model | train | loader | backends | data | tracking | seg)
 Each part also runs alone with its own flags:
-python -m benchmarks.<model_speed|train_speed|backend_speed|near_duplicates|tracking|seg_step> -h
+python -m benchmarks.<model_speed|train_speed|loader_speed|backend_speed|near_duplicates|tracking|seg_step> -h
 """
 
 import sys
@@ -13,7 +13,11 @@ from src.common.offline import set_offline_env
 
 PARTS = {
     "model": ("Model size and CPU eager latency (batch 1, 640x640)", "benchmarks.model_speed"),
-    "train": ("Training throughput and peak memory (D-FINE-n, 320 px, batch 4)", "benchmarks.train_speed"),
+    "train": (
+        "Training: full loop vs bare fp32 step, precision, peak RSS (D-FINE-n, 320 px, batch 8)",
+        "benchmarks.train_speed",
+    ),
+    "loader": ("Data loader alone, with and without train.cache (mosaic on)", "benchmarks.loader_speed"),
     "backends": ("Per-backend latency, n and s at 640 on CPU", "benchmarks.backend_speed"),
     "data": ("Near-duplicates on planted copies; the doctor's speed", "benchmarks.near_duplicates"),
     "tracking": ("Tracking alone on a synthetic video of crossing shapes (ByteTrack)", "benchmarks.tracking"),

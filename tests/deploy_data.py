@@ -44,6 +44,8 @@ def deploy_config(root: Path, *overrides: str):
             f"model.img_size=[{IMG_SIZE},{IMG_SIZE}]",
             f"model.num_queries={NUM_QUERIES}",
             "export.parity_images=4",
+            "export.int8=false",  # NNCF takes ~1 min: only the tests about int8 turn it on
+            "export.latency_runs=3",
             "export.formats=[onnx,openvino]",
             "bench.warmup=1",
             "bench.save_images=2",

@@ -244,7 +244,7 @@ def _save_weights(path: Path, num_classes: int = 3) -> Path:
 
 
 def test_trainer_follows_the_pretrained_variant_or_says_it_cannot_tell(tmp_path):
-    from src.dl.train import follow_pretrained_variant
+    from src.dl.train.run import follow_pretrained_variant
 
     deim = _save_weights(tmp_path / "deim_dfine_hgnetv2_n_coco.pth")
     cfg = load_config(["model.variant=dfine", f"train.pretrained_model_path={deim}"])

@@ -361,3 +361,62 @@ def test_browser_end_to_end(tiny, tmp_path):
     finally:
         demo.close()
     assert contacted == []  # the page talks to 127.0.0.1 only
+
+
+# ---------------------------------------------------------------- temp files of a served demo
+
+
+def wait_for_page(url: str, process, seconds: float = 120.0) -> None:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the demo exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"the demo did not answer on {url} within {seconds} s")
+
+
+def test_sigterm_removes_uploads_and_work_folder(tiny, tmp_path):
+    """A served demo (its own process) gets an upload, then SIGTERM: its temp folders are gone."""
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    temp = tmp_path / "tmp"  # the process's temp folder (TMPDIR), so only its own files are in it
+    temp.mkdir()
+    port = free_port()
+    args = [f"output_dir={tiny['root'] / 'output'}", "exp_name=tiny", "device=cpu",
+            f"data_path={tiny['root'] / 'inputs'}", "demo_ui.num_examples=1", f"demo_ui.port={port}"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"} | {
+        "TMPDIR": str(temp), "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+    }  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-m", "src.demo.app", *args], cwd=ROOT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_page(url, process)
+        upload = httpx.post(
+            f"{url}/gradio_api/upload",
+            files={"files": ("scene.jpg", Path(tiny["image"]).read_bytes(), "image/jpeg")},
+            timeout=30,
+        )
+        assert upload.status_code == 200, upload.text
+        stored = Path(upload.json()[0])
+        assert stored.exists() and temp in stored.parents  # the upload landed in this process's temp folder
+        assert {p.name.split("_")[2] for p in temp.glob("dfine_demo_*")} == {"ui", "uploads"}
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not stored.exists()
+    assert sorted(p.name for p in temp.glob("dfine_demo_*")) == []  # uploads and results removed

@@ -108,7 +108,8 @@ def test_one_class_model_on_three_classes(root):
     assert parity["onnx"]["ok"]
 
     frame = bench.run(later(root, "one", data(root), "bench.backends=[torch,ov_fp32]"))
-    assert frame["backend"].tolist() == ["torch", "ov_fp32"]
+    assert frame["backend"].tolist() == ["torch", "ov_fp32", "ov_fp32@bf16"]  # bf16: measured or why not
+    frame = frame[~frame["note"].fillna("").str.startswith("skipped")]
     assert frame[["mAP_50", "f1@tuned", "f1@eval"]].apply(lambda c: c.between(0, 1)).all().all()
 
     errors = check_errors.run(later(root, "one", data(root)))

@@ -141,7 +141,7 @@ def test_tensorrt_engine_round_trip(exported, tmp_path):
     cfg, _ = exported
     onnx_path = exp_dir(cfg) / "model.onnx"
     meta = load_model(onnx_path).meta
-    engine = export_tensorrt(onnx_path, meta, tmp_path / "model_fp32.engine", fp16=False, workspace_gb=1)
+    engine = export_tensorrt(onnx_path, meta, tmp_path / "model_fp32.engine", "fp32", workspace_gb=1)
     images = val_images(cfg, 3)
     reference = load_model(exp_dir(cfg) / "best.pt", device="cuda")(images, conf=0.05)
     assert_same_detections(reference, load_model(engine)(images, conf=0.05), box_atol=0.1, score_atol=1e-3)
@@ -294,10 +294,16 @@ def test_parity_report_flags_a_broken_export_and_passes_fp16(exported, tmp_path)
 
     cfg, _ = exported
     out = exp_dir(cfg)
-    artifacts = {
-        "ov_fp16": out / "model_fp16.xml",
-        "onnx_shifted": edited_onnx(out / "model.onnx", tmp_path / "shifted.onnx", "boxes", "Add", 3.0),
-        "onnx_halved": edited_onnx(out / "model.onnx", tmp_path / "halved.onnx", "scores", "Mul", 0.5),
+    artifacts = {  # deployment name -> (file, runtime precision)
+        "ov_fp16": (out / "model_fp16.xml", "f32"),
+        "onnx_shifted": (
+            edited_onnx(out / "model.onnx", tmp_path / "shifted.onnx", "boxes", "Add", 3.0),
+            None,
+        ),
+        "onnx_halved": (
+            edited_onnx(out / "model.onnx", tmp_path / "halved.onnx", "scores", "Mul", 0.5),
+            None,
+        ),
     }
     report = parity_report(cfg, artifacts, out / "best.pt", "cpu")
     assert report["torch"]["detections"] >= 10  # enough detections for the comparison to mean something

@@ -21,7 +21,6 @@ from src.dl.train.trainer_utils import (
     EpochShuffleSampler,
     ShardSampler,
     loss_kind,
-    resolve_amp,
     rng_state,
     set_rng_state,
     sum_loss_kinds,
@@ -141,17 +140,6 @@ def test_epoch_sampler_is_reproducible_splits_ranks_and_skips():
 def test_shard_sampler_sees_every_image_once():
     shards = [list(ShardSampler(7, rank, 3)) for rank in range(3)]
     assert sorted(i for shard in shards for i in shard) == list(range(7))
-
-
-def test_resolve_amp():
-    cpu = torch.device("cpu")
-    assert resolve_amp("auto", cpu) is None
-    assert resolve_amp("off", cpu) is None
-    assert resolve_amp("bf16", cpu) is torch.bfloat16
-    with pytest.raises(ValueError, match="fp16 needs a CUDA"):
-        resolve_amp("fp16", cpu)
-    with pytest.raises(ValueError, match="train.amp"):
-        resolve_amp("half", cpu)
 
 
 def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):

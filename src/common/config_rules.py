@@ -137,7 +137,7 @@ FOLDER_OR_NULL = Rule("a folder path", lambda v: isinstance(v, str) and bool(v),
 TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
 OV_PRECISIONS = ("f32", "f16", "bf16")
 ANY_PRECISION = one_of(*TORCH_PRECISIONS, "f32", "f16", nullable=True)
-ARTIFACT_VARIANTS = ("torch", "onnx", "ov_fp32", "ov_fp16", "ov_int8", "trt_fp16", "trt_fp32")
+ARTIFACT_VARIANTS = ("torch", "onnx", "ov_fp32", "ov_fp16", "ov_int8", "trt_fp16", "trt_fp32", "trt_int8")
 SPLITS = ("train", "val", "test")
 
 RULES: dict[str, Rule] = {
@@ -197,6 +197,8 @@ RULES: dict[str, Rule] = {
     "train.flat_cosine.min_lr_ratio": PROBABILITY,
     "train.ema_decay": PROBABILITY,
     "train.amp": one_of("auto", "off", "bf16", "fp16"),
+    "train.threads": at_least(1, nullable=True, kind="int"),
+    "train.cache": one_of("off", "ram", "disk"),
     "train.decision_metrics": list_of(
         "a non-empty list of metric names", lambda v: isinstance(v, str) and bool(v)
     ),
@@ -233,8 +235,11 @@ RULES: dict[str, Rule] = {
     "export.opset": at_least(17),
     "export.max_batch_size": at_least(1),
     "export.trt_workspace_gb": above(0, kind="float"),
-    "export.ov_precision": one_of(*OV_PRECISIONS),
+    "export.precision": one_of("auto", "fp32", "bf16", "f16", "int8"),
+    "export.precision_rule.map50_drop": PROBABILITY,
+    "export.precision_rule.mean_iou": PROBABILITY,
     "export.parity_images": at_least(1),
+    "export.latency_runs": at_least(1),
     "export.parity_conf": PROBABILITY,
     "export.tolerance.*.score": PROBABILITY,
     "export.tolerance.*.map50": PROBABILITY,
@@ -243,7 +248,6 @@ RULES: dict[str, Rule] = {
     "bench.images": at_least(1, nullable=True, kind="int"),
     "bench.backends": subset_of(*ARTIFACT_VARIANTS),
     "bench.torch_precision": one_of(*TORCH_PRECISIONS),
-    "bench.ov_precision": one_of(*OV_PRECISIONS),
     "infer.precision": ANY_PRECISION,
     "infer.conf": Rule("a score in [0, 1] or {class_name: score}", _conf, nullable=True, typed=True),
     "infer.tracker.low_conf": PROBABILITY,
@@ -259,6 +263,7 @@ RULES: dict[str, Rule] = {
     "test_batching.batch_sizes": list_of("a non-empty list of ints >= 1", lambda v: _int(v) and v >= 1),
     "test_batching.runs": at_least(1),
     "ov_int8.mode": one_of("quick", "accuracy"),
+    "ov_int8.preset": one_of("mixed", "performance"),
     "ov_int8.subset_size": at_least(1),
     "ov_int8.val_images": at_least(1),
     "ov_int8.max_drop": PROBABILITY,

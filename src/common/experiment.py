@@ -64,6 +64,7 @@ ARTIFACTS = {
     "ov_int8": "model_int8.xml",
     "trt_fp16": "model_fp16.engine",
     "trt_fp32": "model_fp32.engine",
+    "trt_int8": "model_int8.engine",
 }
 
 # Keys that define the trained model: a later stage takes them from the experiment and refuses a change.
@@ -192,6 +193,16 @@ class Experiment:
         manifest.setdefault("made_into", {})[key] = entry
         self._write_manifest(manifest)
         return entry
+
+    def record_deployment(self, choice: dict) -> None:
+        """Note the deployment export chose for this machine (artifact key, runtime precision, reason)."""
+        manifest = self.manifest()
+        manifest["deployment"] = {**choice, "made": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self._write_manifest(manifest)
+
+    def deployment(self) -> dict:
+        """The recorded deployment choice ({} when export has not chosen one)."""
+        return self.manifest().get("deployment") or {}
 
     def stale_reason(self, path: str | Path) -> str | None:
         """Why an artifact of this folder must not be used as the experiment's model (None: it is fresh)."""

@@ -93,9 +93,7 @@ def get_contrastive_denoising_training_group(
     is_negative[:, max_gt:] = 1
     is_negative = is_negative.tile([1, num_group, 1])  # (B, num_dn, 1)
 
-    positive = (1 - is_negative).squeeze(-1) * is_real  # (B, num_dn)
-    # Query index of every real positive, per image, in (group, gt) order: what the criterion matches to.
-    dn_positive_idx = torch.split(torch.nonzero(positive)[:, 1], [n * num_group for n in num_gts])
+    dn_positive_idx = positive_query_indices(num_gts, max_gt, num_group, device)
     num_dn = 2 * max_gt * num_group
 
     if label_noise_ratio > 0:
@@ -189,6 +187,18 @@ def sample_background_boxes(
     return xyxy_to_cxcywh(chosen), clear.gather(1, order)
 
 
+def positive_query_indices(
+    num_gts: list[int], max_gt: int, num_group: int, device=None
+) -> tuple[torch.Tensor, ...]:
+    """Query index of every real positive, per image, in (group, gt) order: what the criterion matches to.
+
+    Group g's positives sit at g * 2 * max_gt + [0, n_i); computed from the counts rather than with
+    nonzero() on a mask (same indices; no data-dependent shape for torch.compile). Per image (n_i * num_group,).
+    """
+    group_starts = torch.arange(num_group, device=device)[:, None] * (2 * max_gt)  # (num_group, 1)
+    return tuple((group_starts + torch.arange(n, device=device)[None, :]).flatten() for n in num_gts)
+
+
 def _pad_targets(targets, max_gt, num_classes, box_dtype, device):
     """Stack per-image targets to (B, max_gt): padding slots get class `num_classes` and a zero box."""
     batch = len(targets)
@@ -223,9 +233,9 @@ def _jitter_boxes(boxes: torch.Tensor, is_negative: torch.Tensor, scale: float) 
     fraction = (fraction + 1.0) * is_negative + fraction * (1 - is_negative)
     corners = torch.clip(corners + sign * fraction * half_size, min=0.0, max=1.0)
     jittered = xyxy_to_cxcywh(corners)
-    # Negatives can move x1 past x2; a flipped box keeps its absolute size.
-    jittered[jittered < 0] *= -1
-    return jittered
+    # Negatives can move x1 past x2; a flipped box keeps its absolute size. abs(), not a masked in-place
+    # flip: the same values without a data-dependent shape (torch.compile breaks its graph on those).
+    return jittered.abs()
 
 
 def denoising_attention_mask(

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import shutil
+import signal
+import sys
 import tempfile
 import threading
 import warnings
@@ -637,8 +640,24 @@ def launch_app(demo, cfg: DictConfig, block: bool = True, port: int | None = Non
     return url
 
 
+def remove_temp_files_at_exit() -> Path | None:
+    """Gradio's uploads go to a private temp folder of this process (unless GRADIO_TEMP_DIR is set by the
+    user), removed at exit like DemoApp.work_root; SIGTERM (kill, docker stop, systemd) exits through
+    Python too so that the atexit cleanup runs (its default action kills the process without it).
+    Call before gradio is imported: it reads GRADIO_TEMP_DIR at import."""
+    folder = None
+    if not os.environ.get("GRADIO_TEMP_DIR"):
+        folder = Path(tempfile.mkdtemp(prefix="dfine_demo_uploads_"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    return folder
+
+
 def run(cfg: DictConfig) -> str:
     cfg = stage_config(cfg)
+    remove_temp_files_at_exit()
     return launch_app(build_app(cfg), cfg)
 
 

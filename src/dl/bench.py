@@ -28,7 +28,8 @@ from src.common.draw import draw_gt_vs_pred, save_image_rgb
 from src.common.errors import UserError
 from src.common.experiment import ARTIFACTS, Experiment, stage_config
 from src.common.io import atomic_write_csv
-from src.runtime import available_backends, backend_for, load_model
+from src.dl.precision import candidates
+from src.runtime import available_backends, load_model
 from src.runtime.evaluate import EvalResult, LabelledImage, evaluate_detector, load_split_samples, score
 from src.runtime.slicing import sliced_if_configured
 
@@ -36,7 +37,7 @@ PR_KEYS = ("precision", "recall", "f1")
 COLUMNS = [
     "backend", "device", "infer_precision", "images", "latency_ms_median", "latency_ms_p90", "throughput_img_s",
     "mAP_50", "mAP_50_95", "conf_tuned", "precision@tuned", "recall@tuned", "f1@tuned",
-    "conf_eval", "precision@eval", "recall@eval", "f1@eval", "artifact",
+    "conf_eval", "precision@eval", "recall@eval", "f1@eval", "chosen", "note", "artifact",
 ]  # fmt: skip
 
 
@@ -54,25 +55,30 @@ def bench_samples(cfg: DictConfig) -> tuple[str, list[LabelledImage]]:
     raise UserError(f"no images in the {' / '.join(order)} split(s) of {cfg.splits_dir}: run `make split`")
 
 
-def artifacts_to_bench(cfg: DictConfig) -> dict[str, Path]:
-    """Variant -> file for each requested variant that exists and whose backend works here."""
-    status = available_backends()
-    found = {}
+def artifacts_to_bench(cfg: DictConfig) -> tuple[dict[str, tuple[Path, str | None]], dict[str, str]]:
+    """(deployment name -> (file, runtime precision), skipped deployment -> reason) for the requested
+    artifacts that exist: every runtime precision of each (src/dl/precision.py), torch at
+    bench.torch_precision; a precision this machine cannot run is skipped with the reason."""
     experiment = Experiment.of(cfg)
+    present = {}
     for variant in cfg.bench.backends:
         if variant not in ARTIFACTS:
             raise UserError(f"bench.backends: unknown {variant!r}; choose from {sorted(ARTIFACTS)}")
         path = experiment.artifact(variant)
-        reason = status[backend_for(path)]
-        if not path.exists():
-            logger.info(
-                f"bench: {variant} skipped ({path.name} not found; run src.dl.export / src.dl.ov_int8)"
-            )
-        elif reason is not None:
-            logger.warning(f"bench: {variant} skipped ({reason})")
+        if path.exists():
+            present[variant] = path
         else:
-            found[variant] = path
-    return found
+            logger.info(f"bench: {variant} skipped ({path.name} not found; run src.dl.export)")
+    found, skipped = candidates(present, str(cfg.device))
+    if "torch" in present:
+        reason = available_backends()["torch"]
+        if reason is None:
+            found = {"torch": (present["torch"], str(cfg.bench.torch_precision)), **found}
+        else:
+            skipped["torch"] = reason
+    for name, reason in skipped.items():
+        logger.warning(f"bench: {name} skipped ({reason})")
+    return found, skipped
 
 
 def save_pictures(result: EvalResult, out_dir: Path, thresholds, class_names: list[str], n: int) -> None:
@@ -89,14 +95,9 @@ def save_pictures(result: EvalResult, out_dir: Path, thresholds, class_names: li
         save_image_rgb(out_dir / f"{sample.path.stem}.jpg", picture)
 
 
-def bench_one(cfg: DictConfig, variant: str, path: Path, samples: list[LabelledImage]) -> dict[str, Any]:
-    precision = (
-        cfg.bench.ov_precision
-        if variant.startswith("ov")
-        else cfg.bench.torch_precision
-        if variant == "torch"
-        else None
-    )
+def bench_one(
+    cfg: DictConfig, variant: str, path: Path, precision: str | None, samples: list[LabelledImage]
+) -> dict[str, Any]:
     detector = sliced_if_configured(load_model(path, device=str(cfg.device), precision=precision), cfg)
     result = evaluate_detector(detector, samples, warmup=int(cfg.bench.warmup), desc=f"bench {variant}")
     # P/R/F1 where the model is deployed (its saved global + per-class thresholds, what infer applies) and
@@ -126,29 +127,37 @@ def bench_one(cfg: DictConfig, variant: str, path: Path, samples: list[LabelledI
 
 
 def format_table(frame: pd.DataFrame) -> str:
-    shown = frame.drop(columns=["artifact"]).copy()
-    return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    shown = frame.drop(columns=["artifact", "note"]).copy()
+    notes = [f"  {row.backend}: {row.note}" for row in frame.itertuples() if isinstance(row.note, str)]
+    return "\n".join([shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"), *notes])
 
 
 def run(cfg: DictConfig) -> pd.DataFrame:
     cfg = stage_config(cfg)
     experiment = Experiment.of(cfg)
     split, samples = bench_samples(cfg)
-    artifacts = artifacts_to_bench(cfg)
+    artifacts, skipped = artifacts_to_bench(cfg)
     if not artifacts:
         raise UserError(f"nothing to benchmark in {experiment.root}: train and export first")
     logger.info(f"bench on {len(samples)} {split} images: {', '.join(artifacts)}")
     rows, failures = [], []
-    for variant, path in artifacts.items():
+    for variant, (path, precision) in artifacts.items():
         try:
-            rows.append(bench_one(cfg, variant, path, samples))
+            rows.append(bench_one(cfg, variant, path, precision, samples))
         except Exception as err:  # one broken backend must not hide the others' numbers
             failures.append(f"{variant} ({path}): {err}")
             logger.error(f"bench: {failures[-1]}")
-    if not rows:
+            rows.append({"backend": variant, "note": f"failed: {err}", "artifact": str(path)})
+    if len(failures) == len(artifacts):
         raise BenchFailed(
             f"bench: every backend failed, {experiment.file('bench')} left as it was: " + "; ".join(failures)
         )
+    rows += [{"backend": name, "note": f"skipped: {reason}"} for name, reason in skipped.items()]
+    chosen = experiment.deployment()
+    for row in rows:
+        row["chosen"] = row["backend"] == chosen.get("name")
+        if row["chosen"]:
+            row["note"] = f"chosen by export: {chosen.get('reason')}"
     frame = pd.DataFrame(rows, columns=COLUMNS)
     atomic_write_csv(experiment.file("bench"), frame)
     print(f"\nBenchmark on the {split} split ({len(samples)} images), batch 1:\n{format_table(frame)}\n")

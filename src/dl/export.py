@@ -25,6 +25,7 @@ from src.common.errors import UserError
 from src.common.experiment import Experiment, file_sha256, stage_config
 from src.common.io import atomic_write, atomic_write_json
 from src.dl.parity import loud_error, parity_report, print_report
+from src.dl.precision import candidates, choose
 from src.runtime import available_backends
 from src.runtime.meta import (
     INPUT_NAMES,
@@ -164,8 +165,48 @@ def export_openvino(onnx_path: Path, meta: ModelMeta, path: Path, fp16: bool) ->
 # ---------------------------------------------------------------------------------------------------- TensorRT
 
 
-def export_tensorrt(onnx_path: Path, meta: ModelMeta, path: Path, fp16: bool, workspace_gb: float) -> Path:
-    """ONNX -> serialized TensorRT engine (build it on the GPU that will run it) + `<engine>.json` metadata."""
+def int8_calibrator(trt, batches: list[np.ndarray], cache: Path):
+    """A TensorRT IInt8EntropyCalibrator2 over preprocessed split images (batches (B, 3, H, W) float32),
+    its scales cached in `cache` (a rebuild skips calibration). Written for GPU machines; not run on the
+    CPU-only machine this project is developed on."""
+    import torch
+
+    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self):
+            super().__init__()
+            self.batches, self.device_batch = iter(batches), None
+
+        def get_batch_size(self) -> int:
+            return int(batches[0].shape[0])
+
+        def get_batch(self, names):  # one device pointer per network input, None when done
+            batch = next(self.batches, None)
+            if batch is None:
+                return None
+            self.device_batch = torch.from_numpy(batch).cuda()  # kept alive until the next call
+            h, w = batch.shape[2:]
+            self.device_sizes = torch.tensor([[w, h]] * len(batch), dtype=torch.float32).cuda()
+            pointers = {
+                INPUT_NAMES[0]: self.device_batch.data_ptr(),
+                INPUT_NAMES[1]: self.device_sizes.data_ptr(),
+            }
+            return [pointers[name] for name in names]
+
+        def read_calibration_cache(self):
+            return cache.read_bytes() if cache.exists() else None
+
+        def write_calibration_cache(self, data) -> None:
+            atomic_write(cache, lambda tmp: tmp.write_bytes(bytes(data)))
+
+    return EntropyCalibrator()
+
+
+def export_tensorrt(
+    onnx_path: Path, meta: ModelMeta, path: Path, precision: str, workspace_gb: float, calibration=None
+) -> Path:
+    """ONNX -> serialized TensorRT engine (build it on the GPU that will run it) + `<engine>.json` metadata.
+    precision fp32 | fp16 | int8 (int8: `calibration` batches of split images; fp16 kept for what int8
+    cannot take)."""
     from src.runtime.tensorrt_model import import_tensorrt
 
     trt = import_tensorrt()
@@ -178,8 +219,11 @@ def export_tensorrt(onnx_path: Path, meta: ModelMeta, path: Path, fp16: bool, wo
         raise RuntimeError(f"TensorRT cannot parse {onnx_path}:\n{errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if fp16:
+    if precision in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.int8_calibrator = int8_calibrator(trt, calibration, path.with_suffix(".calib"))
     if meta.batch_size is None:  # dynamic batch: one optimisation profile 1..max
         h, w = meta.img_size
         profile = builder.create_optimization_profile()
@@ -192,7 +236,7 @@ def export_tensorrt(onnx_path: Path, meta: ModelMeta, path: Path, fp16: bool, wo
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
     atomic_write(path, lambda tmp: tmp.write_bytes(bytes(engine)))
     engine_meta = copy.deepcopy(meta)
-    engine_meta.precision = "fp16" if fp16 else "fp32"
+    engine_meta.precision = precision
     write_sidecar(path, engine_meta)
     logger.info(f"TensorRT engine ({engine_meta.precision}): {path}")
     return path
@@ -263,11 +307,17 @@ def export_formats(
             logger.warning(f"OpenVINO export skipped: {status['openvino']}")
     if "tensorrt" in formats:
         if status["tensorrt"] is None:
-            key = "trt_fp16" if cfg.export.trt_fp16 else "trt_fp32"
-            artifacts[key] = export_tensorrt(
-                onnx_path, meta, experiment.artifact(key), bool(cfg.export.trt_fp16),
-                float(cfg.export.trt_workspace_gb),
-            )  # fmt: skip
+            engines = ["fp16" if cfg.export.trt_fp16 else "fp32"] + (["int8"] if cfg.export.trt_int8 else [])
+            for precision in engines:
+                calibration = probe_batches(cfg, meta)[0] if precision == "int8" else None
+                if precision == "int8" and not calibration:
+                    logger.warning("TensorRT int8 skipped: no split images to calibrate on")
+                    continue
+                key = f"trt_{precision}"
+                artifacts[key] = export_tensorrt(
+                    onnx_path, meta, experiment.artifact(key), precision,
+                    float(cfg.export.trt_workspace_gb), calibration,
+                )  # fmt: skip
         else:
             logger.warning(f"TensorRT export skipped: {status['tensorrt']}")
     return artifacts
@@ -299,15 +349,48 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         artifacts.pop("onnx")
     for key in artifacts:
         experiment.record_export(key, checkpoint_hash)
+    artifacts |= quantize_int8(cfg, experiment, artifacts)
 
     report = {"artifacts": {k: str(v) for k, v in artifacts.items()}, "onnx_slimmed": slimmed}
+    runnable, skipped = candidates(artifacts, str(cfg.device))
+    for name, reason in skipped.items():
+        logger.warning(f"precision {name} skipped: {reason}")
     report["parity"] = (
-        parity_report(cfg, artifacts, checkpoint, str(cfg.device)) if cfg.export.check_parity else {}
+        parity_report(cfg, runnable, checkpoint, str(cfg.device)) if cfg.export.check_parity else {}
     )
-    atomic_write_json(experiment.file("export_report"), report)
+    report["skipped"] = skipped
     print_report(report["parity"])
+    report["deployment"] = choose_deployment(cfg, experiment, report["parity"], skipped)
+    atomic_write_json(experiment.file("export_report"), report)
     logger.info(f"export report: {experiment.file('export_report')}")
     return report
+
+
+def quantize_int8(cfg: DictConfig, experiment: Experiment, artifacts: dict[str, Path]) -> dict[str, Path]:
+    """model_int8.xml by NNCF (src/dl/ov_int8.py, ov_int8.* options) when export.int8 and there is an fp32 IR."""
+    if not cfg.export.int8 or "ov_fp32" not in artifacts:
+        return {}
+    from src.dl.ov_int8 import make_int8
+
+    try:
+        return {"ov_int8": make_int8(cfg, experiment)[0]}
+    except UserError as err:  # no images to calibrate on: the float exports stand
+        logger.warning(f"OpenVINO int8 skipped: {err}")
+        return {}
+
+
+def choose_deployment(cfg: DictConfig, experiment: Experiment, parity: dict, skipped: dict) -> dict:
+    """The fastest deployment holding export.precision_rule (or the pinned export.precision), recorded."""
+    pin = str(cfg.export.precision)
+    if not any(isinstance(v, dict) and "ok" in v for v in parity.values()):
+        reason = "parity not measured (export.check_parity=false or no val images): no deployment chosen"
+        logger.warning(f"precision: {reason}; infer uses the fp32 exports")
+        choice = {"name": None, "reason": reason}
+    else:
+        choice = choose(parity, skipped, pin, cfg.export.precision_rule)
+        logger.info(f"deployment: {choice['name']}: {choice['reason']}")
+    experiment.record_deployment({**choice, "device": str(cfg.device)})
+    return choice
 
 
 main = stage_main(run)

@@ -106,10 +106,16 @@ def quantize(ov_model, cfg: DictConfig, meta: ModelMeta, calibration: ImageCache
     calibration_data = nncf.Dataset(calibration.images, transform)
     scope = float_decoding_scope(ov_model) if options.float_decoding else None
     common = {
-        "preset": nncf.QuantizationPreset.MIXED,  # asymmetric activations: better for post-softmax/ReLU ranges
+        # mixed: asymmetric activations (post-softmax/ReLU ranges); performance: symmetric, fastest kernels
+        "preset": {
+            "mixed": nncf.QuantizationPreset.MIXED,
+            "performance": nncf.QuantizationPreset.PERFORMANCE,
+        }[str(options.preset)],
         "subset_size": min(int(options.subset_size), len(calibration.images)),
         "ignored_scope": scope,
-        "model_type": nncf.ModelType.TRANSFORMER,  # smooth-quant friendly handling of the decoder's MatMuls
+        "fast_bias_correction": bool(options.fast_bias_correction),
+        # transformer: smooth-quant friendly handling of the decoder's MatMuls (some ops stay float)
+        "model_type": nncf.ModelType.TRANSFORMER if options.transformer else None,
     }
     if options.mode == "quick":
         return nncf.quantize(ov_model, calibration_data, **common)
@@ -192,18 +198,18 @@ def print_table(rows: list[dict[str, Any]], images: int) -> None:
     print("\n".join(["", f"OpenVINO fp32 vs int8 on {images} val images (CPU, batch 1):", *lines, note, ""]))
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    import openvino as ov
+def make_int8(cfg: DictConfig, experiment: Experiment) -> tuple[Path, dict[str, Any], ImageCache]:
+    """Quantize the experiment's model_fp32.xml -> model_int8.xml (recorded in the manifest).
+    Returns the int8 path, the report so far and the val images decoded for measuring it."""
+    from src.runtime.openvino_model import shared_core
 
-    cfg = stage_config(cfg)
     options = cfg.ov_int8
-    experiment = Experiment.of(cfg)
     fp32_path = experiment.artifact("ov_fp32")
     if not fp32_path.exists():
         raise UserError(f"{fp32_path} not found: run `python -m src.dl.export exp_name={cfg.exp_name}` first")
     ensure_fresh(fp32_path)  # int8 from a stale fp32 IR would be stale too
     made_from = experiment.manifest().get("made_into", {}).get("ov_fp32", {}).get("checkpoint_sha256")
-    ov_model = ov.Core().read_model(str(fp32_path))
+    ov_model = shared_core().read_model(str(fp32_path))  # one Core per process (see shared_core)
     meta = read_openvino_meta(ov_model, fp32_path)
 
     calibration_samples = load_split_samples(cfg, "train", limit=int(options.subset_size))
@@ -227,6 +233,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     report: dict[str, Any] = {"mode": str(options.mode), "float_decoding": bool(options.float_decoding),
                               "calibration_images": len(calibration.images), "quantize_seconds": seconds}  # fmt: skip
+    return int8_path, report, validation
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    cfg = stage_config(cfg)
+    options = cfg.ov_int8
+    experiment = Experiment.of(cfg)
+    fp32_path = experiment.artifact("ov_fp32")
+    int8_path, report, validation = make_int8(cfg, experiment)
     if validation.samples:
         precision = str(options.precision)
         fp32_row, fp32_result = measure(fp32_path, precision, validation, "fp32")

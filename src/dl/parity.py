@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from src.runtime import load_model
 
 LOUD = "!" * 100
+PARITY_WARMUP = 2  # untimed runs before the latency each deployment is chosen by
 MIN_PARITY_DETECTIONS = 10  # fewer compared detections than this: the box/score check says little
 # compared: detections >= conf in either model (a pair counts once); *_detections: >= conf in each model;
 # unmatched / borderline: see compare_detections
@@ -74,7 +75,7 @@ def compare_detections(
     """
     from src.runtime.evaluate import detection_thresholds
 
-    box_devs, score_devs, counts = [], [], dict.fromkeys(PARITY_COUNTS, 0)
+    box_devs, score_devs, ious, counts = [], [], [], dict.fromkeys(PARITY_COUNTS, 0)
     for ref, cand in zip(reference, candidate, strict=True):
         ref_partner = pair_detections(ref, cand, iou_thresh)  # (R,) index into cand, -1: none
         cand_partner = np.full(len(cand), -1)  # (C,) the inverse pairing
@@ -87,6 +88,7 @@ def compare_detections(
         pairs = np.where((ref_partner >= 0) & (ref_kept | ref_other_kept))[0]
         box_devs.append(np.abs(ref.boxes[pairs] - cand.boxes[ref_partner[pairs]]).max(1, initial=0.0))
         score_devs.append(np.abs(ref.scores[pairs] - cand.scores[ref_partner[pairs]]))
+        ious.append(pair_iou(ref.boxes[pairs], cand.boxes[ref_partner[pairs]]))
         gone, new = ref_kept & ~ref_other_kept, cand_kept & ~cand_other_kept
         ref_bar = np.maximum(ref_conf, top_k_cut(cand)) + margin
         cand_bar = np.maximum(cand_conf, top_k_cut(ref)) + margin
@@ -97,7 +99,25 @@ def compare_detections(
         counts["compared"] += len(pairs) + unpaired
         counts["reference_detections"] += int(ref_kept.sum())
         counts["artifact_detections"] += int(cand_kept.sum())
-    return {**deviation_stats(box_devs, "box_dev_px"), **deviation_stats(score_devs, "score_dev"), **counts}
+    paired_iou = np.concatenate([np.ones(0), *ious])
+    # mean IoU of the compared pairs (1.0 when nothing was compared: no box moved)
+    mean_iou = float(paired_iou.mean()) if paired_iou.size else 1.0
+    return {
+        **deviation_stats(box_devs, "box_dev_px"),
+        **deviation_stats(score_devs, "score_dev"),
+        "mean_iou": mean_iou,
+        "min_iou": float(paired_iou.min(initial=1.0)),
+        **counts,
+    }
+
+
+def pair_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of row i of a with row i of b: (N, 4) xyxy each -> (N,)."""
+    top_left, bottom_right = np.maximum(a[:, :2], b[:, :2]), np.minimum(a[:, 2:], b[:, 2:])
+    inter = np.clip(bottom_right - top_left, 0, None).prod(1)
+    area = lambda boxes: np.clip(boxes[:, 2:] - boxes[:, :2], 0, None).prod(1)  # noqa: E731
+    union = area(a) + area(b) - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 1.0)
 
 
 def top_k_cut(dets) -> float:
@@ -128,9 +148,10 @@ def beyond_tolerance(drift: dict[str, float], delta_map: float, tolerance) -> li
 
 
 def parity_report(
-    cfg: DictConfig, artifacts: dict[str, Path], torch_path: Path, device: str
+    cfg: DictConfig, deployments: dict[str, tuple[Path, str | None]], torch_path: Path, device: str
 ) -> dict[str, Any]:
-    """Run every artifact and the torch model on val images; drift + mAP50 per artifact."""
+    """Run every deployment (name -> (file, runtime precision)) and the torch model on val images: drift,
+    mean IoU of paired boxes, mAP50 and latency (median, one image at a time after warm-up) per deployment."""
     from src.runtime.evaluate import evaluate_detector, load_split_samples
 
     samples = load_split_samples(cfg, "val", limit=int(cfg.export.parity_images))
@@ -159,8 +180,7 @@ def parity_report(
         "conf + score tolerance in one model and < conf or absent in the other",
         "torch": reference.summary() | {"detections": confident},
     }
-    for name, path in artifacts.items():
-        precision = cfg.export.ov_precision if name.startswith("ov") else None
+    for name, (path, precision) in deployments.items():
         try:
             model = load_model(path, device=device, precision=precision, conf=parity_conf)
         except Exception as err:
@@ -179,6 +199,7 @@ def parity_report(
             **drift,
             "mAP_50": result.metrics.get("mAP_50"),
             "mAP_50_delta": delta_map,
+            "latency_ms_median": median_latency(model, images[0], int(cfg.export.latency_runs)),
             "tolerance": dict(tolerance),
             "problems": problems,
             "ok": not problems,
@@ -193,10 +214,26 @@ def parity_report(
     return report
 
 
-def tolerance_group(artifact: str) -> str:
-    if "int8" in artifact:
+def median_latency(model, image: np.ndarray, runs: int) -> float:
+    """Median ms of `runs` single-image calls (resize + inference + postprocessing) after a warm-up: what
+    the deployment choice compares (the parity pass alone is too few calls on a shared CPU)."""
+    import time
+
+    for _ in range(PARITY_WARMUP):
+        model(image)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        model(image)
+        times.append((time.perf_counter() - started) * 1000)
+    return float(np.median(times))
+
+
+def tolerance_group(deployment: str) -> str:
+    """int8 | fp16 (fp16 and bf16: both 16-bit floats) | fp32, from a deployment name (ov_fp32@bf16...)."""
+    if "int8" in deployment:
         return "int8"
-    return "fp16" if "fp16" in artifact else "fp32"
+    return "fp16" if "16" in deployment.split("_", 1)[-1] else "fp32"
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -204,19 +241,20 @@ def print_report(report: dict[str, Any]) -> None:
     if not rows:
         return
     header = (
-        f"{'artifact':<9} {'weights':<7} {'runs in':<7} {'compared':>8} {'box dev p99/max px':>19} "
-        f"{'score dev p99/max':>18} {'unmatched':>9} {'border':>6} {'mAP50':>6} {'delta':>8}  status"
+        f"{'deployment':<13} {'weights':<7} {'runs in':<7} {'compared':>8} {'box dev p99/max px':>19} "
+        f"{'score dev p99/max':>18} {'IoU':>6} {'unmatched':>9} {'border':>6} {'mAP50':>6} {'delta':>8} "
+        f"{'ms':>7}  status"
     )
     lines = [header]
     for name, r in rows:
         if "error" in r:
-            lines.append(f"{name:<9} LOAD ERROR: {r['error']}")
+            lines.append(f"{name:<13} LOAD ERROR: {r['error']}")
             continue
         lines.append(
-            f"{name:<9} {r['weights']:<7} {r['precision']:<7} {r['compared']:>8} "
+            f"{name:<13} {r['weights']:<7} {r['precision']:<7} {r['compared']:>8} "
             f"{r['p99_box_dev_px']:>9.3f}/{r['max_box_dev_px']:<9.3f} "
-            f"{r['p99_score_dev']:>8.4f}/{r['max_score_dev']:<9.4f} {r['unmatched']:>9} "
-            f"{r['borderline']:>6} {r['mAP_50']:>6.3f} {r['mAP_50_delta']:>+8.4f}  "
+            f"{r['p99_score_dev']:>8.4f}/{r['max_score_dev']:<9.4f} {r['mean_iou']:>6.4f} {r['unmatched']:>9} "
+            f"{r['borderline']:>6} {r['mAP_50']:>6.3f} {r['mAP_50_delta']:>+8.4f} {r['latency_ms_median']:>7.2f}  "
             f"{'ok' if r['ok'] else 'BEYOND TOLERANCE'}"
         )
     title = (

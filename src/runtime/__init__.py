@@ -55,8 +55,9 @@ def load_model(
     """Load any artifact as a Detector.
 
     device: auto (CUDA when the backend has it, else CPU) | cpu | cuda[:N] | OpenVINO names (GPU, NPU).
-    precision: torch fp32|fp16|bf16; OpenVINO inference precision f32|f16|bf16 (default f32, set
-        explicitly: OpenVINO would otherwise pick bf16 on CPUs that have it); ONNX/TensorRT run as exported.
+    precision: torch fp32|fp16|bf16; OpenVINO inference precision f32|f16|bf16 (always set explicitly:
+        OpenVINO would otherwise pick bf16 on CPUs that have it); ONNX/TensorRT run as exported.
+        None: the precision export chose for this file (manifest "deployment"), else fp32.
     conf: default threshold(s) for every call (float, or {class name/id: value}); None = the artifact's.
     A folder is accepted too: its best artifact for the device is used (see best_artifact).
     An export inside an experiment folder made from another checkpoint than its current best.pt is refused
@@ -68,6 +69,8 @@ def load_model(
     if not path.exists():
         raise FileNotFoundError(f"model file not found: {path}")
     ensure_fresh(path)
+    if precision is None:
+        precision = deployed_precision(path)
     backend_for(path)  # raises a clear error for an unknown suffix
     _, module_name, class_name = _RUNNERS[path.suffix.lower()]
     runner_class = getattr(importlib.import_module(module_name), class_name)
@@ -130,16 +133,31 @@ def ensure_fresh(path: str | Path) -> Path:
     return experiment.ensure_fresh(path) if experiment is not None else Path(path)
 
 
+def deployed_precision(path: str | Path) -> str | None:
+    """The runtime precision export chose for this artifact of an experiment (None: not the chosen one)."""
+    experiment = experiment_of(path)
+    if experiment is None:
+        return None
+    choice = experiment.deployment()
+    if choice.get("artifact") != experiment.artifact_key(path):
+        return None
+    return choice.get("precision")
+
+
 def best_artifact(folder: str | Path, device: str = "auto") -> Path:
-    """The fastest artifact present in an experiment folder for the device; a stale one is refused
+    """The artifact to run from an experiment folder on the device; a stale one is refused
     (StaleArtifactError), never skipped silently for an older or slower one.
 
-    GPU: TensorRT fp16 > fp32 > ONNX > torch. CPU: OpenVINO int8 is NOT picked automatically (it trades
-    accuracy; ask for it by path), so OpenVINO fp32 > ONNX > torch.
+    First the deployment export chose (the fastest that held parity on the device kind it was measured on,
+    manifest "deployment"), when its file is present and its backend works. Otherwise the fastest by kind:
+    GPU: TensorRT fp16 > fp32 > ONNX > torch. CPU: OpenVINO fp32 > ONNX > torch (int8 only when chosen).
     """
     folder = Path(folder)
     status = available_backends()
     gpu = device != "cpu" and status["tensorrt"] is None
+    chosen = deployed_artifact(folder, gpu, status)
+    if chosen is not None:
+        return ensure_fresh(chosen)
     order = ["trt_fp16", "trt_fp32", "onnx", "torch"] if gpu else ["ov_fp32", "onnx", "torch"]
     for key in order:
         candidate = folder / ARTIFACTS[key]
@@ -148,3 +166,16 @@ def best_artifact(folder: str | Path, device: str = "auto") -> Path:
     raise FileNotFoundError(
         f"no model artifact in {folder} (looked for {[ARTIFACTS[k] for k in order]}); train or export first"
     )
+
+
+def deployed_artifact(folder: Path, gpu: bool, status: dict[str, str | None]) -> Path | None:
+    """The file of the recorded deployment when it suits this device kind and runs here (else None)."""
+    experiment = experiment_of(folder / ARTIFACTS["torch"])
+    choice = experiment.deployment() if experiment is not None else {}
+    if not choice.get("artifact"):
+        return None
+    path = folder / ARTIFACTS[choice["artifact"]]
+    chosen_on_gpu = str(choice.get("device")) != "cpu" and choice["artifact"].startswith("trt")
+    if not path.exists() or status[backend_for(path)] is not None or chosen_on_gpu != gpu:
+        return None
+    return path

@@ -18,6 +18,26 @@ from src.runtime.meta import INPUT_NAMES, ModelMeta, read_openvino_meta
 
 # our names -> OpenVINO's element type names for INFERENCE_PRECISION_HINT
 PRECISIONS = {"f32": "f32", "fp32": "f32", "f16": "f16", "fp16": "f16", "bf16": "bf16"}
+# INFERENCE_PRECISION_HINT -> the OPTIMIZATION_CAPABILITIES entry a device reports when it runs it natively
+# (the CPU plugin reports BF16 only with AVX512-BF16 or AMX, FP16 only with AVX512-FP16 / AMX-FP16)
+CAPABILITY = {"f32": "FP32", "f16": "FP16", "bf16": "BF16"}
+
+
+def device_capabilities(device: str) -> set[str]:
+    """What OpenVINO says `device` runs natively (FP32, BF16, FP16, INT8...)."""
+    return set(shared_core().get_property(openvino_device(device), "OPTIMIZATION_CAPABILITIES"))
+
+
+def precision_unavailable(precision: str, device: str = "cpu") -> str | None:
+    """Why OpenVINO cannot run `precision` natively on `device` (None: it can). An emulated bf16/f16 is
+    slower than f32 and OpenVINO would quietly run f32 instead: both are refusals, with the reason."""
+    needed = CAPABILITY[PRECISIONS[precision]]
+    found = device_capabilities(device)
+    if needed in found:
+        return None
+    return (
+        f"OpenVINO {openvino_device(device)} has no native {needed} (it reports {', '.join(sorted(found))})"
+    )
 
 
 def openvino_device(device: str) -> str:

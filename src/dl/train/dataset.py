@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 from src.common.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
 from src.common.config import label_names
 from src.common.draw import draw_detections, save_image_rgb
+from src.common.hardware import cpu_count
 from src.common.images import read_image_rgb
 from src.common.network_input import (
     Letterbox,
@@ -51,6 +52,7 @@ from src.dl.train.augment import (
     make_mosaic,
     mix_up,
 )
+from src.dl.train.cache import ImageCache, build_image_cache, cache_mode, check_cache_fits, from_original
 from src.etl.splits import load_labels, read_split, split_csv_path
 
 MULTISCALE_STEPS = (-2, -1, 1, 2)  # multiscale batch sizes: img_size + k * 32 on both sides
@@ -116,6 +118,7 @@ class DetectionDataset(Dataset):
         self.mixup_enabled = False
         self.ignore_background = False
         self.active = list(range(len(self.image_paths)))  # positions -> item indices (see set_epoch)
+        self.cache: ImageCache | None = None  # train.cache: decoded fit-size images (see attach_caches)
 
     # -------- epoch-dependent state (call set_epoch before each epoch; workers are re-created per epoch)
 
@@ -157,9 +160,17 @@ class DetectionDataset(Dataset):
 
     # -------- loading
 
-    def load_sample(self, index: int) -> Sample:
-        """Original image + its boxes as xyxy pixels + class ids (class 0 for every box with use_one_class)."""
+    def read_image(self, index: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """The image (original, or its fit-size copy from train.cache) and the original (w, h)."""
+        if self.cache is not None:
+            return self.cache.get(index)
         image = read_image_rgb(self.image_paths[index])
+        return image, (image.shape[1], image.shape[0])
+
+    def load_sample(self, index: int) -> Sample:
+        """Image + its boxes as xyxy pixels of that image + class ids (class 0 for every box with
+        use_one_class). Labels are normalised, so a cached (resized) image gets its boxes just as right."""
+        image, _ = self.read_image(index)
         height, width = image.shape[:2]
         boxes = cxcywh_to_xyxy(torch.from_numpy(self.boxes[index])).numpy()
         boxes = boxes * np.array([width, height, width, height], np.float32)
@@ -212,9 +223,12 @@ class DetectionDataset(Dataset):
             image, boxes, labels = self.load_sample(index)
         height, width = image.shape[:2]
         resized, meta = letterbox_or_resize(image, self.img_size, self.keep_ratio)
+        network_boxes = self._network_boxes(boxes, meta)
+        if self.cache is not None and not self.augment:  # val/test: report the original image, not the copy
+            (width, height), meta = self.cache.sizes[index], from_original(meta, *self.cache.sizes[index])
         target = {
             "labels": torch.from_numpy(np.asarray(labels, np.int64)),
-            "boxes": self._network_boxes(boxes, meta),
+            "boxes": network_boxes,
             "image_id": index,
             "orig_size": torch.tensor([width, height], dtype=torch.int64),
             "letterbox": meta,
@@ -303,7 +317,22 @@ def build_datasets(
         datasets["test"] = DetectionDataset(cfg, "test", exclude=exclude)
     if log:
         _log_split_stats(datasets)
+    attach_caches(cfg, [datasets["train"], datasets["val"]])
     return datasets
+
+
+def attach_caches(cfg: DictConfig, datasets: list[DetectionDataset]) -> None:
+    """train.cache for the splits read every epoch (train, val): refused before decoding anything when the
+    images would not fit, then filled (the test split is read once at the end: not cached)."""
+    mode = cache_mode(cfg.train.cache)
+    if mode == "off":
+        return
+    img_size = (int(cfg.model.img_size[0]), int(cfg.model.img_size[1]))
+    check_cache_fits(mode, sum(len(ds.image_paths) for ds in datasets), img_size)
+    for dataset in datasets:
+        dataset.cache = build_image_cache(
+            dataset.image_paths, img_size, dataset.keep_ratio, mode, Path(cfg.train.cache_dir), cpu_count()
+        )
 
 
 # ---------------------------------------------------------------- debug images

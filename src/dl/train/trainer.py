@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from src.common.errors import UserError
 from src.common.experiment import Experiment
+from src.common.hardware import apply_channels_last
 from src.d_fine.checkpoint import RunCheckpoint, load_run_checkpoint, save_run_checkpoint
 from src.d_fine.model import build
 from src.d_fine.spec import ModelSpec
@@ -38,10 +39,11 @@ from src.dl.train.trainer_utils import (
     all_gather_objects,
     barrier,
     broadcast_object,
-    resolve_amp,
+    maybe_compile,
     rng_state,
     seed_everything,
     set_rng_state,
+    setup_speed,
 )
 
 
@@ -72,7 +74,8 @@ class Trainer(EpochLoop):
             )
         self.batch_size = int(self.tc.batch_size)
         self.accumulation = max(int(self.tc.accumulation_steps), 1)
-        self.amp_dtype = resolve_amp(self.tc.amp, self.device)
+        self.precision = setup_speed(self.tc, self.device, ctx.world_size)  # threads + train.amp by hardware
+        self.amp_dtype = self.precision.dtype
         self.state = TrainState()
         self.partial_losses: dict = {"sums": {}, "count": 0}
         self.last_checkpoint_time = time.monotonic()
@@ -154,6 +157,7 @@ class Trainer(EpochLoop):
         elif self.ctx.is_main and not self.tc.resume:
             logger.info("training from scratch (train.pretrained_model_path is null)")
         self.model.to(self.device)
+        apply_channels_last(self.model, self.precision)
         if (
             self.ctx.distributed
             and self.device.type == "cuda"
@@ -190,7 +194,7 @@ class Trainer(EpochLoop):
     def _wrap_ddp(self) -> nn.Module:
         """DDP over the plain model; re-done when the backbone is (un)frozen, as DDP fixes its parameter set."""
         if not self.ctx.distributed:
-            return self.model
+            return maybe_compile(self.model, bool(self.tc.compile))
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         # find_unused_parameters: a batch without any box (background-only) has no denoising queries, so the
         # denoising embedding gets no gradient in that step.
@@ -210,7 +214,7 @@ class Trainer(EpochLoop):
         if self.ctx.is_main and hasattr(self.scheduler, "describe"):
             logger.info(f"LR schedule: {self.scheduler.describe()}")
         # Loss scaling only for fp16: bf16 has float32's range and needs none.
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.grad_scaler)
 
     def _batches_per_epoch_all(self) -> list[int]:
         """Batches of every epoch (the train set shrinks while background images are ignored)."""
@@ -257,13 +261,12 @@ class Trainer(EpochLoop):
     def _log_setup(self) -> None:
         base_lr, backbone_lr = train_lrs(self.cfg)
         n_params = sum(p.numel() for p in self.model.parameters())
-        amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
         spec = self.spec
         one_class = f" (use_one_class: {len(spec.data_class_names)} data classes as one)" * spec.use_one_class
         logger.info(
             f"D-FINE-{spec.size} ({spec.variant}), {spec.num_classes} classes{one_class}, "
             f"{n_params / 1e6:.2f}M parameters, input {list(spec.img_size)}, device {self.device}, "
-            f"{self.ctx.world_size} process(es), AMP {amp}"
+            f"{self.ctx.world_size} process(es), AMP {self.precision.name}"
         )
         effective = self.batch_size * self.accumulation * self.ctx.world_size
         logger.info(

@@ -21,7 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from loguru import logger
+from omegaconf import DictConfig
+from torch import nn
 from torch.utils.data import Sampler
+
+from src.common.device import resolve_device
+from src.common.hardware import Precision, choose_precision, resolve_threads
 
 # ---------------------------------------------------------------------------------------------- distributed
 
@@ -42,20 +47,6 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """`auto` -> this process's GPU if there is one, else CPU; explicit names are checked, not trusted."""
-    device = str(device)
-    if device == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"device={device} was asked for but CUDA is not available here; use device=cpu or auto"
-        )
-    if device == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(device)
 
 
 def setup_distributed(device: str = "auto") -> DistContext:
@@ -175,25 +166,53 @@ def _as_tuples(value):
 # ---------------------------------------------------------------------------------------------- mixed precision
 
 
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for train.amp on this device, or None for full float32.
+def setup_speed(tc: DictConfig, device: torch.device, processes: int = 1) -> Precision:
+    """Set torch's intra-op threads (train.threads) and choose the precision (train.amp) for this machine;
+    logs both in one line each. Called once per process before the model is built."""
+    threads = resolve_threads(tc.threads, int(tc.num_workers), processes)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    how = "train.threads" if tc.threads is not None else "automatic: CPUs minus loader workers"
+    if threads is None:
+        how = "OMP_NUM_THREADS"
+    logger.info(f"{torch.get_num_threads()} torch thread(s) ({how}), {int(tc.num_workers)} loader worker(s)")
+    precision = choose_precision(str(tc.amp), device)
+    logger.info(precision.describe())
+    return precision
 
-    auto: bf16 on a GPU that supports it, else fp16; off on CPU (bf16 on CPU is opt-in: train.amp=bf16).
-    """
-    amp = str(amp).lower()
-    if amp in ("off", "false", "none", "fp32", "no"):
-        return None
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise ValueError("train.amp=fp16 needs a CUDA device; on CPU use train.amp=bf16 or off")
-        return torch.float16
-    raise ValueError(f"train.amp must be auto | off | bf16 | fp16, got {amp!r}")
+
+def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
+    """torch.compile(model) when train.compile is on; eager with one warning when compiling is impossible.
+
+    torch.compile is lazy: most failures surface at the first call, so the wrapper also falls back there."""
+    if not enabled:
+        return model
+    try:
+        compiled = torch.compile(model, dynamic=True)
+    except Exception as err:  # noqa: BLE001 - any compiler problem: train eagerly instead
+        logger.warning(f"train.compile: torch.compile is not available here ({err}); training eagerly")
+        return model
+    return _EagerFallback(compiled, model)
+
+
+class _EagerFallback(nn.Module):
+    """Calls the compiled model; on its first failure warns once and uses the eager model from then on."""
+
+    def __init__(self, compiled: nn.Module, eager: nn.Module) -> None:
+        super().__init__()
+        self.eager = eager
+        self._compiled = [compiled]  # in a list: not registered as a second copy of the parameters
+        self.failed = False
+
+    def forward(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self._compiled[0](*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - compile errors come in many types
+                self.failed = True
+                message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                logger.warning(f"train.compile: torch.compile failed ({message}); training eagerly")
+        return self.eager(*args, **kwargs)
 
 
 def to_float32(obj):

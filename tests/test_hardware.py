@@ -1,0 +1,124 @@
+"""Precision and threads chosen by the hardware (src/common/hardware.py), and bf16 training staying close to
+fp32 on tiny data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from loguru import logger
+
+from src.common.errors import ConfigError
+from src.common.hardware import (
+    _cgroup_headroom,
+    apply_channels_last,
+    choose_precision,
+    cpu_flags,
+    cpu_native_bf16,
+    ram_available_bytes,
+    resolve_threads,
+)
+
+CPU = torch.device("cpu")
+ZEN4 = {"fpu", "avx512f", "avx512_bf16"}  # this project's build machine
+SAPPHIRE_RAPIDS = {"fpu", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+OLD_CPU = {"fpu", "avx2"}
+
+
+@pytest.fixture
+def warnings_logged():
+    messages: list[str] = []
+    sink = logger.add(lambda message: messages.append(str(message)), level="WARNING")
+    yield messages
+    logger.remove(sink)
+
+
+def test_cpuinfo_flags_are_read(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx512_bf16 amx_tile\n\nflags\t: other\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "sse", "avx512_bf16", "amx_tile"}
+    assert cpu_flags(tmp_path / "missing") == set()
+    assert cpu_native_bf16(SAPPHIRE_RAPIDS) == "amx_bf16"
+    assert cpu_native_bf16(ZEN4) == "avx512_bf16"
+    assert cpu_native_bf16(OLD_CPU) is None
+
+
+def test_auto_picks_bf16_and_channels_last_only_on_native_bf16_cpus(warnings_logged):
+    native = choose_precision("auto", CPU, ZEN4)
+    assert (native.dtype, native.channels_last, native.grad_scaler) == (torch.bfloat16, True, False)
+    assert "avx512_bf16" in native.describe() and native.describe().startswith(
+        "precision bf16 + channels_last"
+    )
+    emulated = choose_precision("auto", CPU, OLD_CPU)
+    assert (emulated.dtype, emulated.channels_last) == (None, False)
+    assert "no native bf16" in emulated.reason
+    assert choose_precision("off", CPU, ZEN4).dtype is None
+    assert choose_precision(False, CPU, ZEN4).dtype is None  # YAML reads a bare `off` as false
+    assert not warnings_logged
+
+
+def test_bf16_asked_without_native_support_warns_and_runs(warnings_logged):
+    precision = choose_precision("bf16", CPU, OLD_CPU)
+    assert precision.dtype is torch.bfloat16 and not precision.channels_last
+    assert len(warnings_logged) == 1 and "emulated and slower" in warnings_logged[0]
+    assert choose_precision("bf16", CPU, ZEN4).channels_last
+
+
+def test_bad_amp_values_are_refused():
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA"):
+        choose_precision("fp16", CPU, ZEN4)
+    with pytest.raises(ConfigError, match="train.amp"):
+        choose_precision("half", CPU, ZEN4)
+
+
+def test_threads_default_leaves_the_loader_workers_their_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert resolve_threads(None, num_workers=2, cpus=2) == 1
+    assert resolve_threads(None, num_workers=2, cpus=16) == 14
+    assert resolve_threads(None, num_workers=2, processes=4, cpus=16) == 2
+    assert resolve_threads(None, num_workers=0, cpus=1) == 1
+    assert resolve_threads(3, num_workers=2, cpus=2) == 3
+    with pytest.raises(ConfigError, match="train.threads"):
+        resolve_threads(0, num_workers=2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert resolve_threads(None, num_workers=2) is None  # the user's (or torchrun's) choice stands
+
+
+def _tiny_training_losses(precision, steps: int = 2) -> list[float]:
+    """D-FINE-n at 64 px, 10 queries, batch 2: the real train step (autocast forward, float32 loss, AdamW) `steps` times."""
+    from benchmarks.train_speed import synthetic_batch
+    from src.d_fine import build_criterion, build_model
+    from src.dl.train import clip_and_step, compute_loss
+    from src.dl.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = apply_channels_last(build_model("n", 4, img_size=(64, 64), num_queries=10).train(), precision)
+    criterion = build_criterion("n", 4).train()
+    optimizer = build_optimizer(model, base_lr=8e-4, backbone_lr=4e-4, weight_decay=1.25e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    images, targets = synthetic_batch(2, 64, CPU)
+    losses = []
+    for _ in range(steps):
+        torch.manual_seed(1)  # the same denoising queries in both precisions
+        loss, _ = compute_loss(model, criterion, images, targets, precision.dtype)
+        loss.backward()
+        clip_and_step(model, optimizer, scaler, clip_max_norm=0.1)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_bf16_channels_last_losses_stay_close_to_fp32():
+    fp32 = _tiny_training_losses(choose_precision("off", CPU))
+    bf16 = _tiny_training_losses(choose_precision("bf16", CPU, ZEN4))  # channels_last too
+    for a, b in zip(fp32, bf16):
+        assert abs(a - b) <= 0.03 * abs(a), (fp32, bf16)
+    assert fp32 != bf16  # bf16 really ran
+
+
+def test_a_container_memory_limit_caps_the_available_memory(tmp_path):
+    (tmp_path / "memory.max").write_text("1000\n")
+    (tmp_path / "memory.current").write_text("300\n")
+    assert _cgroup_headroom(tmp_path) == 700
+    (tmp_path / "memory.max").write_text("max\n")
+    assert _cgroup_headroom(tmp_path) is None
+    assert _cgroup_headroom(tmp_path / "missing") is None
+    assert ram_available_bytes() is None or ram_available_bytes() > 0

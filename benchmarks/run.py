@@ -2,9 +2,9 @@
 data quality, tracking).
 
     python -m benchmarks.run                 # all of them
-    python -m benchmarks.run model train     # a subset (model | train | loader | backends | data | tracking)
+    python -m benchmarks.run model train     # a subset (model | train | loader | backends | data | tracking | seg)
 Each part also runs alone with its own flags:
-python -m benchmarks.<model_speed|train_speed|loader_speed|backend_speed|near_duplicates|tracking> -h
+python -m benchmarks.<model_speed|train_speed|loader_speed|backend_speed|near_duplicates|tracking|seg_step> -h
 """
 
 import sys
@@ -21,6 +21,7 @@ PARTS = {
     "backends": ("Per-backend latency, n and s at 640 on CPU", "benchmarks.backend_speed"),
     "data": ("Near-duplicates on planted copies; the doctor's speed", "benchmarks.near_duplicates"),
     "tracking": ("Tracking alone on a synthetic video of crossing shapes (ByteTrack)", "benchmarks.tracking"),
+    "seg": ("Segmentation vs detection training step (D-FINE-n, 256 px, batch 4)", "benchmarks.seg_step"),
 }
 
 

@@ -153,6 +153,7 @@ RULES: dict[str, Rule] = {
         "[h, w] (or one int for a square) of positive multiples of 32", _img_size, typed=True
     ),
     "model.num_queries": at_least(1),
+    "model.task": one_of("detect", "segment"),
     # ------------------------------------------------------------ etl
     "preprocess.jpg_quality": between(1, 100),
     "preprocess.pdf_dpi": at_least(1),
@@ -222,6 +223,9 @@ RULES: dict[str, Rule] = {
     "train.augs.rotation_degree": between(0, 180, kind="float"),
     "train.cls_loss": one_of("auto", "vfl", "mal"),
     "train.dn_negatives.iou_thresh": PROBABILITY,
+    "train.mask_loss.points": at_least(1),
+    "train.mask_loss.oversample_ratio": at_least(1, kind="float"),
+    "train.mask_loss.importance_sample_ratio": PROBABILITY,
     "train.flat_cosine.flat_epochs": at_least(0, nullable=True, kind="int"),
     "train.fppi_tolerance": at_least(0, nullable=True, kind="float"),
     "train.negatives_path": FOLDER_OR_NULL,

@@ -11,6 +11,8 @@ means the same thing everywhere:
     results = postprocessor(outputs, torch.tensor([[meta.net_w, meta.net_h]]))
     # ... and only this function maps them back (undoing padding and scale, clipping to the image):
     boxes = boxes_to_original(results[0]["boxes"], meta)
+    # A segmentation model's low-resolution mask logits of the kept queries -> masks of the original image:
+    masks = masks_to_original(results[0]["masks"], meta)    # bool (K, orig_h, orig_w)
 
 keep_ratio=True letterboxes: scale to fit, pad with grey 114 on both sides (centred).
 keep_ratio=False resizes plainly (the aspect ratio may change; no padding).
@@ -138,6 +140,48 @@ def boxes_to_original(boxes_xyxy, meta: Letterbox):
     boxes[..., 0::2] = (boxes[..., 0::2] - meta.pad_x) / meta.scale_x
     boxes[..., 1::2] = (boxes[..., 1::2] - meta.pad_y) / meta.scale_y
     return _clip(boxes, float(meta.orig_w), float(meta.orig_h))
+
+
+MASK_CHUNK = 16  # masks resampled at once: bounds the float memory to 16 original-size maps
+
+
+def masks_to_original(mask_logits, meta: Letterbox, threshold: float = 0.0, boxes_xyxy=None):
+    """Mask logits (K, h, w) over the whole network input (any stride: h = net_h / s) -> bool masks
+    (K, orig_h, orig_w) of the original image: logit > threshold (0 = probability 0.5).
+
+    Every original pixel centre is mapped into the network input (net = orig * scale + pad, the inverse of
+    boxes_to_original) and the logits are read there bilinearly, so padding and scale are undone in one
+    resampling. boxes_xyxy (K, 4) in original pixels (boxes_to_original's): pixels outside each mask's own
+    box are cleared (a query's stray blobs elsewhere in the image are not its object). Takes numpy or
+    torch, returns torch (on the logits' device).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    logits = torch.as_tensor(mask_logits)
+    if logits.ndim != 3:
+        raise ValueError(f"mask logits must be (K, h, w), got shape {tuple(logits.shape)}")
+    logits = logits.float()
+    device = logits.device
+    xs = (torch.arange(meta.orig_w, device=device) + 0.5) * meta.scale_x + meta.pad_x  # network pixels
+    ys = (torch.arange(meta.orig_h, device=device) + 0.5) * meta.scale_y + meta.pad_y
+    grid_x = (2 * xs / meta.net_w - 1).view(1, -1).expand(meta.orig_h, -1)  # grid_sample's [-1, 1]
+    grid_y = (2 * ys / meta.net_h - 1).view(-1, 1).expand(-1, meta.orig_w)
+    grid = torch.stack([grid_x, grid_y], dim=-1).unsqueeze(0)  # (1, orig_h, orig_w, 2)
+    masks = torch.zeros((len(logits), meta.orig_h, meta.orig_w), dtype=torch.bool, device=device)
+    for start in range(0, len(logits), MASK_CHUNK):
+        chunk = logits[start : start + MASK_CHUNK].unsqueeze(1)  # (k, 1, h, w)
+        grid_k = grid.expand(len(chunk), -1, -1, -1)
+        sampled = F.grid_sample(chunk, grid_k, padding_mode="border", align_corners=False)
+        masks[start : start + len(chunk)] = sampled[:, 0] > threshold
+    if boxes_xyxy is not None:
+        boxes = torch.as_tensor(boxes_xyxy, dtype=torch.float32, device=device).reshape(-1, 4)
+        centres_x = torch.arange(meta.orig_w, device=device) + 0.5  # original pixel centres
+        centres_y = torch.arange(meta.orig_h, device=device) + 0.5
+        inside_x = (centres_x >= boxes[:, :1]) & (centres_x <= boxes[:, 2:3])  # (K, orig_w)
+        inside_y = (centres_y >= boxes[:, 1:2]) & (centres_y <= boxes[:, 3:4])  # (K, orig_h)
+        masks &= inside_y[:, :, None] & inside_x[:, None, :]
+    return masks
 
 
 def boxes_xyxy_to_network(boxes_xyxy, meta: Letterbox):

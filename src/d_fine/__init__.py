@@ -5,9 +5,11 @@ Public API:
     build(spec, cls_loss="auto", bg_loss_weight=1.0) -> Detector(model, criterion, postprocessor)
     save_run_checkpoint / load_run_checkpoint -> our checkpoint format (src/d_fine/checkpoint.py)
     build_model(model_name, num_classes, img_size=(h, w), variant="dfine", num_queries=300,
-                num_denoising=100, pretrained_backbone=False, arch_overrides=None) -> DFINE
+                num_denoising=100, pretrained_backbone=False, arch_overrides=None, task="detect") -> DFINE
+                (task="segment": + mask branch, "pred_masks" logits; src/d_fine/mask_head.py)
     build_postprocessor(num_classes, num_top_queries=300) -> PostProcessor
-    build_criterion(model_name, num_classes, ...) -> the training loss (src/d_fine/criterion.py)
+    build_criterion(model_name, num_classes, ..., mask_loss=None) -> the training loss (src/d_fine/criterion.py;
+                mask_loss = train.mask_loss for a segmentation model, src/d_fine/mask_loss.py)
     load_pretrained(model, path_or_state, class_names=None) -> LoadReport (src/d_fine/checkpoint.py)
     checkpoint_variant(path_or_state) -> ("dfine" | "deim" | None, reason)
 """

@@ -174,8 +174,12 @@ class LoadReport:
         if self.class_rows_from_coco:
             pairs = ", ".join(f"{ours}<-{coco}" for ours, coco in self.class_rows_from_coco.items())
             lines.append(f"classes started from COCO rows: {pairs}")
-        if self.missing:
-            lines.append(f"missing in the checkpoint (model's own values kept): {_short(self.missing)}")
+        fresh_masks = [key for key in self.missing if key.startswith("mask_head.")]
+        if fresh_masks:  # a detection checkpoint in a segmentation model
+            lines.append(f"mask branch not in the checkpoint: it starts fresh ({len(fresh_masks)} tensors)")
+        others = [key for key in self.missing if not key.startswith("mask_head.")]
+        if others:
+            lines.append(f"missing in the checkpoint (model's own values kept): {_short(others)}")
         if self.unexpected:
             lines.append(f"ignored (not in the model): {_short(self.unexpected)}")
         return "\n  ".join(lines)

@@ -16,6 +16,9 @@ False-positive control (both off by default, which is the official loss):
                   background negatives (denoising.py), all of them targets "no object", normalised like
                   the other denoising terms and weighted like loss_vfl; they get no box or distribution term
 
+Segmentation models (outputs with "pred_masks"): loss_mask_bce and loss_mask_dice on sampled points of
+the last layer's matched queries (src/d_fine/mask_loss.py), weighted by train.mask_loss.
+
 Matching: classification terms use each head's own Hungarian matching; box and distribution terms use
 the GO-LSD "union set" (each query's most frequent target across all heads' matchings), normalised by
 its size. Denoising queries are matched by construction (query k of a group <-> its ground truth).
@@ -31,6 +34,7 @@ from torch import nn
 
 from src.common.boxes import box_iou, generalized_box_iou
 from src.d_fine.fdr import bbox2distance
+from src.d_fine.mask_loss import MaskLossSettings, mask_losses
 from src.d_fine.matcher import HungarianMatcher, MatchIndices, corners
 
 # The official D-FINE COCO recipe (configs/dfine/include/dfine_hgnetv2.yml); DEIM swaps vfl for mal.
@@ -105,8 +109,10 @@ class DFineCriterion(nn.Module):
         reg_max: int = 32,
         ddf_temperature: float = DDF_TEMPERATURE,
         bg_loss_weight: float = 1.0,
+        mask_loss: MaskLossSettings | None = None,
     ):
         super().__init__()
+        self.mask_loss = mask_loss  # None: a detection criterion
         if cls_loss not in CLS_LOSS_GAMMA:
             raise ValueError(f"cls_loss must be one of {sorted(CLS_LOSS_GAMMA)}, got {cls_loss!r}")
         if not bg_loss_weight >= 0:
@@ -120,7 +126,8 @@ class DFineCriterion(nn.Module):
 
     def forward(self, outputs: dict, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """outputs: the D-FINE decoder's training dict; targets: per image "labels" (n,) int64 and
-        "boxes" (n, 4) normalised cxcywh. Returns weighted loss terms; their sum is the training loss."""
+        "boxes" (n, 4) normalised cxcywh; for masks also "masks" (n, H, W) at the input size and optionally
+        "has_mask" (n,) bool (src/d_fine/mask_loss.py). Returns weighted loss terms; their sum is the training loss."""
         self._check_labels(outputs, targets)
         batch, num_queries = outputs["pred_logits"].shape[:2]
         layers = list(outputs.get("aux_outputs", []))
@@ -159,6 +166,12 @@ class DFineCriterion(nn.Module):
                 out, enc_targets, encoder_matches[i], num_boxes, go_match, num_go, state, f"_enc_{i}"
             )
         losses |= self._denoising_losses(outputs, targets, num_boxes, state)
+        if "pred_masks" in outputs:
+            if self.mask_loss is None:
+                raise ValueError(
+                    "a segmentation model's outputs need a criterion built with mask_loss settings"
+                )
+            losses |= mask_losses(outputs["pred_masks"], targets, match, self.mask_loss)
         # As the official criterion: a NaN term (e.g. degenerate boxes) must not poison a whole run.
         return {k: torch.nan_to_num(v, nan=0.0) for k, v in losses.items()}
 
@@ -336,6 +349,7 @@ def build_criterion(
     matcher_costs: dict[str, float] | None = None,
     reg_max: int = 32,
     bg_loss_weight: float = 1.0,
+    mask_loss: dict | None = None,
 ) -> DFineCriterion:
     """The official D-FINE criterion (cls_loss="vfl") or DEIM's (cls_loss="mal", gamma 1.5).
 
@@ -343,13 +357,21 @@ def build_criterion(
     settings, so it is kept for the record only. loss_weights / matcher_costs override single entries,
     keyed like DEFAULT_LOSS_WEIGHTS ("vfl", "bbox", ...) and DEFAULT_MATCHER_COSTS ("class", "bbox", "giou").
     bg_loss_weight: extra weight on the classification loss of background queries (1.0 = official).
+    mask_loss: train.mask_loss (bce, dice, points, oversample_ratio, importance_sample_ratio) for a
+    segmentation model; None for a detector.
     """
     weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
     costs = {**DEFAULT_MATCHER_COSTS, **(matcher_costs or {})}
     matcher = HungarianMatcher(cost_class=costs["class"], cost_bbox=costs["bbox"], cost_giou=costs["giou"])
     weight_dict = {f"loss_{k}": v for k, v in weights.items() if k not in CLS_LOSS_GAMMA or k == cls_loss}
     criterion = DFineCriterion(
-        num_classes, matcher, weight_dict, cls_loss=cls_loss, reg_max=reg_max, bg_loss_weight=bg_loss_weight
+        num_classes,
+        matcher,
+        weight_dict,
+        cls_loss=cls_loss,
+        reg_max=reg_max,
+        bg_loss_weight=bg_loss_weight,
+        mask_loss=None if mask_loss is None else MaskLossSettings(**dict(mask_loss)),
     )
     criterion.model_name = model_name
     return criterion

@@ -255,6 +255,9 @@ class DFineDecoder(nn.Module):
         # Background negatives in the denoising branch (0 = official): denoising.set_denoising_negatives
         self.num_dn_negatives = num_dn_negatives
         self.dn_negative_iou_thresh = dn_negative_iou_thresh
+        # True (segmentation models, mask_head.py): also return the query features of the layer whose boxes
+        # are "pred_boxes", as "query_features" (B, Q, C). Off: the detection outputs are exactly as before.
+        self.return_query_features = False
         scaled_dim = round(layer_scale * hidden_dim)
         num_points = list(num_points) if isinstance(num_points, (list, tuple)) else [num_points] * num_levels
 
@@ -398,7 +401,8 @@ class DFineDecoder(nn.Module):
 
     def _run_layers(self, target, ref_logits, memory, spatial_shapes, attn_mask):
         """The refinement loop. Returns per kept layer: boxes, logits, corner logits, FDR reference boxes
-        (each stacked on dim 0), and layer 0's direct boxes and logits ("pre" outputs)."""
+        (each stacked on dim 0), layer 0's direct boxes and logits ("pre" outputs), and the query features
+        (B, Q, C) of the last kept layer (None unless return_query_features)."""
         stack = self.decoder
         project = stack.project()
         value = split_value_heads(memory, self.nhead, spatial_shapes)
@@ -406,7 +410,7 @@ class DFineDecoder(nn.Module):
         ref_boxes = F.sigmoid(ref_logits)  # (B, Q, 4), detached between layers
         previous_output = previous_corners = 0
         boxes, logits, corners, refs = [], [], [], []
-        pre_boxes = pre_logits = fdr_ref = None
+        pre_boxes = pre_logits = fdr_ref = features = None
         for i, layer in enumerate(stack.layers):
             query_pos = self.query_pos_head(ref_boxes).clamp(min=-10, max=10)
             if i > self.eval_idx and self.layer_scale > 1:  # wider auxiliary layers: stretch the channels
@@ -436,6 +440,8 @@ class DFineDecoder(nn.Module):
                 logits.append(layer_logits)
                 corners.append(layer_corners)
                 refs.append(fdr_ref)
+                if self.return_query_features:
+                    features = output
                 if not self.training:
                     break
 
@@ -444,7 +450,7 @@ class DFineDecoder(nn.Module):
             previous_output = output.detach()
 
         stacked = [torch.stack(x) for x in (boxes, logits, corners, refs)]  # each (layers, B, Q, ...)
-        return (*stacked, pre_boxes, pre_logits)
+        return (*stacked, pre_boxes, pre_logits, features)
 
     def forward(self, feats: list[torch.Tensor], targets: list[dict] | None = None) -> dict:
         memory, spatial_shapes = self._flatten_memory(feats)
@@ -472,11 +478,12 @@ class DFineDecoder(nn.Module):
             target = torch.cat([dn_logits, target], dim=1)
             ref_logits = torch.cat([dn_ref_logits, ref_logits], dim=1)
 
-        boxes, logits, corners, refs, pre_boxes, pre_logits = self._run_layers(
+        boxes, logits, corners, refs, pre_boxes, pre_logits, features = self._run_layers(
             target, ref_logits, memory, spatial_shapes, attn_mask
         )
         if not self.training:
-            return {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+            out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+            return out if features is None else out | {"query_features": features}
 
         if dn_meta is not None:
             split = dn_meta["dn_num_split"]
@@ -486,6 +493,8 @@ class DFineDecoder(nn.Module):
             dn_logits_out, logits = torch.split(logits, split, dim=2)
             dn_corners, corners = torch.split(corners, split, dim=2)
             dn_refs, refs = torch.split(refs, split, dim=2)
+            if features is not None:  # masks are learnt on the matching queries only
+                features = torch.split(features, split, dim=1)[1]
             negatives = dn_meta["dn_num_negatives"]
             if negatives:  # [groups | negatives]: the negatives only feed the classification loss
                 grouped = [split[0] - negatives, negatives]
@@ -504,6 +513,8 @@ class DFineDecoder(nn.Module):
             "up": self.up,
             "reg_scale": self.reg_scale,
         }
+        if features is not None:
+            out["query_features"] = features
         if self.aux_loss:
             out["aux_outputs"] = _layer_outputs(
                 logits[:-1], boxes[:-1], corners[:-1], refs[:-1], corners[-1], logits[-1]

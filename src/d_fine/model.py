@@ -1,5 +1,6 @@
-"""The D-FINE detector (backbone -> hybrid encoder -> decoder), `build_model`, and `build(spec)`: the model with
-its criterion and postprocessor, the one way training and deployment make a detector."""
+"""The D-FINE detector (backbone -> hybrid encoder -> decoder [-> mask head]), `build_model`, and
+`build(spec)`: the model with its criterion and postprocessor, the one way training and deployment make
+a detector."""
 
 from __future__ import annotations
 
@@ -12,25 +13,40 @@ from torch import nn
 from src.d_fine.decoder import DFineDecoder
 from src.d_fine.encoder import HybridEncoder
 from src.d_fine.hgnetv2 import HGNetv2
+from src.d_fine.mask_head import MaskHead, build_mask_head
 from src.d_fine.sizes import ModelSize, get_size
-from src.d_fine.spec import ModelSpec
+from src.d_fine.spec import TASKS, ModelSpec
 
 
 class DFINE(nn.Module):
     """images (B, 3, H, W) float in [0, 1] -> eval: {"pred_logits" (B, Q, classes), "pred_boxes" (B, Q, 4)
-    normalised cxcywh}; train (`model(images, targets)`): the full output dict the criterion consumes."""
+    normalised cxcywh}; train (`model(images, targets)`): the full output dict the criterion consumes.
+    With a mask head (task "segment") both also hold "pred_masks" (B, Q, H/s, W/s) mask logits."""
 
     def __init__(
-        self, backbone: HGNetv2, encoder: HybridEncoder, decoder: DFineDecoder, arch: ModelSize | None = None
+        self,
+        backbone: HGNetv2,
+        encoder: HybridEncoder,
+        decoder: DFineDecoder,
+        arch: ModelSize | None = None,
+        mask_head: MaskHead | None = None,
     ):
         super().__init__()
         self.backbone = backbone
         self.decoder = decoder
         self.encoder = encoder
         self.arch = arch  # the size-table entry it was built from
+        self.mask_head = mask_head
+        decoder.return_query_features = mask_head is not None
+
+    @property
+    def task(self) -> str:
+        return "detect" if self.mask_head is None else "segment"
 
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None) -> dict:
-        return self.decoder(self.encoder(self.backbone(images)), targets)
+        feats = self.encoder(self.backbone(images))
+        outputs = self.decoder(feats, targets)
+        return outputs if self.mask_head is None else self.mask_head(feats, outputs)
 
     def deploy(self) -> DFINE:
         """Eval mode, RepVGG/BN folding, and only the layers eval runs; outputs do not change. One way."""
@@ -50,6 +66,7 @@ def build_model(
     num_denoising: int = 100,
     pretrained_backbone: bool | str | Path = False,
     arch_overrides: dict | None = None,
+    task: str = "detect",
 ) -> DFINE:
     """A D-FINE / DEIM-D-FINE detector of size `model_name` ('n' | 's' | 'm' | 'l' | 'x').
 
@@ -57,7 +74,10 @@ def build_model(
     (other sizes still work, computed on the fly). pretrained_backbone: False, True (ImageNet HGNetv2
     weights from weights/hgnetv2/, downloaded if missing) or a path to them. arch_overrides: fields of
     `sizes.ModelSize` to change, e.g. from `sizes.arch_overrides_from_state_dict(checkpoint)`.
+    task: "detect" or "segment" (adds the mask branch, src/d_fine/mask_head.py; boxes are unchanged).
     """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {' | '.join(TASKS)}, got {task!r}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if img_size is not None:
@@ -107,7 +127,13 @@ def build_model(
         reg_scale=size.reg_scale,
         layer_scale=size.layer_scale,
     )
-    return DFINE(backbone, encoder, decoder, size)
+    mask_head = None
+    if task == "segment":
+        if size.layer_scale != 1:  # the mask MLP reads the eval layer's queries in training and eval alike
+            raise ValueError("task=segment needs decoder layers of one width (layer_scale 1)")
+        channels = [size.hidden_dim] * len(size.feat_strides)  # every encoder output map has hidden_dim
+        mask_head = build_mask_head(channels, list(size.feat_strides), size.decoder_hidden_dim)
+    return DFINE(backbone, encoder, decoder, size, mask_head)
 
 
 class Detector(NamedTuple):
@@ -116,11 +142,15 @@ class Detector(NamedTuple):
     postprocessor: nn.Module  # raw outputs -> labels, boxes (pixels), scores
 
 
-def build(spec: ModelSpec, cls_loss: str = "auto", bg_loss_weight: float = 1.0) -> Detector:
+def build(
+    spec: ModelSpec, cls_loss: str = "auto", bg_loss_weight: float = 1.0, mask_loss: dict | None = None
+) -> Detector:
     """(model, criterion, postprocessor) for `spec`.
 
     cls_loss: "vfl" | "mal", or "auto" = each variant's own (DEIM trains with MAL, D-FINE with VFL).
     bg_loss_weight: extra weight on the classification loss of unmatched queries (1.0 = official).
+    mask_loss: train.mask_loss, for a segmentation spec's criterion (without it that criterion refuses
+    mask outputs: enough for deployment, where the criterion is not used).
     """
     from src.d_fine.criterion import build_criterion
     from src.d_fine.postprocess import build_postprocessor
@@ -137,7 +167,14 @@ def build(spec: ModelSpec, cls_loss: str = "auto", bg_loss_weight: float = 1.0) 
         variant=spec.variant,
         num_queries=spec.num_queries,
         arch_overrides=spec.arch_overrides or None,
+        task=spec.task,
     )
-    criterion = build_criterion(spec.size, spec.num_classes, cls_loss=cls_loss, bg_loss_weight=bg_loss_weight)
+    criterion = build_criterion(
+        spec.size,
+        spec.num_classes,
+        cls_loss=cls_loss,
+        bg_loss_weight=bg_loss_weight,
+        mask_loss=mask_loss if spec.task == "segment" else None,
+    )
     postprocessor = build_postprocessor(spec.num_classes, num_top_queries=spec.num_queries)
     return Detector(model, criterion, postprocessor)

@@ -1,4 +1,4 @@
-"""Raw D-FINE outputs -> per-image detections (labels, xyxy pixel boxes, scores).
+"""Raw D-FINE outputs -> per-image detections (labels, xyxy pixel boxes, scores[, mask logits]).
 
 Scores are per-class sigmoids; the top `num_top_queries` (query, class) pairs of each image are kept, so a
 query may appear with several classes. Only torch ops, so the module traces into an exported graph.
@@ -23,7 +23,8 @@ class PostProcessor(nn.Module):
         return f"num_classes={self.num_classes}, num_top_queries={self.num_top_queries}"
 
     def deploy(self) -> PostProcessor:
-        """Return (labels, boxes, scores) tensors, each (B, K[, 4]), instead of a list of dicts (export)."""
+        """Return (labels, boxes, scores[, masks]) tensors, each (B, K[, 4 | h, w]), instead of a list of
+        dicts (export)."""
         self.eval()
         self.deploy_mode = True
         return self
@@ -33,7 +34,9 @@ class PostProcessor(nn.Module):
         orig_sizes_wh (B, 2): (width, height) of each original image in pixels.
 
         Returns per image {"labels" int64 (K,), "boxes" float xyxy pixels (K, 4), "scores" (K,)}, sorted by
-        score, K = min(num_top_queries, Q * C).
+        score, K = min(num_top_queries, Q * C). A segmentation model's outputs ("pred_masks" (B, Q, h, w))
+        add "masks": the kept queries' low-resolution logits (K, h, w); network_input.masks_to_original
+        turns them into masks of the original image.
         """
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         boxes = cxcywh_to_xyxy(boxes) * orig_sizes_wh.to(boxes.dtype).repeat(1, 2).unsqueeze(1)  # (B, Q, 4)
@@ -46,9 +49,15 @@ class PostProcessor(nn.Module):
         labels = index - index // self.num_classes * self.num_classes
         query = index // self.num_classes
         boxes = boxes.gather(dim=1, index=query.unsqueeze(-1).repeat(1, 1, boxes.shape[-1]))
+        results = [labels, boxes, scores]
+        if "pred_masks" in outputs:
+            pred_masks = outputs["pred_masks"]  # (B, Q, h, w)
+            index = query[:, :, None, None].expand(-1, -1, *pred_masks.shape[-2:])
+            results.append(pred_masks.gather(dim=1, index=index))  # (B, K, h, w)
         if self.deploy_mode:
-            return labels, boxes, scores
-        return [{"labels": lab, "boxes": box, "scores": sco} for lab, box, sco in zip(labels, boxes, scores)]
+            return tuple(results)
+        keys = ("labels", "boxes", "scores", "masks")
+        return [dict(zip(keys, per_image)) for per_image in zip(*results)]
 
 
 def build_postprocessor(num_classes: int, num_top_queries: int = 300) -> PostProcessor:

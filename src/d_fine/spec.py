@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from src.common.errors import ConfigError
 
 ONE_CLASS_NAME = "object"  # the single class of a model.use_one_class model
+TASKS = ("detect", "segment")  # model.task: "segment" adds the mask branch (src/d_fine/mask_head.py)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class ModelSpec:
     num_queries: int = 300
     keep_ratio: bool = False  # letterbox (True) or plain resize (False) to img_size
     use_one_class: bool = False  # every data class trained as the one class "object"
+    task: str = "detect"  # detect | segment (adds the mask branch, src/d_fine/mask_head.py)
     arch_overrides: dict = field(default_factory=dict)  # sizes.ModelSize fields a checkpoint fixes
 
     def __post_init__(self) -> None:
@@ -36,6 +38,8 @@ class ModelSpec:
             raise ConfigError(f"model.num_queries must be >= 1, got {self.num_queries}")
         if not self.data_class_names:
             raise ConfigError("label_to_name names no class")
+        if self.task not in TASKS:
+            raise ConfigError(f"model.task must be one of {' | '.join(TASKS)}, got {self.task!r}")
         object.__setattr__(self, "img_size", (h, w))
         object.__setattr__(self, "num_queries", int(self.num_queries))
         object.__setattr__(self, "data_class_names", tuple(str(n) for n in self.data_class_names))
@@ -75,6 +79,7 @@ class ModelSpec:
             num_queries=int(model.num_queries),
             keep_ratio=bool(model.keep_ratio),
             use_one_class=bool(model.use_one_class),
+            task=str(model.task),
             arch_overrides=dict(arch_overrides or {}),
         )
 
@@ -90,6 +95,7 @@ class ModelSpec:
             "img_size": list(self.img_size),
             "keep_ratio": self.keep_ratio,
             "num_queries": self.num_queries,
+            "task": self.task,
             "arch_overrides": dict(self.arch_overrides),  # build(spec) rebuilds the same architecture
         }
 
@@ -113,6 +119,7 @@ class ModelSpec:
             num_queries=int(meta["num_queries"]),
             keep_ratio=bool(meta.get("keep_ratio", False)),
             use_one_class=one_class,
+            task=str(meta.get("task", "detect")),  # checkpoints before segmentation are detectors
             arch_overrides=dict(meta.get("arch_overrides") or {}),
         )
 

@@ -67,6 +67,11 @@ class Trainer(EpochLoop):
         self.tc = cfg.train
         self.exp = Experiment.of(cfg)
         self.spec = ModelSpec.from_config(cfg)  # arch overrides of a checkpoint follow in _build_model
+        if self.spec.task == "segment":  # issue 14: the model side exists; labels -> masks do not yet
+            raise UserError(
+                "model.task=segment: the model can segment, but the training data cannot yet give it masks "
+                "(polygon labels are not read; issue 14). Use model.task=detect"
+            )
         self.batch_size = int(self.tc.batch_size)
         self.accumulation = max(int(self.tc.accumulation_steps), 1)
         self.precision = setup_speed(self.tc, self.device, ctx.world_size)  # threads + train.amp by hardware
@@ -137,7 +142,10 @@ class Trainer(EpochLoop):
 
         self.spec = self.spec.with_arch_overrides(self._arch_overrides())
         self.model, criterion, self.postprocessor = build(
-            self.spec, cls_loss=str(self.tc.cls_loss), bg_loss_weight=float(self.tc.bg_loss_weight)
+            self.spec,
+            cls_loss=str(self.tc.cls_loss),
+            bg_loss_weight=float(self.tc.bg_loss_weight),
+            mask_loss=dict(self.tc.mask_loss),
         )
         # Parameters the size's own recipe freezes (the stem of l / x) stay frozen whatever we do later.
         self.trainable_backbone = [p for p in backbone_parameters(self.model) if p.requires_grad]

@@ -1,0 +1,114 @@
+"""COCO mask mAP (faster-coco-eval, iouType "segm") beside the validator's box mAP.
+
+    scores = mask_map(preds, gts, num_classes)
+    scores["mask_mAP_50"], scores["mask_mAP_50_95"]          # floats
+    scores["mask_AP50"], scores["mask_AP50_95"]              # (num_classes,) arrays, nan: no ground truth
+
+preds: per image {"masks" bool (K, H, W), "labels" (K,), "scores" (K,)}; gts: per image {"masks" bool
+(n, H, W), "labels" (n,)}; masks at the original image size (network_input.masks_to_original), numpy or
+torch. Masks are RLE-encoded with faster-coco-eval's mask utilities (pycocotools' format); a ground-truth
+object without a mask (box-only label, "has_mask" False) is left out of the mask ground truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from src.metrics.validator import _mean_valid
+
+MASK_COLUMNS = ("mask_mAP_50", "mask_mAP_50_95")
+
+
+def _bool_masks(masks) -> np.ndarray:
+    """(K, H, W) numpy/torch, any dtype -> Fortran-ordered uint8 (H, W, K), the layout RLE encoding wants."""
+    array = masks.detach().cpu().numpy() if hasattr(masks, "detach") else np.asarray(masks)
+    if array.ndim != 3:
+        raise ValueError(f"masks must be (K, H, W), got shape {array.shape}")
+    return np.asfortranarray(array.astype(bool).astype(np.uint8).transpose(1, 2, 0))
+
+
+def encode_masks(masks) -> list[dict]:
+    """(K, H, W) masks -> K COCO RLEs ({"size": [H, W], "counts": str})."""
+    from faster_coco_eval.core import mask as mask_utils
+
+    if len(masks) == 0:
+        return []
+    rles = mask_utils.encode(_bool_masks(masks))
+    for rle in rles:  # bytes counts -> str, as a COCO json holds them
+        if isinstance(rle["counts"], bytes):
+            rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def _numpy(values) -> np.ndarray:
+    return values.detach().cpu().numpy() if hasattr(values, "detach") else np.asarray(values)
+
+
+def mask_iou(masks_a, masks_b) -> np.ndarray:
+    """IoU of each mask in masks_a (N, H, W) with the one at the same index in masks_b (N, H, W): (N,)
+    float64; two empty masks count as IoU 1 (they agree). For export parity and error analysis."""
+    a = _numpy(masks_a).astype(bool).reshape(len(masks_a), -1)
+    b = _numpy(masks_b).astype(bool).reshape(len(masks_b), -1)
+    if a.shape != b.shape:
+        raise ValueError(f"mask_iou needs masks of one shape, got {a.shape} and {b.shape}")
+    union = (a | b).sum(1)
+    return np.where(union > 0, (a & b).sum(1) / np.maximum(union, 1), 1.0)
+
+
+def mask_coco_dicts(preds: Sequence[dict], gts: Sequence[dict], num_classes: int) -> tuple[dict, list[dict]]:
+    """In-memory COCO ground truth with RLE segmentations and the detection list; image ids 1..N,
+    category ids class + 1 (as validator.coco_dicts)."""
+    from faster_coco_eval.core import mask as mask_utils
+
+    images, annotations, detections = [], [], []
+    for i, (pred, gt) in enumerate(zip(preds, gts, strict=True), start=1):
+        height, width = np.shape(gt["masks"])[-2:]
+        images.append({"id": i, "width": int(width), "height": int(height)})
+        labels = _numpy(gt["labels"]).astype(np.int64)
+        keep = _numpy(gt["has_mask"]).astype(bool) if "has_mask" in gt else np.ones(len(labels), bool)
+        rles = encode_masks(_numpy(gt["masks"])[keep])
+        for rle, label in zip(rles, labels[keep].tolist(), strict=True):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i,
+                    "category_id": label + 1,
+                    "segmentation": rle,
+                    "area": float(mask_utils.area(rle)),
+                    "bbox": mask_utils.toBbox(rle).tolist(),
+                    "iscrowd": 0,
+                }
+            )
+        rles = encode_masks(pred["masks"])
+        for rle, score, label in zip(
+            rles, _numpy(pred["scores"]).tolist(), _numpy(pred["labels"]).tolist(), strict=True
+        ):
+            detections.append(
+                {"image_id": i, "category_id": int(label) + 1, "segmentation": rle, "score": score}
+            )
+    categories = [{"id": c + 1, "name": str(c)} for c in range(num_classes)]
+    return {"images": images, "annotations": annotations, "categories": categories}, detections
+
+
+def mask_map(preds: Sequence[dict], gts: Sequence[dict], num_classes: int) -> dict:
+    """COCO segm mAP@0.5 and mAP@0.5:0.95 (100 detections per image) plus per-class AP arrays (nan for a
+    class without ground truth). With no ground-truth mask at all every value is 0."""
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    nan = np.full(num_classes, np.nan)
+    gt_dict, detections = mask_coco_dicts(preds, gts, num_classes)
+    if not gt_dict["annotations"]:
+        return {"mask_mAP_50": 0.0, "mask_mAP_50_95": 0.0, "mask_AP50": nan, "mask_AP50_95": nan}
+    coco_gt = COCO(gt_dict)
+    evaluator = COCOeval_faster(coco_gt, coco_gt.loadRes(detections), iouType="segm")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # (iou thresholds, recall points, classes)
+    return {
+        "mask_mAP_50": _mean_valid(precision[0]),
+        "mask_mAP_50_95": _mean_valid(precision),
+        "mask_AP50": np.array([_mean_valid(precision[0, :, k], np.nan) for k in range(num_classes)]),
+        "mask_AP50_95": np.array([_mean_valid(precision[:, :, k], np.nan) for k in range(num_classes)]),
+    }

@@ -1,0 +1,126 @@
+"""COCO mask mAP (src/metrics/masks.py) against pycocotools on a small fixture built here, and on a
+hand-computed case."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from src.metrics.masks import encode_masks, mask_coco_dicts, mask_map
+
+NUM_CLASSES = 3  # class 2 has no ground truth: nan per-class AP
+
+
+def _blob(height: int, width: int, centre, axes, angle: float = 0.0) -> np.ndarray:
+    mask = np.zeros((height, width), np.uint8)
+    cv2.ellipse(mask, centre, axes, angle, 0, 360, 1, -1)
+    return mask.astype(bool)
+
+
+def _fixture() -> tuple[list[dict], list[dict]]:
+    """3 images of different sizes: matched, shifted (lower IoU), missed and false-positive masks, a
+    box-only ground-truth object, an image without predictions."""
+    rng = np.random.default_rng(0)
+    preds, gts = [], []
+    for height, width, count in ((60, 80, 3), (100, 70, 4), (50, 50, 2)):
+        gt_masks, gt_labels, pred_masks, pred_labels, scores = [], [], [], [], []
+        for k in range(count):
+            centre = (int(rng.integers(15, width - 15)), int(rng.integers(15, height - 15)))
+            axes = (int(rng.integers(5, 14)), int(rng.integers(5, 14)))
+            label = int(rng.integers(0, 2))
+            angle = float(rng.uniform(0, 180))
+            gt_masks.append(_blob(height, width, centre, axes, angle))
+            gt_labels.append(label)
+            if k == count - 1 and height == 100:
+                continue  # missed object
+            shift = int(rng.integers(0, 5))  # 0..4 px: IoU from 1 down to ~0.5
+            pred_masks.append(_blob(height, width, (centre[0] + shift, centre[1]), axes, angle))
+            pred_labels.append(label if k != 1 else 1 - label)  # one wrong class
+            scores.append(float(rng.uniform(0.3, 1.0)))
+        pred_masks.append(_blob(height, width, (10, 10), (6, 4)))  # false positive
+        pred_labels.append(0)
+        scores.append(0.35)
+        gt = {"masks": np.stack(gt_masks), "labels": np.array(gt_labels)}
+        if height == 60:
+            gt["has_mask"] = np.array([True, True, False])  # a box-only object: not a mask ground truth
+        gts.append(gt)
+        preds.append(
+            {"masks": np.stack(pred_masks), "labels": np.array(pred_labels), "scores": np.array(scores)}
+        )
+    preds[2] = {"masks": np.zeros((0, 50, 50), bool), "labels": np.zeros(0, int), "scores": np.zeros(0)}
+    return preds, gts
+
+
+def _pycocotools_precision(preds, gts) -> np.ndarray:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt_dict, detections = mask_coco_dicts(preds, gts, NUM_CLASSES)
+    coco_gt = COCO()
+    coco_gt.dataset = gt_dict
+    coco_gt.createIndex()
+    evaluator = COCOeval(coco_gt, coco_gt.loadRes(detections), iouType="segm")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    return evaluator.eval["precision"][:, :, :, 0, -1]  # (iou thresholds, recall points, classes)
+
+
+def _mean(values: np.ndarray) -> float:
+    valid = values[values > -1]
+    return float(valid.mean()) if valid.size else float("nan")
+
+
+def test_mask_map_matches_pycocotools():
+    preds, gts = _fixture()
+    ours = mask_map(preds, gts, NUM_CLASSES)
+    precision = _pycocotools_precision(preds, gts)
+    assert ours["mask_mAP_50"] == pytest.approx(_mean(precision[0]), abs=1e-9)
+    assert ours["mask_mAP_50_95"] == pytest.approx(_mean(precision), abs=1e-9)
+    for k in range(2):
+        assert ours["mask_AP50"][k] == pytest.approx(_mean(precision[0, :, k]), abs=1e-9)
+        assert ours["mask_AP50_95"][k] == pytest.approx(_mean(precision[:, :, k]), abs=1e-9)
+    assert np.isnan(ours["mask_AP50"][2]) and np.isnan(ours["mask_AP50_95"][2])
+    assert 0 < ours["mask_mAP_50_95"] < ours["mask_mAP_50"] < 1  # the fixture is neither perfect nor empty
+
+
+def test_mask_map_on_a_hand_computed_case():
+    """One object. An identical mask: AP 1 everywhere. A mask with IoU 0.64: a hit at IoU thresholds 0.5,
+    0.55, 0.6 only, so AP50 = 1 and AP50:95 = 3 / 10."""
+    gt_mask = np.zeros((1, 40, 40), bool)
+    gt_mask[0, 10:30, 10:30] = True  # 400 px
+    gts = [{"masks": gt_mask, "labels": np.array([0])}]
+    same = [{"masks": gt_mask.copy(), "labels": np.array([0]), "scores": np.array([0.9])}]
+    assert mask_map(same, gts, 1)["mask_mAP_50_95"] == pytest.approx(1.0)
+
+    shifted = np.zeros((1, 40, 40), bool)
+    shifted[0, 10:30, 15:35] = True
+    shifted[0, 10:30, 14] = True  # overlap 320, union 500: IoU 0.64
+    result = mask_map([{"masks": shifted, "labels": np.array([0]), "scores": np.array([0.9])}], gts, 1)
+    assert result["mask_mAP_50"] == pytest.approx(1.0)
+    assert result["mask_mAP_50_95"] == pytest.approx(0.3)
+
+
+def test_mask_map_without_ground_truth_and_rle_round_trip():
+    empty_gt = [{"masks": np.zeros((0, 20, 20), bool), "labels": np.zeros(0, int)}]
+    pred = [{"masks": np.ones((1, 20, 20), bool), "labels": np.array([0]), "scores": np.array([0.5])}]
+    result = mask_map(pred, empty_gt, 2)
+    assert result["mask_mAP_50"] == 0.0 and np.isnan(result["mask_AP50"]).all()
+
+    from faster_coco_eval.core import mask as mask_utils
+
+    masks = np.stack([_blob(30, 40, (20, 15), (8, 5)), _blob(30, 40, (5, 5), (3, 3))])
+    rles = encode_masks(masks)
+    assert all(isinstance(rle["counts"], str) and rle["size"] == [30, 40] for rle in rles)
+    decoded = mask_utils.decode(rles)  # (H, W, K)
+    assert np.array_equal(decoded.transpose(2, 0, 1).astype(bool), masks)
+
+
+def test_mask_iou_pairs_masks_by_index():
+    from src.metrics.masks import mask_iou
+
+    a = np.zeros((3, 10, 10), bool)
+    b = np.zeros((3, 10, 10), bool)
+    a[0, :5], b[0, :, :5] = True, True  # 25 / 75
+    a[1, 2:4, 2:4], b[1, 2:4, 2:4] = True, True  # identical
+    assert mask_iou(a, b).tolist() == pytest.approx([1 / 3, 1.0, 1.0])  # third pair: both empty

@@ -379,7 +379,7 @@ def run(cfg: DictConfig) -> Path:
             raise ConvertError(
                 f"refusing to overwrite {out}; set convert.overwrite=true or choose another convert.dst"
             )
-        coco = yolo_to_coco(cfg, data_path, Path(str(c.split_csv)) if c.get("split_csv") else None)
+        coco = yolo_to_coco(cfg, data_path, Path(str(c.split_csv)) if c.split_csv else None)
         atomic_write_json(out, coco)
         logger.info(
             f"wrote {out}: {len(coco['images'])} images, {len(coco['annotations'])} boxes, {len(coco['categories'])} categories"

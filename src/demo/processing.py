@@ -1,0 +1,358 @@
+"""What the demo does with a request, without Gradio: the models (found in output_dir, loaded and cached),
+detection on images and videos, and the files written for download (annotated images/videos, YOLO txt
+labels, predictions.json, one zip). The page around it: src/demo/app.py.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from loguru import logger
+from omegaconf import DictConfig
+
+from src.common.draw import draw_detections, save_image_rgb
+from src.common.errors import ExperimentError
+from src.common.experiment import ARTIFACTS, Experiment
+from src.common.images import IMAGE_EXTS, VIDEO_EXTS, ImageReadError, is_image, is_video, read_image_rgb
+from src.common.io import atomic_write, atomic_write_json
+from src.common.video import VideoOutput, VideoReadError, open_video
+from src.dl.infer import WRITABLE_EXTS, yolo_text
+from src.runtime import Detections, Detector, best_artifact, load_model
+
+TABLE_COLUMNS = ["file", "frame", "class_id", "class_name", "score", "x1", "y1", "x2", "y2"]
+MAX_TABLE_ROWS = 2000  # rows shown in the page; the downloads hold every detection
+PREVIEW_FOURCC = "VP80"  # browsers play VP8 WebM; OpenCV's wheels have no H.264 encoder
+DOWNLOAD_FOURCC = "mp4v"  # the annotated .mp4 offered for download (same as src.dl.infer)
+
+
+# ---------------------------------------------------------------- models
+
+
+def find_models(output_dir: str | Path) -> list[Path]:
+    """Every artifact (src.common.experiment.ARTIFACTS) in the experiment folders directly under output_dir, sorted."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found += [folder / name for name in ARTIFACTS.values() if (folder / name).is_file()]
+    return found
+
+
+def model_choices(output_dir: str | Path) -> list[tuple[str, str]]:
+    """(label, path) pairs for the model list: "experiment/file"."""
+    return [(f"{p.parent.name}/{p.name}", str(p)) for p in find_models(output_dir)]
+
+
+def default_model(cfg: DictConfig) -> str | None:
+    """demo_ui.model_path, else the fastest artifact of exp_name for `device`, else the first one found."""
+    if cfg.demo_ui.model_path:
+        return str(cfg.demo_ui.model_path)
+    try:
+        return str(best_artifact(Experiment.of(cfg).root, str(cfg.device)))
+    except ExperimentError as err:  # a stale export: say so, offer another model
+        logger.warning(str(err))
+        models = find_models(cfg.output_dir)
+        return str(models[0]) if models else None
+    except FileNotFoundError:
+        models = find_models(cfg.output_dir)
+        return str(models[0]) if models else None
+
+
+class ModelCache:
+    """Loaded Detectors by path; keeps the `size` most recently used (each holds a whole model)."""
+
+    def __init__(
+        self,
+        device: str = "auto",
+        precision: str | None = None,
+        size: int = 1,
+        wrap=lambda detector: detector,
+    ):
+        self.device, self.precision, self.size = device, precision, max(1, size)
+        self.wrap = wrap  # e.g. sliced inference (src/runtime/slicing.py)
+        self._models: dict[str, Detector] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: str | Path) -> Detector:
+        key = str(Path(path).expanduser())
+        with self._lock:
+            if key in self._models:
+                self._models[key] = self._models.pop(key)  # most recently used goes last
+                return self._models[key]
+            detector = self.wrap(load_model(key, device=self.device, precision=self.precision))
+            logger.info(f"demo: loaded {detector}")
+            self._models[key] = detector
+            while len(self._models) > self.size:
+                self._models.pop(next(iter(self._models)))
+            return detector
+
+
+def describe_model(detector: Detector) -> str:
+    """Markdown: backend, file, input size, classes, default thresholds."""
+    meta = detector.meta
+    h, w = meta.img_size
+    path = Path(str(detector.path)).absolute()
+    shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+    text = (
+        f"**{detector.backend}** `{shown}` · input {w}×{h} · {meta.num_classes} classes · "
+        f"default threshold {meta.conf_thresh:.3g}"
+    )
+    if meta.class_thresholds:
+        per_class = ", ".join(f"{name} {value:.3g}" for name, value in meta.class_thresholds.items())
+        text += f" (per class: {per_class}; used while the slider stays at the default)"
+    return text
+
+
+def slider_conf(detector: Detector, value: float | None, step: float = 0.01) -> float | None:
+    """The slider's value as a `conf`: at the model's default (within half a step) -> None, i.e. the
+    model's own global + per-class thresholds; anywhere else -> one threshold for every class."""
+    if value is None or abs(float(value) - detector.meta.conf_thresh) <= step / 2 + 1e-9:
+        return None
+    return float(value)
+
+
+def class_thresholds(
+    detector: Detector, conf: float | dict | None = None, classes: Sequence[str] | None = None
+) -> dict[int, float]:
+    """Per-class thresholds {class id: value} for `conf`; classes left out of `classes` get +inf (hidden).
+
+    classes None: every class. Names the model does not have are ignored.
+    """
+    thresholds = detector.thresholds(conf)
+    wanted = None if classes is None else set(map(str, classes))
+    return {
+        i: (float(thresholds[i]) if wanted is None or name in wanted else float("inf"))
+        for i, name in enumerate(detector.class_names)
+    }
+
+
+# ---------------------------------------------------------------- images
+
+
+@dataclass
+class Results:
+    """What one request produced: gallery (annotated image path, caption) pairs or the annotated video,
+    the detections table, files to download, and messages about inputs that could not be used."""
+
+    gallery: list[tuple[str, str]] = field(default_factory=list)
+    table: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=TABLE_COLUMNS))
+    downloads: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    video: str | None = None  # browser-playable annotated preview (WebM)
+    detections: int = 0
+    notes: list[str] = field(default_factory=list)  # e.g. "video cut at 300 frames"
+
+    def __iter__(self) -> Iterator[Any]:
+        """`gallery, table, downloads = predict_images(...)` (problems: `.problems`)."""
+        return iter((self.gallery, self.table, self.downloads))
+
+
+def file_path(item: Any) -> Path:
+    """A Gradio upload (a path string, or an object with .name / .path) as a Path."""
+    if isinstance(item, (str, Path)):
+        return Path(item)
+    for attribute in ("path", "name"):
+        value = getattr(item, attribute, None)
+        if isinstance(value, str):
+            return Path(value)
+    raise TypeError(f"not a file: {item!r}")
+
+
+def unique_stem(name: str, used: set[str]) -> str:
+    """`name`, or name_2, name_3... when two uploads share a file name."""
+    stem, n = name, 1
+    while stem in used:
+        n += 1
+        stem = f"{name}_{n}"
+    used.add(stem)
+    return stem
+
+
+def table_rows(file: str, frame: int | None, dets: Detections) -> list[list[Any]]:
+    return [
+        [file, frame, int(label), name, round(float(score), 4), *(round(float(v), 1) for v in box)]
+        for box, score, label, name in zip(dets.boxes, dets.scores, dets.labels, dets.names, strict=True)
+    ]
+
+
+def make_table(rows: list[list[Any]]) -> pd.DataFrame:
+    """Detections as a table; the frame column only when there are video frames (images have none)."""
+    table = pd.DataFrame(rows[:MAX_TABLE_ROWS], columns=TABLE_COLUMNS)
+    frames = ["" if frame is None else str(frame) for frame in table["frame"]]
+    return table.assign(frame=frames) if any(frames) else table.drop(columns="frame")
+
+
+def readable_error(err: Exception, path: Path, name: str) -> str:
+    """The reader's message with the upload's temp path replaced by the name the user knows."""
+    message = str(err).replace(str(path), name)
+    return message if name in message else f"{name}: {message}"
+
+
+def predict_images(
+    detector: Detector,
+    files: Sequence[Any],
+    conf: float | dict | None = None,
+    classes: Sequence[str] | None = None,
+    out_dir: str | Path | None = None,
+    max_images: int | None = None,
+    label_scores: bool = False,
+) -> Results:
+    """Detect on image files and write annotated copies, YOLO txt labels, predictions.json and a zip.
+
+    conf: None -> the model's thresholds; float; or {class: threshold}. classes: names to keep (None: all).
+    Unreadable or non-image files are skipped with a message in `.problems`. Unpacks as
+    (gallery [(annotated path, caption)], table DataFrame, download paths).
+    """
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="dfine_demo_"))
+    thresholds = class_thresholds(detector, conf, classes)
+    results, rows, entries, used = Results(), [], [], set()
+    annotated_files, label_files = [], []
+    for item in files:
+        path = file_path(item)
+        if max_images is not None and len(entries) >= max_images:
+            results.problems.append(f"{path.name}: skipped, at most {max_images} images per request")
+            continue
+        if not is_image(path):
+            results.problems.append(f"{path.name}: not a supported image ({', '.join(sorted(IMAGE_EXTS))})")
+            continue
+        try:
+            image = read_image_rgb(path)
+        except (ImageReadError, OSError, ValueError) as err:
+            results.problems.append(readable_error(err, path, path.name))
+            continue
+        dets = detector.predict([image], thresholds)[0]
+        stem = unique_stem(path.stem, used)
+        suffix = path.suffix.lower() if path.suffix.lower() in WRITABLE_EXTS else ".jpg"
+        picture = draw_detections(image, dets.boxes, dets.labels, dets.scores, detector.class_names)
+        annotated = save_image_rgb(out / "images" / f"{stem}{suffix}", picture)
+        label_file = out / "labels" / f"{stem}.txt"
+        atomic_write(label_file, lambda tmp, d=dets: tmp.write_text(yolo_text(d, label_scores)))
+        annotated_files.append(annotated)
+        label_files.append(label_file)
+        results.gallery.append((str(annotated), f"{path.name}: {len(dets)} detection(s)"))
+        rows += table_rows(path.name, None, dets)
+        entries.append({"file": path.name, **dets.to_dict()})
+        results.detections += len(dets)
+    results.table = make_table(rows)
+    if not entries:
+        return results
+    summary = {**model_summary(detector, thresholds), "images": entries, "failed": results.problems}
+    predictions = atomic_write_json(out / "predictions.json", summary)
+    bundle = write_zip(out / "predictions.zip", out, [predictions, *annotated_files, *label_files])
+    results.downloads = [str(p) for p in (bundle, predictions, *annotated_files, *label_files)]
+    return results
+
+
+def model_summary(detector: Detector, thresholds: dict[int, float]) -> dict[str, Any]:
+    shown = {
+        detector.class_names[i]: (round(v, 4) if np.isfinite(v) else "hidden") for i, v in thresholds.items()
+    }
+    return {"model": str(detector.path), "backend": detector.backend, "thresholds": shown}
+
+
+def write_zip(path: Path, root: Path, files: Sequence[Path]) -> Path:
+    """One zip of `files` (names relative to root), for a single download."""
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as bundle:
+            for file in files:
+                bundle.write(file, file.relative_to(root).as_posix())
+
+    return atomic_write(path, write)
+
+
+# ---------------------------------------------------------------- video
+
+
+@dataclass
+class VideoLimits:
+    max_frames: int | None = None  # None / 0: no limit
+    max_seconds: float | None = None
+
+    def frame_cap(self, fps: float) -> int | None:
+        caps = [int(self.max_frames)] if self.max_frames else []
+        if self.max_seconds:
+            caps.append(max(1, int(round(float(self.max_seconds) * fps))))
+        return min(caps) if caps else None
+
+
+def predict_video(
+    detector: Detector,
+    video: Any,
+    conf: float | dict | None = None,
+    classes: Sequence[str] | None = None,
+    out_dir: str | Path | None = None,
+    limits: VideoLimits | None = None,
+    label_scores: bool = False,
+) -> Results:
+    """Detect frame by frame (one frame in memory at a time); write the annotated video (.mp4 to download,
+    .webm to play in the page), <stem>_predictions.json (per frame) and <stem>_labels.zip (YOLO txt per frame).
+
+    Raises VideoReadError for a file that cannot be decoded. Frames past `limits` are not processed
+    (a note says so)."""
+    path = file_path(video)
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="dfine_demo_"))
+    if not is_video(path):
+        raise VideoReadError(f"{path.name}: not a supported video ({', '.join(sorted(VIDEO_EXTS))})")
+    video = open_video(path, path.name)
+    fps, size, total = video.fps, video.size, video.total
+    cap = (limits or VideoLimits()).frame_cap(fps)
+    thresholds = class_thresholds(detector, conf, classes)
+    results, rows = Results(), []
+    mp4, webm = out / "videos" / f"{path.stem}.mp4", out / "videos" / f"{path.stem}.webm"
+    predictions, labels_zip = out / f"{path.stem}_predictions.json", out / f"{path.stem}_labels.zip"
+
+    def stream(json_tmp: Path, zip_tmp: Path) -> int:
+        """Every frame through the model into the writers; returns the frame count."""
+        frames = 0
+        writers = VideoOutput([(mp4, DOWNLOAD_FOURCC), (webm, PREVIEW_FOURCC)], fps, size)
+        try:
+            with open(json_tmp, "w", encoding="utf-8") as handle, zipfile.ZipFile(zip_tmp, "w") as labels:
+                header = {**model_summary(detector, thresholds), "video": path.name, "fps": fps}
+                handle.write(json.dumps(header)[:-1] + ', "frames": [\n')  # the frames follow, streamed
+                for index, frame in video.frames(cap):
+                    dets = detector.predict([frame], thresholds)[0]
+                    names = detector.class_names
+                    writers.write(draw_detections(frame, dets.boxes, dets.labels, dets.scores, names))
+                    labels.writestr(f"{path.stem}/{index:06d}.txt", yolo_text(dets, label_scores))
+                    handle.write((",\n" if index else "") + json.dumps({"frame": index, **dets.to_dict()}))
+                    if len(rows) < MAX_TABLE_ROWS:
+                        rows.extend(table_rows(path.name, index, dets))
+                    results.detections += len(dets)
+                    frames += 1
+                handle.write("\n]}\n")
+        except BaseException:
+            writers.abort()
+            raise
+        writers.finish()
+        return frames
+
+    counted: list[int] = []
+    try:  # predictions.json and the labels zip appear only when complete (atomic_write)
+        atomic_write(
+            predictions,
+            lambda json_tmp: atomic_write(
+                labels_zip, lambda zip_tmp: counted.append(stream(json_tmp, zip_tmp))
+            ),
+        )
+    finally:
+        video.close()
+    frames = counted[0]
+    if frames == 0:
+        raise VideoReadError(f"{path.name}: no frame could be decoded")
+    if cap is not None and (total is None or total > cap) and frames == cap:
+        results.notes.append(f"{path.name}: processed the first {frames} frames only (demo_ui limits)")
+    results.table = make_table(rows)
+    results.video = str(webm)
+    results.downloads = [str(mp4), str(predictions), str(labels_zip)]
+    return results

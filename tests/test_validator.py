@@ -8,14 +8,9 @@ import torch
 from PIL import Image
 
 from src.common.network_input import letterbox_or_resize
-from src.metrics.validator import (
-    batch_records,
-    coco_dicts,
-    coco_map,
-    evaluate,
-    save_eval_images,
-    save_thresholds,
-)
+from src.metrics.plots import save_eval_images
+from src.metrics.records import batch_records
+from src.metrics.validator import coco_dicts, coco_map, evaluate, save_thresholds
 
 NAMES = ["cat", "dog", "fox"]
 
@@ -229,7 +224,7 @@ def test_predict_batches_with_the_real_model(tmp_path):
     from torch.utils.data import DataLoader
 
     from src.dl.train.dataset import DetectionDataset, collate_fn
-    from src.metrics.validator import predict_batches
+    from src.metrics.records import predict_batches
     from tests.test_dataset import IMAGES, config, make_data
 
     torch.manual_seed(0)

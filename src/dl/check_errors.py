@@ -39,7 +39,7 @@ def find_errors(
     dets: Detections, sample: LabelledImage, iou_thresh: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(FP mask over predictions, FN mask over GT, IoU matrix preds x GT) with the validator's matching."""
-    from src.metrics.validator import iou_matrix, match_image
+    from src.metrics.matching import iou_matrix, match_image
 
     pred = {
         "boxes": dets.boxes.astype(np.float64),

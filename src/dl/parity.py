@@ -34,10 +34,10 @@ def loud_error(message: str) -> None:
 def pair_detections(reference, candidate, iou_thresh: float) -> np.ndarray:
     """Index of the `candidate` detection paired with each `reference` detection of one image (-1: none).
 
-    One-to-one, same class, IoU >= iou_thresh: the validator's matching (src/metrics/validator.py), reference
+    One-to-one, same class, IoU >= iou_thresh: the validator's matching (src/metrics/matching.py), reference
     detections visited from the highest score down, each taking the free candidate box it overlaps most.
     """
-    from src.metrics.validator import greedy_match, iou_matrix, score_order
+    from src.metrics.matching import greedy_match, iou_matrix, score_order
 
     iou = iou_matrix(reference.boxes, candidate.boxes)
     same_class = reference.labels[:, None] == candidate.labels[None, :]

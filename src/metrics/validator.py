@@ -12,18 +12,11 @@ Both may carry "image_id" (then an image seen twice, e.g. gathered from DDP rank
     result.metrics   # flat dict: mAP_50, mAP_50_95, precision, recall, f1, iou, tp, fp, fn, best_thresh, best_f1
     result.save(plots_dir); save_thresholds(exp / "thresholds.json", result.thresholds)
     save_eval_images(preds, gts, out_dir, class_names, conf_thresh, n=8)
+    (predict_batches: src/metrics/records.py; save_eval_images and the plots: src/metrics/plots.py)
 
-Matching (P/R/F1, confusion matrix, curves): predictions in descending score order each take the unmatched
-ground-truth box of the same class with the highest IoU >= iou_thresh (one-to-one). Because matching is
-greedy by score, the matching at any confidence threshold is the matching of all predictions restricted to
-those scoring >= the threshold; the curves are computed from one matching pass.
-
-The matching is public and shared (check_errors finds FP/FN with it, export pairs an artifact's detections
-with the torch model's with it):
-    iou_matrix(boxes_a, boxes_b)                    -> (A, B) IoU of xyxy numpy boxes
-    score_order(scores)                             -> indices, highest score first (stable)
-    greedy_match(iou, order, allowed, iou_thresh)   -> one-to-one (matched column per row, its IoU)
-    match_image(pred, gt, iou_thresh)               -> the class-aware matching of one image
+Matching (P/R/F1, confusion matrix, curves): the one-to-one, class-aware matching of src/metrics/matching.py.
+Because matching is greedy by score, the matching at any confidence threshold is the matching of all
+predictions restricted to those scoring >= the threshold; the curves are computed from one matching pass.
 """
 
 from __future__ import annotations
@@ -38,50 +31,15 @@ import pandas as pd
 import torch
 from loguru import logger
 
-from src.common.boxes import box_iou, xyxy_to_xywh
-from src.common.draw import draw_gt_vs_pred, save_image_rgb
+from src.common.boxes import xyxy_to_xywh
 from src.common.io import atomic_write, atomic_write_csv, atomic_write_json
-from src.common.network_input import boxes_to_original, network_boxes_to_original_xyxy
+from src.metrics.matching import greedy_match, iou_matrix, match_image, score_order
+from src.metrics.plots import plot_confusion_matrix, plot_threshold_curves
+from src.metrics.records import as_ground_truth, as_prediction, unique_images
 
 logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
 
 CURVE_THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.01), 2)  # confidence grid for the P/R/F1 curves
-
-
-# ---------------------------------------------------------------- input normalisation and DDP
-
-
-def _numpy(values, dtype, shape_tail=()) -> np.ndarray:
-    if values is None:
-        return np.zeros((0, *shape_tail), dtype=dtype)
-    if hasattr(values, "detach"):
-        values = values.detach().float().cpu().numpy() if values.is_floating_point() else values.cpu().numpy()
-    return np.asarray(values, dtype=dtype).reshape(-1, *shape_tail)
-
-
-def as_prediction(pred: dict) -> dict[str, np.ndarray]:
-    boxes = _numpy(pred.get("boxes"), np.float64, (4,))
-    scores = _numpy(pred.get("scores"), np.float64)
-    labels = _numpy(pred.get("labels"), np.int64)
-    if not len(boxes) == len(scores) == len(labels):
-        raise ValueError(
-            f"prediction sizes differ: boxes {len(boxes)}, scores {len(scores)}, labels {len(labels)}"
-        )
-    return {"boxes": boxes, "scores": scores, "labels": labels}
-
-
-def as_ground_truth(gt: dict) -> dict[str, np.ndarray]:
-    boxes = _numpy(gt.get("boxes"), np.float64, (4,))
-    labels = _numpy(gt.get("labels"), np.int64)
-    if len(boxes) != len(labels):
-        raise ValueError(f"ground truth sizes differ: boxes {len(boxes)}, labels {len(labels)}")
-    return {"boxes": boxes, "labels": labels}
-
-
-def network_sizes(images: torch.Tensor) -> torch.Tensor:
-    """(B, 2) network input (w, h) for each image: the size to give the postprocessor (see preprocess)."""
-    batch, _, height, width = images.shape
-    return torch.tensor([[width, height]], dtype=torch.float32, device=images.device).repeat(batch, 1)
 
 
 # ---------------------------------------------------------------- COCO mAP
@@ -139,57 +97,6 @@ def _mean_valid(values: np.ndarray, empty: float = 0.0) -> float:
     """Mean over entries > -1 (COCO marks 'no ground truth' with -1), as COCOeval.summarize does."""
     valid = values[values > -1]
     return float(valid.mean()) if valid.size else empty
-
-
-# ---------------------------------------------------------------- matching
-
-
-def iou_matrix(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
-    """(A, B) float64 IoU of xyxy boxes (numpy, any float dtype); 0 where a box is degenerate."""
-    if len(boxes_a) == 0 or len(boxes_b) == 0:
-        return np.zeros((len(boxes_a), len(boxes_b)))
-    as_double = [torch.from_numpy(np.asarray(b, np.float64).reshape(-1, 4)) for b in (boxes_a, boxes_b)]
-    iou, _ = box_iou(*as_double)
-    return torch.nan_to_num(iou).numpy()
-
-
-def greedy_match(
-    iou: np.ndarray, order: np.ndarray, allowed: np.ndarray, iou_thresh: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """One-to-one matching of predictions (rows, visited in `order`) to ground truth (columns).
-
-    iou and allowed are (P, G); each prediction takes the still unmatched allowed GT with the highest
-    IoU >= iou_thresh. Returns matched GT index per prediction (-1: none) and its IoU. Any two box sets
-    can be paired this way (export pairs an artifact's detections with the torch model's).
-    """
-    matched_gt = np.full(iou.shape[0], -1, dtype=np.int64)
-    matched_iou = np.zeros(iou.shape[0])
-    free = np.ones(iou.shape[1], dtype=bool)
-    eligible = allowed & (iou >= iou_thresh)
-    has_candidate = eligible.any(axis=1)  # most of a top-300 list overlaps nothing: skip those quickly
-    for p in order[has_candidate[order]]:
-        candidates = np.where(free & eligible[p], iou[p], -1.0)
-        if candidates.max() >= 0:
-            g = int(candidates.argmax())
-            matched_gt[p], matched_iou[p] = g, iou[p, g]
-            free[g] = False
-    return matched_gt, matched_iou
-
-
-def score_order(scores: np.ndarray) -> np.ndarray:
-    """Indices of scores from highest to lowest (ties keep their input order)."""
-    return np.argsort(-np.asarray(scores), kind="stable")
-
-
-def match_image(pred: dict, gt: dict, iou_thresh: float) -> tuple[np.ndarray, np.ndarray]:
-    """Class-aware one-to-one matching of one image (the one P/R/F1 and check_errors use).
-
-    pred: {"boxes" (N, 4) xyxy, "scores" (N,), "labels" (N,)}, gt: {"boxes" (M, 4), "labels" (M,)}, numpy.
-    Returns (matched GT index per prediction, -1 for a false positive; IoU of that match, 0 if none).
-    """
-    iou = iou_matrix(pred["boxes"], gt["boxes"])
-    same_class = pred["labels"][:, None] == gt["labels"][None, :]
-    return greedy_match(iou, score_order(pred["scores"]), same_class, iou_thresh)
 
 
 def confusion_for_image(pred: dict, gt: dict, num_classes: int, iou_thresh: float) -> np.ndarray:
@@ -272,19 +179,6 @@ def save_thresholds(path: str | Path, thresholds: dict) -> Path:
     return atomic_write_json(path, thresholds)
 
 
-def _unique_images(preds: Sequence[dict], gts: Sequence[dict]) -> list[tuple[dict, dict]]:
-    """Pairs (pred, gt); with image ids: one pair per id (the first), sorted by id."""
-    if len(preds) != len(gts):
-        raise ValueError(f"{len(preds)} predictions for {len(gts)} ground-truth images")
-    pairs = list(zip(preds, gts, strict=True))
-    if not pairs or any("image_id" not in gt for gt in gts):
-        return pairs
-    unique: dict[int, tuple[dict, dict]] = {}
-    for pred, gt in pairs:
-        unique.setdefault(int(gt["image_id"]), (pred, gt))
-    return [unique[i] for i in sorted(unique)]
-
-
 @dataclass
 class Matches:
     """Every prediction of every image after class-aware matching (flat arrays), and GT counts per class."""
@@ -359,7 +253,7 @@ def evaluate(
     iou_thresh: float = 0.5,
 ) -> ValResult:
     """All metrics for lists of per-image predictions and ground truth (see the module docstring)."""
-    pairs = _unique_images(preds, gts)
+    pairs = unique_images(preds, gts)
     if not pairs:
         logger.warning("evaluate: no images to evaluate; every metric is 0")
     class_names = list(class_names)
@@ -415,139 +309,3 @@ def _curve_frame(name: str, curve: np.ndarray) -> pd.DataFrame:
             "f1": curve[:, 2],
         }
     )
-
-
-# ---------------------------------------------------------------- plots
-
-
-def _save_figure(figure, path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(figure)
-    return atomic_write(
-        path, lambda tmp: figure.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110)
-    )
-
-
-def plot_confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], path: str | Path) -> Path:
-    from matplotlib.figure import Figure
-
-    names = [*class_names, "background"]
-    size = max(5.0, 0.6 * len(names) + 2)
-    figure = Figure(figsize=(size + 1, size))
-    axes = figure.add_subplot()
-    image = axes.imshow(confusion, cmap="Blues")
-    figure.colorbar(image, ax=axes)
-    ticks = np.arange(len(names))
-    axes.set_xticks(ticks, names, rotation=45, ha="right")
-    axes.set_yticks(ticks, names)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    axes.set_title("Confusion matrix")
-    half = confusion.max() / 2 if confusion.size else 0
-    for (row, col), value in np.ndenumerate(confusion):
-        color = "white" if value > half else "black"
-        axes.text(col, row, str(value), ha="center", va="center", color=color, fontsize=8)
-    figure.tight_layout()
-    return _save_figure(figure, Path(path))
-
-
-def plot_threshold_curves(curves: pd.DataFrame, path: str | Path, thresholds: dict | None = None) -> Path:
-    """Precision, recall and F1 against the confidence threshold (all classes together)."""
-    from matplotlib.figure import Figure
-
-    overall = curves[curves["class"] == "all"]
-    figure = Figure(figsize=(7, 5))
-    axes = figure.add_subplot()
-    for column in ("precision", "recall", "f1"):
-        axes.plot(overall["threshold"], overall[column], label=column)
-    if thresholds:
-        axes.axvline(thresholds["conf_thresh"], color="grey", linestyle="--", label="best F1")
-    axes.set_xlabel("confidence threshold")
-    axes.set_ylim(0, 1.02)
-    axes.set_xlim(0, 1)
-    axes.grid(True, alpha=0.3)
-    axes.legend()
-    axes.set_title("Precision / recall / F1 vs confidence")
-    figure.tight_layout()
-    return _save_figure(figure, Path(path))
-
-
-# ---------------------------------------------------------------- predicting a loader, eval pictures
-
-
-def batch_records(results: Sequence[dict], targets: Sequence[dict]) -> tuple[list[dict], list[dict]]:
-    """Postprocessor output (boxes in NETWORK pixels: it was given network_sizes(images)) and the dataset's
-    targets -> per-image prediction and ground-truth dicts in ORIGINAL pixels (via each target's letterbox)."""
-    preds, gts = [], []
-    for result, target in zip(results, targets, strict=True):
-        meta = target["letterbox"]
-        pred = as_prediction(result)
-        pred["boxes"] = boxes_to_original(pred["boxes"], meta)
-        gt_boxes = network_boxes_to_original_xyxy(_numpy(target["boxes"], np.float64, (4,)), meta)
-        extra = {"image_id": int(target["image_id"]), "path": target.get("path")}
-        preds.append(pred | extra)
-        gt = {"boxes": gt_boxes, "labels": _numpy(target["labels"], np.int64)}
-        gts.append(gt | {"width": meta.orig_w, "height": meta.orig_h} | extra)
-    return preds, gts
-
-
-@torch.no_grad()
-def predict_batches(
-    model: torch.nn.Module,
-    loader,
-    device: torch.device | str,
-    postprocessor,
-    amp_dtype: torch.dtype | None = None,
-    desc: str = "eval",
-    show_progress: bool = True,
-) -> tuple[list[dict], list[dict]]:
-    """Run an (eval-mode) model over a loader of DetectionDataset batches -> (preds, gts) per image in
-    original pixels, unfiltered (the postprocessor's top-k)."""
-    from tqdm import tqdm
-
-    device = torch.device(device)
-    preds, gts = [], []
-    for images, targets in tqdm(
-        loader, desc=desc, disable=not show_progress, leave=False, dynamic_ncols=True
-    ):
-        images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            outputs = model(images)
-        outputs = {k: v.float() if torch.is_tensor(v) else v for k, v in outputs.items()}
-        batch_preds, batch_gts = batch_records(postprocessor(outputs, network_sizes(images)), targets)
-        preds += batch_preds
-        gts += batch_gts
-    return preds, gts
-
-
-def save_eval_images(
-    preds: Sequence[dict],
-    gts: Sequence[dict],
-    out_dir: str | Path,
-    class_names: Sequence[str],
-    conf_thresh: float,
-    n: int,
-) -> list[Path]:
-    """The first n images (by image_id when given) with GT in green and predictions >= conf_thresh in red.
-    The original image is read from the record's "path" (records without one are skipped)."""
-    from src.common.images import read_image_rgb
-
-    saved = []
-    for k, (pred, gt) in enumerate(_unique_images(preds, gts)[:n]):
-        path = gt.get("path") or pred.get("path")
-        if path is None:
-            continue
-        pred, gt_np = as_prediction(pred), as_ground_truth(gt)
-        keep = pred["scores"] >= conf_thresh
-        picture = draw_gt_vs_pred(
-            read_image_rgb(path),
-            gt_np["boxes"],
-            gt_np["labels"],
-            pred["boxes"][keep],
-            pred["labels"][keep],
-            pred["scores"][keep],
-            class_names,
-        )
-        saved.append(save_image_rgb(Path(out_dir) / f"{k:03d}_{Path(path).stem}.jpg", picture))
-    return saved

@@ -60,7 +60,7 @@ class Evaluator:
     @torch.no_grad()
     def predict_split(self, model: nn.Module, split: str) -> tuple[list, list] | None:
         """Predictions and ground truth for every image of `split` exactly once, on rank 0 (None elsewhere)."""
-        from src.metrics.validator import predict_batches
+        from src.metrics.records import predict_batches
 
         loader = self.eval_loader(split)
         if loader is None:
@@ -79,7 +79,8 @@ class Evaluator:
 
     def evaluate_split(self, model: nn.Module, split: str, plots: bool):
         """ValResult of `split` on rank 0 (None elsewhere or for an empty split); plots and eval pictures."""
-        from src.metrics.validator import evaluate, save_eval_images
+        from src.metrics.plots import save_eval_images
+        from src.metrics.validator import evaluate
 
         result = self.predict_split(model, split)
         if result is None:

@@ -244,7 +244,7 @@ def predict_negative_scores(
 ) -> list[np.ndarray]:
     """Scores (top-K, unthresholded) per image of a torch model, through the validator's own loop."""
     from src.dl.train.dataset import collate_fn
-    from src.metrics.validator import predict_batches
+    from src.metrics.records import predict_batches
 
     loader = torch.utils.data.DataLoader(
         NegativeImages(image_paths, img_size, keep_ratio),

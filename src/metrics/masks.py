@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from src.metrics.validator import _mean_valid
+from src.metrics.validator import coco_summary
 
 MASK_COLUMNS = ("mask_mAP_50", "mask_mAP_50_95")
 
@@ -95,20 +95,5 @@ def mask_coco_dicts(preds: Sequence[dict], gts: Sequence[dict], num_classes: int
 def mask_map(preds: Sequence[dict], gts: Sequence[dict], num_classes: int) -> dict:
     """COCO segm mAP@0.5 and mAP@0.5:0.95 (100 detections per image) plus per-class AP arrays (nan for a
     class without ground truth). With no ground-truth mask at all every value is 0."""
-    from faster_coco_eval import COCO, COCOeval_faster
-
-    nan = np.full(num_classes, np.nan)
     gt_dict, detections = mask_coco_dicts(preds, gts, num_classes)
-    if not gt_dict["annotations"]:
-        return {"mask_mAP_50": 0.0, "mask_mAP_50_95": 0.0, "mask_AP50": nan, "mask_AP50_95": nan}
-    coco_gt = COCO(gt_dict)
-    evaluator = COCOeval_faster(coco_gt, coco_gt.loadRes(detections), iouType="segm")
-    evaluator.evaluate()
-    evaluator.accumulate()
-    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # (iou thresholds, recall points, classes)
-    return {
-        "mask_mAP_50": _mean_valid(precision[0]),
-        "mask_mAP_50_95": _mean_valid(precision),
-        "mask_AP50": np.array([_mean_valid(precision[0, :, k], np.nan) for k in range(num_classes)]),
-        "mask_AP50_95": np.array([_mean_valid(precision[:, :, k], np.nan) for k in range(num_classes)]),
-    }
+    return coco_summary(gt_dict, detections, num_classes, iou_type="segm", prefix="mask_")

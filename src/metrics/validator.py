@@ -74,22 +74,33 @@ def coco_dicts(preds: Sequence[dict], gts: Sequence[dict], num_classes: int) -> 
 def coco_map(preds: Sequence[dict], gts: Sequence[dict], num_classes: int) -> dict:
     """COCO bbox mAP@0.5 and mAP@0.5:0.95 (100 detections per image) plus per-class AP arrays (nan for a
     class without ground truth). With no ground truth at all every value is 0."""
+    gt_dict, detections = coco_dicts(preds, gts, num_classes)
+    return coco_summary(gt_dict, detections, num_classes, iou_type="bbox")
+
+
+def coco_summary(gt_dict: dict, detections: list, num_classes: int, iou_type: str, prefix: str = "") -> dict:
+    """faster-coco-eval on COCO dicts -> {prefix}mAP_50, {prefix}mAP_50_95 and per-class {prefix}AP50,
+    {prefix}AP50_95 arrays. iou_type: bbox | segm (box and mask mAP share this one evaluation)."""
     from faster_coco_eval import COCO, COCOeval_faster
 
     nan = np.full(num_classes, np.nan)
-    gt_dict, detections = coco_dicts(preds, gts, num_classes)
     if not gt_dict["annotations"]:
-        return {"mAP_50": 0.0, "mAP_50_95": 0.0, "AP50": nan, "AP50_95": nan}
+        return {
+            f"{prefix}mAP_50": 0.0,
+            f"{prefix}mAP_50_95": 0.0,
+            f"{prefix}AP50": nan,
+            f"{prefix}AP50_95": nan,
+        }
     coco_gt = COCO(gt_dict)
-    evaluator = COCOeval_faster(coco_gt, coco_gt.loadRes(detections), iouType="bbox")
+    evaluator = COCOeval_faster(coco_gt, coco_gt.loadRes(detections), iouType=iou_type)
     evaluator.evaluate()
     evaluator.accumulate()
     precision = evaluator.eval["precision"][:, :, :, 0, -1]  # (iou thresholds, recall points, classes)
     return {
-        "mAP_50": _mean_valid(precision[0]),
-        "mAP_50_95": _mean_valid(precision),
-        "AP50": np.array([_mean_valid(precision[0, :, k], np.nan) for k in range(num_classes)]),
-        "AP50_95": np.array([_mean_valid(precision[:, :, k], np.nan) for k in range(num_classes)]),
+        f"{prefix}mAP_50": _mean_valid(precision[0]),
+        f"{prefix}mAP_50_95": _mean_valid(precision),
+        f"{prefix}AP50": np.array([_mean_valid(precision[0, :, k], np.nan) for k in range(num_classes)]),
+        f"{prefix}AP50_95": np.array([_mean_valid(precision[:, :, k], np.nan) for k in range(num_classes)]),
     }
 
 

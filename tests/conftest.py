@@ -23,3 +23,19 @@ def main_thread_signal_stack_stays_mapped(request):
             f"{request.node.nodeid} left the main thread's alternate signal stack on unmapped memory "
             f"(0x{address:x}); the next handled signal would kill pytest (docs/notes/openvino_signal_stack.md)"
         )
+
+
+@pytest.fixture()
+def caplog_loguru():
+    """Loguru's messages collected as text (pytest's caplog does not see loguru)."""
+    from loguru import logger
+
+    class Sink:
+        text = ""
+
+        def write(self, message):
+            Sink.text += message
+
+    sink_id = logger.add(Sink(), level="WARNING", format="{message}")
+    yield Sink
+    logger.remove(sink_id)

@@ -120,7 +120,7 @@ def test_zero_one_and_very_different_sizes():
     ]
 
 
-def test_box_size_report_numbers(tmp_path, caplog_text):
+def test_box_size_report_numbers(tmp_path, caplog_loguru):
     root = tmp_path / "data"
     write_rgb(root / "images" / "wide.jpg", np.zeros((200, 400, 3), np.uint8))
     (root / "labels").mkdir()
@@ -132,25 +132,10 @@ def test_box_size_report_numbers(tmp_path, caplog_text):
     assert sizes["net_size"].tolist() == pytest.approx([25.6, 5.12])
     assert (tmp_path / "report" / BOX_SIZES_PNG).stat().st_size > 1000
     # 50% small (< 16 px); under 20% small means no small box of 2: 5.12 px must reach 16: 256 * 3.125 = 800
-    assert "50% of the boxes (1 of 2) are under 16 px" in caplog_text.text
-    assert "model.img_size=[800, 800] (0% small)" in caplog_text.text
-    assert "src.etl.tile`: 50% small" in caplog_text.text  # the 8x4 box is small even at full resolution
+    assert "50% of the boxes (1 of 2) are under 16 px" in caplog_loguru.text
+    assert "model.img_size=[800, 800] (0% small)" in caplog_loguru.text
+    assert "src.etl.tile`: 50% small" in caplog_loguru.text  # the 8x4 box is small even at full resolution
     # keep_ratio: one scale for both sides (256 / 400), so the 40x20 box becomes 25.6x12.8
     check_dataset(etl_config(tmp_path, root, "model.img_size=[256,256]", "model.keep_ratio=true"))
     sizes = pd.read_csv(tmp_path / "report" / BOX_SIZES_CSV)
     assert sizes[["net_width", "net_height"]].values.tolist()[0] == pytest.approx([25.6, 12.8])
-
-
-@pytest.fixture()
-def caplog_text():
-    from loguru import logger
-
-    class Sink:
-        text = ""
-
-        def write(self, message):
-            Sink.text += message
-
-    sink_id = logger.add(Sink(), level="WARNING", format="{message}")
-    yield Sink
-    logger.remove(sink_id)

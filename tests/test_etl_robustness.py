@@ -48,22 +48,6 @@ def test_names_that_never_occur_are_a_warning(tmp_path, caplog_loguru):
     assert "no label uses: 2: c" in caplog_loguru.text
 
 
-@pytest.fixture()
-def caplog_loguru():
-    """Loguru's messages collected as text (pytest's caplog does not see loguru)."""
-    from loguru import logger
-
-    class Sink:
-        text = ""
-
-        def write(self, message):
-            Sink.text += message
-
-    sink_id = logger.add(Sink(), level="WARNING", format="{message}")
-    yield Sink
-    logger.remove(sink_id)
-
-
 def _make_read_only(folder: Path) -> bool:
     """chmod, and where that does not bind (root), the immutable flag; False when neither works here."""
     folder.chmod(0o555)

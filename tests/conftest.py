@@ -39,3 +39,15 @@ def caplog_loguru():
     sink_id = logger.add(Sink(), level="WARNING", format="{message}")
     yield Sink
     logger.remove(sink_id)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module of tiny models: a second thread gains nothing on tiny tensors,
+    and on a busy 2-core machine OpenMP threads waiting on each other made a step ~50x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -227,15 +227,6 @@ DEIM_RUN = (
 )
 
 
-@pytest.fixture
-def one_torch_thread():
-    # Tiny tensors: a second intra-op thread only adds waiting (see tests/test_train.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _save_weights(path: Path, num_classes: int = 3) -> Path:
     from src.d_fine import build_model
 

@@ -55,13 +55,7 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # 2 shared cores: torch's thread pool spinning against other processes makes a 40 ms model take seconds.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def scene(path: Path, seed: int, height: int = 288, width: int = 384) -> Path:

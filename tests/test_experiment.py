@@ -19,12 +19,7 @@ from tests.test_train import CLASSES, make_detection_data, train_config, train_o
 TINY = ("train.max_steps_per_epoch=1", "train.debug_images=1", "train.eval_images=1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()  # tiny tensors: a second thread only waits (see test_train.py)
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ NUM_QUERIES = 10  # train_overrides' model.num_queries
 NEG_COLUMNS = (fppi_key(LOW), fppi_key(0.5), clean_rate_key(0.5), "neg_max_score", "neg_images")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()  # tiny tensors: a second thread only waits (see test_train.py)
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _write_negatives(folder: Path, count: int) -> list[Path]:

@@ -176,14 +176,7 @@ def test_to_float32_nested():
 CLASSES = ("circle", "square", "triangle", "star")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # The tensors here are tiny: a second intra-op thread gains nothing, and when the machine is busy
-    # (other test processes) OpenMP threads waiting on each other made a step ~50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _draw_objects(

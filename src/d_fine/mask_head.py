@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.d_fine.decoder import MLP
+from src.d_fine.decoder_layers import MLP
 
 NORM_GROUPS = 32  # GroupNorm groups (batch-size independent: masks often train with small batches)
 MASK_DIM = 128  # pixel / mask embedding width at every size (its cost grows with width x pixels x queries)

@@ -104,3 +104,33 @@ def test_write_read_round_trip(tmp_path):
 def test_label_path_for(tmp_path):
     assert label_path_for(tmp_path / "images" / "a.b.PNG") == tmp_path / "labels" / "a.b.txt"
     assert label_path_for("x/images/c.jpg", tmp_path / "other") == tmp_path / "other" / "c.txt"
+
+
+def test_polygons_are_kept_beside_boxes_and_written_back(tmp_path):
+    """A YOLO-seg line keeps its polygon (normalised, clipped), a box line has None; writing the parsed
+    objects back gives the same file."""
+    text = "0 0.1 0.2 0.5 0.2 0.3 0.6\n1 0.5 0.5 0.2 0.4\n0 -0.005 0.1 0.4 0.1 0.4 0.5 0.0 0.5\n"
+    labels = parse_yolo_text(text, "x.txt", num_classes=2)
+    assert [p.severity for p in labels.problems] == [WARNING]  # the small excursion, clipped
+    assert labels.has_polygons and labels.has_boxes_only
+    assert labels.polygons[1] is None and labels.polygons[0].shape == (3, 2)
+    assert labels.polygons[0].dtype == np.float32 and labels.polygons[2].min() == 0.0
+    write_yolo_labels(tmp_path / "y.txt", labels.class_ids, labels.boxes, labels.polygons)
+    again = read_yolo_labels(tmp_path / "y.txt", 2)
+    assert not again.problems and again.class_ids.tolist() == [0, 1, 0]
+    np.testing.assert_allclose(again.boxes, labels.boxes, atol=1e-6)
+    for a, b in zip(again.polygons, labels.polygons, strict=True):
+        assert (a is None and b is None) or np.allclose(a, b, atol=1e-6)
+
+
+def test_polygon_zero_area_is_fatal_and_crossing_is_a_warning():
+    labels = parse_yolo_text(
+        "0 0.1 0.1 0.3 0.3 0.5 0.5 0.2 0.2\n"  # all points on one line (a diagonal): zero area
+        "0 0.1 0.1 0.5 0.5 0.5 0.1 0.1 0.5\n",  # a bow tie: crosses itself, still covers pixels
+        "x.txt",
+        num_classes=1,
+    )
+    by_line = {p.line: p for p in labels.problems}
+    assert by_line[1].severity == FATAL and "zero area" in by_line[1].message
+    assert by_line[2].severity == WARNING and "crosses itself" in by_line[2].message
+    assert labels.class_ids.tolist() == [0] and labels.polygons[0].shape == (4, 2)

@@ -2,8 +2,12 @@
 
 Layout: `<data_path>/images/<stem>.<ext>` has its labels in `<data_path>/labels/<stem>.txt`, one object per line:
     class cx cy w h                  (box, all normalised to [0, 1] by the image width/height)
-    class x1 y1 x2 y2 x3 y3 ...      (YOLO-seg polygon, >= 3 points; turned into its bounding box)
-A missing or empty label file means a background image (no objects).
+    class x1 y1 x2 y2 x3 y3 ...      (YOLO-seg polygon, >= 3 points; its bounding box is the object's box)
+A missing or empty label file means a background image (no objects). One file may mix both kinds of line:
+a polygon line gives a box and a polygon, a box line a box only (LabelFile.polygons[i] is None).
+Polygon checks: >= 3 points (an even number of coordinates), finite, inside the image within
+check.clip_tolerance (clipped), area > 0 (else fatal); a self-intersecting outline is a warning (it still
+rasterises, as even-odd fill, but is usually a labelling slip).
 """
 
 from __future__ import annotations
@@ -55,6 +59,21 @@ class LabelFile:
     class_ids: np.ndarray  # (N,) int64
     problems: list[Problem] = field(default_factory=list)
     exists: bool = True
+    # (N,) per object: its polygon (K, 2) float32 normalised x, y (clipped to [0, 1]), or None (box line)
+    polygons: list[np.ndarray | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.polygons:
+            self.polygons = [None] * len(self.class_ids)
+
+    @property
+    def has_polygons(self) -> bool:
+        return any(p is not None for p in self.polygons)
+
+    @property
+    def has_boxes_only(self) -> bool:
+        """Some object has no polygon (a box line)."""
+        return any(p is None for p in self.polygons)
 
     @property
     def has_fatal(self) -> bool:
@@ -141,11 +160,44 @@ def _clip_edges(x1y1x2y2: np.ndarray, clip_tolerance: float, report) -> np.ndarr
     return np.clip(x1y1x2y2, 0.0, 1.0)
 
 
-def _box_from_line(tokens: list[str], clip_tolerance: float, report) -> np.ndarray | None:
-    """Tokens after the class id -> normalised cxcywh, or None if the line is unusable."""
+def polygon_area(points: np.ndarray) -> float:
+    """Area of a closed polygon (K, 2) by the shoelace formula (absolute, same units squared)."""
+    x, y = points[:, 0], points[:, 1]
+    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)
+
+
+def _cross(o: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a[..., 0] - o[..., 0]) * (b[..., 1] - o[..., 1]) - (a[..., 1] - o[..., 1]) * (
+        b[..., 0] - o[..., 0]
+    )
+
+
+def is_self_intersecting(points: np.ndarray, max_points: int = 1000) -> bool:
+    """Whether two non-adjacent edges of the closed polygon (K, 2) properly cross (touching is not
+    counted). All edge pairs at once, O(K^2): outlines over max_points points are not checked."""
+    count = len(points)
+    if count < 4 or count > max_points:
+        return False
+    starts, ends = points, np.roll(points, -1, axis=0)
+    a1, a2 = starts[:, None], ends[:, None]  # (K, 1, 2)
+    b1, b2 = starts[None], ends[None]  # (1, K, 2)
+    d1, d2 = _cross(b1, b2, a1), _cross(b1, b2, a2)
+    d3, d4 = _cross(a1, a2, b1), _cross(a1, a2, b2)
+    crossing = (d1 * d2 < 0) & (d3 * d4 < 0)
+    index = np.arange(count)
+    gap = np.abs(index[:, None] - index[None])
+    adjacent = (gap <= 1) | (gap == count - 1)
+    return bool((crossing & ~adjacent).any())
+
+
+def _box_from_line(
+    tokens: list[str], clip_tolerance: float, report
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Tokens after the class id -> (normalised cxcywh, polygon (K, 2) or None), or None if unusable."""
     coords = _parse_coords(tokens, report)
     if coords is None:
         return None
+    polygon = None
     if len(tokens) == 4:
         cx, cy, w, h = coords
         if w <= 0 or h <= 0:
@@ -153,17 +205,27 @@ def _box_from_line(tokens: list[str], clip_tolerance: float, report) -> np.ndarr
             return None
         edges = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
     else:  # polygon: its bounding box
-        points = coords.reshape(-1, 2)
-        edges = np.concatenate([points.min(0), points.max(0)])
-    edges = _clip_edges(edges, clip_tolerance, report)
-    if edges is None:
+        polygon = coords.reshape(-1, 2)
+        edges = np.concatenate([polygon.min(0), polygon.max(0)])
+    clipped = _clip_edges(edges, clip_tolerance, report)
+    if clipped is None:
         return None
-    x1, y1, x2, y2 = edges
+    x1, y1, x2, y2 = clipped
     if x2 - x1 <= 0 or y2 - y1 <= 0:
-        kind = "polygon" if len(tokens) != 4 else "box"
+        kind = "polygon" if polygon is not None else "box"
         report(FATAL, f"{kind} has zero width or height (w={x2 - x1:g}, h={y2 - y1:g})")
         return None
-    return np.array([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dtype=np.float32)
+    if polygon is not None:
+        polygon = np.clip(polygon, 0.0, 1.0)  # _clip_edges already refused larger excursions
+        # A crossing outline (a bow tie) can have a zero signed area and still cover pixels: warn only.
+        if is_self_intersecting(polygon):
+            report(WARNING, f"polygon of {len(polygon)} points crosses itself (check its point order)")
+        elif polygon_area(polygon) <= 0:
+            report(FATAL, f"polygon of {len(polygon)} points has zero area (all points on one line)")
+            return None
+        polygon = polygon.astype(np.float32)
+    box = np.array([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dtype=np.float32)
+    return box, polygon
 
 
 def parse_yolo_text(
@@ -174,6 +236,7 @@ def parse_yolo_text(
     problems: list[Problem] = []
     boxes: list[np.ndarray] = []
     class_ids: list[int] = []
+    polygons: list[np.ndarray | None] = []
     for line_no, raw in enumerate(text.splitlines(), start=1):
         tokens = raw.replace(",", " ").split()  # some exporters separate with commas
         if not tokens:
@@ -191,14 +254,15 @@ def parse_yolo_text(
             )
             continue
         class_id = _parse_class_id(tokens[0], num_classes, report)
-        box = _box_from_line(tokens[1:], clip_tolerance, report)
-        if class_id is None or box is None:
+        parsed = _box_from_line(tokens[1:], clip_tolerance, report)
+        if class_id is None or parsed is None:
             continue
         class_ids.append(class_id)
-        boxes.append(box)
+        boxes.append(parsed[0])
+        polygons.append(parsed[1])
     if not boxes:
         return _empty(path, problems, exists=True)
-    return LabelFile(path, np.stack(boxes), np.array(class_ids, dtype=np.int64), problems)
+    return LabelFile(path, np.stack(boxes), np.array(class_ids, dtype=np.int64), problems, True, polygons)
 
 
 def read_yolo_labels(path: str | Path, num_classes: int | None, clip_tolerance: float = 0.01) -> LabelFile:
@@ -219,15 +283,30 @@ def read_yolo_labels(path: str | Path, num_classes: int | None, clip_tolerance: 
     return parse_yolo_text(text, path, num_classes, clip_tolerance)
 
 
-def format_yolo_lines(class_ids: Iterable[int], boxes: Iterable[Sequence[float]]) -> str:
-    """YOLO txt text for normalised cxcywh boxes (6 decimals: sub-pixel even for 10k-pixel images)."""
-    lines = [
-        f"{int(c)} {float(b[0]):.6f} {float(b[1]):.6f} {float(b[2]):.6f} {float(b[3]):.6f}"
-        for c, b in zip(class_ids, boxes, strict=True)
-    ]
+def format_yolo_lines(
+    class_ids: Iterable[int],
+    boxes: Iterable[Sequence[float]],
+    polygons: Sequence[np.ndarray | None] | None = None,
+) -> str:
+    """YOLO txt text for normalised cxcywh boxes (6 decimals: sub-pixel even for 10k-pixel images); an
+    object with a polygon (normalised (K, 2)) is written as a YOLO-seg polygon line instead of its box."""
+    class_ids, boxes = list(class_ids), list(boxes)
+    polygons = list(polygons) if polygons is not None else [None] * len(class_ids)
+    lines = []
+    for c, b, polygon in zip(class_ids, boxes, polygons, strict=True):
+        if polygon is None:
+            coords = (float(b[0]), float(b[1]), float(b[2]), float(b[3]))
+        else:
+            coords = np.asarray(polygon, np.float64).reshape(-1).tolist()
+        lines.append(" ".join([str(int(c)), *(f"{v:.6f}" for v in coords)]))
     return "".join(line + "\n" for line in lines)
 
 
-def write_yolo_labels(path: str | Path, class_ids: Iterable[int], boxes: Iterable[Sequence[float]]) -> Path:
-    """Write one label file atomically (an empty file for a background image)."""
-    return atomic_write_text(path, format_yolo_lines(class_ids, boxes))
+def write_yolo_labels(
+    path: str | Path,
+    class_ids: Iterable[int],
+    boxes: Iterable[Sequence[float]],
+    polygons: Sequence[np.ndarray | None] | None = None,
+) -> Path:
+    """Write one label file atomically (an empty file for a background image); see format_yolo_lines."""
+    return atomic_write_text(path, format_yolo_lines(class_ids, boxes, polygons))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -60,14 +61,22 @@ def read_split(cfg: DictConfig, split: str, exclude: Iterable[str] = ()) -> list
     return kept
 
 
+class SplitLabels(NamedTuple):
+    """The labels of a list of images, one entry per image (see etl/labels.py LabelFile)."""
+
+    boxes: list[np.ndarray]  # (N_i, 4) float32 normalised cxcywh
+    class_ids: list[np.ndarray]  # (N_i,) int64
+    polygons: list[list[np.ndarray | None]]  # N_i entries: (K, 2) normalised polygon, or None (box line)
+
+
 def load_labels(
     image_paths: list[Path], data_path: Path, num_classes: int, clip_tolerance: float = 0.01
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Read every label file once (they are small) -> per image (boxes cxcywh normalised, class ids).
+) -> SplitLabels:
+    """Read every label file once (they are small) -> per image boxes, class ids and polygons.
 
     A fatal label problem stops here with the file and line; warnings (small clipping) are summarised.
     """
-    boxes, class_ids, warnings, fatal = [], [], [], []
+    boxes, class_ids, polygons, warnings, fatal = [], [], [], [], []
     folder = labels_dir(data_path)
     for image_path in image_paths:
         label_file = read_yolo_labels(label_path_for(image_path, folder), num_classes, clip_tolerance)
@@ -75,6 +84,7 @@ def load_labels(
             (fatal if problem.severity == "fatal" else warnings).append(problem)
         boxes.append(label_file.boxes)
         class_ids.append(label_file.class_ids)
+        polygons.append(label_file.polygons)
     if fatal:
         listed = "\n  ".join(str(p) for p in fatal[:10])
         more = f"\n  ... and {len(fatal) - 10} more" if len(fatal) > 10 else ""
@@ -84,7 +94,7 @@ def load_labels(
         )
     if warnings:
         logger.warning(f"{len(warnings)} label warning(s), e.g. {warnings[0]}")
-    return boxes, class_ids
+    return SplitLabels(boxes, class_ids, polygons)
 
 
 SPLIT_NAMES = ("train", "val", "test")

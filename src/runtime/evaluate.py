@@ -50,7 +50,7 @@ def load_split_samples(cfg: DictConfig, split: str, limit: int | None = None) ->
         return []
     if limit is not None and limit > 0:
         paths = paths[:limit]
-    boxes_norm, class_ids = load_labels(paths, Path(cfg.data_path), len(label_names(cfg)))
+    boxes_norm, class_ids, _ = load_labels(paths, Path(cfg.data_path), len(label_names(cfg)))
     samples = []
     for index, (path, boxes, ids) in enumerate(zip(paths, boxes_norm, class_ids, strict=True)):
         width, height = image_size(path) if len(ids) else (1, 1)  # header only; no decode

@@ -96,7 +96,7 @@ class DetectionDataset(Dataset):
         self.class_names = ["object"] if self.use_one_class else self.label_names
         self.seed = int(cfg.seed)
         self.image_paths = image_paths
-        self.boxes, self.class_ids = load_labels(
+        self.boxes, self.class_ids, self.polygons = load_labels(
             image_paths, Path(cfg.data_path), len(self.label_names), float(cfg.check.clip_tolerance)
         )
 

@@ -51,6 +51,9 @@ class Detections:
     labels: np.ndarray  # (N,) int64 class ids
     names: list[str]  # (N,) class name of each detection
     image_size: tuple[int, int]  # original (h, w)
+    masks: np.ndarray | None = (
+        None  # segmentation models: (N, h, w) bool instance masks of the original image
+    )
 
     def __len__(self) -> int:
         return len(self.labels)

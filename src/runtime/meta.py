@@ -37,6 +37,7 @@ class ModelMeta:
     batch_size: int | None = 1  # fixed batch of the artifact; None = dynamic (up to max_batch_size)
     max_batch_size: int = 1
     precision: str = "fp32"  # weights precision of the artifact (fp32 | fp16 | int8)
+    task: str = "detect"  # detect | segment (a segment artifact has a 4th output, "masks")
     version: int = META_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # anything else (source checkpoint, export options)
 
@@ -135,6 +136,7 @@ def meta_from_checkpoint(meta: dict[str, Any], thresholds: dict[str, Any] | None
         model_name=str(meta.get("model_name", "n")),
         variant=str(meta.get("variant", "dfine")),
         num_queries=int(meta.get("num_queries", 300)),
+        task=str(meta.get("task", "detect")),
         conf_thresh=float(conf if conf is not None else meta.get("conf_thresh", DEFAULT_CONF)),
         class_thresholds=per_class,
         extra={k: v for k, v in meta.items() if k not in known and k != "thresholds"},

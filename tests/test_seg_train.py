@@ -14,6 +14,7 @@ import torch
 from src.common.config import load_config
 from src.common.errors import ConfigError, UserError
 from src.common.masks import polygon_to_mask
+from src.d_fine.checkpoint import load_run_checkpoint
 from src.dl.train.augment import (
     MosaicParams,
     Sample,
@@ -257,5 +258,5 @@ def test_two_step_segmentation_training_writes_mask_metrics(tmp_path, seg_data):
     per_class = pd.read_csv(exp / "per_class.csv")
     assert {"mask_AP50", "mask_AP50_95"} <= set(per_class.columns)
     assert len(list((exp / "debug_images" / "train").glob("*.jpg"))) == 2
-    best = torch.load(exp / "best.pt", map_location="cpu", weights_only=False)
-    assert "mask_mAP_50" in best["metrics"]
+    best = load_run_checkpoint(exp / "best.pt")
+    assert best.spec.task == "segment" and "mask_mAP_50" in best.metrics

@@ -76,12 +76,12 @@ def batch_records(results: Sequence[dict], targets: Sequence[dict]) -> tuple[lis
         pred["boxes"] = boxes_to_original(pred["boxes"], meta)
         gt_boxes = network_boxes_to_original_xyxy(_numpy(target["boxes"], np.float64, (4,)), meta)
         extra = {"image_id": int(target["image_id"]), "path": target.get("path")}
-        preds.append(pred | extra)
         gt = {"boxes": gt_boxes, "labels": _numpy(target["labels"], np.int64)}
         if "masks" in result and "polygons" in target:
             scores, labels = pred["scores"], pred["labels"]
             pred["mask"] = prediction_masks(result["masks"], pred["boxes"], scores, labels, meta)
             gt["mask"] = ground_truth_masks(target["polygons"], gt["labels"], meta)
+        preds.append(pred | extra)
         gts.append(gt | {"width": meta.orig_w, "height": meta.orig_h} | extra)
     return preds, gts
 

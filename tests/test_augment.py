@@ -133,7 +133,9 @@ def test_mosaic_boxes_cover_their_objects(seed, keep_ratio):
 def test_mosaic_keeps_boxes_of_mostly_visible_objects(seed):
     # Scale 1 and plain resize: every object is 50% x 50% of a (96, 128) tile = 3072 pixels when whole.
     params = MosaicParams(scale=(1.0, 1.0), degrees=0.0, translate=0.2, shear=0.0, min_area_ratio=0.1)
-    image, _, labels, *_ = make_mosaic(_mosaic_samples(), (96, 128), False, params, np.random.default_rng(seed))
+    image, _, labels, *_ = make_mosaic(
+        _mosaic_samples(), (96, 128), False, params, np.random.default_rng(seed)
+    )
     for label in range(3):
         visible = color_mask(image, COLORS[label]).sum()
         if visible > 0.15 * 3072:

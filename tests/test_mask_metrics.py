@@ -124,3 +124,48 @@ def test_mask_iou_pairs_masks_by_index():
     a[0, :5], b[0, :, :5] = True, True  # 25 / 75
     a[1, 2:4, 2:4], b[1, 2:4, 2:4] = True, True  # identical
     assert mask_iou(a, b).tolist() == pytest.approx([1 / 3, 1.0, 1.0])  # third pair: both empty
+
+
+@pytest.mark.parametrize("keep_ratio", [True, False])
+def test_validation_records_score_perfect_network_masks_as_perfect(keep_ratio):
+    """The validation path (postprocessor mask logits at 1/4 of the network input -> original-size masks
+    -> RLE, GT from the label polygons at the original size): logits drawn from the GT polygons themselves
+    give mask mAP50 1 on a letterboxed or resized image of odd size, and the records hold RLEs only."""
+    import torch
+
+    from src.common.masks import polygons_to_masks
+    from src.common.network_input import letterbox_or_resize
+    from src.metrics.records import batch_records
+    from src.metrics.validator import evaluate
+
+    polygons = [
+        np.array([[0.1, 0.1], [0.5, 0.15], [0.3, 0.6]], np.float32),
+        np.array([[0.55, 0.5], [0.95, 0.5], [0.95, 0.9], [0.55, 0.9]], np.float32),
+        None,  # a box-only object (train.allow_box_only): no mask ground truth
+    ]
+    _, meta = letterbox_or_resize(np.zeros((137, 201, 3), np.uint8), (128, 160), keep_ratio)
+    # The GT polygons at the network input: normalised in the original -> normalised in the network input.
+    to_net = np.array([meta.orig_w * meta.scale_x, meta.orig_h * meta.scale_y]) / [meta.net_w, meta.net_h]
+    offset = np.array([meta.pad_x / meta.net_w, meta.pad_y / meta.net_h])
+    net_masks = polygons_to_masks([p * to_net + offset for p in polygons[:2]], 128 // 4, 160 // 4)
+    logits = torch.from_numpy(np.where(net_masks, 8.0, -8.0)).float()  # (2, 32, 40)
+    boxes = torch.tensor([[0, 0, 160, 128], [0, 0, 160, 128]], dtype=torch.float32)  # no box cut
+    result = {
+        "labels": torch.tensor([0, 1]),
+        "boxes": boxes,
+        "scores": torch.tensor([0.9, 0.8]),
+        "masks": logits,
+    }
+    target = {
+        "labels": torch.tensor([0, 1, 1]),
+        "boxes": torch.tensor([[0.3, 0.35, 0.4, 0.5], [0.75, 0.7, 0.4, 0.4], [0.2, 0.8, 0.1, 0.1]]),
+        "image_id": 0,
+        "letterbox": meta,
+        "polygons": polygons,
+    }
+    preds, gts = batch_records([result], [target])
+    assert all(isinstance(rle["counts"], str) for rle in preds[0]["mask"]["rles"] + gts[0]["mask"]["rles"])
+    assert len(gts[0]["mask"]["rles"]) == 2  # the box-only object has no mask ground truth
+    metrics = evaluate(preds, gts, ["a", "b"]).metrics
+    assert metrics["mask_mAP_50"] == pytest.approx(1.0)
+    assert metrics["mask_mAP_50_95"] > 0.6  # a 1/4-resolution mask is not pixel-exact at high IoUs

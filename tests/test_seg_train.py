@@ -231,6 +231,19 @@ def test_box_only_labels_are_refused_unless_allowed(tmp_path):
     assert not flags.all() and flags.any()
 
 
+def test_segmentation_run_on_box_labels_is_refused_in_one_line(tmp_path):
+    """The stage (python -m src.dl.train): exit 2, the message names the file, no traceback, no run folder."""
+    import subprocess
+    import sys
+
+    data = make_polygon_data(tmp_path / "mixed", {"train": 2, "val": 1}, box_line_in="train_0.jpg")
+    command = [sys.executable, "-m", "src.dl.train", *overrides(tmp_path, data)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "train_0.txt" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "output" / "seg" / "last.pt").exists()
+
+
 def test_mask_decision_metrics_need_a_segmentation_model():
     check_decision_metrics(["mask_mAP_50", "f1"], "segment")
     with pytest.raises(ConfigError, match=r"mask_mAP_50_95.*model\.task=segment"):

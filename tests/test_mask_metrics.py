@@ -169,3 +169,22 @@ def test_validation_records_score_perfect_network_masks_as_perfect(keep_ratio):
     metrics = evaluate(preds, gts, ["a", "b"]).metrics
     assert metrics["mask_mAP_50"] == pytest.approx(1.0)
     assert metrics["mask_mAP_50_95"] > 0.6  # a 1/4-resolution mask is not pixel-exact at high IoUs
+
+
+def test_masks_in_boxes_equal_masks_to_original():
+    """Validation's box-cropped resampling gives masks_to_original(..., boxes_xyxy=...)'s pixels (float32
+    rounding of the sampling grid may flip a pixel sitting exactly on the 0.5 boundary)."""
+    import torch
+
+    from src.common.network_input import letterbox_or_resize, masks_to_original
+    from src.metrics.masks import masks_in_boxes
+
+    for (height, width), keep_ratio in (((120, 150), True), ((61, 97), False)):
+        _, meta = letterbox_or_resize(np.zeros((height, width, 3), np.uint8), (64, 96), keep_ratio)
+        logits = torch.randn(12, 16, 24, generator=torch.Generator().manual_seed(0))
+        corners = np.random.default_rng(0).uniform(-5, 1.1, (12, 4)) * np.array([width, height] * 2)
+        boxes = np.concatenate([corners[:, :2].clip(0), np.maximum(corners[:, :2], corners[:, 2:])], 1)
+        expected = masks_to_original(logits, meta, boxes_xyxy=boxes).numpy().transpose(1, 2, 0)
+        ours = masks_in_boxes(logits, boxes, meta)
+        assert ours.flags.f_contiguous and ours.shape == expected.shape and expected.any()
+        assert (ours.astype(bool) != expected).sum() <= max(1, expected.size // 10_000)

@@ -45,10 +45,14 @@ def clip_polygon_to_rect(polygon: np.ndarray, rect: Sequence[float]) -> np.ndarr
     pieces)."""
     x0, y0, x1, y1 = (float(v) for v in rect)
     points = np.asarray(polygon, np.float64).reshape(-1, 2)
-    for axis, bound, keep_below in ((0, x0, False), (0, x1, True), (1, y0, False), (1, y1, True)):
-        points = _clip_half_plane(points, axis, bound, keep_below)
-        if len(points) < 3:
-            return None
+    low, high = points.min(0), points.max(0)
+    if high[0] <= x0 or low[0] >= x1 or high[1] <= y0 or low[1] >= y1:
+        return None  # wholly outside (most objects, seen from one tile)
+    if low[0] < x0 or low[1] < y0 or high[0] > x1 or high[1] > y1:  # else wholly inside: kept as it is
+        for axis, bound, keep_below in ((0, x0, False), (0, x1, True), (1, y0, False), (1, y1, True)):
+            points = _clip_half_plane(points, axis, bound, keep_below)
+            if len(points) < 3:
+                return None
     points = _drop_repeats(points)
     if len(points) < 3 or polygon_area(points) <= 0:
         return None

@@ -402,7 +402,9 @@ def run(cfg: DictConfig) -> Path:
         coco = yolo_to_coco(cfg, data_path, Path(str(c.split_csv)) if c.split_csv else None)
         atomic_write_json(out, coco)
         logger.info(
-            f"wrote {out}: {len(coco['images'])} images, {len(coco['annotations'])} boxes, {len(coco['categories'])} categories"
+            f"wrote {out}: {len(coco['images'])} images, {len(coco['annotations'])} objects "
+            f"({sum('segmentation' in a for a in coco['annotations'])} with a segmentation), "
+            f"{len(coco['categories'])} categories"
         )
         return out
     if fmt not in ("coco2yolo", "voc2yolo"):

@@ -180,7 +180,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     background = int((tiles["boxes"] == 0).sum())
     logger.info(
         f"{len(tiles)} tiles of {settings.size[1]}x{settings.size[0]} (overlap {settings.overlap:g}) from "
-        f"{len(sources)} images in {out}: {int(tiles['boxes'].sum())} boxes, {background} background tiles "
+        f"{len(sources)} images in {out}: {int(tiles['boxes'].sum())} objects, {background} background tiles "
         f"(kept at rate {settings.background_rate:g})"
     )
     return tiles

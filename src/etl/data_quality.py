@@ -72,7 +72,7 @@ def segmentation_summary(cfg: DictConfig, report: Report) -> str | None:
         logger.warning(
             f"{len(box_only)} label file(s) of this segmentation data set have box lines without a polygon "
             f"({sum(r.num_box_only for r in usable)} objects), e.g. {named}{more}: a segmentation run refuses "
-            "them unless box-only samples are allowed (those objects get no mask loss); a detection run uses "
+            "them unless train.allow_box_only=true (those objects then get no mask loss); a detection run uses "
             "every object"
         )
     return text

@@ -368,3 +368,19 @@ def test_yolo_seg_coco_round_trip(tmp_path):
             assert (p is None) == (q is None)
             if p is not None:
                 np.testing.assert_allclose(q, p, atol=1e-5)
+
+
+def test_merged_parts_rasterise_to_their_union():
+    from src.common.masks import polygon_to_mask
+    from src.etl.labels import is_self_intersecting
+    from src.etl.polygons import merge_polygon_parts
+
+    def square(x, y, side):
+        return np.array([[x, y], [x + side, y], [x + side, y + side], [x, y + side]], float)
+
+    parts = [square(10, 10, 20), square(50, 12, 15)[::-1], square(15, 50, 25), square(70, 60, 8)]
+    merged = merge_polygon_parts([*parts, np.array([[0.0, 0.0], [1.0, 1.0]])])  # a 2-point part is ignored
+    assert not is_self_intersecting(merged) and len(merged) == 4 * 4 + 2 * 3  # each bridge point twice
+    union = np.any([polygon_to_mask(p / 100, 100, 100) for p in parts], axis=0)
+    assert np.array_equal(polygon_to_mask(merged / 100, 100, 100), union)
+    assert np.array_equal(merge_polygon_parts(parts[:1]), parts[0]) and merge_polygon_parts([]) is None

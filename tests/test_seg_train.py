@@ -211,8 +211,17 @@ def test_segmentation_targets_carry_masks_that_fit_their_boxes(tmp_path, seg_dat
             boxes = target["boxes"].numpy()  # normalised cxcywh
             xyxy = np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1) * 64
             assert present.all() and np.abs(xyxy - fitted).max() < 1e-3
-    image, target = DetectionDataset(cfg, "val")[0]
-    assert len(target["polygons"]) == len(target["labels"]) == len(target["masks"])
+    for keep_ratio in ("true", "false"):  # plain samples: polygons drawn straight at the network input
+        val = DetectionDataset(
+            load_config(overrides(tmp_path, seg_data, f"model.keep_ratio={keep_ratio}")), "val"
+        )
+        for position in range(len(val)):
+            _, target = val[position]
+            assert len(target["polygons"]) == len(target["labels"]) == len(target["masks"])
+            fitted, present = boxes_from_masks(target["masks"].numpy())
+            boxes = target["boxes"].numpy()  # the label boxes: the polygons' own boxes
+            xyxy = np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1) * 64
+            assert present.all() and np.abs(xyxy - fitted).max() <= 1.0
     # A detection run of the same data rasterises nothing.
     detect = DetectionDataset(load_config(overrides(tmp_path, seg_data, "model.task=detect")), "train")
     assert "masks" not in detect[0][1] and detect.load_sample(0).masks is None
@@ -255,8 +264,10 @@ def test_two_step_segmentation_training_writes_mask_metrics(tmp_path, seg_data):
 
     extra = (
         "train.decision_metrics=[mask_mAP_50,mAP_50]",
-        "train.multiscale_prob=1.0",
+        "train.multiscale_prob=1.0",  # masks stay at the input size: the mask loss samples normalised points
         "train.mosaic.prob=0.5",
+        "train.mixup.prob=0.5",
+        "train.mixup.epochs=[0,null]",
     )
     cfg = load_config(overrides(tmp_path, seg_data, *extra))
     run(cfg)

@@ -109,6 +109,13 @@ def letterbox_masks(masks: np.ndarray, meta: Letterbox) -> np.ndarray:
     return out
 
 
+def polygons_to_network(polygons: Sequence[np.ndarray | None], meta: Letterbox) -> list[np.ndarray | None]:
+    """Polygons normalised in the original image -> normalised in the network input (None stays None)."""
+    scale = np.array([meta.orig_w * meta.scale_x / meta.net_w, meta.orig_h * meta.scale_y / meta.net_h])
+    offset = np.array([meta.pad_x / meta.net_w, meta.pad_y / meta.net_h])
+    return [None if p is None else (p * scale + offset).astype(np.float32) for p in polygons]
+
+
 def boxes_from_masks(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Tight xyxy pixel boxes (N, 4) float32 around each mask's pixels, and which masks are not empty (N,)."""
     rows, cols = masks.any(axis=2), masks.any(axis=1)  # (N, H), (N, W)

@@ -59,8 +59,16 @@ from src.dl.train.augment import (
     letterbox_masks,
     make_mosaic,
     mix_up,
+    polygons_to_network,
 )
-from src.dl.train.cache import ImageCache, build_image_cache, cache_mode, check_cache_fits, from_original
+from src.dl.train.cache import (
+    ImageCache,
+    build_image_cache,
+    cache_mode,
+    check_cache_fits,
+    fit_image,
+    from_original,
+)
 from src.etl.labels import label_path_for, labels_dir
 from src.etl.splits import load_labels, read_split, split_csv_path
 
@@ -204,11 +212,16 @@ class DetectionDataset(Dataset):
         image = read_image_rgb(self.image_paths[index])
         return image, (image.shape[1], image.shape[0])
 
-    def load_sample(self, index: int) -> Sample:
+    def load_sample(self, index: int, masks: bool = True) -> Sample:
         """Image + its boxes as xyxy pixels of that image + class ids (class 0 for every box with
-        use_one_class) [+ its polygons rasterised at the image's size]. Labels are normalised, so a cached
-        (resized) image gets its boxes and masks just as right."""
+        use_one_class). Labels are normalised, so a cached (resized) image gets its boxes just as right.
+
+        Segmentation (and `masks`): the image is first brought to its size inside the network input (what
+        train.cache holds), and its polygons are rasterised at that size: one mask per object never costs
+        more than the input size, whatever the photo's resolution."""
         image, _ = self.read_image(index)
+        if self.segment and masks:
+            image = fit_image(image, self.img_size, self.keep_ratio)  # no-op for a cached or small image
         height, width = image.shape[:2]
         boxes = cxcywh_to_xyxy(torch.from_numpy(self.boxes[index])).numpy()
         boxes = boxes * np.array([width, height, width, height], np.float32)
@@ -216,7 +229,7 @@ class DetectionDataset(Dataset):
         if self.use_one_class:
             labels[:] = 0
         sample = Sample(image, boxes.astype(np.float32), labels)
-        if not self.segment:
+        if not (self.segment and masks):
             return sample
         polygons = self.polygons[index]
         masks = polygons_to_masks(polygons, height, width).view(np.uint8)  # (N, H, W) 0/1
@@ -263,10 +276,10 @@ class DetectionDataset(Dataset):
             sample, mosaic = self._augmented_sample(index, sample_seed(self.seed, self.epoch, index))
             sample, mixup = self._maybe_mix_up(sample, index)
         else:
-            sample = self.load_sample(index)
+            sample = self.load_sample(index, masks=False)  # masks drawn at the network input (_to_network)
         height, width = sample.image.shape[:2]
         resized, meta = letterbox_or_resize(sample.image, self.img_size, self.keep_ratio)
-        net = self._to_network(sample, meta, fit_masks=self.augment)
+        net = self._to_network(sample, meta, index)
         if self.cache is not None and not self.augment:  # val/test: report the original image, not the copy
             (width, height), meta = self.cache.sizes[index], from_original(meta, *self.cache.sizes[index])
         target = {
@@ -286,16 +299,19 @@ class DetectionDataset(Dataset):
                 target["polygons"] = self.polygons[index]
         return image_to_tensor(resized), target
 
-    @staticmethod
-    def _to_network(sample: Sample, meta: Letterbox, fit_masks: bool) -> Sample:
-        """Boxes (xyxy pixels) and masks of the (augmented) image -> the network input's pixels. fit_masks
-        (augmented samples): boxes from the masks, objects whose mask vanished dropped."""
+    def _to_network(self, sample: Sample, meta: Letterbox, index: int) -> Sample:
+        """Boxes (xyxy pixels) and masks of the (augmented) image -> the network input's pixels. Augmented
+        samples: masks letterboxed, boxes from the masks, objects whose mask vanished dropped. Plain samples:
+        the label polygons rasterised straight at the network input (exact; nothing at the original size)."""
         boxes = boxes_xyxy_to_network(np.asarray(sample.boxes, np.float32).reshape(-1, 4), meta)
         net = sample._replace(boxes=boxes)
-        if sample.masks is None:
+        if not self.segment:
             return net
-        net = net._replace(masks=letterbox_masks(sample.masks, meta))
-        return fit_boxes_to_masks(net) if fit_masks else net
+        if sample.masks is not None:
+            return fit_boxes_to_masks(net._replace(masks=letterbox_masks(sample.masks, meta)))
+        polygons = self.polygons[index]
+        masks = polygons_to_masks(polygons_to_network(polygons, meta), meta.net_h, meta.net_w).view(np.uint8)
+        return net._replace(masks=masks, has_mask=polygons_has_mask(polygons))
 
     @staticmethod
     def _normalised_boxes(boxes_xyxy: np.ndarray, meta: Letterbox) -> torch.Tensor:

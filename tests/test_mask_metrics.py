@@ -127,7 +127,7 @@ def test_mask_iou_pairs_masks_by_index():
 
 
 @pytest.mark.parametrize("keep_ratio", [True, False])
-def test_validation_records_score_perfect_network_masks_as_perfect(keep_ratio):
+def test_validation_records_score_perfect_network_masks_as_perfect(keep_ratio, tmp_path):
     """The validation path (postprocessor mask logits at 1/4 of the network input -> original-size masks
     -> RLE, GT from the label polygons at the original size): logits drawn from the GT polygons themselves
     give mask mAP50 1 on a letterboxed or resized image of odd size, and the records hold RLEs only."""
@@ -162,13 +162,24 @@ def test_validation_records_score_perfect_network_masks_as_perfect(keep_ratio):
         "image_id": 0,
         "letterbox": meta,
         "polygons": polygons,
+        "path": str(tmp_path / "grey.png"),
     }
+    cv2.imwrite(target["path"], np.full((137, 201, 3), 128, np.uint8))
     preds, gts = batch_records([result], [target])
     assert all(isinstance(rle["counts"], str) for rle in preds[0]["mask"]["rles"] + gts[0]["mask"]["rles"])
     assert len(gts[0]["mask"]["rles"]) == 2  # the box-only object has no mask ground truth
     metrics = evaluate(preds, gts, ["a", "b"]).metrics
     assert metrics["mask_mAP_50"] == pytest.approx(1.0)
     assert metrics["mask_mAP_50_95"] > 0.6  # a 1/4-resolution mask is not pixel-exact at high IoUs
+    # The eval pictures draw the masks: the grey image is tinted inside the objects, left alone outside.
+    from src.common.images import read_image_rgb
+    from src.common.masks import polygon_to_mask
+    from src.metrics.plots import save_eval_images
+
+    (picture,) = save_eval_images(preds, gts, tmp_path / "eval", ["a", "b"], 0.5, 1)
+    drawn = read_image_rgb(picture).astype(int)
+    inside = polygon_to_mask(polygons[1], 137, 201)
+    assert np.abs(drawn[inside] - 128).max(-1).mean() > 40 and np.abs(drawn[60:70, 5:10] - 128).max() < 8
 
 
 def test_masks_in_boxes_equal_masks_to_original():

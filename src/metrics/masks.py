@@ -57,6 +57,15 @@ def _encode_hwk(masks: np.ndarray) -> list[dict]:
     return rles
 
 
+def decode_rles(rles: list[dict], height: int, width: int) -> np.ndarray:
+    """K COCO RLEs -> (K, height, width) bool (the shape also for K = 0)."""
+    from faster_coco_eval.core import mask as mask_utils
+
+    if not rles:
+        return np.zeros((0, height, width), bool)
+    return np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1).astype(bool))
+
+
 def _numpy(values) -> np.ndarray:
     return values.detach().cpu().numpy() if hasattr(values, "detach") else np.asarray(values)
 

@@ -53,12 +53,12 @@ def _polygon_sample(size: int, seed: int) -> tuple[torch.Tensor, dict]:
 def test_mask_branch_output_shapes(size):
     torch.manual_seed(0)
     model = build_model(size, NUM_CLASSES, img_size=(64, 96), num_queries=QUERIES, task="segment").eval()
-    stride = 8 if size == "n" else 4  # half the finest encoder stride (n starts at 1/16)
     with torch.no_grad():
         out = model(torch.rand(2, 3, 64, 96))
     assert set(out) == {"pred_logits", "pred_boxes", "pred_masks"}
-    assert out["pred_masks"].shape == (2, QUERIES, 64 // stride, 96 // stride)
-    assert model.task == "segment" and model.mask_head.mask_stride == stride
+    # Stride 4 for every size: n's encoder starts at 1/16, the backbone's stride-4 stage gives the detail.
+    assert out["pred_masks"].shape == (2, QUERIES, 64 // 4, 96 // 4)
+    assert model.task == "segment" and model.mask_head.mask_stride == 4
 
 
 def test_detection_outputs_unchanged_by_the_mask_branch():

@@ -309,6 +309,7 @@ class HGNetv2(nn.Module):
         self.return_idx = tuple(return_idx)
         self.out_channels = [stages[i].out_channels for i in self.return_idx]
         self.out_strides = [(4, 8, 16, 32)[i] for i in self.return_idx]
+        self.stage_channels = [stage.out_channels for stage in stages]
 
         self.stem = StemBlock(*stem_channels, use_lab=use_lab)
         self.stages = nn.ModuleList([HGStage(spec, use_lab) for spec in stages])
@@ -322,12 +323,17 @@ class HGNetv2(nn.Module):
             freeze_batch_norms(self)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        stages = self.stage_outputs(x)
+        return [stages[i] for i in self.return_idx]
+
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's map (strides 4, 8, 16, 32; channels `stage_channels`): a segmentation model's mask
+        branch also reads the stride-4 one. Costs what forward costs (every size returns the last stage)."""
         x = self.stem(x)
         features = []
-        for i, stage in enumerate(self.stages):
+        for stage in self.stages:
             x = stage(x)
-            if i in self.return_idx:
-                features.append(x)
+            features.append(x)
         return features
 
     def load_pretrained(

@@ -21,7 +21,7 @@ from src.d_fine.spec import TASKS, ModelSpec
 class DFINE(nn.Module):
     """images (B, 3, H, W) float in [0, 1] -> eval: {"pred_logits" (B, Q, classes), "pred_boxes" (B, Q, 4)
     normalised cxcywh}; train (`model(images, targets)`): the full output dict the criterion consumes.
-    With a mask head (task "segment") both also hold "pred_masks" (B, Q, H/s, W/s) mask logits."""
+    With a mask head (task "segment") both also hold "pred_masks" (B, Q, H/4, W/4) mask logits."""
 
     def __init__(
         self,
@@ -44,9 +44,12 @@ class DFINE(nn.Module):
         return "detect" if self.mask_head is None else "segment"
 
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None) -> dict:
-        feats = self.encoder(self.backbone(images))
-        outputs = self.decoder(feats, targets)
-        return outputs if self.mask_head is None else self.mask_head(feats, outputs)
+        if self.mask_head is None:
+            return self.decoder(self.encoder(self.backbone(images)), targets)
+        stages = self.backbone.stage_outputs(images)  # strides 4, 8, 16, 32
+        feats = self.encoder([stages[i] for i in self.backbone.return_idx])
+        # The mask branch also reads the stride-4 stage (edges finer than the encoder's 1/8 or 1/16).
+        return self.mask_head(feats, self.decoder(feats, targets), detail=stages[0])
 
     def deploy(self) -> DFINE:
         """Eval mode, RepVGG/BN folding, and only the layers eval runs; outputs do not change. One way."""
@@ -132,7 +135,7 @@ def build_model(
         if size.layer_scale != 1:  # the mask MLP reads the eval layer's queries in training and eval alike
             raise ValueError("task=segment needs decoder layers of one width (layer_scale 1)")
         channels = [size.hidden_dim] * len(size.feat_strides)  # every encoder output map has hidden_dim
-        mask_head = build_mask_head(channels, list(size.feat_strides), size.decoder_hidden_dim)
+        mask_head = build_mask_head(channels, backbone.stage_channels[0], size.decoder_hidden_dim)
     return DFINE(backbone, encoder, decoder, size, mask_head)
 
 

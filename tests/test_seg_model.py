@@ -61,6 +61,24 @@ def test_mask_branch_output_shapes(size):
     assert model.task == "segment" and model.mask_head.mask_stride == 4
 
 
+def test_the_pixel_embedding_reads_the_backbone_stride_4_stage():
+    """HGNetv2.stage_outputs gives every stage (strides 4..32) and forward stays its return_idx selection
+    (bit for bit: a detector is unchanged); the mask branch projects the stride-4 one, starting at zero
+    weight, so a fresh branch begins as the upsampled encoder map and learns how much detail to add."""
+    torch.manual_seed(0)
+    model = build_model("n", NUM_CLASSES, img_size=(64, 64), num_queries=QUERIES, task="segment").eval()
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        stages = model.backbone.stage_outputs(images)
+        selected = model.backbone(images)
+    assert [tuple(map(int, s.shape[1:])) for s in stages] == [
+        (c, 64 // stride, 64 // stride) for c, stride in zip(model.backbone.stage_channels, (4, 8, 16, 32))
+    ]
+    assert all(torch.equal(stages[i], got) for i, got in zip(model.backbone.return_idx, selected))
+    detail = model.mask_head.pixel_embedding.detail
+    assert detail[0].in_channels == model.backbone.stage_channels[0] and not detail[1].weight.any()
+
+
 def test_detection_outputs_unchanged_by_the_mask_branch():
     """The same weights give the same boxes and scores with and without the mask branch (eval and train),
     and a detector has neither mask parameters nor mask outputs."""

@@ -57,6 +57,9 @@ class PixelEmbedding(nn.Module):
         self.fuse = _conv_norm_relu(mask_dim, mask_dim, 3)  # at the finest encoder stride
         # The backbone's stride-4 stage: edges the encoder (stride 8 or 16) no longer resolves.
         self.detail = _conv_norm(detail_channels, mask_dim)
+        # Zero scale: the branch starts as the plain upsampled encoder map and learns how much backbone
+        # detail to add (raw stride-4 features at full weight swamp the young embedding with texture).
+        nn.init.zeros_(self.detail[1].weight)
         # At stride 4 only a depthwise 3x3 (local smoothing) and a pointwise 1x1 (channel mixing): a full
         # 3x3 conv there would cost 9x the pointwise one on 4-16x the pixels.
         depthwise = nn.Conv2d(mask_dim, mask_dim, 3, padding=1, groups=mask_dim, bias=False)

@@ -312,3 +312,46 @@ def test_evaluation_of_a_perfect_segmentation_model_scores_mask_map_one(seg_proj
     first = result.with_masks(0)
     assert first.masks.shape == (len(first), *first.image_size)
     assert {"mask_mAP_50", "mask_mAP_50_95"} <= set(result.summary())
+
+
+class FixedRunner:
+    """A segmentation backend that answers every image with the same K queries (network pixels)."""
+
+    backend, batch_size, device, precision = "fixed", 1, "cpu", "fp32"
+
+    def __init__(self, meta, queries: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        h, w = meta.img_size
+        x0, y0 = rng.uniform(0, w / 2, queries), rng.uniform(0, h / 2, queries)
+        boxes = np.stack(
+            [x0, y0, x0 + rng.uniform(8, w / 2, queries), y0 + rng.uniform(8, h / 2, queries)], 1
+        )
+        self.meta = meta
+        self.outputs = (
+            rng.integers(0, len(meta.class_names), (1, queries)),
+            boxes[None].astype(np.float32),
+            rng.uniform(0.01, 1.0, (1, queries)).astype(np.float32),
+            rng.normal(0, 1, (1, queries, h // 4, w // 4)).astype(np.float32),
+        )
+
+    def __call__(self, images: np.ndarray, sizes: np.ndarray):
+        return self.outputs
+
+
+def test_evaluation_masks_only_the_best_detections(seg_project):
+    """A segmentation model's evaluation makes masks for the EVAL_MASKS best detections (what COCO reads):
+    the same masks a full prediction gives them, empty ones below; every detection is still listed."""
+    from src.runtime import load_model
+    from src.runtime.detector import Detector
+    from src.runtime.evaluate import EVAL_MASKS, decode_masks, predict_for_evaluation
+
+    _, checkpoint = seg_project
+    detector = Detector(FixedRunner(load_model(checkpoint).meta, queries=EVAL_MASKS + 20))
+    image = np.full((72, 120, 3), 100, np.uint8)
+    full = detector.predict([image], conf=0.0)[0]
+    dets, rles, ms = predict_for_evaluation(detector, image, min_conf=0.0)
+    assert len(dets) == len(full) == EVAL_MASKS + 20 and dets.masks is None and ms > 0
+    np.testing.assert_array_equal(dets.scores, full.scores)
+    masks = decode_masks(rles, (72, 120))
+    assert (masks[:EVAL_MASKS] == full.masks[:EVAL_MASKS]).all() and masks[:EVAL_MASKS].any()
+    assert not masks[EVAL_MASKS:].any()

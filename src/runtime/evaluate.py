@@ -11,6 +11,7 @@ fit in memory.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -211,6 +212,44 @@ def mask_scores(
     return mask_map(_Lazy(count, pred), _Lazy(count, gt), num_classes)
 
 
+# COCO mAP reads the 100 best detections of an image (maxDets): a segmentation model's evaluation makes full-size
+# masks for these only (all 300 top-K queries' masks at 640x480 took seconds per image on a CPU).
+EVAL_MASKS = 100
+
+
+def predict_for_evaluation(
+    detector: Detector, image: np.ndarray, min_conf: float
+) -> tuple[Detections, list[dict] | None, float]:
+    """One image: (its detections >= min_conf without masks, their masks as COCO RLEs or None for a
+    detection model, the milliseconds of a deployed prediction).
+
+    A detection model (or a detector with its own predict, e.g. sliced) is timed at min_conf, masks (if
+    any) encoded. A segmentation model runs the network once: the time is the prediction at the model's own
+    thresholds, masks of its kept detections included (what deployment pays); the evaluation's detections
+    are selected from the same outputs untimed, with masks for the EVAL_MASKS best only (empty masks below
+    them: COCO never reads those).
+    """
+    from src.metrics.masks import encode_masks
+
+    if detector.meta.task != "segment" or type(detector).predict is not Detector.predict:
+        (dets,), ms = detector.timed([image], conf=min_conf)
+        if dets.masks is None:
+            return dets, None, ms
+        return replace(dets, masks=None), encode_masks(dets.masks), ms
+    detector.synchronize()
+    start = time.perf_counter()
+    outputs, (letterbox,) = detector.raw([image])
+    detector._select(outputs, 0, letterbox, detector.thresholds())  # the deployed post-processing
+    detector.synchronize()
+    ms = (time.perf_counter() - start) * 1000.0
+    thresholds = detector.thresholds(min_conf)
+    dets = detector._select(outputs[:3], 0, letterbox, thresholds)  # boxes only: no masks made
+    best = np.argsort(-outputs[2][0], kind="stable")[:EVAL_MASKS]  # the best queries, as _select orders
+    top = detector._select(tuple(o[:, best] for o in outputs), 0, letterbox, thresholds)
+    empty = encode_masks(np.zeros((1, *dets.image_size), bool)) * (len(dets) - len(top))
+    return dets, encode_masks(top.masks) + empty, ms
+
+
 def evaluate_detector(
     detector: Detector,
     samples: Sequence[LabelledImage],
@@ -229,8 +268,6 @@ def evaluate_detector(
     conf = float(detector.meta.conf_thresh if conf is None else conf)
     if warmup:
         detector.warmup(warmup)
-    from src.metrics.masks import encode_masks
-
     detections, latencies, kept, failed, mask_rles = [], [], [], [], []
     for index, sample in enumerate(
         tqdm(samples, desc=desc or f"eval {detector.backend}", leave=False, dynamic_ncols=True)
@@ -241,10 +278,9 @@ def evaluate_detector(
             logger.warning(f"skipped: {err}")
             failed.append(str(sample.path))
             continue
-        (dets,), ms = detector.timed([image], conf=min_conf)
-        if dets.masks is not None:  # kept compact (see the module doc)
-            mask_rles.append(encode_masks(dets.masks))
-            dets = replace(dets, masks=None)
+        dets, rles, ms = predict_for_evaluation(detector, image, min_conf)
+        if rles is not None:
+            mask_rles.append(rles)
         detections.append(dets)
         latencies.append(ms)
         kept.append(sample)

@@ -90,10 +90,12 @@ def test_infer_one_file_with_torch(project):
     root, cfg = project
     image = sorted((root / "data" / "images").glob("*.jpg"))[0]
     cfg = deploy_config(
-        root, f"infer.input={image}", f"infer.model_path={exp_dir(cfg) / 'best.pt'}", "infer.save_crops=false"
-    )
+        root, f"infer.input={image}", f"infer.model_path={exp_dir(cfg) / 'best.pt'}", "infer.save_crops=false",
+        "infer.save_masks=true",
+    )  # fmt: skip
     summary = infer.run(cfg)
     assert summary["backend"] == "torch" and summary["images"] == 1
+    assert not (exp_dir(cfg) / "infer" / image.name / "masks").exists()  # a detection model has no masks
     assert (exp_dir(cfg) / "infer" / image.name / "images" / image.name).exists()
 
 

@@ -3,8 +3,8 @@
     python -m src.dl.bench exp_name=my_run [bench.backends=[torch,onnx] bench.images=100]
 
 Per backend: latency median / p90 in ms (one image at a time, after warm-up; image decoding excluded,
-resize + inference + postprocessing included), throughput, mAP50, mAP50-95 (a segmentation model also mask_mAP_50, mask_mAP_50_95: COCO mask mAP against
-the labels' polygons), and precision / recall / F1 at
+resize + inference + postprocessing included), throughput, mAP50, mAP50-95 (a segmentation model also
+mask_mAP_50, mask_mAP_50_95: COCO mask mAP against the labels' polygons), and precision / recall / F1 at
 both thresholds, named: `*@tuned` at the model's saved thresholds (thresholds.json: the global one in column
 conf_tuned, plus its per-class ones; what infer applies) and
 `*@eval` at train.conf_thresh (column conf_eval), the threshold of training's metrics.csv

@@ -4,12 +4,14 @@
 
 Output in output/<exp>/infer/<input name>/: annotated images (images/), annotated videos (videos/, same fps
 and size), YOLO txt predictions (labels/, optionally with a score column), crops per class (crops/<class>/),
-predictions.csv (one row per detection) and predictions.json (summary). A segmentation model's masks are
-drawn under the boxes, its label lines are YOLO-seg polygons (a detection whose mask is empty keeps its box
-line), and infer.save_masks writes masks/<image>.png: one instance-id PNG per image (0 = background,
-i = the i-th detection of the image's label file and predictions.csv rows; uint16 when more than 255). Every output keeps the input's
+predictions.csv (one row per detection) and predictions.json (summary). Every output keeps the input's
 path relative to the input folder; when two inputs share a stem (a.jpg, a.png) their outputs keep the
 extension too (labels/a.jpg.txt, labels/a.png.txt), so nothing overwrites anything.
+
+A segmentation model's masks are drawn under the boxes, its label lines are YOLO-seg polygons (a detection
+whose mask is empty keeps its box line), and infer.save_masks writes masks/<image>.png: one instance-id PNG
+per image (0 = background, i = the i-th detection of the image's label file and predictions.csv rows;
+uint16 when more than 255).
 
 A run is written into a temp folder and then replaces the previous outputs of the same input as a whole:
 no stale file of an earlier run stays mixed in, outputs of other inputs are untouched, and the inputs

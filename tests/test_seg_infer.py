@@ -339,19 +339,28 @@ class FixedRunner:
 
 
 def test_evaluation_masks_only_the_best_detections(seg_project):
-    """A segmentation model's evaluation makes masks for the EVAL_MASKS best detections (what COCO reads):
-    the same masks a full prediction gives them, empty ones below; every detection is still listed."""
+    """A segmentation model's evaluation makes masks for the MAX_MASKS best detections scoring at least
+    MIN_MASK_SCORE (what training's validation scores): the same masks a full prediction gives them, empty
+    ones below; every detection is still listed."""
+    from src.metrics.masks import MAX_MASKS, MIN_MASK_SCORE
     from src.runtime import load_model
     from src.runtime.detector import Detector
-    from src.runtime.evaluate import EVAL_MASKS, decode_masks, predict_for_evaluation
+    from src.runtime.evaluate import decode_masks, masked_count, predict_for_evaluation
 
     _, checkpoint = seg_project
-    detector = Detector(FixedRunner(load_model(checkpoint).meta, queries=EVAL_MASKS + 20))
+    runner = FixedRunner(load_model(checkpoint).meta, queries=MAX_MASKS + 20)
+    detector = Detector(runner)
     image = np.full((72, 120, 3), 100, np.uint8)
     full = detector.predict([image], conf=0.0)[0]
     dets, rles, ms = predict_for_evaluation(detector, image, min_conf=0.0)
-    assert len(dets) == len(full) == EVAL_MASKS + 20 and dets.masks is None and ms > 0
+    assert len(dets) == len(full) == MAX_MASKS + 20 and dets.masks is None and ms > 0
     np.testing.assert_array_equal(dets.scores, full.scores)
     masks = decode_masks(rles, (72, 120))
-    assert (masks[:EVAL_MASKS] == full.masks[:EVAL_MASKS]).all() and masks[:EVAL_MASKS].any()
-    assert not masks[EVAL_MASKS:].any()
+    assert masked_count(dets) == MAX_MASKS and masks[:MAX_MASKS].any()
+    assert (masks[:MAX_MASKS] == full.masks[:MAX_MASKS]).all() and not masks[MAX_MASKS:].any()
+
+    runner.outputs[2][0, 30:] = MIN_MASK_SCORE / 2  # all but 30 detections under the mask score floor
+    dets, rles, _ = predict_for_evaluation(detector, image, min_conf=0.0)
+    masks = decode_masks(rles, (72, 120))
+    assert len(dets) == MAX_MASKS + 20 and masked_count(dets) == 30
+    assert masks[:30].any() and not masks[30:].any()

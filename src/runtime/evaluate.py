@@ -158,30 +158,10 @@ def select_detections(dets: Detections, keep: np.ndarray) -> Detections:
 
 
 def decode_masks(rles: list[dict], image_size: tuple[int, int]) -> np.ndarray:
-    """COCO RLEs (src/metrics/masks.encode_masks) -> (N, H, W) bool; image_size (h, w) for N = 0."""
-    from faster_coco_eval.core import mask as mask_utils
+    """One image's COCO RLEs (EvalResult.mask_rles[i]) -> (N, H, W) bool; image_size (h, w)."""
+    from src.metrics.masks import decode_rles
 
-    if not rles:
-        return np.zeros((0, *image_size), bool)
-    return np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1).astype(bool))
-
-
-class _Lazy(Sequence):
-    """A read-only sequence whose items are made when read: mask mAP reads one image's dense masks at a
-    time, so a whole split's never sit in memory together."""
-
-    def __init__(self, count: int, make):
-        self.count, self.make = count, make
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self.make(i) for i in range(*index.indices(self.count))]
-        if not -self.count <= index < self.count:
-            raise IndexError(index)
-        return self.make(index % self.count)
+    return decode_rles(rles, *image_size)
 
 
 def mask_scores(
@@ -190,47 +170,49 @@ def mask_scores(
     samples: Sequence[LabelledImage],
     num_classes: int,
 ) -> dict[str, float]:
-    """COCO mask mAP (mask_mAP_50, mask_mAP_50_95 and per-class mask_AP50 / mask_AP50_95 arrays) of the
-    detections' masks against the samples' polygons; {} when no sample has a polygon (nothing to score)."""
-    from src.metrics.masks import mask_map
+    """COCO mask mAP (mask_mAP_50, mask_mAP_50_95 and per-class mask_AP50 / mask_AP50_95 arrays) of each
+    image's masked_count first detections against the samples' polygons, as training's validation scores
+    them; {} when no sample has a polygon (nothing to score). Both sides go in as RLEs: one image's dense
+    ground-truth masks exist only while they are encoded."""
+    from src.metrics.masks import encode_masks, mask_map
 
     if not any(s.has_mask.any() for s in samples):
         logger.info("mask mAP not computed: no ground-truth polygons in these labels (box lines only)")
         return {}
-
-    def pred(i: int) -> dict:
-        dets = detections[i]
-        return {"masks": decode_masks(mask_rles[i], dets.image_size), "labels": dets.labels,
-                "scores": dets.scores}  # fmt: skip
-
-    def gt(i: int) -> dict:
-        sample = samples[i]
-        return {"masks": sample.masks(*detections[i].image_size), "labels": sample.labels,
-                "has_mask": sample.has_mask}  # fmt: skip
-
-    count = len(samples)
-    return mask_map(_Lazy(count, pred), _Lazy(count, gt), num_classes)
+    preds, gts = [], []
+    for dets, rles, sample in zip(detections, mask_rles, samples, strict=True):
+        height, width = dets.image_size
+        n = masked_count(dets)
+        preds.append({"rles": rles[:n], "labels": dets.labels[:n], "scores": dets.scores[:n]})
+        gt_masks = sample.masks(height, width)[sample.has_mask]
+        gts.append({"rles": encode_masks(gt_masks), "labels": sample.labels[sample.has_mask],
+                    "height": height, "width": width})  # fmt: skip
+    return mask_map(preds, gts, num_classes)
 
 
-# COCO mAP reads the 100 best detections of an image (maxDets): a segmentation model's evaluation makes
-# full-size masks for these only. Measured on one core of a 2-core AMD EPYC, 640x480 image, 160x160 logits: 300 masks
-# take 1.2-1.6 s to resample (network_input.masks_to_original) + 0.55-0.77 s to RLE-encode; 100: 0.45 + 0.2 s.
-EVAL_MASKS = 100
+def masked_count(dets: Detections) -> int:
+    """How many of an image's detections (sorted by score) an evaluation gives a mask, as training's
+    validation does (metrics.masks): the MAX_MASKS best (COCO mAP reads 100 per image and class) that score
+    >= MIN_MASK_SCORE. Full-size masks are what cost: on one core of a 2-core AMD EPYC, 300 masks of a
+    640x480 image took 1.2-1.6 s to resample (network_input.masks_to_original) + 0.6-0.8 s to RLE-encode."""
+    from src.metrics.masks import MAX_MASKS, MIN_MASK_SCORE
+
+    return int(min(MAX_MASKS, np.count_nonzero(dets.scores >= MIN_MASK_SCORE)))
 
 
 def predict_for_evaluation(
     detector: Detector, image: np.ndarray, min_conf: float
 ) -> tuple[Detections, list[dict] | None, float]:
-    """One image: (its detections >= min_conf without masks, their masks as COCO RLEs or None for a
+    """One image: (its detections >= min_conf without masks, one COCO RLE per detection or None for a
     detection model, the milliseconds of a deployed prediction).
 
     A detection model (or a detector with its own predict, e.g. sliced) is timed at min_conf, masks (if
     any) encoded. A segmentation model runs the network once: the time is the prediction at the model's own
     thresholds, masks of its kept detections included (what deployment pays); the evaluation's detections
-    are selected from the same outputs untimed, with masks for the EVAL_MASKS best only (empty masks below
-    them: COCO never reads those).
+    are selected from the same outputs untimed, the first masked_count of them with their masks, the rest
+    with empty ones (mask mAP leaves them out: see mask_scores).
     """
-    from src.metrics.masks import encode_masks
+    from src.metrics.masks import MAX_MASKS, MIN_MASK_SCORE, encode_masks
 
     if detector.meta.task != "segment" or type(detector).predict is not Detector.predict:
         (dets,), ms = detector.timed([image], conf=min_conf)
@@ -243,10 +225,10 @@ def predict_for_evaluation(
     detector._select(outputs, 0, letterbox, detector.thresholds())  # the deployed post-processing
     detector.synchronize()
     ms = (time.perf_counter() - start) * 1000.0
-    thresholds = detector.thresholds(min_conf)
-    dets = detector._select(outputs[:3], 0, letterbox, thresholds)  # boxes only: no masks made
-    best = np.argsort(-outputs[2][0], kind="stable")[:EVAL_MASKS]  # the best queries, as _select orders
-    top = detector._select(tuple(o[:, best] for o in outputs), 0, letterbox, thresholds)
+    dets = detector._select(outputs[:3], 0, letterbox, detector.thresholds(min_conf))  # boxes: no masks made
+    best = np.argsort(-np.asarray(outputs[2][0]), kind="stable")[:MAX_MASKS]  # as _select orders them
+    top_conf = detector.thresholds(max(float(min_conf), MIN_MASK_SCORE))
+    top = detector._select(tuple(o[:, best] for o in outputs), 0, letterbox, top_conf)  # dets[:len(top)]
     empty = encode_masks(np.zeros((1, *dets.image_size), bool)) * (len(dets) - len(top))
     return dets, encode_masks(top.masks) + empty, ms
 

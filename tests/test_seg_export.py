@@ -166,3 +166,24 @@ def test_precision_rule_requires_mask_iou():
     assert (
         choose({"ov_fp32": entry(60, 1.0), "ov_int8": entry(25, 0.99)}, {}, "auto", rule)["name"] == "ov_int8"
     )
+
+
+@pytest.mark.parametrize("keep_ratio", [True, False])
+def test_masks_in_boxes_equals_whole_image_resampling(keep_ratio):
+    """The Detector resamples each mask only inside its box: the same masks as masks_to_original over the
+    whole image with the boxes clearing the rest (letterbox and plain resize; boxes partly outside, empty)."""
+    from src.common.network_input import letterbox_or_resize, masks_to_original
+    from src.runtime.detector import masks_in_boxes
+
+    rng = np.random.default_rng(0)
+    _, letterbox = letterbox_or_resize(np.zeros((70, 130, 3), np.uint8), (96, 96), keep_ratio)
+    logits = rng.normal(0, 1, (12, 12, 12)).astype(np.float32)  # (K, h, w): stride 8
+    corners = rng.uniform(-10, 140, (12, 2, 2))
+    boxes = np.concatenate([corners.min(1), corners.max(1)], 1).astype(np.float32)  # (K, 4) xyxy
+    boxes[0] = [20.5, 10.5, 20.5, 30.0]  # zero width
+    boxes[1] = [0, 0, 130, 70]  # the whole image
+    boxes[2] = [3.49, 7.51, 50.5, 40.49]  # edges next to pixel centres
+    expected = masks_to_original(logits, letterbox, boxes_xyxy=boxes).numpy()
+    masks = masks_in_boxes(logits, letterbox, boxes)
+    assert masks.shape == expected.shape == (12, 70, 130) and masks[1].any()
+    assert (masks != expected).sum() <= 2  # float rounding of a sample point at logit ~0 at most

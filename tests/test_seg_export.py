@@ -187,3 +187,34 @@ def test_masks_in_boxes_equals_whole_image_resampling(keep_ratio):
     masks = masks_in_boxes(logits, letterbox, boxes)
     assert masks.shape == expected.shape == (12, 70, 130) and masks[1].any()
     assert (masks != expected).sum() <= 2  # float rounding of a sample point at logit ~0 at most
+
+
+def test_test_batching_runs_a_segment_export(seg_exported):
+    from src.dl import test_batching
+
+    cfg, _ = seg_exported
+    options = ("test_batching.batch_sizes=[1,2]", "test_batching.runs=1", "test_batching.warmup=1")
+    model_path = f"test_batching.model_path={exp_dir(cfg) / 'model.onnx'}"
+    frame = test_batching.run(deploy_config(exp_dir(cfg).parents[1], *options, model_path))
+    assert frame["status"].tolist() == ["ok", "ok"]
+
+
+@pytest.mark.slow  # NNCF quantization: ~30 s on 2 cores
+def test_int8_of_a_segment_model_reports_mask_iou(seg_exported):
+    from src.dl import ov_int8
+
+    cfg, _ = seg_exported
+    cfg = deploy_config(
+        exp_dir(cfg).parents[1], "model.task=segment", "ov_int8.subset_size=4", "ov_int8.val_images=3"
+    )
+    report = ov_int8.run(cfg)
+    int8 = report["results"][1]
+    assert (
+        0.0 <= int8["min_mask_iou"] <= int8["mean_mask_iou"] <= 1.0
+        and "mean_mask_iou" not in report["results"][0]
+    )
+    detector = load_model(exp_dir(cfg) / "model_int8.xml", device="cpu")
+    assert (
+        detector.meta.task == "segment"
+        and detector(np.zeros((64, 64, 3), np.uint8), conf=0.0).masks is not None
+    )

@@ -114,8 +114,9 @@ def time_pair(detectors: dict, image: np.ndarray, confs: dict, runs: int) -> dic
 def mask_parity(paths: dict[str, Path], images: list[np.ndarray], top: int) -> dict[str, dict[str, float]]:
     """Mean mask IoU of each export's detections against torch's, paired as export parity pairs them:
     over the pairs among each image's `top` highest-scoring torch detections, and over the whole top-K.
-    The whole top-K of random weights is hundreds of near-identical boxes with near-zero logits (their std
-    is ~0.04), where a pairing can cross two look-alikes: a worst case, not what a trained model shows."""
+    Random weights give nearly flat mask logits (std ~0.04 over a query's map): float differences of ~1e-4
+    between torch and a fused export graph then move the 0-crossing, a mask's edge, by pixels. The low-score
+    tail of the top-K shows it most; a trained model's logits cross 0 steeply at object edges."""
     from src.dl.parity import compare_detections
     from src.runtime import load_model
 

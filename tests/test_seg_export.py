@@ -6,6 +6,7 @@ too, and a detection export is unchanged (3 outputs, no masks)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -134,6 +135,14 @@ def test_detect_export_is_unchanged(tmp_path):
     assert dets.masks is None and "polygons" not in dets.to_dict()
     raw, _ = detector.raw([np.zeros((64, 64, 3), np.uint8)])
     assert len(raw) == 3
+
+    from src.runtime.meta import write_onnx_meta
+
+    proto = onnx.load(str(path))  # metadata claiming a segment model over a 3-output graph: named, refused
+    write_onnx_meta(proto, replace(detector.meta, task="segment"))
+    onnx.save(proto, str(tmp_path / "mislabelled.onnx"))
+    with pytest.raises(ValueError, match="outputs .* expected .*masks.* for a segment model"):
+        load_model(tmp_path / "mislabelled.onnx", device="cpu")
 
 
 def test_to_dict_polygons_outline_the_masks():

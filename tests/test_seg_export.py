@@ -6,6 +6,7 @@ too, and a detection export is unchanged (3 outputs, no masks)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -135,6 +136,14 @@ def test_detect_export_is_unchanged(tmp_path):
     raw, _ = detector.raw([np.zeros((64, 64, 3), np.uint8)])
     assert len(raw) == 3
 
+    from src.runtime.meta import write_onnx_meta
+
+    proto = onnx.load(str(path))  # metadata claiming a segment model over a 3-output graph: named, refused
+    write_onnx_meta(proto, replace(detector.meta, task="segment"))
+    onnx.save(proto, str(tmp_path / "mislabelled.onnx"))
+    with pytest.raises(ValueError, match="outputs .* expected .*masks.* for a segment model"):
+        load_model(tmp_path / "mislabelled.onnx", device="cpu")
+
 
 def test_to_dict_polygons_outline_the_masks():
     mask = polygon_to_mask(np.array([[0.1, 0.2], [0.6, 0.2], [0.6, 0.7], [0.1, 0.7]], np.float32), 50, 100)
@@ -166,3 +175,85 @@ def test_precision_rule_requires_mask_iou():
     assert (
         choose({"ov_fp32": entry(60, 1.0), "ov_int8": entry(25, 0.99)}, {}, "auto", rule)["name"] == "ov_int8"
     )
+
+
+@pytest.mark.parametrize("keep_ratio", [True, False])
+def test_masks_in_boxes_equals_whole_image_resampling(keep_ratio):
+    """The Detector resamples each mask only inside its box: the same masks as masks_to_original over the
+    whole image with the boxes clearing the rest (letterbox and plain resize; boxes partly outside, empty)."""
+    from src.common.network_input import letterbox_or_resize, masks_to_original
+    from src.runtime.detector import masks_in_boxes
+
+    rng = np.random.default_rng(0)
+    _, letterbox = letterbox_or_resize(np.zeros((70, 130, 3), np.uint8), (96, 96), keep_ratio)
+    logits = rng.normal(0, 1, (12, 12, 12)).astype(np.float32)  # (K, h, w): stride 8
+    corners = rng.uniform(-10, 140, (12, 2, 2))
+    boxes = np.concatenate([corners.min(1), corners.max(1)], 1).astype(np.float32)  # (K, 4) xyxy
+    boxes[0] = [20.5, 10.5, 20.5, 30.0]  # zero width
+    boxes[1] = [0, 0, 130, 70]  # the whole image
+    boxes[2] = [3.49, 7.51, 50.5, 40.49]  # edges next to pixel centres
+    expected = masks_to_original(logits, letterbox, boxes_xyxy=boxes).numpy()
+    masks = masks_in_boxes(logits, letterbox, boxes)
+    assert masks.shape == expected.shape == (12, 70, 130) and masks[1].any()
+    assert (masks != expected).sum() <= 2  # float rounding of a sample point at logit ~0 at most
+
+
+def test_test_batching_runs_a_segment_export(seg_exported):
+    from src.dl import test_batching
+
+    cfg, _ = seg_exported
+    options = ("test_batching.batch_sizes=[1,2]", "test_batching.runs=1", "test_batching.warmup=1")
+    model_path = f"test_batching.model_path={exp_dir(cfg) / 'model.onnx'}"
+    frame = test_batching.run(deploy_config(exp_dir(cfg).parents[1], *options, model_path))
+    assert frame["status"].tolist() == ["ok", "ok"]
+
+
+@pytest.mark.slow  # NNCF quantization: ~30 s on 2 cores
+def test_int8_of_a_segment_model_reports_mask_iou(seg_exported):
+    from src.dl import ov_int8
+
+    cfg, _ = seg_exported
+    cfg = deploy_config(
+        exp_dir(cfg).parents[1], "model.task=segment", "ov_int8.subset_size=4", "ov_int8.val_images=3"
+    )
+    report = ov_int8.run(cfg)
+    int8 = report["results"][1]
+    assert (
+        0.0 <= int8["min_mask_iou"] <= int8["mean_mask_iou"] <= 1.0
+        and "mean_mask_iou" not in report["results"][0]
+    )
+    detector = load_model(exp_dir(cfg) / "model_int8.xml", device="cpu")
+    assert (
+        detector.meta.task == "segment"
+        and detector(np.zeros((64, 64, 3), np.uint8), conf=0.0).masks is not None
+    )
+
+
+def test_parity_flags_masks_that_drift_while_boxes_hold():
+    """Same boxes and scores, masks shifted by 3 px: box parity holds, mask IoU breaks the fp32 tolerance;
+    the masks as an evaluation keeps them (per-image RLEs) give the same numbers."""
+    from src.common.config import load_config
+    from src.dl.parity import beyond_tolerance, compare_detections
+    from src.metrics.masks import encode_masks
+
+    boxes = np.array([[10, 10, 40, 40], [50, 20, 90, 60]], np.float32)
+    masks = np.zeros((2, 100, 100), bool)
+    masks[0, 12:38, 12:38], masks[1, 22:58, 52:88] = True, True
+
+    def dets(mask_array):
+        return Detections(boxes, np.array([0.9, 0.8], np.float32), np.array([0, 1]), ["a", "b"], (100, 100),
+                          masks=mask_array)  # fmt: skip
+
+    shifted = np.roll(masks, 3, axis=2)
+    tolerance = load_config([]).export.tolerance.fp32
+    same = compare_detections([dets(masks)], [dets(masks.copy())], conf=0.3)
+    drift = compare_detections([dets(masks)], [dets(shifted)], conf=0.3)
+    assert same["mean_mask_iou"] == 1.0 and not beyond_tolerance(same, 0.0, tolerance)
+    assert drift["max_box_dev_px"] == 0.0 and drift["mean_mask_iou"] < 0.9
+    assert beyond_tolerance(drift, 0.0, tolerance) == [f"mean mask IoU {drift['mean_mask_iou']:.4g} < 0.98"]
+    no_masks = [dets(None)]
+    from_rles = compare_detections(
+        no_masks, no_masks, conf=0.3, mask_rles=([encode_masks(masks)], [encode_masks(shifted)])
+    )
+    assert from_rles["mean_mask_iou"] == pytest.approx(drift["mean_mask_iou"])
+    assert "mean_mask_iou" not in compare_detections(no_masks, no_masks, conf=0.3)  # detection models

@@ -23,18 +23,6 @@ from src.dl.train.core import TrainState
 from src.dl.train.trainer_utils import DistContext, ShardSampler, all_gather_objects
 
 
-def check_decision_metrics(names: list[str], task: str) -> None:
-    """train.decision_metrics may name mask mAP only for a segmentation model (a detector has none)."""
-    from src.metrics.masks import MASK_COLUMNS
-
-    masks = [name for name in names if name in MASK_COLUMNS]
-    if masks and task != "segment":
-        raise ConfigError(
-            f"train.decision_metrics {masks} need a segmentation model (model.task=segment); model.task={task} "
-            "has no masks: choose from mAP_50, mAP_50_95, precision, recall, f1, ..."
-        )
-
-
 class Evaluator:
     def __init__(
         self,
@@ -210,3 +198,15 @@ class Evaluator:
             f"thresholds (picked on val): global {thresholds['conf_thresh']:.2f} -> {self.exp.file('thresholds')}"
         )
         return thresholds, {split: {k: float(v) for k, v in r.metrics.items()} for split, r in done.items()}
+
+
+def check_decision_metrics(names: list[str], task: str) -> None:
+    """train.decision_metrics may name mask mAP only for a segmentation model (a detector has none)."""
+    from src.metrics.masks import MASK_COLUMNS
+
+    masks = [name for name in names if name in MASK_COLUMNS]
+    if masks and task != "segment":
+        raise ConfigError(
+            f"train.decision_metrics {masks} need a segmentation model (model.task=segment); model.task={task} "
+            "has no masks: choose from mAP_50, mAP_50_95, precision, recall, f1, ..."
+        )

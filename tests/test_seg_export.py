@@ -1,0 +1,168 @@
+"""Segmentation export and runtime (issue 14): a segment model's ONNX / OpenVINO exports carry a 4th output
+"masks" (low-resolution mask logits of the kept queries), every backend turns it into the same original-size
+masks (mean mask IoU against torch >= 0.99 in fp32), the export report and the precision choice judge masks
+too, and a detection export is unchanged (3 outputs, no masks)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from src.common.config import exp_dir
+from src.common.masks import polygon_to_mask
+from src.dl.precision import choose
+from src.metrics.masks import mask_iou
+from src.runtime import Detections, load_model
+from src.runtime.meta import OUTPUT_NAMES, SEGMENT_OUTPUT_NAMES
+from tests.deploy_data import deploy_config, make_checkpoint, make_data
+
+EXPORTS = ("model.onnx", "model_fp32.xml")
+
+
+@pytest.fixture(scope="module")
+def seg_exported(tmp_path_factory):
+    """A tiny segmentation experiment (D-FINE-n, 96 px, deterministic random weights) exported with a dynamic
+    batch (max 2) to ONNX + OpenVINO fp32, parity checked on 4 val images."""
+    from src.dl import export
+
+    root = tmp_path_factory.mktemp("seg_export")
+    cfg = deploy_config(
+        root,
+        "model.task=segment",
+        "export.dynamic_batch=true",
+        "export.max_batch_size=2",
+        "export.ov_fp16=false",
+    )
+    make_data(cfg)
+    make_checkpoint(cfg, task="segment")
+    return cfg, export.run(cfg)
+
+
+def test_segment_exports_have_a_masks_output(seg_exported):
+    import onnx
+    import openvino as ov
+
+    cfg, report = seg_exported
+    out = exp_dir(cfg)
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert [o.name for o in graph.output] == list(SEGMENT_OUTPUT_NAMES)
+    masks = graph.output[3].type.tensor_type
+    assert masks.elem_type == onnx.TensorProto.FLOAT and len(masks.shape.dim) == 4
+    assert masks.shape.dim[0].dim_param  # the batch axis is dynamic like the other outputs'
+    ir = ov.Core().read_model(str(out / "model_fp32.xml"))
+    assert [sorted(o.get_names()) for o in ir.outputs][3] == ["masks"]
+    for name in EXPORTS:
+        assert load_model(out / name).meta.task == "segment"
+    assert report["onnx_slimmed"] is True  # onnxslim kept: mask logits unchanged too
+
+
+def test_every_backend_gives_the_same_original_size_masks(seg_exported):
+    """fp32 ONNX / OpenVINO: the raw mask logits match torch's, and the Detector's masks (original size, kept
+    detections only) overlap torch's with mean IoU >= 0.99, on images of other sizes and aspect ratios."""
+    cfg, _ = seg_exported
+    out = exp_dir(cfg)
+    rng = np.random.default_rng(0)
+    images = [
+        rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((70, 130, 3), (96, 96, 3), (150, 60, 3))
+    ]
+    reference_model = load_model(out / "best.pt", device="cpu")
+    reference = reference_model(images, conf=0.0)
+    assert sum(int(d.masks.sum()) for d in reference) > 100  # non-trivial masks, else IoU 1 proves nothing
+    raw_reference, _ = reference_model.raw(images[:2])
+    for name in EXPORTS:
+        model = load_model(out / name, device="cpu")
+        raw, _ = model.raw(images[:2])
+        assert len(raw) == 4 and raw[3].shape == raw_reference[3].shape  # (B, K, h/8, w/8)
+        np.testing.assert_allclose(raw[3], raw_reference[3], atol=1e-3)
+        ious = []
+        for ref, det, image in zip(reference, model(images, conf=0.0), images, strict=True):
+            assert det.masks.dtype == bool and det.masks.shape == (len(det), *image.shape[:2])
+            assert det.labels.tolist() == ref.labels.tolist()
+            ious.append(mask_iou(ref.masks, det.masks))
+        assert np.concatenate(ious).mean() >= 0.99, name
+
+
+def test_export_report_has_mask_iou(seg_exported):
+    cfg, report = seg_exported
+    saved = json.loads((exp_dir(cfg) / "export_report.json").read_text())
+    for name in ("onnx", "ov_fp32"):
+        entry = saved["parity"][name]
+        assert entry["mean_mask_iou"] >= 0.99 and entry["min_mask_iou"] <= entry["mean_mask_iou"], entry
+        assert entry["ok"], entry
+    assert report["deployment"]["name"] in ("onnx", "ov_fp32")
+
+
+def test_masks_stay_with_their_detections_through_thresholds(seg_exported):
+    """A threshold keeps masks of the kept detections only, each inside its box; to_dict gives polygons."""
+    cfg, _ = seg_exported
+    model = load_model(exp_dir(cfg) / "model.onnx", device="cpu")
+    image = np.random.default_rng(1).integers(0, 256, (80, 112, 3), dtype=np.uint8)
+    everything, kept = (
+        model(image, conf=0.0),
+        model(image, conf=float(np.median(model(image, conf=0.0).scores))),
+    )
+    assert 0 < len(kept) < len(everything) and kept.masks.shape == (len(kept), 80, 112)
+    np.testing.assert_array_equal(kept.masks, everything.masks[: len(kept)])  # both sorted by score
+    for mask, (x0, y0, x1, y1) in zip(kept.masks, kept.boxes):
+        ys, xs = np.nonzero(mask)
+        inside = (
+            xs.min() + 0.5 >= x0 and xs.max() + 0.5 <= x1 and ys.min() + 0.5 >= y0 and ys.max() + 0.5 <= y1
+        )
+        assert not len(xs) or inside
+    polygons = kept.to_dict()["polygons"]
+    assert len(polygons) == len(kept)
+
+
+def test_detect_export_is_unchanged(tmp_path):
+    """A detection checkpoint exports the three outputs of before; its detections have no masks."""
+    import onnx
+
+    from src.dl.export import artifact_meta, export_onnx
+    from src.runtime.torch_model import build_deploy_model
+
+    cfg = deploy_config(tmp_path)
+    checkpoint = make_checkpoint(cfg)
+    model, meta = build_deploy_model(checkpoint)
+    path = export_onnx(model, artifact_meta(meta, 1, 1), tmp_path / "model.onnx", 1, dynamic_batch=False)
+    assert [o.name for o in onnx.load(str(path)).graph.output] == list(OUTPUT_NAMES)
+    detector = load_model(path, device="cpu")
+    assert detector.meta.task == "detect"
+    dets = detector(np.full((64, 80, 3), 90, np.uint8), conf=0.0)
+    assert dets.masks is None and "polygons" not in dets.to_dict()
+    raw, _ = detector.raw([np.zeros((64, 64, 3), np.uint8)])
+    assert len(raw) == 3
+
+
+def test_to_dict_polygons_outline_the_masks():
+    mask = polygon_to_mask(np.array([[0.1, 0.2], [0.6, 0.2], [0.6, 0.7], [0.1, 0.7]], np.float32), 50, 100)
+    dets = Detections(
+        np.array([[10, 10, 60, 35]], np.float32), np.array([0.9], np.float32), np.array([0]), ["a"], (50, 100),
+        masks=np.stack([mask, np.zeros_like(mask)])[:1],
+    )  # fmt: skip
+    (polygon,) = dets.to_dict()["polygons"]
+    assert np.array(polygon).min(0) == pytest.approx([0.1, 0.2], abs=0.011)
+    assert np.array(polygon).max(0) == pytest.approx([0.6, 0.7], abs=0.011)
+    assert polygon_to_mask(np.array(polygon), 50, 100).sum() == mask.sum()
+    empty = Detections(
+        dets.boxes, dets.scores, dets.labels, dets.names, (50, 100), np.zeros((1, 50, 100), bool)
+    )
+    assert empty.to_dict()["polygons"] == [None]
+
+
+def test_precision_rule_requires_mask_iou():
+    """A faster precision whose boxes hold but whose masks drift is not chosen for a segmentation model."""
+    rule = OmegaConf.create({"map50_drop": 0.005, "mean_iou": 0.99, "mask_iou": 0.98})
+
+    def entry(ms: float, mask: float) -> dict:
+        return {"latency_ms_median": ms, "mAP_50_delta": 0.0, "mean_iou": 1.0, "compared": 50,
+                "mean_mask_iou": mask, "ok": True}  # fmt: skip
+
+    choice = choose({"ov_fp32": entry(60, 1.0), "ov_int8": entry(25, 0.9)}, {}, "auto", rule)
+    assert choice["name"] == "ov_fp32"
+    assert "ov_int8 fails: mean mask IoU 0.9000 < 0.98" in choice["reason"]
+    assert (
+        choose({"ov_fp32": entry(60, 1.0), "ov_int8": entry(25, 0.99)}, {}, "auto", rule)["name"] == "ov_int8"
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from src.common.config import ROOT, load_config
+from src.common.images import read_image_rgb
 from src.common.io import atomic_torch_save, atomic_write_json
 from src.demo.app import (
     TABLE_COLUMNS,
@@ -24,6 +26,7 @@ from src.demo.app import (
     VideoReadError,
     class_thresholds,
     default_model,
+    describe_model,
     find_models,
     model_choices,
     predict_images,
@@ -85,6 +88,20 @@ def tiny(tmp_path_factory) -> dict:
     default = float(scores[SHOWN_BOXES - 1]) - 1e-6
     atomic_write_json(checkpoint.with_name("thresholds.json"), {"conf_thresh": default})
     return {"root": root, "checkpoint": checkpoint, "image": image, "default_conf": default}
+
+
+@pytest.fixture(scope="module")
+def tiny_segment(tmp_path_factory) -> dict:
+    """output/tiny/best.pt of a segmentation model (D-FINE-n + mask branch, the deterministic weights of
+    tests/deploy_data.py: every query scores above the default threshold and has a mask) and a PNG scene
+    (lossless: the test compares the page's picture pixel by pixel)."""
+    from tests.deploy_data import deploy_config, make_checkpoint
+
+    root = tmp_path_factory.mktemp("demo_seg")
+    cfg = deploy_config(root, "model.task=segment", "demo_ui.num_examples=1")
+    checkpoint = make_checkpoint(cfg, task="segment")
+    image = scene(root / "inputs" / "shapes.png", seed=5, height=120, width=160)
+    return {"root": root, "cfg": cfg, "checkpoint": checkpoint, "image": image}
 
 
 def demo_cfg(root: Path, *overrides: str):
@@ -273,6 +290,44 @@ def test_build_app_settings(tiny):
     assert "cannot load" in info.value and "nowhere/model.onnx" in info.value  # the page still opens
 
 
+def test_segment_model_masks_on_images_and_videos(tiny_segment, tmp_path):
+    """A segmentation model: masks drawn under the boxes (images, video frames, tracked frames), polygons
+    in the labels and predictions.json."""
+    from src.demo.video import FrameDetector
+    from src.dl.infer import draw
+    from src.runtime.tracking import TrackerSettings
+
+    detector = load_model(tiny_segment["checkpoint"], device="cpu")
+    image = read_image_rgb(tiny_segment["image"])
+    dets = detector.predict([image])[0]
+    assert dets.masks is not None and dets.masks.any(axis=(1, 2)).all()  # the fixture's premise
+
+    results = predict_images(detector, [tiny_segment["image"]], None, None, tmp_path / "images")
+    shown = read_image_rgb(results.gallery[0][0])
+    assert "with masks" in results.gallery[0][1]
+    assert np.array_equal(shown, draw(image, dets, detector.class_names))  # PNG: exact
+    boxes_only = draw(image, replace(dets, masks=None), detector.class_names)
+    assert (shown != boxes_only).any(-1)[dets.masks.any(0)].any()  # mask pixels tinted (the boxes cover many)
+    labels = (tmp_path / "images" / "labels" / "shapes.txt").read_text().splitlines()
+    assert any(len(line.split()) > 5 for line in labels)  # YOLO-seg polygon lines
+    assert "polygons" in json.loads((tmp_path / "images" / "predictions.json").read_text())["images"][0]
+    assert "instance masks" in describe_model(detector)
+
+    settings = TrackerSettings.from_config(load_config([]).infer.tracker)
+    thresholds = class_thresholds(detector)
+    for tracker in (None, settings):
+        frame = FrameDetector(detector, thresholds, tracker, tmp_path / "tracks" / "clip")(0, image)
+        if tracker is not None:
+            assert (frame.track_ids >= 1).all()  # first frame: every confident detection gets an id
+        plain = draw(image, replace(dets, masks=None), detector.class_names)
+        assert (frame.picture != plain).any(-1)[dets.masks.any(0)].any()  # masks under the boxes
+
+    clip = write_clip(tmp_path / "clip.mp4", frames=2)
+    video = predict_video(detector, clip, None, None, tmp_path / "video", tracker=settings)
+    frames = json.loads(Path(video.downloads[1]).read_text())["frames"]
+    assert all("polygons" in f and f["track_ids"] for f in frames)
+
+
 # ---------------------------------------------------------------- the page in a real browser
 
 
@@ -338,6 +393,32 @@ def test_browser_end_to_end(tiny, tmp_path):
         too_big = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.jpg", b"\0" * 3_000_000)})
         assert too_big.status_code == 413  # demo_ui.max_file_size
     assert contacted == []  # the page talks to 127.0.0.1 only
+
+
+@pytest.mark.slow
+def test_browser_shows_masks(tiny_segment):
+    """The page shows a segmentation model's masks: the picture in the gallery is the masked drawing."""
+    browser_or_skip()
+    import httpx
+
+    from src.dl.infer import draw
+
+    detector = load_model(tiny_segment["checkpoint"], device="cpu")
+    image = read_image_rgb(tiny_segment["image"])
+    dets = detector.predict([image])[0]
+    with served_page(tiny_segment["cfg"]) as demo:
+        assert "instance masks" in demo.page.locator("#model-info").inner_text()
+        status = demo.detect([tiny_segment["image"]], "detection(s)")
+        assert f"{len(dets)} detection(s)" in status
+        demo.wait_for_text("#gallery", "with masks")
+        demo.settle_gallery()
+        source = demo.page.locator("#gallery img").first.get_attribute("src")
+        picture = httpx.get(source if source.startswith("http") else demo.url + source.lstrip("/"))
+    shown = cv2.cvtColor(
+        cv2.imdecode(np.frombuffer(picture.content, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
+    )
+    assert np.array_equal(shown, draw(image, dets, detector.class_names))  # masks, then boxes
+    assert not np.array_equal(shown, draw(image, replace(dets, masks=None), detector.class_names))
 
 
 # ---------------------------------------------------------------- temp files of a served demo

@@ -6,7 +6,6 @@ page around it: src/demo/app.py.
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 import threading
 import zipfile
@@ -20,12 +19,12 @@ import pandas as pd
 from loguru import logger
 from omegaconf import DictConfig
 
-from src.common.draw import draw_detections, draw_masks, draw_tracks, save_image_rgb
+from src.common.draw import draw_masks, draw_tracks, save_image_rgb
 from src.common.errors import ExperimentError
 from src.common.experiment import ARTIFACTS, Experiment
 from src.common.images import IMAGE_EXTS, ImageReadError, is_image, read_image_rgb
 from src.common.io import atomic_write, atomic_write_json
-from src.dl.infer import WRITABLE_EXTS, yolo_text
+from src.dl.infer import WRITABLE_EXTS, draw, yolo_text
 from src.runtime import Detections, Detector, best_artifact, load_model
 
 TABLE_COLUMNS = ["file", "frame", "track_id", "class_id", "class_name", "score", "x1", "y1", "x2", "y2"]
@@ -214,18 +213,6 @@ def join_tables(*tables: pd.DataFrame) -> pd.DataFrame:
     return table[present].fillna({column: "" for column in OPTIONAL_COLUMNS if column in table})
 
 
-def subset(dets: Detections, index: np.ndarray) -> Detections:
-    """The detections at `index` (their masks too)."""
-    return dataclasses.replace(
-        dets,
-        boxes=dets.boxes[index],
-        scores=dets.scores[index],
-        labels=dets.labels[index],
-        names=[dets.names[i] for i in index],
-        masks=None if dets.masks is None else dets.masks[index],
-    )
-
-
 def annotate(
     image: np.ndarray,
     dets: Detections,
@@ -237,9 +224,8 @@ def annotate(
     track_ids (N,) the tags read "#id class score" (class: the track's majority vote, `track_labels`)
     and each track keeps one colour, its mask's too."""
     if track_ids is None:
-        picture = image if dets.masks is None else draw_masks(image, dets.masks, dets.labels)
-        return draw_detections(picture, dets.boxes, dets.labels, dets.scores, class_names)
-    picture = image if dets.masks is None else draw_masks(image, dets.masks, track_ids)
+        return draw(image, dets, list(class_names))  # as dl.infer draws
+    picture = image if dets.masks is None else draw_masks(image, dets.masks, track_ids)  # colour by id
     return draw_tracks(picture, dets.boxes, track_ids, track_labels, dets.scores, class_names)
 
 

@@ -27,11 +27,11 @@ from src.demo.processing import (
     file_path,
     make_table,
     model_summary,
-    subset,
     table_rows,
 )
 from src.dl.infer import yolo_text
 from src.runtime import Detections, Detector
+from src.runtime.evaluate import select_detections
 from src.runtime.tracking import TrackerSettings, VideoTracks
 
 PREVIEW_FOURCC = "VP80"  # browsers play VP8 WebM; OpenCV's wheels have no H.264 encoder
@@ -92,9 +92,9 @@ class FrameDetector:
             return Frame(dets, None, annotate(frame, dets, self.names))
         ids, voted = self.tracks.update(index, dets)  # (N,) each
         tracked = np.flatnonzero(ids >= 0)
-        picture = annotate(frame, subset(dets, tracked), self.names, ids[tracked], voted[tracked])
+        picture = annotate(frame, select_detections(dets, tracked), self.names, ids[tracked], voted[tracked])
         confident = np.flatnonzero(dets.scores >= self.thresholds[dets.labels])
-        return Frame(subset(dets, confident), ids[confident], picture)
+        return Frame(select_detections(dets, confident), ids[confident], picture)
 
     def files(self) -> list[Path]:
         """Close the track files (kept after an error too) -> [MOT txt, CSV]; [] without tracking."""

@@ -194,9 +194,8 @@ def make_table(rows: list[list[Any]]) -> pd.DataFrame:
     """Detections as a table; the frame and track_id columns only when a row has one (images have none)."""
     rows = rows[:MAX_TABLE_ROWS]
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-    for (
-        column
-    ) in OPTIONAL_COLUMNS:  # text from the rows themselves: pandas would turn 3 next to None into 3.0
+    # Their text comes from the rows themselves: pandas would turn a 3 next to a None into 3.0.
+    for column in OPTIONAL_COLUMNS:
         at = TABLE_COLUMNS.index(column)
         values = ["" if row[at] is None else str(row[at]) for row in rows]
         table = table.assign(**{column: values}) if any(values) else table.drop(columns=column)
@@ -204,7 +203,7 @@ def make_table(rows: list[list[Any]]) -> pd.DataFrame:
 
 
 def join_tables(*tables: pd.DataFrame) -> pd.DataFrame:
-    """One table of several requests' tables (images + a video), the optional columns blank where absent."""
+    """One request's tables (its images', its video's) as one, the optional columns blank where absent."""
     tables = tuple(table for table in tables if len(table))
     if not tables:
         return make_table([])

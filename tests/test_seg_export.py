@@ -166,3 +166,55 @@ def test_precision_rule_requires_mask_iou():
     assert (
         choose({"ov_fp32": entry(60, 1.0), "ov_int8": entry(25, 0.99)}, {}, "auto", rule)["name"] == "ov_int8"
     )
+
+
+@pytest.mark.parametrize("keep_ratio", [True, False])
+def test_masks_in_boxes_equals_whole_image_resampling(keep_ratio):
+    """The Detector resamples each mask only inside its box: the same masks as masks_to_original over the
+    whole image with the boxes clearing the rest (letterbox and plain resize; boxes partly outside, empty)."""
+    from src.common.network_input import letterbox_or_resize, masks_to_original
+    from src.runtime.detector import masks_in_boxes
+
+    rng = np.random.default_rng(0)
+    _, letterbox = letterbox_or_resize(np.zeros((70, 130, 3), np.uint8), (96, 96), keep_ratio)
+    logits = rng.normal(0, 1, (12, 12, 12)).astype(np.float32)  # (K, h, w): stride 8
+    corners = rng.uniform(-10, 140, (12, 2, 2))
+    boxes = np.concatenate([corners.min(1), corners.max(1)], 1).astype(np.float32)  # (K, 4) xyxy
+    boxes[0] = [20.5, 10.5, 20.5, 30.0]  # zero width
+    boxes[1] = [0, 0, 130, 70]  # the whole image
+    boxes[2] = [3.49, 7.51, 50.5, 40.49]  # edges next to pixel centres
+    expected = masks_to_original(logits, letterbox, boxes_xyxy=boxes).numpy()
+    masks = masks_in_boxes(logits, letterbox, boxes)
+    assert masks.shape == expected.shape == (12, 70, 130) and masks[1].any()
+    assert (masks != expected).sum() <= 2  # float rounding of a sample point at logit ~0 at most
+
+
+def test_test_batching_runs_a_segment_export(seg_exported):
+    from src.dl import test_batching
+
+    cfg, _ = seg_exported
+    options = ("test_batching.batch_sizes=[1,2]", "test_batching.runs=1", "test_batching.warmup=1")
+    model_path = f"test_batching.model_path={exp_dir(cfg) / 'model.onnx'}"
+    frame = test_batching.run(deploy_config(exp_dir(cfg).parents[1], *options, model_path))
+    assert frame["status"].tolist() == ["ok", "ok"]
+
+
+@pytest.mark.slow  # NNCF quantization: ~30 s on 2 cores
+def test_int8_of_a_segment_model_reports_mask_iou(seg_exported):
+    from src.dl import ov_int8
+
+    cfg, _ = seg_exported
+    cfg = deploy_config(
+        exp_dir(cfg).parents[1], "model.task=segment", "ov_int8.subset_size=4", "ov_int8.val_images=3"
+    )
+    report = ov_int8.run(cfg)
+    int8 = report["results"][1]
+    assert (
+        0.0 <= int8["min_mask_iou"] <= int8["mean_mask_iou"] <= 1.0
+        and "mean_mask_iou" not in report["results"][0]
+    )
+    detector = load_model(exp_dir(cfg) / "model_int8.xml", device="cpu")
+    assert (
+        detector.meta.task == "segment"
+        and detector(np.zeros((64, 64, 3), np.uint8), conf=0.0).masks is not None
+    )

@@ -172,7 +172,10 @@ def measure(
     if reference is not None:
         thresholds = detector.thresholds()
         # Unthresholded lists, so a detection whose score crosses the threshold still finds its partner.
-        drift = compare_detections(reference.detections, result.detections, thresholds, margin=score_margin)
+        drift = compare_detections(
+            reference.detections, result.detections, thresholds, margin=score_margin,
+            mask_rles=(reference.mask_rles, result.mask_rles),
+        )  # fmt: skip
         row |= {
             "box_drift_px": drift["max_box_dev_px"],
             "p99_box_drift_px": drift["p99_box_dev_px"],

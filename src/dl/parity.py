@@ -8,6 +8,7 @@ the paired detections' original-size masks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,12 @@ def deviation_stats(values: list[np.ndarray], name: str) -> dict[str, float]:
 
 
 def compare_detections(
-    reference, candidate, conf: float | np.ndarray = 0.0, margin: float = 0.0, iou_thresh: float = 0.5
+    reference,
+    candidate,
+    conf: float | np.ndarray = 0.0,
+    margin: float = 0.0,
+    iou_thresh: float = 0.5,
+    mask_rles: tuple[Sequence | None, Sequence | None] = (None, None),
 ) -> dict[str, float]:
     """How far `candidate` drifts from `reference`: lists of Detections of the same images, best given
     UNthresholded (every top-K detection, so that a detection whose score crosses `conf` between the two
@@ -74,13 +80,17 @@ def compare_detections(
     other model's top-K cut (its lowest score) + margin: a detection at the cut may simply have been ranked
     out of the other's top-K. Borderline: the same within the margin, e.g. a score of 0.31 in torch and
     0.29 in fp16 at conf 0.3: counted, never an error.
+    Masks (segmentation): the compared pairs' masks, from each Detections' masks or, as an evaluation keeps
+    them, from per-image COCO RLEs (mask_rles: (reference's, candidate's), EvalResult.mask_rles), of which
+    only the paired detections' are decoded.
     """
     from src.metrics.masks import mask_iou
     from src.runtime.evaluate import detection_thresholds
 
     box_devs, score_devs, ious, mask_ious = [], [], [], []
     counts = dict.fromkeys(PARITY_COUNTS, 0)
-    for ref, cand in zip(reference, candidate, strict=True):
+    ref_rles, cand_rles = (rles if rles is not None else [None] * len(reference) for rles in mask_rles)
+    for ref, cand, ref_rle, cand_rle in zip(reference, candidate, ref_rles, cand_rles, strict=True):
         ref_partner = pair_detections(ref, cand, iou_thresh)  # (R,) index into cand, -1: none
         cand_partner = np.full(len(cand), -1)  # (C,) the inverse pairing
         cand_partner[ref_partner[ref_partner >= 0]] = np.where(ref_partner >= 0)[0]
@@ -93,8 +103,12 @@ def compare_detections(
         box_devs.append(np.abs(ref.boxes[pairs] - cand.boxes[ref_partner[pairs]]).max(1, initial=0.0))
         score_devs.append(np.abs(ref.scores[pairs] - cand.scores[ref_partner[pairs]]))
         ious.append(pair_iou(ref.boxes[pairs], cand.boxes[ref_partner[pairs]]))
-        if ref.masks is not None and cand.masks is not None:  # segmentation: the pairs' masks too
-            mask_ious.append(mask_iou(ref.masks[pairs], cand.masks[ref_partner[pairs]]))
+        ref_masks, cand_masks = (
+            paired_masks(ref, ref_rle, pairs),
+            paired_masks(cand, cand_rle, ref_partner[pairs]),
+        )
+        if ref_masks is not None and cand_masks is not None:  # segmentation: the pairs' masks too
+            mask_ious.append(mask_iou(ref_masks, cand_masks))
         gone, new = ref_kept & ~ref_other_kept, cand_kept & ~cand_other_kept
         ref_bar = np.maximum(ref_conf, top_k_cut(cand)) + margin
         cand_bar = np.maximum(cand_conf, top_k_cut(ref)) + margin
@@ -119,6 +133,15 @@ def compare_detections(
         drift["mean_mask_iou"] = float(paired_mask_iou.mean()) if paired_mask_iou.size else 1.0
         drift["min_mask_iou"] = float(paired_mask_iou.min(initial=1.0))
     return drift | counts
+
+
+def paired_masks(dets, rles: list[dict] | None, index: np.ndarray) -> np.ndarray | None:
+    """(n, H, W) bool masks of detections `index` of one image (None: a detection model)."""
+    if rles is not None:
+        from src.runtime.evaluate import decode_masks
+
+        return decode_masks([rles[i] for i in index], dets.image_size)
+    return None if dets.masks is None else dets.masks[index]
 
 
 def pair_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -204,7 +227,10 @@ def parity_report(
             continue
         result = evaluate_detector(model, samples, conf=parity_conf, images=images)
         tolerance = cfg.export.tolerance[tolerance_group(name)]
-        drift = compare_detections(reference.detections, result.detections, parity_conf, tolerance.score)
+        drift = compare_detections(
+            reference.detections, result.detections, parity_conf, tolerance.score,
+            mask_rles=(reference.mask_rles, result.mask_rles),
+        )  # fmt: skip
         delta_map = result.metrics.get("mAP_50", 0.0) - reference.metrics.get("mAP_50", 0.0)
         problems = beyond_tolerance(drift, delta_map, tolerance)
         report[name] = {

@@ -2,9 +2,9 @@
 data quality, tracking).
 
     python -m benchmarks.run                 # all of them
-    python -m benchmarks.run model train     # a subset (model | train | loader | backends | data | tracking | seg | seg_export)
+    python -m benchmarks.run model train     # a subset (model | train | loader | backends | data | tracking | seg | seg_export | seg_targets)
 Each part also runs alone with its own flags:
-python -m benchmarks.<model_speed|train_speed|loader_speed|backend_speed|near_duplicates|tracking|seg_step|seg_export> -h
+python -m benchmarks.<model_speed|train_speed|loader_speed|backend_speed|near_duplicates|tracking|seg_step|seg_export|seg_targets> -h
 """
 
 import sys
@@ -25,6 +25,10 @@ PARTS = {
     "seg_export": (
         "Segmentation vs detection exports: fp32 ONNX/OpenVINO latency, mask IoU vs torch (D-FINE-n, 640)",
         "benchmarks.seg_export",
+    ),
+    "seg_targets": (
+        "Segmentation vs detection trained with the make demo recipe on polygon demo data (issue 14 targets)",
+        "benchmarks.seg_targets",
     ),
 }
 

@@ -2,9 +2,11 @@
 data quality, tracking).
 
     python -m benchmarks.run                 # all of them
-    python -m benchmarks.run model train     # a subset (model | train | loader | backends | data | tracking | seg | seg_export | seg_targets)
+    python -m benchmarks.run model train     # a subset (model | train | loader | backends | data | tracking | seg |
+                                             #           seg_export | seg_targets)
 Each part also runs alone with its own flags:
-python -m benchmarks.<model_speed|train_speed|loader_speed|backend_speed|near_duplicates|tracking|seg_step|seg_export|seg_targets> -h
+python -m benchmarks.<model_speed|train_speed|loader_speed|backend_speed|near_duplicates|tracking|seg_step|seg_export|
+seg_targets> -h
 """
 
 import sys

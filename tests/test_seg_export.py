@@ -6,6 +6,7 @@ too, and a detection export is unchanged (3 outputs, no masks)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -135,6 +136,14 @@ def test_detect_export_is_unchanged(tmp_path):
     raw, _ = detector.raw([np.zeros((64, 64, 3), np.uint8)])
     assert len(raw) == 3
 
+    from src.runtime.meta import write_onnx_meta
+
+    proto = onnx.load(str(path))  # metadata claiming a segment model over a 3-output graph: named, refused
+    write_onnx_meta(proto, replace(detector.meta, task="segment"))
+    onnx.save(proto, str(tmp_path / "mislabelled.onnx"))
+    with pytest.raises(ValueError, match="outputs .* expected .*masks.* for a segment model"):
+        load_model(tmp_path / "mislabelled.onnx", device="cpu")
+
 
 def test_to_dict_polygons_outline_the_masks():
     mask = polygon_to_mask(np.array([[0.1, 0.2], [0.6, 0.2], [0.6, 0.7], [0.1, 0.7]], np.float32), 50, 100)
@@ -218,3 +227,33 @@ def test_int8_of_a_segment_model_reports_mask_iou(seg_exported):
         detector.meta.task == "segment"
         and detector(np.zeros((64, 64, 3), np.uint8), conf=0.0).masks is not None
     )
+
+
+def test_parity_flags_masks_that_drift_while_boxes_hold():
+    """Same boxes and scores, masks shifted by 3 px: box parity holds, mask IoU breaks the fp32 tolerance;
+    the masks as an evaluation keeps them (per-image RLEs) give the same numbers."""
+    from src.common.config import load_config
+    from src.dl.parity import beyond_tolerance, compare_detections
+    from src.metrics.masks import encode_masks
+
+    boxes = np.array([[10, 10, 40, 40], [50, 20, 90, 60]], np.float32)
+    masks = np.zeros((2, 100, 100), bool)
+    masks[0, 12:38, 12:38], masks[1, 22:58, 52:88] = True, True
+
+    def dets(mask_array):
+        return Detections(boxes, np.array([0.9, 0.8], np.float32), np.array([0, 1]), ["a", "b"], (100, 100),
+                          masks=mask_array)  # fmt: skip
+
+    shifted = np.roll(masks, 3, axis=2)
+    tolerance = load_config([]).export.tolerance.fp32
+    same = compare_detections([dets(masks)], [dets(masks.copy())], conf=0.3)
+    drift = compare_detections([dets(masks)], [dets(shifted)], conf=0.3)
+    assert same["mean_mask_iou"] == 1.0 and not beyond_tolerance(same, 0.0, tolerance)
+    assert drift["max_box_dev_px"] == 0.0 and drift["mean_mask_iou"] < 0.9
+    assert beyond_tolerance(drift, 0.0, tolerance) == [f"mean mask IoU {drift['mean_mask_iou']:.4g} < 0.98"]
+    no_masks = [dets(None)]
+    from_rles = compare_detections(
+        no_masks, no_masks, conf=0.3, mask_rles=([encode_masks(masks)], [encode_masks(shifted)])
+    )
+    assert from_rles["mean_mask_iou"] == pytest.approx(drift["mean_mask_iou"])
+    assert "mean_mask_iou" not in compare_detections(no_masks, no_masks, conf=0.3)  # detection models

@@ -4,7 +4,7 @@ The shared geometry (src/common/network_input.py) is used for every backend: eac
 resized to the network input, the fused postprocessing gets the NETWORK size (w, h) as its target size,
 and `boxes_to_original` maps the boxes back. A segmentation model's 4th output (low-resolution mask logits
 of the top-K queries) becomes, for the kept detections only, bool masks of the original image
-(`masks_to_original`, each mask cleared outside its box). A backend runner only runs the graph.
+(`masks_in_boxes`: `masks_to_original` inside each box only). A backend runner only runs the graph.
 """
 
 from __future__ import annotations

@@ -391,12 +391,15 @@ class Trainer(EpochLoop):
 
     def validate(self, epoch: int) -> dict:
         """Evaluate the EMA weights on val; rank 0 judges the epoch (best.pt when it improved), every rank
-        learns the verdict."""
+        learns the verdict. An epoch train.eval_every skips: no metrics ({}), and early stopping counts it."""
+        if not self.evaluator.validates(epoch):
+            self.state.epochs_without_improvement += 1
+            return {}
         model = self.eval_model()
         evaluation = self.evaluator.evaluate_split(model, "val", plots=False)
         verdict = None
         if self.ctx.is_main:
-            negatives = self.evaluator.negatives_metrics(model)
+            negatives = self.evaluator.negatives_metrics(model, subsample=True)
             verdict = self.evaluator.judge_epoch(self.state, epoch, evaluation, negatives)
             if verdict["improved"]:
                 self.save_best(verdict["metrics"], verdict["thresholds"], epoch + 1)

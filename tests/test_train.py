@@ -234,6 +234,7 @@ def train_overrides(tmp_path: Path, data: Path, *overrides: str) -> list[str]:
         "train.eval_images=2",
         "train.checkpoint_every_minutes=0",
         "train.ema_warmups=2",
+        "train.eval_every=1",  # the tests judge every epoch (config.yaml validates every 2nd)
         "check.find_duplicates=false",
         *overrides,
     ]
@@ -558,3 +559,15 @@ def test_eval_every_skips_validation_and_negatives_are_subsampled_while_training
     metrics = pd.read_csv(folder / "metrics.csv").set_index("split")
     assert metrics.loc["negatives", "neg_images"] == 3  # best.pt's final evaluation scores them all
     assert (folder / "curves.png").is_file()
+
+
+def test_early_stopping_counts_epochs_but_stops_only_at_a_validation(tmp_path, data_dir):
+    # f1 stays 0 (conf_thresh 1.0): epoch 2 is the first validation, hence the best; epoch 3 (not validated)
+    # is one epoch without improvement, but only epoch 4's validation may stop the run.
+    cfg = train_config(
+        tmp_path, data_dir, "train.epochs=6", "train.eval_every=2", "train.mosaic.prob=0",
+        "train.early_stopping=1", "train.max_steps_per_epoch=1", "train.conf_thresh=1.0",
+        "train.decision_metrics=[f1]",
+    )  # fmt: skip
+    summary = _run(cfg)
+    assert summary["stopped_early"] and summary["epochs_trained"] == 4 and summary["best_epoch"] == 2

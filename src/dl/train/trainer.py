@@ -348,8 +348,10 @@ class Trainer(EpochLoop):
             row["epoch_time_s"] = round(time.perf_counter() - started, 2)
             self.state.history.append(row)
             self.state.epoch, self.state.batch = epoch + 1, 0
-            self.state.stopped_early = (
-                bool(early_stop) and self.state.epochs_without_improvement >= early_stop
+            self.state.stopped_early = (  # decided at a validation: the last epoch trained is judged
+                bool(early_stop)
+                and self.evaluator.validates(epoch)
+                and self.state.epochs_without_improvement >= early_stop
             )
             self.save_last()
             self._call("on_epoch_end", row, self.state)

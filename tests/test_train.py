@@ -522,7 +522,7 @@ def test_frozen_backbone_does_not_move(tmp_path, data_dir):
 # ---------------------------------------------------------------- cheaper validation (issue 15)
 
 
-def test_validated_epochs_follow_eval_every_the_last_epoch_and_the_reduced_augmentation_tail():
+def test_validated_epochs_follow_eval_every_the_last_epoch_and_the_no_aug_tail():
     from src.dl.train.evaluation import is_validated
 
     def validated(*overrides: str) -> list[int]:
@@ -530,12 +530,9 @@ def test_validated_epochs_follow_eval_every_the_last_epoch_and_the_reduced_augme
         return [epoch + 1 for epoch in range(10) if is_validated(epoch, tc)]
 
     assert validated("train.eval_every=1") == list(range(1, 11))
-    assert validated("train.eval_every=3", "train.mosaic.prob=0") == [3, 6, 9, 10]
-    assert validated("train.eval_every=3", "train.mosaic.prob=0", "train.no_aug_epochs=2") == [3, 6, 9, 10]
-    assert validated("train.eval_every=4", "train.mosaic.prob=0.5", "train.mosaic.no_mosaic_epochs=3") == [
-        4, 8, 9, 10,
-    ]  # fmt: skip
-    assert validated("train.eval_every=20", "train.mosaic.prob=0") == [10]
+    assert validated("train.eval_every=3") == [3, 6, 9, 10]
+    assert validated("train.eval_every=4", "train.no_aug_epochs=3") == [4, 8, 9, 10]
+    assert validated("train.eval_every=20") == [10]
 
 
 def test_eval_every_skips_validation_and_negatives_are_subsampled_while_training(tmp_path):

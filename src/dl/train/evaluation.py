@@ -23,12 +23,10 @@ from src.dl.train.trainer_utils import DistContext, ShardSampler, all_gather_obj
 
 
 def is_validated(epoch: int, train_cfg: DictConfig) -> bool:
-    """Is `epoch` (0-based) validated? Every train.eval_every-th, the last one, and the tail whose
-    augmentation is reduced (no_aug_epochs; mosaic.no_mosaic_epochs when mosaic is on): the model changes
-    fastest there, and best.pt usually comes from it."""
+    """Is `epoch` (0-based) validated? Every train.eval_every-th, the last one, and the no_aug_epochs tail
+    (the model changes fastest there, and best.pt usually comes from it)."""
     tc = train_cfg
-    tail = max(int(tc.no_aug_epochs), int(tc.mosaic.no_mosaic_epochs) if float(tc.mosaic.prob) > 0 else 0)
-    return (epoch + 1) % int(tc.eval_every) == 0 or epoch >= int(tc.epochs) - max(tail, 1)
+    return (epoch + 1) % int(tc.eval_every) == 0 or epoch >= int(tc.epochs) - max(int(tc.no_aug_epochs), 1)
 
 
 class Evaluator:

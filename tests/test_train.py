@@ -568,3 +568,17 @@ def test_early_stopping_counts_epochs_but_stops_only_at_a_validation(tmp_path, d
     )  # fmt: skip
     summary = _run(cfg)
     assert summary["stopped_early"] and summary["epochs_trained"] == 4 and summary["best_epoch"] == 2
+
+
+def test_skipping_validation_does_not_change_the_training(tmp_path, data_dir):
+    # Validation draws no random number from the training's streams: the weights after 3 epochs are the
+    # same whether epochs 1-2 were validated or not.
+    weights = []
+    for every in (1, 3):
+        cfg = train_config(
+            tmp_path / f"every{every}", data_dir, "train.epochs=3", f"train.eval_every={every}",
+            "train.mosaic.prob=0",
+        )  # fmt: skip
+        folder = Path(_run(cfg)["exp_dir"])
+        weights.append(torch.load(folder / "last.pt", map_location="cpu", weights_only=True))
+    assert_same_weights(*weights)

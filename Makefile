@@ -8,7 +8,7 @@ ARGS ?=
 NPROC ?= 2 # processes for `make train-ddp` (GPUs on a CUDA box)
 
 .PHONY: setup browser test lint benchmark demo preprocess check split convert demo-data train train-ddp export \
-        bench infer check_errors test_batching ov_int8 demo-ui
+        bench infer check_errors test_batching ov_int8 demo-ui demo-seg
 
 setup: $(STAMP)
 
@@ -55,6 +55,18 @@ demo: setup
 	$(PY) -m src.dl.export $(ARGS)
 	$(PY) -m src.dl.bench $(ARGS)
 	$(PY) -m src.dl.infer $(ARGS)
+
+# The same pipeline for instance segmentation: the demo shapes written as YOLO-seg polygons into their own
+# data folder, a segmentation D-FINE-N trained with the demo recipe, exported with its mask output,
+# benched (box + mask mAP) and run on the demo images/video (masks drawn, polygons written).
+DEMO_SEG ?= data_path=data/demo_seg exp_name=demo_seg demo_data.polygons=true model.task=segment
+demo-seg: setup
+	$(PY) -m src.etl.make_demo_data $(DEMO_SEG) $(ARGS)
+	$(PY) -m src.etl.split $(DEMO_SEG) $(ARGS)
+	$(PY) -m src.dl.train train.overwrite=true $(DEMO_TRAIN) $(DEMO_SEG) $(ARGS)
+	$(PY) -m src.dl.export $(DEMO_SEG) $(ARGS)
+	$(PY) -m src.dl.bench $(DEMO_SEG) $(ARGS)
+	$(PY) -m src.dl.infer $(DEMO_SEG) $(ARGS)
 
 preprocess: setup
 	$(PY) -m src.etl.preprocess $(ARGS)

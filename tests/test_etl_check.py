@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -153,3 +154,74 @@ def test_cli_exit_code_and_message(tmp_path):
     ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "bad.txt:1: fatal: expected 5 fields" in result.stderr
+
+
+# ---------------------------------------------------------------- YOLO-seg polygons
+
+TRIANGLE = "0 0.1 0.1 0.9 0.1 0.5 0.8"
+BAD_POLYGONS = {
+    "odd.jpg": f"{TRIANGLE}\n1 0.1 0.1 0.9 0.1 0.5\n",  # line 2: 5 coordinates (odd)
+    "nan.jpg": "2 0.1 0.1 nan 0.1 0.5 0.8\n",
+    "outside.jpg": "0 0.1 0.1 1.6 0.1 0.5 0.8\n",
+    "flat.jpg": f"{TRIANGLE}\n{TRIANGLE}\n0 0.1 0.1 0.5 0.5 0.9 0.9\n",  # line 3: all points on one line
+    "bowtie.jpg": "3 0.1 0.1 0.9 0.9 0.9 0.1 0.1 0.9\n",  # crosses itself: a warning only
+    "good.jpg": f"{TRIANGLE}\n1 0.5 0.5 0.2 0.2\n",  # a polygon and a box line
+}
+
+
+def test_polygon_problems_named_by_file_and_line(tmp_path):
+    data = make_dataset(tmp_path / "data", BAD_POLYGONS)
+    report = check_dataset(etl_config(tmp_path, data, "check.skip_bad=true"))
+    found = {(Path(p.file).name, p.line, p.severity) for p in report.problems}
+    assert {
+        ("odd.txt", 2, "fatal"),
+        ("nan.txt", 1, "fatal"),
+        ("outside.txt", 1, "fatal"),
+        ("flat.txt", 3, "fatal"),
+        ("bowtie.txt", 1, "warning"),
+    } <= found
+    messages = {Path(p.file).name: p.message for p in report.problems}
+    assert "polygon" in messages["odd.txt"] and "zero area" in messages["flat.txt"]
+    assert "crosses itself" in messages["bowtie.txt"] and "nan" in messages["nan.txt"]
+    # skip_bad leaves out exactly the images with a fatal line, as for boxes
+    assert sorted(report.excluded_images) == ["flat.jpg", "nan.jpg", "odd.jpg", "outside.jpg"]
+    assert sorted(report.usable_images) == ["bowtie.jpg", "good.jpg"]
+    with pytest.raises(DatasetError, match=r"odd\.txt:2: fatal: expected 5 fields .* or a polygon"):
+        check_dataset(etl_config(tmp_path, data))
+
+
+def test_segmentation_counts_per_split_and_box_only_warning(tmp_path, caplog_loguru):
+    labels = {f"p{i}.jpg": f"{TRIANGLE}\n{TRIANGLE}\n" for i in range(4)}
+    labels |= {
+        "mixed.jpg": f"{TRIANGLE}\n1 0.5 0.5 0.2 0.2\n",
+        "boxes.jpg": "1 0.5 0.5 0.2 0.2\n",
+        "bg.jpg": "",
+    }
+    data = make_dataset(tmp_path / "data", labels)
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    pd.DataFrame({"image": ["p0.jpg", "p1.jpg", "p2.jpg", "boxes.jpg", "bg.jpg"]}).to_csv(
+        splits / "train.csv"
+    )
+    pd.DataFrame({"image": ["p3.jpg", "mixed.jpg"]}).to_csv(splits / "val.csv")
+    cfg = etl_config(tmp_path, data, f"splits_dir={splits}")
+    report = check_dataset(cfg)
+    assert report.is_segmentation and sorted(report.box_only_images) == ["boxes.jpg", "mixed.jpg"]
+    assert report.summary()["polygons"] == 9 and report.summary()["box_only_objects"] == 2
+    text = check.segmentation_summary(cfg, report)
+    assert text.splitlines() == [
+        "segmentation data set: 9 polygons, 2 box-only objects in 6 files",
+        "  train: 6 polygons, 1 box-only objects in 4 files",
+        "  val: 3 polygons, 1 box-only objects in 2 files",
+        "  test: 0 polygons, 0 box-only objects in 0 files",
+    ]
+    assert "2 label file(s) of this segmentation data set have box lines" in caplog_loguru.text
+    assert "boxes.txt, mixed.txt" in caplog_loguru.text
+
+
+def test_detection_data_set_has_no_segmentation_summary(tmp_path, caplog_loguru):
+    data = good_dataset(tmp_path / "data")
+    cfg = etl_config(tmp_path, data)
+    report = check_dataset(cfg)
+    assert not report.is_segmentation and check.segmentation_summary(cfg, report) is None
+    assert "segmentation" not in caplog_loguru.text

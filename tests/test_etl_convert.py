@@ -231,3 +231,156 @@ def test_yolo_to_coco_refuses_bad_labels(tmp_path):
     with pytest.raises(ConvertError, match=r"a\.txt:1: fatal: expected 5 fields"):
         convert.run(etl_config(tmp_path, data, "convert.format=yolo2coco"))
     assert not (data / "coco.json").exists()
+
+
+# ---------------------------------------------------------------- segmentation (YOLO-seg)
+
+SEG_W, SEG_H = 120, 80
+
+
+def rect_mask(x0, y0, x1, y1) -> np.ndarray:
+    mask = np.zeros((SEG_H, SEG_W), bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE (column-major run lengths, starting with a run of zeros)."""
+    flat = mask.T.reshape(-1).astype(np.int8)
+    changes = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    return {"size": [SEG_H, SEG_W], "counts": np.diff(np.concatenate([[0], changes])).tolist()}
+
+
+def coco_seg_source(root):
+    """One image: a triangle polygon, a two-part polygon, a compressed RLE (two blobs), an uncompressed crowd RLE,
+    a box without segmentation, a polygon sticking out of the image and one with an unusable segmentation."""
+    from faster_coco_eval.core import mask as mask_utils
+
+    save_image(root / "raw" / "seg.jpg", (SEG_W, SEG_H))
+    blobs = rect_mask(60, 40, 80, 60) | rect_mask(90, 45, 100, 70)
+    compressed = mask_utils.encode(np.asfortranarray(blobs.astype(np.uint8)))
+    compressed["counts"] = compressed["counts"].decode()  # as json stores it
+    anns = [
+        {"segmentation": [[10, 10, 40, 10, 25, 30]], "bbox": [10, 10, 30, 20]},
+        {
+            "segmentation": [[50, 5, 60, 5, 60, 15, 50, 15], [70, 5, 80, 5, 80, 15, 70, 15]],
+            "bbox": [50, 5, 30, 10],
+        },
+        {"segmentation": compressed, "bbox": [60, 40, 40, 30]},
+        {"segmentation": uncompressed_rle(rect_mask(5, 50, 25, 75)), "bbox": [5, 50, 20, 25], "iscrowd": 1},
+        {"bbox": [30, 40, 10, 10]},  # detection only
+        {"segmentation": [[100, 10, 130, 10, 130, 30, 100, 30]], "bbox": [100, 10, 30, 20]},  # sticks out
+        {"segmentation": [[1, 2, 3, 4]], "bbox": [40, 60, 10, 10]},  # 2 points: box kept
+    ]
+    for index, ann in enumerate(anns, start=1):
+        ann.update(id=index, image_id=1, category_id=1, iscrowd=ann.get("iscrowd", 0))
+    coco = {
+        "images": [{"id": 1, "file_name": "seg.jpg", "width": SEG_W, "height": SEG_H}],
+        "categories": [{"id": 1, "name": "circle"}],
+        "annotations": anns,
+    }
+    (root / "seg.json").write_text(json.dumps(coco))
+    return root / "seg.json", root / "raw"
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+@pytest.mark.parametrize("crowd", [False, True])
+def test_coco_segmentation_to_yolo_seg(tmp_path, caplog_loguru, crowd):
+    from src.common.masks import polygon_to_mask
+
+    ann, raw = coco_seg_source(tmp_path)
+    out = tmp_path / "out"
+    overrides = ["convert.format=coco2yolo", f"convert.src={ann}", f"convert.images={raw}"]
+    convert.run(etl_config(tmp_path, out, *overrides, f"convert.include_crowd={crowd}"))
+    labels = read_yolo_labels(out / "labels" / "seg.txt", 1)
+    assert not labels.problems
+    masks = [polygon_to_mask(p, SEG_H, SEG_W) if p is not None else None for p in labels.polygons]
+    triangle = polygon_to_mask(np.array([[10, 10], [40, 10], [25, 30]]) / [SEG_W, SEG_H], SEG_H, SEG_W)
+    expected = [
+        triangle,
+        rect_mask(50, 5, 60, 15) | rect_mask(70, 5, 80, 15),  # two parts joined into one outline
+        rect_mask(60, 40, 80, 60) | rect_mask(90, 45, 100, 70),  # RLE, two blobs
+        *([rect_mask(5, 50, 25, 75)] if crowd else []),  # the crowd RLE only on request
+        None,  # no segmentation: a box line
+        rect_mask(100, 10, 120, 30),  # clipped to the image
+        None,  # unusable segmentation: its box
+    ]
+    assert len(masks) == len(expected)
+    for found, wanted in zip(masks, expected, strict=True):
+        assert (found is None) == (wanted is None)
+        if wanted is not None:
+            assert iou(found, wanted) > 0.97
+    # a polygon's box is its (clipped) outline's extent
+    np.testing.assert_allclose(labels.boxes[-2], [110 / SEG_W, 20 / SEG_H, 20 / SEG_W, 20 / SEG_H], atol=1e-6)
+    np.testing.assert_allclose(labels.boxes[-3], [35 / SEG_W, 45 / SEG_H, 10 / SEG_W, 10 / SEG_H], atol=1e-6)
+    assert "1 annotation(s) with an unusable segmentation keep only their box: 7" in caplog_loguru.text
+
+
+def test_detection_coco_writes_box_lines_only(tmp_path):
+    out, cfg = coco_config(tmp_path)
+    convert.run(cfg)
+    for path in (out / "labels").glob("*.txt"):
+        assert all(len(line.split()) == 5 for line in path.read_text().splitlines())
+
+
+def test_yolo_seg_coco_round_trip(tmp_path):
+    from pycocotools.coco import COCO
+
+    from src.etl.labels import polygon_area
+
+    star = "1 0.5 0.1 0.6 0.4 0.9 0.5 0.6 0.6 0.5 0.9 0.4 0.6 0.1 0.5 0.4 0.4\n"
+    labels = {
+        "a.jpg": "0 0.1 0.1 0.4 0.1 0.25 0.5\n" + star,
+        "b.jpg": "2 0.5 0.5 0.2 0.2\n0 0.6 0.6 0.9 0.6 0.8 0.9\n",
+    }
+    data = make_dataset(tmp_path / "data", labels, size=(SEG_W, SEG_H))
+    out = convert.run(etl_config(tmp_path, data, "convert.format=yolo2coco"))
+    coco = COCO(str(out))
+    first = coco.loadAnns(coco.getAnnIds(imgIds=[1]))
+    triangle_px = np.array([[0.1, 0.1], [0.4, 0.1], [0.25, 0.5]]) * [SEG_W, SEG_H]
+    assert first[0]["segmentation"] == [np.round(triangle_px, 3).reshape(-1).tolist()]
+    assert first[0]["area"] == pytest.approx(polygon_area(triangle_px), abs=1e-3)
+    assert first[0]["bbox"] == pytest.approx([0.1 * SEG_W, 0.1 * SEG_H, 0.3 * SEG_W, 0.4 * SEG_H])
+    assert coco.annToMask(first[1]).sum() > 0  # pycocotools reads our polygons
+    box_line = coco.loadAnns(coco.getAnnIds(imgIds=[2]))[0]
+    assert "segmentation" not in box_line and box_line["area"] == pytest.approx(0.04 * SEG_W * SEG_H)
+
+    back = tmp_path / "back"
+    convert.run(
+        etl_config(
+            tmp_path,
+            back,
+            "convert.format=coco2yolo",
+            f"convert.src={out}",
+            f"convert.images={data / 'images'}",
+            "convert.use_config_classes=true",
+        )
+    )
+    for name in ["a", "b"]:
+        original = read_yolo_labels(data / "labels" / f"{name}.txt", 4)
+        again = read_yolo_labels(back / "labels" / f"{name}.txt", 4)
+        assert again.class_ids.tolist() == original.class_ids.tolist()
+        np.testing.assert_allclose(again.boxes, original.boxes, atol=1e-5)
+        for p, q in zip(original.polygons, again.polygons, strict=True):
+            assert (p is None) == (q is None)
+            if p is not None:
+                np.testing.assert_allclose(q, p, atol=1e-5)
+
+
+def test_merged_parts_rasterise_to_their_union():
+    from src.common.masks import polygon_to_mask
+    from src.etl.labels import is_self_intersecting
+    from src.etl.polygons import merge_polygon_parts
+
+    def square(x, y, side):
+        return np.array([[x, y], [x + side, y], [x + side, y + side], [x, y + side]], float)
+
+    parts = [square(10, 10, 20), square(50, 12, 15)[::-1], square(15, 50, 25), square(70, 60, 8)]
+    merged = merge_polygon_parts([*parts, np.array([[0.0, 0.0], [1.0, 1.0]])])  # a 2-point part is ignored
+    assert not is_self_intersecting(merged) and len(merged) == 4 * 4 + 2 * 3  # each bridge point twice
+    union = np.any([polygon_to_mask(p / 100, 100, 100) for p in parts], axis=0)
+    assert np.array_equal(polygon_to_mask(merged / 100, 100, 100), union)
+    assert np.array_equal(merge_polygon_parts(parts[:1]), parts[0]) and merge_polygon_parts([]) is None

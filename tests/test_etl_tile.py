@@ -118,3 +118,78 @@ def test_tile_starts():
     starts = tile_starts(1000, 256, 0.2)
     assert starts[0] == 0 and starts[-1] == 1000 - 256
     assert all(256 - (b - a) >= 0.2 * 256 for a, b in zip(starts, starts[1:]))  # overlap at least 20%
+
+
+# ---------------------------------------------------------------- YOLO-seg polygons
+
+
+def star(center, outer: float, inner: float) -> np.ndarray:
+    """A concave 10-corner star (K, 2) in pixels."""
+    angles = 0.3 + np.arange(10) * np.pi / 5
+    radii = np.where(np.arange(10) % 2 == 0, outer, inner)
+    return np.asarray(center) + radii[:, None] * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+
+
+@pytest.fixture()
+def one_supersampling(monkeypatch):
+    """Rasterise every object at 4x: a clipped piece (smaller) would otherwise get a finer supersampling than
+    the whole object, and the pixels whose coverage is near one half could flip."""
+    from src.common import masks
+
+    monkeypatch.setattr(masks, "SUPERSAMPLE_STEPS", ((10**6, 4),))
+
+
+def test_clip_polygon_to_rect_matches_the_cropped_mask(one_supersampling):
+    from src.common.masks import polygon_to_mask
+    from src.etl.polygons import clip_polygon_to_rect
+
+    shape = star((100, 90), 80, 30)
+    full = polygon_to_mask(shape / [200, 200], 200, 200)
+    for rect in [(0, 0, 100, 100), (60, 20, 180, 60), (120, 100, 200, 200), (0, 0, 200, 200)]:
+        x0, y0, x1, y1 = rect
+        clipped = clip_polygon_to_rect(shape, rect)
+        assert clipped[:, 0].min() >= x0 and clipped[:, 0].max() <= x1
+        part = polygon_to_mask((clipped - [x0, y0]) / [x1 - x0, y1 - y0], y1 - y0, x1 - x0)
+        crop = full[y0:y1, x0:x1]
+        assert (part ^ crop).sum() <= 0.005 * crop.sum() + 1, rect  # vertices rounded to 1/16 px
+    assert clip_polygon_to_rect(shape, (190, 190, 200, 200)) is None  # nothing of it there
+    assert clip_polygon_to_rect(np.array([[0, 0], [10, 0], [10, 10]]), (10, 0, 20, 20)) is None  # a touch
+
+
+def test_polygons_are_clipped_to_each_tile(tmp_path, one_supersampling):
+    from src.common.masks import polygon_to_mask
+
+    width, height = 600, 400
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    cv2.imwrite(str(root / "images" / "big.jpg"), np.full((height, width, 3), 90, np.uint8))
+    shapes = [star((c, r), 70, 28) for c in (120, 240, 380, 500) for r in (110, 280)]
+    lines = [" ".join(["1", *(f"{v:.6f}" for v in (s / [width, height]).reshape(-1))]) for s in shapes]
+    lines.append("2 0.5 0.5 0.1 0.1")  # a box line stays a box line
+    (root / "labels" / "big.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "tiles"
+    tiles = tile.run(tile_config(tmp_path, root, f"tile.out={out}", "tile.background_rate=1"))
+    full = [polygon_to_mask(s / [width, height], height, width) for s in shapes]
+    areas = np.array([m.sum() for m in full])
+    seen_cut = 0
+    for row in tiles.itertuples():
+        labels = read_yolo_labels(out / "labels" / f"{Path(row.tile).stem}.txt", 4)
+        assert not labels.problems
+        tw, th = row.x1 - row.x0, row.y1 - row.y0
+        crops = np.array([m[row.y0 : row.y1, row.x0 : row.x1] for m in full])  # (S, th, tw)
+        visible = crops.reshape(len(full), -1).sum(1) / areas
+        polygons = [p for p in labels.polygons if p is not None]
+        assert len(polygons) == int((labels.class_ids == 1).sum())
+        kept = set()
+        for polygon in polygons:
+            mask = polygon_to_mask(polygon, th, tw)
+            ious = [(mask & c).sum() / max((mask | c).sum(), 1) for c in crops]
+            assert max(ious) > 0.99  # exactly the object's own pixels in this tile
+            kept.add(int(np.argmax(ious)))
+            seen_cut += visible[int(np.argmax(ious))] < 0.98
+        # kept where at least tile.min_visible (0.5) of its area is inside (pixel counts: +-2%)
+        assert set(np.flatnonzero(visible >= 0.52)) <= kept <= set(np.flatnonzero(visible >= 0.48))
+        boxes = labels.boxes[[p is None for p in labels.polygons]]
+        assert (labels.class_ids[[p is None for p in labels.polygons]] == 2).all() and len(boxes) <= 1
+    assert seen_cut > 0  # some stars were cut by a tile edge

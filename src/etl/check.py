@@ -5,9 +5,12 @@
 
 Fatal (the image cannot be used as is): unreadable/truncated image, a label line with the wrong number of fields,
 non-numeric values, a class id not in label_to_name, coordinates far outside [0, 1], zero/negative width or
-height, two images with the same stem (they would share one label file).
-Warnings: coordinates clipped (within check.clip_tolerance), boxes under a pixel, orphan label files,
-exact duplicate images, unsupported files in images/. Images without labels are background (counted).
+height, two images with the same stem (they would share one label file); YOLO-seg polygon lines with an odd
+coordinate count, fewer than 3 points, NaN, points far outside the image or zero area.
+Warnings: coordinates clipped (within check.clip_tolerance), boxes under a pixel, a polygon crossing itself,
+orphan label files, exact duplicate images, unsupported files in images/. Images without labels are
+background (counted). A segmentation data set (some polygon line) gets its polygon / box-only object counts
+per split, and a warning naming label files with box lines (no mask to learn).
 split and train call `check_dataset(cfg)` themselves.
 """
 
@@ -28,7 +31,7 @@ from src.common.config import label_names, stage_main
 from src.common.errors import UserError
 from src.common.images import IMAGE_EXTS, ImageReadError, list_images, parallel_map, read_image_rgb
 from src.common.io import atomic_write_csv, atomic_write_json
-from src.etl.data_quality import write_quality_reports
+from src.etl.data_quality import segmentation_summary, write_quality_reports
 from src.etl.labels import (
     FATAL,
     UNNAMED_CLASS,
@@ -61,10 +64,16 @@ class ImageRecord:
     usable: bool = True
     digest: str = ""
     box_wh: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))  # (N, 2) normalised w, h
+    num_polygons: int = 0  # objects given as YOLO-seg polygon lines (the rest are box lines)
 
     @property
     def num_boxes(self) -> int:
         return len(self.class_ids)
+
+    @property
+    def num_box_only(self) -> int:
+        """Objects given as box lines: no mask to learn in a segmentation run."""
+        return self.num_boxes - self.num_polygons
 
     @property
     def background(self) -> bool:
@@ -98,6 +107,16 @@ class Report:
     def excluded_images(self) -> list[str]:
         return [r.image for r in self.records if not r.usable]
 
+    @property
+    def is_segmentation(self) -> bool:
+        """Some usable image has a polygon label: a segmentation data set (it can also train a detector)."""
+        return any(r.num_polygons for r in self.records if r.usable)
+
+    @property
+    def box_only_images(self) -> list[str]:
+        """Usable images whose label file has box lines (objects without a polygon)."""
+        return [r.image for r in self.records if r.usable and r.num_box_only]
+
     def record(self, image: str) -> ImageRecord:
         return self._by_name[image]
 
@@ -124,6 +143,8 @@ class Report:
             "labelled_images": sum(not r.background for r in usable),
             "background_images": sum(r.background for r in usable),
             "boxes": sum(r.num_boxes for r in usable),
+            "polygons": sum(r.num_polygons for r in usable),
+            "box_only_objects": sum(r.num_box_only for r in usable),
             "boxes_per_class": self.boxes_per_class(),
             "fatal_problems": len(self.fatal),
             "warnings": len(self.warnings),
@@ -152,6 +173,7 @@ class Report:
                     "width": r.width,
                     "height": r.height,
                     "boxes": r.num_boxes,
+                    "polygons": r.num_polygons,
                     "usable": r.usable,
                 }
                 for r in self.records
@@ -291,6 +313,7 @@ def diagnose(
         record.has_label_file = labels.exists
         record.class_ids = labels.class_ids.tolist()
         record.box_wh = labels.boxes[:, 2:4].copy()
+        record.num_polygons = sum(p is not None for p in labels.polygons)
         problems += labels.problems + _tiny_box_warnings(labels, record.width, record.height)
 
     stems = {p.stem for p in images}
@@ -407,6 +430,7 @@ def check_dataset(cfg: DictConfig, write: bool = True) -> Report:
         write_report(report, c.report_dir)
         write_quality_reports(cfg, report)
     (logger.warning if report.problems else logger.info)("\n" + report.text())
+    segmentation_summary(cfg, report)
     unnamed = unnamed_class_message(report)
     if unnamed:
         raise DatasetError(unnamed)

@@ -9,16 +9,19 @@ and `<dst>/labels/<stem>.txt`, an empty label file for an image without objects,
 map as a ready-to-paste `label_to_name:` block in `<dst>/label_to_name.yaml`.
 - Class ids become 0..N-1: COCO categories in the order of their ids, VOC names alphabetically;
   convert.use_config_classes=true maps names onto the config's label_to_name instead (unknown names: error).
+- COCO `segmentation` (polygons, RLE) becomes YOLO-seg polygon lines, see src/etl/coco_segmentation.py;
+  an annotation without one stays a box line (a detection-only COCO file gives the box labels it always did).
 - COCO `iscrowd: 1` annotations mark a crowd region (many objects under one box) that COCO evaluation
   ignores; training on them as one object would teach the wrong box, so they are skipped
-  (convert.include_crowd=true keeps them as ordinary boxes).
+  (convert.include_crowd=true keeps them as ordinary objects, an RLE region traced into a polygon).
 - VOC coordinates are 1-based pixel indices (the VOC devkit convention): a box covers
   [xmin - 1, xmax] x [ymin - 1, ymax] in 0-based continuous coordinates. `difficult` objects are kept.
 - Existing label files (or a different image of the same name in `<dst>/images`) are an error listing them,
   before anything is written; convert.overwrite=true replaces them.
 yolo2coco writes one COCO JSON (for pycocotools / FiftyOne): category ids = our class ids (0..N-1, so they
 match model outputs), image ids 1..N in name order, bbox [x, y, w, h] in pixels of the image as displayed
-(EXIF orientation applied). convert.split_csv=<train/val/test csv> limits it to that split.
+(EXIF orientation applied), and for a polygon line `segmentation` in pixels with the polygon's area.
+convert.split_csv=<train/val/test csv> limits it to that split.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ from omegaconf import DictConfig, OmegaConf
 from src.common.config import label_names, stage_main
 from src.common.images import IMAGE_EXTS, image_size, list_images
 from src.common.io import atomic_write_json, atomic_write_text
+from src.etl.coco_segmentation import Outlines, coco_annotation
 from src.etl.labels import FATAL, images_dir, label_path_for, labels_dir, read_yolo_labels, write_yolo_labels
+from src.etl.polygons import clip_polygon_to_rect
 
 MAX_LISTED = 10
 CLASS_MAP_FILE = "label_to_name.yaml"
@@ -58,6 +63,13 @@ class Item:
     xyxy: list[list[float]] = field(default_factory=list)  # pixels, 0-based continuous
     width: int = 0
     height: int = 0
+    # per object: its outline (K, 2) in pixels (COCO segmentation), or None (a box only)
+    polygons: list[np.ndarray | None] = field(default_factory=list)
+
+    def add(self, class_id: int, xyxy: list[float], polygon: np.ndarray | None = None) -> None:
+        self.class_ids.append(class_id)
+        self.xyxy.append(xyxy)
+        self.polygons.append(polygon)
 
 
 # ---------------------------------------------------------------- shared
@@ -85,12 +97,27 @@ def class_ids_for(found: list[str], cfg: DictConfig, source: str) -> tuple[list[
     return names, {name: i for i, name in enumerate(names)}
 
 
-def normalised_cxcywh(item: Item) -> tuple[list[int], np.ndarray, int]:
-    """Boxes clipped to the image and normalised; returns (class ids, boxes, number dropped as empty)."""
-    if not item.xyxy:
-        return [], np.zeros((0, 4)), 0
+def clipped_polygons(item: Item) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """(N, 4) xyxy boxes and polygons clipped to the image; a polygon's box is its clipped outline's extent
+    (a polygon with nothing left inside gets an empty box)."""
     size = np.array([item.width, item.height, item.width, item.height], dtype=np.float64)
-    xyxy = np.clip(np.array(item.xyxy, dtype=np.float64), 0, size)
+    xyxy = np.clip(np.array(item.xyxy, dtype=np.float64).reshape(-1, 4), 0, size)
+    polygons: list[np.ndarray | None] = []
+    for index, polygon in enumerate(item.polygons):
+        if polygon is not None:
+            polygon = clip_polygon_to_rect(polygon, (0, 0, item.width, item.height))
+            xyxy[index] = np.concatenate([polygon.min(0), polygon.max(0)]) if polygon is not None else 0
+        polygons.append(polygon)
+    return xyxy, polygons
+
+
+def normalised_cxcywh(item: Item) -> tuple[list[int], np.ndarray, list[np.ndarray | None], int]:
+    """Boxes (and polygons) clipped to the image and normalised; returns (class ids, boxes, polygons,
+    number dropped as empty)."""
+    if not item.xyxy:
+        return [], np.zeros((0, 4)), [], 0
+    xyxy, polygons = clipped_polygons(item)
+    size = np.array([item.width, item.height, item.width, item.height], dtype=np.float64)
     keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
     xyxy = xyxy[keep] / size
     boxes = np.stack(
@@ -102,7 +129,8 @@ def normalised_cxcywh(item: Item) -> tuple[list[int], np.ndarray, int]:
         ],
         1,
     )
-    return [c for c, k in zip(item.class_ids, keep) if k], boxes, int((~keep).sum())
+    polygons = [p / size[:2] if p is not None else None for p, k in zip(polygons, keep) if k]
+    return [c for c, k in zip(item.class_ids, keep) if k], boxes, polygons, int((~keep).sum())
 
 
 def find_image(folder: Path, file_name: str, fallback_stem: str | None = None) -> Path | None:
@@ -156,16 +184,18 @@ def write_yolo_dataset(items: list[Item], names: list[str], dst: Path, overwrite
         target = images_dir(dst) / item.name
         if item.source.resolve() != target.resolve():
             shutil.copy2(item.source, target)  # copy: the source data set stays as it was
-        class_ids, boxes, empty = normalised_cxcywh(item)
+        class_ids, boxes, polygons, empty = normalised_cxcywh(item)
         dropped += empty
-        write_yolo_labels(label_path_for(item.name, labels_dir(dst)), class_ids, boxes)
+        write_yolo_labels(label_path_for(item.name, labels_dir(dst)), class_ids, boxes, polygons)
     if dropped:
         logger.warning(f"{dropped} box(es) with no area inside their image were dropped")
     yaml_block = class_map_yaml(names)
     atomic_write_text(dst / CLASS_MAP_FILE, yaml_block)
     total = sum(len(item.class_ids) for item in items) - dropped
+    polygons = sum(p is not None for item in items for p in item.polygons)
+    kinds = f"{total} objects, {polygons} of them polygons" if polygons else f"{total} boxes"
     logger.info(
-        f"wrote {len(items)} images and label files ({total} boxes) to {dst}; class map saved as {dst / CLASS_MAP_FILE}. "
+        f"wrote {len(items)} images and label files ({kinds}) to {dst}; class map saved as {dst / CLASS_MAP_FILE}. "
         "Paste this into config.yaml:"
     )
     print(yaml_block, end="", flush=True)  # stdout, so it can be redirected on its own
@@ -211,6 +241,7 @@ def coco_items(cfg: DictConfig, json_path: Path, image_folder: Path) -> tuple[li
         )
 
     crowd = 0
+    outlines = Outlines()
     for ann in data["annotations"]:
         item = items.get(ann["image_id"])
         if item is None:
@@ -223,12 +254,13 @@ def coco_items(cfg: DictConfig, json_path: Path, image_folder: Path) -> tuple[li
                 f"{json_path}: annotation {ann.get('id')} has unknown category_id {ann['category_id']}"
             )
         x, y, w, h = (float(v) for v in ann["bbox"])
-        item.class_ids.append(class_of_category[ann["category_id"]])
-        item.xyxy.append([x, y, x + w, y + h])
+        polygon = outlines.read(ann, item.width, item.height)
+        item.add(class_of_category[ann["category_id"]], [x, y, x + w, y + h], polygon)
     if crowd:
         logger.info(
             f"skipped {crowd} iscrowd annotation(s) (crowd regions; convert.include_crowd=true keeps them)"
         )
+    outlines.log(json_path)
     warn_size_mismatches(list(items.values()), json_path)
     return list(items.values()), names
 
@@ -290,9 +322,9 @@ def voc_items(cfg: DictConfig, xml_folder: Path, image_folder: Path) -> tuple[li
             continue
         if width <= 0 or height <= 0:  # some tools leave <size> out or zero
             width, height = image_size(source)
-        item = Item(
-            source, source.name, [id_of_name[n] for n, _ in objects], [b for _, b in objects], width, height
-        )
+        item = Item(source, source.name, width=width, height=height)
+        for name, box in objects:
+            item.add(id_of_name[name], box)
         items.append(item)
     if missing:
         logger.warning(
@@ -328,22 +360,10 @@ def yolo_to_coco(cfg: DictConfig, data_path: Path, split_csv: Path | None) -> di
         )
         fatal += [str(p) for p in labels.problems if p.severity == FATAL]
         coco["images"].append({"id": image_id, "file_name": path.name, "width": width, "height": height})
-        for class_id, (cx, cy, w, h) in zip(labels.class_ids.tolist(), labels.boxes.tolist()):
-            box = [
-                round((cx - w / 2) * width, 3),
-                round((cy - h / 2) * height, 3),
-                round(w * width, 3),
-                round(h * height, 3),
-            ]
+        for class_id, box, polygon in zip(labels.class_ids.tolist(), labels.boxes, labels.polygons):
+            ann_id = len(coco["annotations"]) + 1
             coco["annotations"].append(
-                {
-                    "id": len(coco["annotations"]) + 1,
-                    "image_id": image_id,
-                    "category_id": class_id,
-                    "bbox": box,
-                    "area": round(box[2] * box[3], 3),
-                    "iscrowd": 0,
-                }
+                coco_annotation(ann_id, image_id, class_id, box, polygon, width, height)
             )
     if fatal:
         raise ConvertError(
@@ -382,7 +402,9 @@ def run(cfg: DictConfig) -> Path:
         coco = yolo_to_coco(cfg, data_path, Path(str(c.split_csv)) if c.split_csv else None)
         atomic_write_json(out, coco)
         logger.info(
-            f"wrote {out}: {len(coco['images'])} images, {len(coco['annotations'])} boxes, {len(coco['categories'])} categories"
+            f"wrote {out}: {len(coco['images'])} images, {len(coco['annotations'])} objects "
+            f"({sum('segmentation' in a for a in coco['annotations'])} with a segmentation), "
+            f"{len(coco['categories'])} categories"
         )
         return out
     if fmt not in ("coco2yolo", "voc2yolo"):

@@ -5,6 +5,7 @@ Written next to report.json (check.report_dir):
     near_duplicates/        group_0001.jpg ... one contact sheet per group, leaking groups first
     box_sizes.csv           image, class, box width/height in original pixels and at the network input
     box_sizes.png           histogram of sqrt(w*h) at the network input, the small-object line marked
+and logs, for a segmentation data set (some YOLO-seg polygon line), polygons vs box-only objects per split.
 """
 
 from __future__ import annotations
@@ -20,24 +21,61 @@ from omegaconf import DictConfig
 
 from src.common.draw import save_image_rgb
 from src.common.io import atomic_write, atomic_write_csv
-from src.etl.labels import images_dir
+from src.etl.labels import LABEL_EXT, images_dir
 from src.etl.near_duplicates import contact_sheet, leaking_groups
-from src.etl.splits import split_membership
+from src.etl.splits import SPLIT_NAMES, split_membership
 
 if TYPE_CHECKING:
-    from src.etl.check import Report
+    from src.etl.check import ImageRecord, Report
 
 NEAR_DUPLICATES_CSV = "near_duplicates.csv"
 CONTACT_SHEETS_DIR = "near_duplicates"
 BOX_SIZES_CSV = "box_sizes.csv"
 BOX_SIZES_PNG = "box_sizes.png"
 SIZE_STEP = 32  # img_size suggestions are multiples of this (the model's stride)
+BOX_ONLY_NAMED = 5  # box-only label files named in the warning
 
 
 def write_quality_reports(cfg: DictConfig, report: Report) -> None:
     report_dir = Path(cfg.check.report_dir)
     write_near_duplicates(cfg, report, report_dir)
     write_box_sizes(cfg, report, report_dir)
+
+
+# ---------------------------------------------------------------- polygons vs box lines
+
+
+def polygon_counts(records: list[ImageRecord]) -> str:
+    polygons = sum(r.num_polygons for r in records)
+    box_only = sum(r.num_box_only for r in records)
+    files = sum(not r.background for r in records)
+    return f"{polygons} polygons, {box_only} box-only objects in {files} files"
+
+
+def segmentation_summary(cfg: DictConfig, report: Report) -> str | None:
+    """The counts of a segmentation data set (None for a detection one), per split when a split exists; a
+    warning naming a few label files with box lines, which have no mask to learn."""
+    if not report.is_segmentation:
+        return None
+    usable = [r for r in report.records if r.usable]
+    split_of = split_membership(cfg)
+    lines = [f"segmentation data set: {polygon_counts(usable)}"]
+    for split in SPLIT_NAMES if split_of else ():
+        members = [r for r in usable if split_of.get(r.image) == split]
+        lines.append(f"  {split}: {polygon_counts(members)}")
+    text = "\n".join(lines)
+    logger.info(text)
+    box_only = report.box_only_images
+    if box_only:
+        named = ", ".join(f"{Path(name).stem}{LABEL_EXT}" for name in box_only[:BOX_ONLY_NAMED])
+        more = f" and {len(box_only) - BOX_ONLY_NAMED} more" if len(box_only) > BOX_ONLY_NAMED else ""
+        logger.warning(
+            f"{len(box_only)} label file(s) of this segmentation data set have box lines without a polygon "
+            f"({sum(r.num_box_only for r in usable)} objects), e.g. {named}{more}: a segmentation run refuses "
+            "them unless train.allow_box_only=true (those objects then get no mask loss); a detection run uses "
+            "every object"
+        )
+    return text
 
 
 # ---------------------------------------------------------------- near-duplicates

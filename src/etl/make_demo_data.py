@@ -1,4 +1,5 @@
-"""Synthetic detection data made locally (no download): shapes on cluttered, textured backgrounds.
+"""Synthetic detection (or, demo_data.polygons, segmentation) data made locally (no download): shapes on
+cluttered, textured backgrounds.
 
     python -m src.etl.make_demo_data                       # -> data/demo (demo_data.out)
     python -m src.etl.make_demo_data demo_data.out=/tmp/d demo_data.num_images=50
@@ -9,6 +10,9 @@ no shapes; never in images/) and <out>/videos/demo_XX.mp4 (~3 s of moving shapes
 Classes are the label_to_name names, each one of circle / square / triangle / star.
 Objects are demo_data.object_scale of the shorter image side, 1-6 per image, may overlap a little (the later one
 occludes); demo_data.clutter distractor strokes per image (lines, arcs, smudges).
+demo_data.polygons=true writes every object as a YOLO-seg polygon line instead of a box line: the exact outline
+of the drawn shape (a circle as a 32-point polygon, the corners of squares, triangles and stars), the same
+images bit for bit. An occluded shape keeps its whole outline, as its box does.
 Everything is a function of demo_data.seed, so a re-run over a previous demo set writes the same files;
 a non-empty folder that is not a demo set (no demo_data.json in it) is refused, never overwritten.
 """
@@ -28,8 +32,10 @@ from src.common.config import label_names, stage_main
 from src.common.images import parallel_map
 from src.common.io import atomic_write, atomic_write_json
 from src.etl.labels import images_dir, labels_dir, write_yolo_labels
+from src.etl.polygons import clip_polygon_to_rect
 
 SHAPES = ("circle", "square", "triangle", "star")
+CIRCLE_POINTS = 32  # a circle's polygon label: corners on the circle (area 99.4% of it, the same box)
 MARKER = "demo_data.json"  # marks a folder as ours, so a re-run may write into it
 BACKGROUND_EVERY = 10  # every 10th image is background-only
 MIN_OBJECTS, MAX_OBJECTS = 1, 6
@@ -53,6 +59,14 @@ class Shape:
             (cx, cy), (r, _) = self.points
             return np.array([cx - r, cy - r, cx + r, cy + r])
         return np.concatenate([self.points.min(0), self.points.max(0)])
+
+    def outline(self) -> np.ndarray:
+        """(K, 2) polygon in pixels of what draw_shape fills (a circle: CIRCLE_POINTS corners on it, one
+        at each of 0, 90, 180 and 270 degrees, so its box is the circle's)."""
+        if self.kind == "circle":
+            (cx, cy), (r, _) = self.points
+            return regular_polygon(np.array([cx, cy]), r, CIRCLE_POINTS, 0.0)
+        return np.asarray(self.points, np.float64)
 
 
 # ---------------------------------------------------------------- backgrounds and clutter
@@ -251,6 +265,13 @@ def yolo_boxes(shapes: list[Shape], height: int, width: int) -> np.ndarray:
     return cxcywh / [width, height, width, height]
 
 
+def yolo_polygons(shapes: list[Shape], height: int, width: int) -> list[np.ndarray | None]:
+    """Each shape's outline clipped to the image and normalised (K, 2)."""
+    size = np.array([width, height], np.float64)
+    clipped = [clip_polygon_to_rect(s.outline(), (0, 0, width, height)) for s in shapes]
+    return [p / size if p is not None else None for p in clipped]
+
+
 def finish(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     """Camera-ish noise and sometimes a slight blur over everything (shapes included)."""
     if rng.random() < 0.3:
@@ -304,8 +325,12 @@ def make_labelled_image(index: int, out: Path, dc: DictConfig, classes: list[str
     written = [f"images/{stem}.jpg"]
     # Background images: alternately an empty label file and no label file (both mean "no objects").
     if not background_only or (index // BACKGROUND_EVERY) % 2 == 0:
+        polygons = yolo_polygons(shapes, height, width) if dc.polygons else None
         write_yolo_labels(
-            labels_dir(out) / f"{stem}.txt", [s.class_id for s in shapes], yolo_boxes(shapes, height, width)
+            labels_dir(out) / f"{stem}.txt",
+            [s.class_id for s in shapes],
+            yolo_boxes(shapes, height, width),
+            polygons,
         )
         written.append(f"labels/{stem}.txt")
     return written

@@ -8,7 +8,9 @@ Small objects survive: a 1920x1080 image shrunk to 640 px loses two thirds of ev
 - tiles of tile.size (default model.img_size) overlapping by tile.overlap; an image smaller than a tile is
   one tile (the image itself);
 - labels clipped to the tile; a box keeping less than tile.min_visible of its area in a tile is dropped there
-  (it is whole in a neighbouring tile when it is no larger than the overlap);
+  (it is whole in a neighbouring tile when it is no larger than the overlap); a YOLO-seg polygon is clipped to
+  the tile (Sutherland-Hodgman, etl/polygons.py), kept by the share of its own area inside, and written as a
+  polygon line (its box is the clipped outline's extent);
 - tiles without any box are kept at the rate tile.background_rate (seeded): most tiles of a sparse image
   are background, and all of them would drown the objects.
 Writes <out>/images, <out>/labels, <out>/tiles.csv (tile, source, x0, y0, x1, y1, boxes). When data_path has a
@@ -34,7 +36,15 @@ from src.common.errors import UserError
 from src.common.images import parallel_map, read_image_rgb
 from src.common.io import atomic_write_csv
 from src.etl.check import check_dataset
-from src.etl.labels import images_dir, label_path_for, labels_dir, read_yolo_labels, write_yolo_labels
+from src.etl.labels import (
+    images_dir,
+    label_path_for,
+    labels_dir,
+    polygon_area,
+    read_yolo_labels,
+    write_yolo_labels,
+)
+from src.etl.polygons import clip_polygon_to_rect
 from src.etl.splits import SPLIT_NAMES, split_membership
 from src.etl.tiling import boxes_in_window, tile_windows
 
@@ -56,6 +66,26 @@ def tile_name(source: str, window: np.ndarray) -> str:
     return f"{Path(source).stem}__x{int(window[0])}_y{int(window[1])}.jpg"
 
 
+def objects_in_window(
+    boxes: np.ndarray, outlines: list[np.ndarray | None], window: np.ndarray, min_visible: float
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None]]:
+    """The objects kept in a window: (indices (K,), boxes (K, 4) xyxy and outlines (M, 2) or None, both in
+    window pixels). Boxes (N, 4) xyxy and outlines (polygon objects, else None) are in image pixels. A box
+    line is kept by its box's visible share; a polygon by its clipped outline's share of its area."""
+    kept_boxes, window_boxes = boxes_in_window(boxes, window, min_visible)
+    found = {int(i): (b, None) for i, b in zip(kept_boxes, window_boxes) if outlines[i] is None}
+    offset = window[:2].astype(np.float64)
+    for index, outline in enumerate(outlines):
+        clipped = clip_polygon_to_rect(outline, window) if outline is not None else None
+        if clipped is None or polygon_area(clipped) < min_visible * polygon_area(outline):
+            continue
+        clipped = clipped - offset
+        found[index] = (np.concatenate([clipped.min(0), clipped.max(0)]), clipped)
+    kept = np.array(sorted(found), np.int64)
+    window_boxes = np.array([found[i][0] for i in kept], np.float64).reshape(-1, 4)
+    return kept, window_boxes, [found[i][1] for i in kept]
+
+
 def tile_image(
     source: Path, label_path: Path, num_classes: int, out: Path, settings: TileSettings
 ) -> list[dict]:
@@ -65,11 +95,12 @@ def tile_image(
     labels = read_yolo_labels(label_path, num_classes)
     cx, cy, bw, bh = (labels.boxes.astype(np.float64) * [width, height, width, height]).T
     boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1).reshape(-1, 4)
+    outlines = [p * [width, height] if p is not None else None for p in labels.polygons]  # image pixels
     # One generator per image (seed + name): the same tiles are kept whatever the worker order.
     rng = np.random.default_rng([settings.seed, zlib.crc32(source.name.encode())])
     rows = []
     for window in tile_windows(width, height, settings.size[1], settings.size[0], settings.overlap):
-        kept, tile_boxes = boxes_in_window(boxes, window, settings.min_visible)
+        kept, tile_boxes, tile_outlines = objects_in_window(boxes, outlines, window, settings.min_visible)
         if not len(kept) and rng.random() >= settings.background_rate:
             continue
         x0, y0, x1, y1 = (int(v) for v in window)
@@ -85,7 +116,8 @@ def tile_image(
             ],
             axis=1,
         ).reshape(-1, 4)
-        write_yolo_labels(label_path_for(name, out / "labels"), labels.class_ids[kept], normalised)
+        polygons = [p / [tw, th] if p is not None else None for p in tile_outlines]
+        write_yolo_labels(label_path_for(name, out / "labels"), labels.class_ids[kept], normalised, polygons)
         rows.append(dict(zip(TILE_COLUMNS, [name, source.name, x0, y0, x1, y1, len(kept)], strict=True)))
     return rows
 
@@ -148,7 +180,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     background = int((tiles["boxes"] == 0).sum())
     logger.info(
         f"{len(tiles)} tiles of {settings.size[1]}x{settings.size[0]} (overlap {settings.overlap:g}) from "
-        f"{len(sources)} images in {out}: {int(tiles['boxes'].sum())} boxes, {background} background tiles "
+        f"{len(sources)} images in {out}: {int(tiles['boxes'].sum())} objects, {background} background tiles "
         f"(kept at rate {settings.background_rate:g})"
     )
     return tiles

@@ -68,7 +68,7 @@ def test_geometric_transforms_keep_boxes_on_objects(seed):
     boxes = np.array([[20, 30, 60, 70], [100, 10, 150, 40]], np.float32)
     image = picture_with_rectangles(120, 180, boxes, COLORS[:2])
     transform = build_augmentations(GEOMETRIC, seed=seed)
-    out_image, out_boxes, out_labels = apply_augmentations(transform, image, boxes, np.array([3, 1]))
+    out_image, out_boxes, out_labels, *_ = apply_augmentations(transform, image, boxes, np.array([3, 1]))
     assert out_labels.dtype == np.int64 and out_boxes.dtype == np.float32
     assert sorted(out_labels.tolist()) == [1, 3]  # a small rotation keeps both objects
     for box, label in zip(out_boxes, out_labels, strict=True):
@@ -78,7 +78,7 @@ def test_geometric_transforms_keep_boxes_on_objects(seed):
 def test_pixel_transforms_leave_boxes_alone():
     boxes = np.array([[20, 30, 60, 70]], np.float32)
     image = picture_with_rectangles(120, 180, boxes, COLORS[:1])
-    out_image, out_boxes, out_labels = apply_augmentations(
+    out_image, out_boxes, out_labels, *_ = apply_augmentations(
         build_augmentations(PIXEL, seed=0), image, boxes, [5]
     )
     assert out_image.shape == image.shape and not np.array_equal(out_image, image)
@@ -88,7 +88,7 @@ def test_pixel_transforms_leave_boxes_alone():
 
 def test_labels_given_as_list_come_back_as_int64():
     transform = build_augmentations(NONE | {"left_right_flip": 1.0})
-    _, boxes, labels = apply_augmentations(
+    _, boxes, labels, *_ = apply_augmentations(
         transform, np.zeros((50, 80, 3), np.uint8), np.array([[10, 10, 30, 20]], np.float32), [2]
     )
     assert labels.dtype == np.int64 and labels.tolist() == [2]
@@ -97,7 +97,7 @@ def test_labels_given_as_list_come_back_as_int64():
 
 def test_background_image_passes_every_transform():
     transform = build_augmentations(ALL_ON | {"to_gray": 1.0, "coarse_dropout": 1.0})
-    image, boxes, labels = apply_augmentations(
+    image, boxes, labels, *_ = apply_augmentations(
         transform, np.full((60, 90, 3), 128, np.uint8), np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
     )
     assert boxes.shape == (0, 4) and labels.shape == (0,) and labels.dtype == np.int64
@@ -118,7 +118,7 @@ def _mosaic_samples():
 @pytest.mark.parametrize("seed", range(5))
 def test_mosaic_boxes_cover_their_objects(seed, keep_ratio):
     params = MosaicParams(scale=(0.5, 1.5), degrees=0.0, translate=0.2, shear=0.0)
-    image, boxes, labels = make_mosaic(
+    image, boxes, labels, *_ = make_mosaic(
         _mosaic_samples(), (96, 128), keep_ratio, params, np.random.default_rng(seed)
     )
     assert image.shape == (96, 128, 3) and labels.dtype == np.int64 and boxes.shape == (len(labels), 4)
@@ -133,7 +133,9 @@ def test_mosaic_boxes_cover_their_objects(seed, keep_ratio):
 def test_mosaic_keeps_boxes_of_mostly_visible_objects(seed):
     # Scale 1 and plain resize: every object is 50% x 50% of a (96, 128) tile = 3072 pixels when whole.
     params = MosaicParams(scale=(1.0, 1.0), degrees=0.0, translate=0.2, shear=0.0, min_area_ratio=0.1)
-    image, _, labels = make_mosaic(_mosaic_samples(), (96, 128), False, params, np.random.default_rng(seed))
+    image, _, labels, *_ = make_mosaic(
+        _mosaic_samples(), (96, 128), False, params, np.random.default_rng(seed)
+    )
     for label in range(3):
         visible = color_mask(image, COLORS[label]).sum()
         if visible > 0.15 * 3072:
@@ -147,7 +149,7 @@ def test_random_affine_with_rotation_and_shear_still_covers():
     image = picture_with_rectangles(100, 130, box, [COLORS[2]])
     params = MosaicParams(scale=(0.8, 1.2), degrees=20.0, translate=0.05, shear=3.0)
     for seed in range(5):
-        out, boxes, labels = random_affine(
+        out, boxes, labels, *_ = random_affine(
             image, box, np.array([7]), (100, 130), params, np.random.default_rng(seed)
         )
         assert labels.tolist() == [7]

@@ -122,7 +122,7 @@ def test_mix_up_blends_the_pictures_and_keeps_the_boxes_of_both():
         np.array([[10, 5, 50, 20]], np.float32),
         np.array([[0, 0, 16, 32]], np.float32),
     )
-    image, boxes, labels = mix_up(
+    image, boxes, labels, *_ = mix_up(
         (first, first_boxes, np.array([1])),
         (second, second_boxes, np.array([3])),
         img_size=(64, 64),
@@ -139,7 +139,7 @@ def test_mix_up_blends_the_pictures_and_keeps_the_boxes_of_both():
 def test_mix_up_with_a_background_sample():
     empty = (np.zeros((4, 0), np.float32).reshape(0, 4), np.zeros(0, np.int64))
     sample = (np.zeros((32, 32, 3), np.uint8), np.array([[1, 1, 9, 9]], np.float32), np.array([0]))
-    _, boxes, labels = mix_up(sample, (np.zeros((16, 16, 3), np.uint8), *empty), (32, 32), True, 0.55)
+    _, boxes, labels, *_ = mix_up(sample, (np.zeros((16, 16, 3), np.uint8), *empty), (32, 32), True, 0.55)
     assert boxes.tolist() == [[1, 1, 9, 9]] and labels.tolist() == [0]
 
 

@@ -124,3 +124,78 @@ def test_mask_iou_pairs_masks_by_index():
     a[0, :5], b[0, :, :5] = True, True  # 25 / 75
     a[1, 2:4, 2:4], b[1, 2:4, 2:4] = True, True  # identical
     assert mask_iou(a, b).tolist() == pytest.approx([1 / 3, 1.0, 1.0])  # third pair: both empty
+
+
+@pytest.mark.parametrize("keep_ratio", [True, False])
+def test_validation_records_score_perfect_network_masks_as_perfect(keep_ratio, tmp_path):
+    """The validation path (postprocessor mask logits at 1/4 of the network input -> original-size masks
+    -> RLE, GT from the label polygons at the original size): logits drawn from the GT polygons themselves
+    give mask mAP50 1 on a letterboxed or resized image of odd size, and the records hold RLEs only."""
+    import torch
+
+    from src.common.masks import polygons_to_masks
+    from src.common.network_input import letterbox_or_resize
+    from src.metrics.records import batch_records
+    from src.metrics.validator import evaluate
+
+    polygons = [
+        np.array([[0.1, 0.1], [0.5, 0.15], [0.3, 0.6]], np.float32),
+        np.array([[0.55, 0.5], [0.95, 0.5], [0.95, 0.9], [0.55, 0.9]], np.float32),
+        None,  # a box-only object (train.allow_box_only): no mask ground truth
+    ]
+    _, meta = letterbox_or_resize(np.zeros((137, 201, 3), np.uint8), (128, 160), keep_ratio)
+    # The GT polygons at the network input: normalised in the original -> normalised in the network input.
+    to_net = np.array([meta.orig_w * meta.scale_x, meta.orig_h * meta.scale_y]) / [meta.net_w, meta.net_h]
+    offset = np.array([meta.pad_x / meta.net_w, meta.pad_y / meta.net_h])
+    net_masks = polygons_to_masks([p * to_net + offset for p in polygons[:2]], 128 // 4, 160 // 4)
+    logits = torch.from_numpy(np.where(net_masks, 8.0, -8.0)).float()  # (2, 32, 40)
+    boxes = torch.tensor([[0, 0, 160, 128], [0, 0, 160, 128]], dtype=torch.float32)  # no box cut
+    result = {
+        "labels": torch.tensor([0, 1]),
+        "boxes": boxes,
+        "scores": torch.tensor([0.9, 0.8]),
+        "masks": logits,
+    }
+    target = {
+        "labels": torch.tensor([0, 1, 1]),
+        "boxes": torch.tensor([[0.3, 0.35, 0.4, 0.5], [0.75, 0.7, 0.4, 0.4], [0.2, 0.8, 0.1, 0.1]]),
+        "image_id": 0,
+        "letterbox": meta,
+        "polygons": polygons,
+        "path": str(tmp_path / "grey.png"),
+    }
+    cv2.imwrite(target["path"], np.full((137, 201, 3), 128, np.uint8))
+    preds, gts = batch_records([result], [target])
+    assert all(isinstance(rle["counts"], str) for rle in preds[0]["mask"]["rles"] + gts[0]["mask"]["rles"])
+    assert len(gts[0]["mask"]["rles"]) == 2  # the box-only object has no mask ground truth
+    metrics = evaluate(preds, gts, ["a", "b"]).metrics
+    assert metrics["mask_mAP_50"] == pytest.approx(1.0)
+    assert metrics["mask_mAP_50_95"] > 0.6  # a 1/4-resolution mask is not pixel-exact at high IoUs
+    # The eval pictures draw the masks: the grey image is tinted inside the objects, left alone outside.
+    from src.common.images import read_image_rgb
+    from src.common.masks import polygon_to_mask
+    from src.metrics.plots import save_eval_images
+
+    (picture,) = save_eval_images(preds, gts, tmp_path / "eval", ["a", "b"], 0.5, 1)
+    drawn = read_image_rgb(picture).astype(int)
+    inside = polygon_to_mask(polygons[1], 137, 201)
+    assert np.abs(drawn[inside] - 128).max(-1).mean() > 40 and np.abs(drawn[60:70, 5:10] - 128).max() < 8
+
+
+def test_masks_in_boxes_equal_masks_to_original():
+    """Validation's box-cropped resampling gives masks_to_original(..., boxes_xyxy=...)'s pixels (float32
+    rounding of the sampling grid may flip a pixel sitting exactly on the 0.5 boundary)."""
+    import torch
+
+    from src.common.network_input import letterbox_or_resize, masks_to_original
+    from src.metrics.masks import masks_in_boxes
+
+    for (height, width), keep_ratio in (((120, 150), True), ((61, 97), False)):
+        _, meta = letterbox_or_resize(np.zeros((height, width, 3), np.uint8), (64, 96), keep_ratio)
+        logits = torch.randn(12, 16, 24, generator=torch.Generator().manual_seed(0))
+        corners = np.random.default_rng(0).uniform(-5, 1.1, (12, 4)) * np.array([width, height] * 2)
+        boxes = np.concatenate([corners[:, :2].clip(0), np.maximum(corners[:, :2], corners[:, 2:])], 1)
+        expected = masks_to_original(logits, meta, boxes_xyxy=boxes).numpy().transpose(1, 2, 0)
+        ours = masks_in_boxes(logits, boxes, meta)
+        assert ours.flags.f_contiguous and ours.shape == expected.shape and expected.any()
+        assert (ours.astype(bool) != expected).sum() <= max(1, expected.size // 10_000)

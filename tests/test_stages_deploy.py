@@ -73,6 +73,7 @@ def test_infer_images_and_video(project):
     assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 5
     video.release()
     assert json.loads((out / "predictions.json").read_text())["detections"] == summary["detections"]
+    assert summary["task"] == "detect" and not (out / "masks").exists()
     assert_no_float_noise(out / "predictions.csv")
 
 
@@ -114,6 +115,7 @@ def test_bench_every_available_backend(project):
     # no int8 artifact: skipped; the fp32 IR at bf16 too: measured where the CPU has native bf16, else a
     # row that says why not
     assert everything["backend"].tolist() == ["torch", "onnx", "ov_fp32", "ov_fp32@bf16"]
+    assert not everything.columns.str.startswith("mask_").any()  # a detection model: no mask mAP columns
     frame = everything[~everything["note"].fillna("").str.startswith("skipped")]
     assert len(frame) >= 3
     assert (frame["images"] == 3).all()  # the test split

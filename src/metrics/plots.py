@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from src.common.draw import draw_gt_vs_pred, save_image_rgb
+from src.common.draw import GT_COLOR, PRED_COLOR, draw_gt_vs_pred, draw_masks, save_image_rgb
 from src.common.io import atomic_write
 from src.metrics.records import as_ground_truth, as_prediction, unique_images
 
@@ -83,10 +83,11 @@ def save_eval_images(
         path = gt.get("path") or pred.get("path")
         if path is None:
             continue
+        image = _draw_record_masks(read_image_rgb(path), pred, gt, conf_thresh)
         pred, gt_np = as_prediction(pred), as_ground_truth(gt)
         keep = pred["scores"] >= conf_thresh
         picture = draw_gt_vs_pred(
-            read_image_rgb(path),
+            image,
             gt_np["boxes"],
             gt_np["labels"],
             pred["boxes"][keep],
@@ -96,3 +97,23 @@ def save_eval_images(
         )
         saved.append(save_image_rgb(Path(out_dir) / f"{k:03d}_{Path(path).stem}.jpg", picture))
     return saved
+
+
+def _draw_record_masks(image: np.ndarray, pred: dict, gt: dict, conf_thresh: float) -> np.ndarray:
+    """A segmentation model's records: GT masks in green, predicted masks >= conf_thresh in red, under the
+    boxes (records without "mask": the image unchanged)."""
+    if "mask" not in pred or "mask" not in gt:
+        return image
+    from src.metrics.masks import decode_rles
+
+    height, width = image.shape[:2]
+    kept = [
+        rle
+        for rle, score in zip(pred["mask"]["rles"], pred["mask"]["scores"], strict=True)
+        if score >= conf_thresh
+    ]
+    out = draw_masks(
+        image, decode_rles(gt["mask"]["rles"], height, width), gt["mask"]["labels"], color=GT_COLOR
+    )
+    labels = np.zeros(len(kept), np.int64)  # one colour: the class is in the box label
+    return draw_masks(out, decode_rles(kept, height, width), labels, color=PRED_COLOR)

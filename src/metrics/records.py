@@ -4,7 +4,9 @@ loader of DetectionDataset batches -> records in ORIGINAL image pixels).
 
     pred = {"boxes": (N, 4) xyxy, "scores": (N,), "labels": (N,)}   # unfiltered, e.g. the top-300
     gt   = {"boxes": (M, 4) xyxy, "labels": (M,)}
-Both may carry "image_id" (then an image seen twice counts once) and "path".
+Both may carry "image_id" (then an image seen twice counts once) and "path". A segmentation model's
+records (postprocessor results with "masks", targets with "polygons") also carry "mask": RLEs at the
+original size (src/metrics/masks.py), so a split's records stay small.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from src.common.network_input import boxes_to_original, network_boxes_to_original_xyxy
+from src.metrics.masks import ground_truth_masks, prediction_masks
 
 
 def _numpy(values, dtype, shape_tail=()) -> np.ndarray:
@@ -73,8 +76,12 @@ def batch_records(results: Sequence[dict], targets: Sequence[dict]) -> tuple[lis
         pred["boxes"] = boxes_to_original(pred["boxes"], meta)
         gt_boxes = network_boxes_to_original_xyxy(_numpy(target["boxes"], np.float64, (4,)), meta)
         extra = {"image_id": int(target["image_id"]), "path": target.get("path")}
-        preds.append(pred | extra)
         gt = {"boxes": gt_boxes, "labels": _numpy(target["labels"], np.int64)}
+        if "masks" in result and "polygons" in target:
+            scores, labels = pred["scores"], pred["labels"]
+            pred["mask"] = prediction_masks(result["masks"], pred["boxes"], scores, labels, meta)
+            gt["mask"] = ground_truth_masks(target["polygons"], gt["labels"], meta)
+        preds.append(pred | extra)
         gts.append(gt | {"width": meta.orig_w, "height": meta.orig_h} | extra)
     return preds, gts
 

@@ -5,6 +5,9 @@ Inputs per image (numpy arrays or torch tensors, ORIGINAL image pixels):
     pred = {"boxes": (N, 4) xyxy, "scores": (N,), "labels": (N,)}   # unfiltered, e.g. the top-300
     gt   = {"boxes": (M, 4) xyxy, "labels": (M,)}
 Both may carry "image_id" (then an image seen twice, e.g. gathered from DDP ranks, counts once) and "path".
+A segmentation model's records also carry "mask" (pred: {"rles", "scores", "labels"}, gt: {"rles", "labels",
+"height", "width"}: src/metrics/masks.py prediction_masks / ground_truth_masks, made by predict_batches): then
+the metrics add mask_mAP_50, mask_mAP_50_95 and per_class mask_AP50, mask_AP50_95 (COCO segm).
 
     preds, gts = predict_batches(model, val_loader, device, postprocessor)   # per rank
     (DDP: all_gather the two lists, concatenate; evaluate() dedupes by image_id)
@@ -21,93 +24,22 @@ predictions restricted to those scoring >= the threshold; the curves are compute
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from loguru import logger
 
-from src.common.boxes import xyxy_to_xywh
 from src.common.io import atomic_write, atomic_write_csv, atomic_write_json
+from src.metrics.coco import coco_dicts, coco_map  # noqa: F401 - coco_dicts: part of this module's API
+from src.metrics.masks import MASK_COLUMNS, mask_map
 from src.metrics.matching import greedy_match, iou_matrix, match_image, score_order
 from src.metrics.plots import plot_confusion_matrix, plot_threshold_curves
 from src.metrics.records import as_ground_truth, as_prediction, unique_images
 
-logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
-
 CURVE_THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.01), 2)  # confidence grid for the P/R/F1 curves
-
-
-# ---------------------------------------------------------------- COCO mAP
-
-
-def coco_dicts(preds: Sequence[dict], gts: Sequence[dict], num_classes: int) -> tuple[dict, list[dict]]:
-    """In-memory COCO ground-truth dict and detection list. Image ids are 1..N, category ids class + 1."""
-    images, annotations, detections = [], [], []
-    for i, (pred, gt) in enumerate(zip(preds, gts, strict=True), start=1):
-        images.append({"id": i, "width": int(gt.get("width", 0)), "height": int(gt.get("height", 0))})
-        xywh = xyxy_to_xywh(torch.from_numpy(gt["boxes"])).tolist()
-        for box, label in zip(xywh, gt["labels"].tolist(), strict=True):
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": i,
-                    "category_id": label + 1,
-                    "bbox": box,
-                    "area": box[2] * box[3],
-                    "iscrowd": 0,
-                }
-            )
-        pred_xywh = xyxy_to_xywh(torch.from_numpy(pred["boxes"])).tolist()
-        for box, score, label in zip(
-            pred_xywh, pred["scores"].tolist(), pred["labels"].tolist(), strict=True
-        ):
-            detections.append({"image_id": i, "category_id": label + 1, "bbox": box, "score": score})
-    categories = [{"id": c + 1, "name": str(c)} for c in range(num_classes)]
-    return {"images": images, "annotations": annotations, "categories": categories}, detections
-
-
-def coco_map(preds: Sequence[dict], gts: Sequence[dict], num_classes: int) -> dict:
-    """COCO bbox mAP@0.5 and mAP@0.5:0.95 (100 detections per image) plus per-class AP arrays (nan for a
-    class without ground truth). With no ground truth at all every value is 0."""
-    gt_dict, detections = coco_dicts(preds, gts, num_classes)
-    return coco_summary(gt_dict, detections, num_classes, iou_type="bbox")
-
-
-def coco_summary(gt_dict: dict, detections: list, num_classes: int, iou_type: str, prefix: str = "") -> dict:
-    """faster-coco-eval on COCO dicts -> {prefix}mAP_50, {prefix}mAP_50_95 and per-class {prefix}AP50,
-    {prefix}AP50_95 arrays. iou_type: bbox | segm (box and mask mAP share this one evaluation)."""
-    from faster_coco_eval import COCO, COCOeval_faster
-
-    nan = np.full(num_classes, np.nan)
-    if not gt_dict["annotations"]:
-        return {
-            f"{prefix}mAP_50": 0.0,
-            f"{prefix}mAP_50_95": 0.0,
-            f"{prefix}AP50": nan,
-            f"{prefix}AP50_95": nan,
-        }
-    coco_gt = COCO(gt_dict)
-    evaluator = COCOeval_faster(coco_gt, coco_gt.loadRes(detections), iouType=iou_type)
-    evaluator.evaluate()
-    evaluator.accumulate()
-    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # (iou thresholds, recall points, classes)
-    return {
-        f"{prefix}mAP_50": _mean_valid(precision[0]),
-        f"{prefix}mAP_50_95": _mean_valid(precision),
-        f"{prefix}AP50": np.array([_mean_valid(precision[0, :, k], np.nan) for k in range(num_classes)]),
-        f"{prefix}AP50_95": np.array([_mean_valid(precision[:, :, k], np.nan) for k in range(num_classes)]),
-    }
-
-
-def _mean_valid(values: np.ndarray, empty: float = 0.0) -> float:
-    """Mean over entries > -1 (COCO marks 'no ground truth' with -1), as COCOeval.summarize does."""
-    valid = values[values > -1]
-    return float(valid.mean()) if valid.size else empty
 
 
 def confusion_for_image(pred: dict, gt: dict, num_classes: int, iou_thresh: float) -> np.ndarray:
@@ -279,6 +211,10 @@ def evaluate(
     )
     best_thresh, best_f1 = best_threshold(CURVE_THRESHOLDS, overall_curve[:, 2])
     coco = coco_map(preds, gts, num_classes)
+    segment = bool(pairs) and all("mask" in pred for pred, _ in pairs)
+    masks = (
+        mask_map([p["mask"] for p, _ in pairs], [g["mask"] for _, g in pairs], num_classes) if segment else {}
+    )
     curves, per_class, best_per_class = [_curve_frame("all", overall_curve)], [], {}
     for c, name in enumerate(class_names):
         summary, curve = _summary(matches, matches.labels == c, int(matches.gt_counts[c]), conf_thresh)
@@ -289,11 +225,13 @@ def evaluate(
             best_threshold(CURVE_THRESHOLDS, curve[:, 2])[0] if has_optimum else best_thresh
         )
         coco_row = {"class": name, "AP50": coco["AP50"][c], "AP50_95": coco["AP50_95"][c]}
+        coco_row |= {f"mask_{k}": masks[f"mask_{k}"][c] for k in ("AP50", "AP50_95") if masks}
         per_class.append(coco_row | summary | {"best_thresh": best_per_class[name]})
     tp_ious = matches.ious[matches.is_tp & (matches.scores >= conf_thresh)]
     metrics = {
         "mAP_50": coco["mAP_50"],
         "mAP_50_95": coco["mAP_50_95"],
+        **{k: masks[k] for k in MASK_COLUMNS if masks},
         **{k: overall[k] for k in ("precision", "recall", "f1")},
         "iou": float(tp_ious.mean()) if tp_ious.size else 0.0,
         **{k: overall[k] for k in ("tp", "fp", "fn")},

@@ -14,6 +14,10 @@ image_id (int, stable index in its split), orig_size int64 tensor (w, h), letter
 maps network pixels back to the original image), path (str), mosaic (bool), mixup (bool). For training
 samples orig_size and letterbox describe the augmented picture (a mosaic canvas, a rotated image, a mixup
 blend); for val/test the original.
+model.task=segment adds masks bool (n, h, w) at the network input size and has_mask bool (n,) (False: a
+box-only object, allowed by train.allow_box_only); an augmented sample's boxes are its masks' boxes (objects
+whose mask vanished are dropped), an unaugmented one also carries polygons (its label polygons, normalised
+in the original image: evaluation's ground-truth masks). Detection datasets rasterise nothing.
 Geometry comes from src.common.network_input, the same as at inference; augmentations from src.dl.train.augment.
 """
 
@@ -34,9 +38,11 @@ from torch.utils.data import Dataset
 
 from src.common.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
 from src.common.config import label_names
-from src.common.draw import draw_detections, save_image_rgb
+from src.common.draw import draw_detections, draw_masks, save_image_rgb
+from src.common.errors import UserError
 from src.common.hardware import cpu_count
 from src.common.images import read_image_rgb
+from src.common.masks import polygons_has_mask, polygons_to_masks
 from src.common.network_input import (
     Letterbox,
     boxes_xyxy_to_network,
@@ -49,10 +55,21 @@ from src.dl.train.augment import (
     Sample,
     apply_augmentations,
     build_augmentations,
+    fit_boxes_to_masks,
+    letterbox_masks,
     make_mosaic,
     mix_up,
+    polygons_to_network,
 )
-from src.dl.train.cache import ImageCache, build_image_cache, cache_mode, check_cache_fits, from_original
+from src.dl.train.cache import (
+    ImageCache,
+    build_image_cache,
+    cache_mode,
+    check_cache_fits,
+    fit_image,
+    from_original,
+)
+from src.etl.labels import label_path_for, labels_dir
 from src.etl.splits import load_labels, read_split, split_csv_path
 
 MULTISCALE_STEPS = (-2, -1, 1, 2)  # multiscale batch sizes: img_size + k * 32 on both sides
@@ -65,6 +82,29 @@ def sample_seed(*parts: int | str) -> int:
     """A stable 32-bit seed from (seed, epoch, index, ...): the same augmentation for the same sample and
     epoch whatever the number of workers, and different workers never repeat each other."""
     return zlib.crc32(repr(parts).encode())
+
+
+def check_box_only(
+    image_paths: list[Path], polygons: list[list], data_path: Path, split: str, allow: bool
+) -> None:
+    """A segmentation run needs a polygon for every object: label files with box lines are refused (one
+    line naming them) unless train.allow_box_only, which trains those objects without mask loss."""
+    files = [
+        path for path, objects in zip(image_paths, polygons, strict=True) if any(p is None for p in objects)
+    ]
+    if not files:
+        return
+    folder = labels_dir(data_path)
+    names = [str(label_path_for(path, folder)) for path in files[:3]]
+    listed = ", ".join(names) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    if not allow:
+        raise UserError(
+            f"model.task=segment: {len(files)} {split} label file(s) have box-only objects (no polygon): "
+            f"{listed}; add polygons, or set train.allow_box_only=true to train them without mask loss"
+        )
+    logger.info(
+        f"{split}: {len(files)} label file(s) with box-only objects (no mask loss for them): {listed}"
+    )
 
 
 def mixup_window(epochs) -> tuple[int, float]:
@@ -99,6 +139,11 @@ class DetectionDataset(Dataset):
         self.boxes, self.class_ids, self.polygons = load_labels(
             image_paths, Path(cfg.data_path), len(self.label_names), float(cfg.check.clip_tolerance)
         )
+        self.segment = cfg.model.task == "segment"  # masks from the polygons; detection rasterises nothing
+        if self.segment:
+            check_box_only(
+                image_paths, self.polygons, Path(cfg.data_path), split, bool(cfg.train.allow_box_only)
+            )
 
         train_cfg = cfg.train
         self.transform = build_augmentations(train_cfg.augs) if self.train else None
@@ -167,17 +212,28 @@ class DetectionDataset(Dataset):
         image = read_image_rgb(self.image_paths[index])
         return image, (image.shape[1], image.shape[0])
 
-    def load_sample(self, index: int) -> Sample:
+    def load_sample(self, index: int, masks: bool = True) -> Sample:
         """Image + its boxes as xyxy pixels of that image + class ids (class 0 for every box with
-        use_one_class). Labels are normalised, so a cached (resized) image gets its boxes just as right."""
+        use_one_class). Labels are normalised, so a cached (resized) image gets its boxes just as right.
+
+        Segmentation (and `masks`): the image is first brought to its size inside the network input (what
+        train.cache holds), and its polygons are rasterised at that size: one mask per object never costs
+        more than the input size, whatever the photo's resolution."""
         image, _ = self.read_image(index)
+        if self.segment and masks:
+            image = fit_image(image, self.img_size, self.keep_ratio)  # no-op for a cached or small image
         height, width = image.shape[:2]
         boxes = cxcywh_to_xyxy(torch.from_numpy(self.boxes[index])).numpy()
         boxes = boxes * np.array([width, height, width, height], np.float32)
         labels = self.class_ids[index].copy()
         if self.use_one_class:
             labels[:] = 0
-        return image, boxes.astype(np.float32), labels
+        sample = Sample(image, boxes.astype(np.float32), labels)
+        if not (self.segment and masks):
+            return sample
+        polygons = self.polygons[index]
+        masks = polygons_to_masks(polygons, height, width).view(np.uint8)  # (N, H, W) 0/1
+        return sample._replace(masks=masks, has_mask=polygons_has_mask(polygons))
 
     def _training_sample(self, index: int, rng: np.random.Generator) -> tuple[Sample, bool]:
         if self.mosaic_enabled and rng.random() < self.mosaic_prob:
@@ -218,17 +274,17 @@ class DetectionDataset(Dataset):
         mosaic = mixup = False
         if self.augment:
             sample, mosaic = self._augmented_sample(index, sample_seed(self.seed, self.epoch, index))
-            (image, boxes, labels), mixup = self._maybe_mix_up(sample, index)
+            sample, mixup = self._maybe_mix_up(sample, index)
         else:
-            image, boxes, labels = self.load_sample(index)
-        height, width = image.shape[:2]
-        resized, meta = letterbox_or_resize(image, self.img_size, self.keep_ratio)
-        network_boxes = self._network_boxes(boxes, meta)
+            sample = self.load_sample(index, masks=False)  # masks drawn at the network input (_to_network)
+        height, width = sample.image.shape[:2]
+        resized, meta = letterbox_or_resize(sample.image, self.img_size, self.keep_ratio)
+        net = self._to_network(sample, meta, index)
         if self.cache is not None and not self.augment:  # val/test: report the original image, not the copy
             (width, height), meta = self.cache.sizes[index], from_original(meta, *self.cache.sizes[index])
         target = {
-            "labels": torch.from_numpy(np.asarray(labels, np.int64)),
-            "boxes": network_boxes,
+            "labels": torch.from_numpy(np.asarray(net.labels, np.int64)),
+            "boxes": self._normalised_boxes(net.boxes, meta),
             "image_id": index,
             "orig_size": torch.tensor([width, height], dtype=torch.int64),
             "letterbox": meta,
@@ -236,12 +292,31 @@ class DetectionDataset(Dataset):
             "mosaic": mosaic,
             "mixup": mixup,
         }
+        if self.segment:
+            target["masks"] = torch.from_numpy(net.masks.astype(bool))  # (n, net_h, net_w)
+            target["has_mask"] = torch.from_numpy(np.asarray(net.has_mask, bool))
+            if not self.augment:  # the label polygons: evaluation's ground truth at the original size
+                target["polygons"] = self.polygons[index]
         return image_to_tensor(resized), target
 
+    def _to_network(self, sample: Sample, meta: Letterbox, index: int) -> Sample:
+        """Boxes (xyxy pixels) and masks of the (augmented) image -> the network input's pixels. Augmented
+        samples: masks letterboxed, boxes from the masks, objects whose mask vanished dropped. Plain samples:
+        the label polygons rasterised straight at the network input (exact; nothing at the original size)."""
+        boxes = boxes_xyxy_to_network(np.asarray(sample.boxes, np.float32).reshape(-1, 4), meta)
+        net = sample._replace(boxes=boxes)
+        if not self.segment:
+            return net
+        if sample.masks is not None:
+            return fit_boxes_to_masks(net._replace(masks=letterbox_masks(sample.masks, meta)))
+        polygons = self.polygons[index]
+        masks = polygons_to_masks(polygons_to_network(polygons, meta), meta.net_h, meta.net_w).view(np.uint8)
+        return net._replace(masks=masks, has_mask=polygons_has_mask(polygons))
+
     @staticmethod
-    def _network_boxes(boxes_xyxy: np.ndarray, meta: Letterbox) -> torch.Tensor:
-        """xyxy pixels of the (augmented) image -> normalised cxcywh in the network input (N, 4)."""
-        net = torch.from_numpy(boxes_xyxy_to_network(np.asarray(boxes_xyxy, np.float32).reshape(-1, 4), meta))
+    def _normalised_boxes(boxes_xyxy: np.ndarray, meta: Letterbox) -> torch.Tensor:
+        """xyxy network pixels -> normalised cxcywh in the network input (N, 4)."""
+        net = torch.from_numpy(np.asarray(boxes_xyxy, np.float32).reshape(-1, 4))
         net = net / torch.tensor([meta.net_w, meta.net_h, meta.net_w, meta.net_h], dtype=torch.float32)
         return xyxy_to_cxcywh(net.clamp(0.0, 1.0)).float()
 
@@ -345,8 +420,10 @@ def tensor_to_image(image: torch.Tensor) -> np.ndarray:
 
 
 def draw_sample(image: torch.Tensor, target: dict, class_names: list[str]) -> np.ndarray:
-    """A processed sample as the network sees it, with its target boxes."""
+    """A processed sample as the network sees it, with its target masks (segmentation) and boxes."""
     picture = tensor_to_image(image)
+    if "masks" in target:
+        picture = draw_masks(picture, target["masks"], target["labels"])
     height, width = picture.shape[:2]
     boxes = cxcywh_to_xyxy(target["boxes"]) * torch.tensor([width, height, width, height])
     return draw_detections(picture, boxes, target["labels"], None, class_names)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
+from src.common.errors import ConfigError
 from src.common.experiment import Experiment
 from src.common.io import atomic_write_csv, atomic_write_json
 from src.d_fine.spec import ModelSpec
@@ -175,7 +176,7 @@ class Evaluator:
         return float(sum(float(metrics[n]) for n in names))
 
     def describe(self, metrics: dict) -> str:
-        shown = dict.fromkeys([*self.tc.decision_metrics, "mAP_50_95", "precision", "recall"])
+        shown = dict.fromkeys([*self.tc.decision_metrics, "mAP_50_95", "mask_mAP_50", "precision", "recall"])
         return ", ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics)
 
     # ------------------------------------------------------------------ after training
@@ -211,3 +212,15 @@ class Evaluator:
             f"thresholds (picked on val): global {thresholds['conf_thresh']:.2f} -> {self.exp.file('thresholds')}"
         )
         return thresholds, {split: {k: float(v) for k, v in r.metrics.items()} for split, r in done.items()}
+
+
+def check_decision_metrics(names: list[str], task: str) -> None:
+    """train.decision_metrics may name mask mAP only for a segmentation model (a detector has none)."""
+    from src.metrics.masks import MASK_COLUMNS
+
+    masks = [name for name in names if name in MASK_COLUMNS]
+    if masks and task != "segment":
+        raise ConfigError(
+            f"train.decision_metrics {masks} need a segmentation model (model.task=segment); model.task={task} "
+            "has no masks: choose from mAP_50, mAP_50_95, precision, recall, f1, ..."
+        )

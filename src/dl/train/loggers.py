@@ -18,7 +18,7 @@ from src.common.experiment import Experiment
 from src.dl.train.core import TrainState
 from src.dl.train.trainer_utils import plot_curves, write_history
 
-CURVE_METRICS = ("mAP_50", "mAP_50_95", "precision", "recall", "f1")
+CURVE_METRICS = ("mAP_50", "mAP_50_95", "mask_mAP_50", "mask_mAP_50_95", "precision", "recall", "f1")
 
 
 class Callback:

@@ -30,7 +30,7 @@ from src.d_fine.spec import ModelSpec
 from src.dl.train.core import TrainState
 from src.dl.train.ema import ModelEMA, unwrap_model
 from src.dl.train.epoch import EpochLoop
-from src.dl.train.evaluation import Evaluator
+from src.dl.train.evaluation import Evaluator, check_decision_metrics
 from src.dl.train.loggers import Callback, HistoryLogger, WandbLogger
 from src.dl.train.optim import backbone_parameters, build_lr_scheduler, build_optimizer, group_lrs, train_lrs
 from src.dl.train.trainer_utils import (
@@ -67,11 +67,7 @@ class Trainer(EpochLoop):
         self.tc = cfg.train
         self.exp = Experiment.of(cfg)
         self.spec = ModelSpec.from_config(cfg)  # arch overrides of a checkpoint follow in _build_model
-        if self.spec.task == "segment":  # issue 14: the model side exists; labels -> masks do not yet
-            raise UserError(
-                "model.task=segment: the model can segment, but the training data cannot yet give it masks "
-                "(polygon labels are not read; issue 14). Use model.task=detect"
-            )
+        check_decision_metrics(list(self.tc.decision_metrics), self.spec.task)  # mask mAP: segment only
         self.batch_size = int(self.tc.batch_size)
         self.accumulation = max(int(self.tc.accumulation_steps), 1)
         self.precision = setup_speed(self.tc, self.device, ctx.world_size)  # threads + train.amp by hardware

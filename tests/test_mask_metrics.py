@@ -124,6 +124,9 @@ def test_mask_iou_pairs_masks_by_index():
     a[0, :5], b[0, :, :5] = True, True  # 25 / 75
     a[1, 2:4, 2:4], b[1, 2:4, 2:4] = True, True  # identical
     assert mask_iou(a, b).tolist() == pytest.approx([1 / 3, 1.0, 1.0])  # third pair: both empty
+    # no pairs at all (an image where no detection pairs up in export parity): empty, not an error
+    assert mask_iou(np.zeros((0,)), np.zeros((0,))).shape == (0,)
+    assert mask_iou(np.zeros((0, 10, 10), bool), np.zeros((0, 10, 10), bool)).shape == (0,)
 
 
 @pytest.mark.parametrize("keep_ratio", [True, False])

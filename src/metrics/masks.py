@@ -73,8 +73,10 @@ def _numpy(values) -> np.ndarray:
 def mask_iou(masks_a, masks_b) -> np.ndarray:
     """IoU of each mask in masks_a (N, H, W) with the one at the same index in masks_b (N, H, W): (N,)
     float64; two empty masks count as IoU 1 (they agree). For export parity and error analysis."""
-    a = _numpy(masks_a).astype(bool).reshape(len(masks_a), -1)
-    b = _numpy(masks_b).astype(bool).reshape(len(masks_b), -1)
+    a, b = _numpy(masks_a).astype(bool), _numpy(masks_b).astype(bool)
+    if len(a) == 0 and len(b) == 0:  # no pairs (reshape(0, -1) cannot infer the pixel count)
+        return np.zeros(0, np.float64)
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
     if a.shape != b.shape:
         raise ValueError(f"mask_iou needs masks of one shape, got {a.shape} and {b.shape}")
     union = (a | b).sum(1)

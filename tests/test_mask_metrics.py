@@ -186,12 +186,11 @@ def test_validation_records_score_perfect_network_masks_as_perfect(keep_ratio, t
 
 
 def test_masks_in_boxes_equal_masks_to_original():
-    """Validation's box-cropped resampling gives masks_to_original(..., boxes_xyxy=...)'s pixels (float32
+    """The (H, W, K) layout of the box-cropped resampling (validation's RLEs) gives masks_to_original(..., boxes_xyxy=...)'s pixels (float32
     rounding of the sampling grid may flip a pixel sitting exactly on the 0.5 boundary)."""
     import torch
 
-    from src.common.network_input import letterbox_or_resize, masks_to_original
-    from src.metrics.masks import masks_in_boxes
+    from src.common.network_input import letterbox_or_resize, masks_in_boxes, masks_to_original
 
     for (height, width), keep_ratio in (((120, 150), True), ((61, 97), False)):
         _, meta = letterbox_or_resize(np.zeros((height, width, 3), np.uint8), (64, 96), keep_ratio)
@@ -199,6 +198,6 @@ def test_masks_in_boxes_equal_masks_to_original():
         corners = np.random.default_rng(0).uniform(-5, 1.1, (12, 4)) * np.array([width, height] * 2)
         boxes = np.concatenate([corners[:, :2].clip(0), np.maximum(corners[:, :2], corners[:, 2:])], 1)
         expected = masks_to_original(logits, meta, boxes_xyxy=boxes).numpy().transpose(1, 2, 0)
-        ours = masks_in_boxes(logits, boxes, meta)
+        ours = masks_in_boxes(logits, meta, boxes, hwk=True)  # the layout RLE encoding reads
         assert ours.flags.f_contiguous and ours.shape == expected.shape and expected.any()
         assert (ours.astype(bool) != expected).sum() <= max(1, expected.size // 10_000)

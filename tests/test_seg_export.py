@@ -181,8 +181,7 @@ def test_precision_rule_requires_mask_iou():
 def test_masks_in_boxes_equals_whole_image_resampling(keep_ratio):
     """The Detector resamples each mask only inside its box: the same masks as masks_to_original over the
     whole image with the boxes clearing the rest (letterbox and plain resize; boxes partly outside, empty)."""
-    from src.common.network_input import letterbox_or_resize, masks_to_original
-    from src.runtime.detector import masks_in_boxes
+    from src.common.network_input import letterbox_or_resize, masks_in_boxes, masks_to_original
 
     rng = np.random.default_rng(0)
     _, letterbox = letterbox_or_resize(np.zeros((70, 130, 3), np.uint8), (96, 96), keep_ratio)

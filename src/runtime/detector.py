@@ -9,17 +9,16 @@ of the top-K queries) becomes, for the kept detections only, bool masks of the o
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from src.common.images import read_image_rgb
-from src.common.network_input import Letterbox, boxes_to_original, masks_to_original, preprocess_images
+from src.common.network_input import Letterbox, boxes_to_original, masks_in_boxes, preprocess_images
 from src.runtime.backend import Outputs
 from src.runtime.meta import ModelMeta
 
@@ -223,30 +222,6 @@ class Detector:
         dummy = np.full((h, w, 3), 114, np.uint8)
         for _ in range(runs):
             self.predict([dummy] * batch)
-
-
-def masks_in_boxes(mask_logits: np.ndarray, letterbox: Letterbox, boxes: np.ndarray) -> np.ndarray:
-    """Mask logits (K, h, w) of K detections + their boxes (K, 4) xyxy in original pixels -> (K, orig_h,
-    orig_w) bool: masks_to_original(mask_logits, letterbox, boxes_xyxy=boxes), resampled only inside each
-    box (outside it the mask is cleared anyway). The cost follows the boxes' area instead of K whole images:
-    10 masks of an 800x600 image took 216 ms on 2 CPU cores as whole images."""
-    height, width = letterbox.orig_h, letterbox.orig_w
-    masks = np.zeros((len(boxes), height, width), bool)
-    for k, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, np.float64).reshape(-1, 4)):
-        # the pixels whose centre (i + 0.5) lies in the box, as masks_to_original's box test keeps them
-        col0, row0 = max(0, math.ceil(x0 - 0.5)), max(0, math.ceil(y0 - 0.5))
-        col1, row1 = min(width, math.floor(x1 - 0.5) + 1), min(height, math.floor(y1 - 0.5) + 1)
-        if col1 <= col0 or row1 <= row0:
-            continue
-        crop = replace(  # the same network geometry seen from the crop's top-left pixel
-            letterbox,
-            pad_x=letterbox.pad_x + col0 * letterbox.scale_x,
-            pad_y=letterbox.pad_y + row0 * letterbox.scale_y,
-            orig_w=col1 - col0,
-            orig_h=row1 - row0,
-        )
-        masks[k, row0:row1, col0:col1] = masks_to_original(mask_logits[k : k + 1], crop)[0].cpu().numpy()
-    return masks
 
 
 def _as_image_list(images: ImageLike | Sequence[ImageLike], bgr: bool) -> tuple[bool, list[np.ndarray]]:

@@ -157,7 +157,7 @@ class Detector:
         results: list[Detections] = []
         for chunk in iter_chunks(images_rgb, batch_size or self.max_batch):
             outputs, letterboxes = self.raw(chunk)
-            results += [self._select(outputs, i, lb, thresholds) for i, lb in enumerate(letterboxes)]
+            results += [self.select(outputs, i, lb, thresholds) for i, lb in enumerate(letterboxes)]
         return results
 
     def raw(self, images_rgb: Sequence[np.ndarray]) -> tuple[Outputs, list[Letterbox]]:
@@ -183,9 +183,12 @@ class Detector:
             )
         return tuple(values[:count] for values in outputs)
 
-    def _select(
+    def select(
         self, outputs: Outputs, index: int, letterbox: Letterbox, thresholds: np.ndarray
     ) -> Detections:
+        """Image `index` of a batch's raw outputs (from `raw`) -> its Detections: the detections at or above
+        their class's threshold (`thresholds` (num_classes,)), by score, in original pixels; a segmentation
+        model's masks only for those (original size)."""
         labels, boxes, scores, *mask_logits = (np.asarray(o[index]) for o in outputs)  # masks: (K, h, w)
         labels = labels.astype(np.int64)
         valid = (labels >= 0) & (labels < len(thresholds))

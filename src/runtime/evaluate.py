@@ -222,13 +222,13 @@ def predict_for_evaluation(
     detector.synchronize()
     start = time.perf_counter()
     outputs, (letterbox,) = detector.raw([image])
-    detector._select(outputs, 0, letterbox, detector.thresholds())  # the deployed post-processing
+    detector.select(outputs, 0, letterbox, detector.thresholds())  # the deployed post-processing
     detector.synchronize()
     ms = (time.perf_counter() - start) * 1000.0
-    dets = detector._select(outputs[:3], 0, letterbox, detector.thresholds(min_conf))  # boxes: no masks made
+    dets = detector.select(outputs[:3], 0, letterbox, detector.thresholds(min_conf))  # boxes: no masks made
     best = np.argsort(-np.asarray(outputs[2][0]), kind="stable")[:MAX_MASKS]  # as _select orders them
     top_conf = detector.thresholds(max(float(min_conf), MIN_MASK_SCORE))
-    top = detector._select(tuple(o[:, best] for o in outputs), 0, letterbox, top_conf)  # dets[:len(top)]
+    top = detector.select(tuple(o[:, best] for o in outputs), 0, letterbox, top_conf)  # dets[:len(top)]
     empty = encode_masks(np.zeros((1, *dets.image_size), bool)) * (len(dets) - len(top))
     return dets, encode_masks(top.masks) + empty, ms
 

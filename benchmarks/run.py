@@ -2,9 +2,11 @@
 data quality, tracking).
 
     python -m benchmarks.run                 # all of them
-    python -m benchmarks.run model train     # a subset (model | train | loader | backends | data | tracking | seg | seg_targets)
+    python -m benchmarks.run model train     # a subset (model | train | loader | val | backends | data | tracking |
+                                             #           seg | seg_export | seg_targets)
 Each part also runs alone with its own flags:
-python -m benchmarks.<model_speed|train_speed|loader_speed|backend_speed|near_duplicates|tracking|seg_step|seg_targets> -h
+python -m benchmarks.<model_speed|train_speed|loader_speed|val_cost|backend_speed|near_duplicates|tracking|seg_step|
+seg_export|seg_targets> -h
 """
 
 import sys
@@ -18,10 +20,18 @@ PARTS = {
         "benchmarks.train_speed",
     ),
     "loader": ("Data loader alone, with and without train.cache (mosaic on)", "benchmarks.loader_speed"),
+    "val": (
+        "Validation's share of training on the demo data (train.eval_every, negatives)",
+        "benchmarks.val_cost",
+    ),
     "backends": ("Per-backend latency, n and s at 640 on CPU", "benchmarks.backend_speed"),
     "data": ("Near-duplicates on planted copies; the doctor's speed", "benchmarks.near_duplicates"),
     "tracking": ("Tracking alone on a synthetic video of crossing shapes (ByteTrack)", "benchmarks.tracking"),
     "seg": ("Segmentation vs detection training step (D-FINE-n, 256 px, batch 4)", "benchmarks.seg_step"),
+    "seg_export": (
+        "Segmentation vs detection exports: fp32 ONNX/OpenVINO latency, mask IoU vs torch (D-FINE-n, 640)",
+        "benchmarks.seg_export",
+    ),
     "seg_targets": (
         "Segmentation vs detection trained with the make demo recipe on polygon demo data (issue 14 targets)",
         "benchmarks.seg_targets",

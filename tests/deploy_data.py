@@ -62,22 +62,26 @@ def make_data(cfg) -> Path:
     return Path(cfg.data_path)
 
 
-def tiny_model(cfg, num_classes: int = len(CLASS_NAMES)):
+def tiny_model(cfg, num_classes: int = len(CLASS_NAMES), task: str = "detect"):
+    """task="segment": with the mask branch (deterministic weights too)."""
     from src.d_fine import build_model
 
-    model = build_model("n", num_classes, img_size=tuple(cfg.model.img_size), num_queries=NUM_QUERIES)
+    model = build_model(
+        "n", num_classes, img_size=tuple(cfg.model.img_size), num_queries=NUM_QUERIES, task=task
+    )
     skip = {k for k in model.state_dict() if k.endswith(("anchors", "valid_mask"))}
     model.load_state_dict(deterministic_state_dict(model.state_dict(), skip=skip))
     return model.eval()
 
 
-def make_checkpoint(cfg, thresholds: dict | None = None) -> Path:
+def make_checkpoint(cfg, thresholds: dict | None = None, task: str = "detect") -> Path:
     """output/<exp>/best.pt (+ thresholds.json, config.yaml) as the trainer writes them: the classes of
-    cfg.label_to_name, or the one class "object" with model.use_one_class=true."""
+    cfg.label_to_name, or the one class "object" with model.use_one_class=true; task="segment": a
+    segmentation model (mask branch, "task" in its meta)."""
     from src.common.config import label_names
 
     class_names = ["object"] if cfg.model.use_one_class else label_names(cfg)
-    model = tiny_model(cfg, len(class_names))
+    model = tiny_model(cfg, len(class_names), task)
     default_per_class = {"square": 0.4} if "square" in class_names else {}
     thresholds = thresholds or {"conf_thresh": 0.3, "f1": 0.0, "per_class": default_per_class}
     meta = {
@@ -88,6 +92,7 @@ def make_checkpoint(cfg, thresholds: dict | None = None) -> Path:
         "img_size": [IMG_SIZE, IMG_SIZE],
         "keep_ratio": bool(cfg.model.keep_ratio),
         "num_queries": NUM_QUERIES,
+        "task": task,
         "thresholds": thresholds,
         "metrics": {},
         "epoch": 0,

@@ -1,17 +1,14 @@
 """The Gradio demo: its prediction helpers on a real (tiny, untrained) D-FINE, then the page itself in a
-headless Chromium (Debian's /usr/bin/chromium driven by Playwright; skipped when it is not installed).
-
-Screenshots for the README: `DEMO_SCREENSHOTS=1 pytest tests/test_demo_app.py -k browser` writes
-assets/demo_ui.png and assets/demo_ui_result.png; with `DEMO_SCREENSHOT_MODEL=output/demo/best.pt` (any
-artifact) they show that trained model on the demo data instead of the random tiny one.
+headless Chromium (Debian's /usr/bin/chromium driven by Playwright, src/demo/screenshots.py's DemoPage;
+skipped when it is not installed). The README's pictures: `python -m src.demo.screenshots`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -20,6 +17,7 @@ import pytest
 import torch
 
 from src.common.config import ROOT, load_config
+from src.common.images import read_image_rgb
 from src.common.io import atomic_torch_save, atomic_write_json
 from src.demo.app import (
     TABLE_COLUMNS,
@@ -28,6 +26,7 @@ from src.demo.app import (
     VideoReadError,
     class_thresholds,
     default_model,
+    describe_model,
     find_models,
     model_choices,
     predict_images,
@@ -35,6 +34,7 @@ from src.demo.app import (
     slider_conf,
     status_text,
 )
+from src.demo.screenshots import CHROMIUM, free_port, served_page
 from src.etl.make_demo_data import make_scene
 from src.runtime import load_model
 
@@ -42,17 +42,6 @@ CLASSES = ["circle", "square", "triangle", "star"]
 IMG_SIZE = 64  # D-FINE-n has strides 16 and 32: (64/16)^2 + (64/32)^2 = 20 anchors >= the queries
 NUM_QUERIES = 20
 SHOWN_BOXES = 5  # the tiny model's default threshold is set so that about this many boxes show
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
@@ -99,6 +88,20 @@ def tiny(tmp_path_factory) -> dict:
     default = float(scores[SHOWN_BOXES - 1]) - 1e-6
     atomic_write_json(checkpoint.with_name("thresholds.json"), {"conf_thresh": default})
     return {"root": root, "checkpoint": checkpoint, "image": image, "default_conf": default}
+
+
+@pytest.fixture(scope="module")
+def tiny_segment(tmp_path_factory) -> dict:
+    """output/tiny/best.pt of a segmentation model (D-FINE-n + mask branch, the deterministic weights of
+    tests/deploy_data.py: every query scores above the default threshold and has a mask) and a PNG scene
+    (lossless: the test compares the page's picture pixel by pixel)."""
+    from tests.deploy_data import deploy_config, make_checkpoint
+
+    root = tmp_path_factory.mktemp("demo_seg")
+    cfg = deploy_config(root, "model.task=segment", "demo_ui.num_examples=1")
+    checkpoint = make_checkpoint(cfg, task="segment")
+    image = scene(root / "inputs" / "shapes.png", seed=5, height=120, width=160)
+    return {"root": root, "cfg": cfg, "checkpoint": checkpoint, "image": image}
 
 
 def demo_cfg(root: Path, *overrides: str):
@@ -222,13 +225,51 @@ def test_detect_handler_reports_problems_instead_of_raising(tiny, tmp_path):
     assert len(results.gallery) == 1 and results.video is not None
     assert len(results.problems) == 1 and results.problems[0].startswith("broken.mp4: ")
     assert len(results.table) == NUM_QUERIES * 3  # the image + 2 frames (demo_ui.max_video_frames)
-    assert list(results.table.columns) == TABLE_COLUMNS
+    assert list(results.table.columns) == [c for c in TABLE_COLUMNS if c != "track_id"]  # no tracking asked
     assert list(results.table["frame"].unique()) == ["", "0", "1"]
     text = status_text(results)
     assert "2 file(s) processed" in text and "broken.mp4" in text and "first 2 frames" in text
 
     with pytest.raises(FileNotFoundError):  # the page turns this into a message (on_detect)
         app.detect(str(tmp_path / "missing.pt"), [str(tiny["image"])], None, None)
+
+    tracked = app.detect(choice, [str(tiny["image"]), str(clip)], 0.0, CLASSES, track=True)
+    assert list(tracked.table.columns) == TABLE_COLUMNS  # images + tracked frames in one table
+    assert set(tracked.table.loc[tracked.table["frame"] == "", "track_id"]) == {""}  # images: no track
+    assert "track(s)" in status_text(tracked)
+    assert {Path(p).name for p in tracked.downloads} >= {"clip.txt", "clip.csv"}
+
+
+def test_predict_video_tracks_objects(tiny, tmp_path):
+    """Tracking (dl.infer's ByteTrack): ids in the table, the json and the MOT/CSV files; the frames show
+    "#id" tags; hidden classes are neither tracked nor shown."""
+    from src.runtime.tracking import TrackerSettings
+
+    detector = load_model(tiny["checkpoint"], device="cpu")
+    settings = TrackerSettings.from_config(load_config([]).infer.tracker)
+    clip = write_clip(tmp_path / "clip.mp4", frames=4)
+    plain = predict_video(detector, clip, 0.0, None, tmp_path / "plain")
+    tracked = predict_video(detector, clip, 0.0, None, tmp_path / "tracked", tracker=settings)
+
+    mp4, predictions, labels_zip, mot, tracks_csv = (Path(p) for p in tracked.downloads)
+    assert (mot.name, tracks_csv.name) == ("clip.txt", "clip.csv") and "track_id" not in plain.table
+    ids = tracked.table["track_id"]
+    assert len(tracked.table) == len(plain.table) == 4 * NUM_QUERIES  # conf 0: every query, every frame
+    assert (ids[tracked.table["frame"] == "0"] != "").all()  # first frame: ids at once (ByteTrack)
+    frames = json.loads(predictions.read_text())["frames"]
+    assert [len(f["track_ids"]) for f in frames] == [NUM_QUERIES] * 4
+    assert sorted(i for f in frames for i in f["track_ids"] if i) == sorted(int(i) for i in ids if i)
+    assert len(mot.read_text().splitlines()) == sum(1 for i in ids if i)  # one MOT line per tracked box
+    assert tracked.notes and "track(s)" in tracked.notes[-1]
+    first = [cv2.VideoCapture(str(Path(r.downloads[0]))).read()[1] for r in (plain, tracked)]
+    assert np.abs(first[0].astype(int) - first[1]).max() > 0  # "#id" tags, a colour per track
+
+    circles = predict_video(
+        detector, clip, 0.0, ["circle"], tmp_path / "circles", tracker=settings
+    )  # only one class asked for: the other classes never reach the tracker
+    assert set(circles.table["class_name"]) <= {"circle"}
+    track_rows = Path(circles.downloads[-1]).read_text().splitlines()[1:]
+    assert all(row.split(",")[4] == "0" for row in track_rows)  # det_class_id: circle only
 
 
 def test_build_app_settings(tiny):
@@ -249,112 +290,135 @@ def test_build_app_settings(tiny):
     assert "cannot load" in info.value and "nowhere/model.onnx" in info.value  # the page still opens
 
 
+def test_segment_model_masks_on_images_and_videos(tiny_segment, tmp_path):
+    """A segmentation model: masks drawn under the boxes (images, video frames, tracked frames), polygons
+    in the labels and predictions.json."""
+    from src.demo.video import FrameDetector
+    from src.dl.infer import draw
+    from src.runtime.tracking import TrackerSettings
+
+    detector = load_model(tiny_segment["checkpoint"], device="cpu")
+    image = read_image_rgb(tiny_segment["image"])
+    dets = detector.predict([image])[0]
+    assert dets.masks is not None and dets.masks.any(axis=(1, 2)).all()  # the fixture's premise
+
+    results = predict_images(detector, [tiny_segment["image"]], None, None, tmp_path / "images")
+    shown = read_image_rgb(results.gallery[0][0])
+    assert "with masks" in results.gallery[0][1]
+    assert np.array_equal(shown, draw(image, dets, detector.class_names))  # PNG: exact
+    boxes_only = draw(image, replace(dets, masks=None), detector.class_names)
+    assert (shown != boxes_only).any(-1)[dets.masks.any(0)].any()  # mask pixels tinted (the boxes cover many)
+    labels = (tmp_path / "images" / "labels" / "shapes.txt").read_text().splitlines()
+    assert any(len(line.split()) > 5 for line in labels)  # YOLO-seg polygon lines
+    assert "polygons" in json.loads((tmp_path / "images" / "predictions.json").read_text())["images"][0]
+    assert "instance masks" in describe_model(detector)
+
+    settings = TrackerSettings.from_config(load_config([]).infer.tracker)
+    thresholds = class_thresholds(detector)
+    for tracker in (None, settings):
+        frame = FrameDetector(detector, thresholds, tracker, tmp_path / "tracks" / "clip")(0, image)
+        if tracker is not None:
+            assert (frame.track_ids >= 1).all()  # first frame: every confident detection gets an id
+        plain = draw(image, replace(dets, masks=None), detector.class_names)
+        assert (frame.picture != plain).any(-1)[dets.masks.any(0)].any()  # masks under the boxes
+
+    clip = write_clip(tmp_path / "clip.mp4", frames=2)
+    video = predict_video(detector, clip, None, None, tmp_path / "video", tracker=settings)
+    frames = json.loads(Path(video.downloads[1]).read_text())["frames"]
+    assert all("polygons" in f and f["track_ids"] for f in frames)
+
+
 # ---------------------------------------------------------------- the page in a real browser
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def screenshot_setup(tiny) -> tuple[list[str], list[Path]]:
-    """(config overrides, images to upload): the tiny model, or DEMO_SCREENSHOT_MODEL on the demo data."""
-    model = os.environ.get("DEMO_SCREENSHOT_MODEL")
-    if not model:
-        return [], [tiny["image"]]
-    demo_images = sorted((ROOT / "data" / "demo" / "images").glob("*.jpg"))
-    return [f"demo_ui.model_path={Path(model).resolve()}"], demo_images[:2] or [tiny["image"]]
+def browser_or_skip():
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not installed (make browser: Debian's chromium)")
+    pytest.importorskip("playwright.sync_api")
 
 
 @pytest.mark.slow
 def test_browser_end_to_end(tiny, tmp_path):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium; `make test` does it)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    browser_or_skip()
     import httpx
 
-    from src.demo.app import build_app, launch_app
-
-    overrides, uploads = screenshot_setup(tiny)
-    cfg = demo_cfg(tiny["root"], "demo_ui.max_file_size=2mb", *overrides)
-    demo = build_app(cfg)
-    url = launch_app(demo, cfg, block=False, port=free_port())
-    shots = ROOT / "assets" if (os.environ.get("DEMO_SCREENSHOTS") or overrides) else tmp_path
+    cfg = demo_cfg(tiny["root"], "demo_ui.max_file_size=2mb")
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff this is not really a jpeg")
     clip = write_clip(tmp_path / "clip.mp4", frames=5)
     contacted = []  # requests that left for another host (a CSP-blocked one never leaves the browser)
-    try:
+    with served_page(cfg) as demo:
+        page, url = demo.page, demo.url
         assert url.startswith("http://127.0.0.1:")
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1360, "height": 900})
-            page.set_default_timeout(60_000)
-            outside = lambda request: not request.url.startswith((url, "data:", "blob:"))  # noqa: E731
-            page.on("requestfinished", lambda r: contacted.append(r.url) if outside(r) else None)
-            page.on(
-                "requestfailed",
-                lambda r: contacted.append(r.url) if outside(r) and r.failure != "csp" else None,
-            )
-            page.goto(url)
-            page.wait_for_selector("#detect")
-            if not overrides:  # the slider starts at the model's own threshold (thresholds.json)
-                shown = float(page.locator("#conf input[type=number]").input_value())
-                assert shown == pytest.approx(round(tiny["default_conf"], 2))
-            assert "torch" in page.locator("#model-info").inner_text()
+        outside = lambda request: not request.url.startswith((url, "data:", "blob:"))  # noqa: E731
+        page.on("requestfinished", lambda r: contacted.append(r.url) if outside(r) else None)
+        page.on(
+            "requestfailed", lambda r: contacted.append(r.url) if outside(r) and r.failure != "csp" else None
+        )
+        page.reload()  # the listeners see the page's own loading too
+        page.wait_for_selector("#detect")
+        # the slider starts at the model's own threshold (thresholds.json)
+        shown = float(page.locator("#conf input[type=number]").input_value())
+        assert shown == pytest.approx(round(tiny["default_conf"], 2))
+        assert "torch" in page.locator("#model-info").inner_text()
+        assert not page.locator("#track input[type=checkbox]").is_checked()  # demo_ui.track: false
 
-            def wait_for_text(selector: str, text: str) -> None:
-                page.wait_for_function(
-                    "([selector, text]) => document.querySelector(selector).innerText.includes(text)",
-                    arg=[selector, text],
-                )
+        status = demo.detect([tiny["image"]], "detection(s)")
+        assert "1 file(s) processed" in status
+        page.locator("#gallery img").first.wait_for()
+        assert f"{SHOWN_BOXES} detection(s)" in status  # the model's default threshold: the best boxes
+        rows = page.locator("#table tbody tr").filter(has_text="scene.jpg")
+        assert rows.count() >= SHOWN_BOXES  # Gradio's virtual table may render one extra row
+        demo.wait_for_text("#downloads", "predictions")
+        assert ".json" in page.locator("#downloads").inner_text()
 
-            def detect(files: list[Path], expect: str) -> str:
-                clear = page.locator("#upload button[aria-label='Clear']")
-                if clear.count():
-                    clear.first.click()
-                page.locator("#upload input[type=file]").set_input_files([str(f) for f in files])
-                for file in files:  # uploaded: the file list shows its name
-                    wait_for_text("#upload", file.stem)
-                page.click("#detect")
-                page.wait_for_function(
-                    "text => document.querySelector('#status textarea').value.includes(text)", arg=expect
-                )
-                return page.locator("#status textarea").input_value()
+        status = demo.detect([broken], "broken.jpg")  # a message in the page, and the app keeps working
+        assert "cannot read image broken.jpg" in status and "processed" not in status  # only that file
+        page.locator(".toast-body").first.wait_for()
 
-            page.screenshot(path=str(shots / "demo_ui.png"))
-            status = detect(uploads, "detection(s)")
-            assert f"{len(uploads)} file(s) processed" in status
-            page.locator("#gallery img").first.wait_for()
-            if not overrides:  # the model's default threshold shows the SHOWN_BOXES best boxes
-                assert f"{SHOWN_BOXES} detection(s)" in status
-                rows = page.locator("#table tbody tr").filter(has_text="scene.jpg")
-                assert rows.count() >= SHOWN_BOXES  # Gradio's virtual table may render one extra row
-            wait_for_text("#downloads", "predictions")
-            assert ".json" in page.locator("#downloads").inner_text()
-            page.wait_for_function(
-                "() => [...document.querySelectorAll('#gallery img')].every(i => i.complete)"
-            )
-            page.wait_for_timeout(1000)  # let the gallery's layout settle before the picture
-            page.screenshot(path=str(shots / "demo_ui_result.png"), full_page=True)
+        demo.detect([clip], "detection(s)")
+        video = page.locator("#video video")
+        video.wait_for()
+        page.wait_for_function("() => document.querySelector('#video video').readyState >= 1")
+        assert page.evaluate("() => document.querySelector('#video video').duration") > 0  # webm plays
+        assert "track_id" not in page.locator("#table").inner_text()
 
-            status = detect([broken], "broken.jpg")  # a message in the page, and the app keeps working
-            assert "cannot read image broken.jpg" in status and "processed" not in status  # only that file
-            page.locator(".toast-body").first.wait_for()
-
-            detect([clip], "detection(s)")
-            video = page.locator("#video video")
-            video.wait_for()
-            page.wait_for_function("() => document.querySelector('#video video').readyState >= 1")
-            assert page.evaluate("() => document.querySelector('#video video').duration") > 0  # webm plays
-            browser.close()
+        demo.set_conf(0.0)  # every query shows: the clip's objects get tracks
+        demo.set_tracking(True)
+        status = demo.detect([clip], "track(s)")
+        assert "clip.mp4: 0 track(s)" not in status
+        demo.wait_for_text("#table", "track_id")
+        demo.wait_for_text("#downloads", ".csv")  # the track files (MOT txt + CSV) to download
 
         too_big = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.jpg", b"\0" * 3_000_000)})
         assert too_big.status_code == 413  # demo_ui.max_file_size
-    finally:
-        demo.close()
     assert contacted == []  # the page talks to 127.0.0.1 only
+
+
+@pytest.mark.slow
+def test_browser_shows_masks(tiny_segment):
+    """The page shows a segmentation model's masks: the picture in the gallery is the masked drawing."""
+    browser_or_skip()
+    import httpx
+
+    from src.dl.infer import draw
+
+    detector = load_model(tiny_segment["checkpoint"], device="cpu")
+    image = read_image_rgb(tiny_segment["image"])
+    dets = detector.predict([image])[0]
+    with served_page(tiny_segment["cfg"]) as demo:
+        assert "instance masks" in demo.page.locator("#model-info").inner_text()
+        status = demo.detect([tiny_segment["image"]], "detection(s)")
+        assert f"{len(dets)} detection(s)" in status
+        demo.wait_for_text("#gallery", "with masks")
+        demo.settle_gallery()
+        source = demo.page.locator("#gallery img").first.get_attribute("src")
+        picture = httpx.get(source if source.startswith("http") else demo.url + source.lstrip("/"))
+    shown = cv2.cvtColor(
+        cv2.imdecode(np.frombuffer(picture.content, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
+    )
+    assert np.array_equal(shown, draw(image, dets, detector.class_names))  # masks, then boxes
+    assert not np.array_equal(shown, draw(image, replace(dets, masks=None), detector.class_names))
 
 
 # ---------------------------------------------------------------- temp files of a served demo

@@ -124,6 +124,9 @@ def test_mask_iou_pairs_masks_by_index():
     a[0, :5], b[0, :, :5] = True, True  # 25 / 75
     a[1, 2:4, 2:4], b[1, 2:4, 2:4] = True, True  # identical
     assert mask_iou(a, b).tolist() == pytest.approx([1 / 3, 1.0, 1.0])  # third pair: both empty
+    # no pairs at all (an image where no detection pairs up in export parity): empty, not an error
+    assert mask_iou(np.zeros((0,)), np.zeros((0,))).shape == (0,)
+    assert mask_iou(np.zeros((0, 10, 10), bool), np.zeros((0, 10, 10), bool)).shape == (0,)
 
 
 @pytest.mark.parametrize("keep_ratio", [True, False])
@@ -183,12 +186,11 @@ def test_validation_records_score_perfect_network_masks_as_perfect(keep_ratio, t
 
 
 def test_masks_in_boxes_equal_masks_to_original():
-    """Validation's box-cropped resampling gives masks_to_original(..., boxes_xyxy=...)'s pixels (float32
+    """The (H, W, K) layout of the box-cropped resampling (validation's RLEs) gives masks_to_original(..., boxes_xyxy=...)'s pixels (float32
     rounding of the sampling grid may flip a pixel sitting exactly on the 0.5 boundary)."""
     import torch
 
-    from src.common.network_input import letterbox_or_resize, masks_to_original
-    from src.metrics.masks import masks_in_boxes
+    from src.common.network_input import letterbox_or_resize, masks_in_boxes, masks_to_original
 
     for (height, width), keep_ratio in (((120, 150), True), ((61, 97), False)):
         _, meta = letterbox_or_resize(np.zeros((height, width, 3), np.uint8), (64, 96), keep_ratio)
@@ -196,6 +198,6 @@ def test_masks_in_boxes_equal_masks_to_original():
         corners = np.random.default_rng(0).uniform(-5, 1.1, (12, 4)) * np.array([width, height] * 2)
         boxes = np.concatenate([corners[:, :2].clip(0), np.maximum(corners[:, :2], corners[:, 2:])], 1)
         expected = masks_to_original(logits, meta, boxes_xyxy=boxes).numpy().transpose(1, 2, 0)
-        ours = masks_in_boxes(logits, boxes, meta)
+        ours = masks_in_boxes(logits, meta, boxes, hwk=True)  # the layout RLE encoding reads
         assert ours.flags.f_contiguous and ours.shape == expected.shape and expected.any()
         assert (ours.astype(bool) != expected).sum() <= max(1, expected.size // 10_000)

@@ -181,3 +181,14 @@ def test_stage_writes_metrics(experiment):
     assert saved[fppi_key(0.01)] == pytest.approx(metrics[fppi_key(0.01)])
     assert set(metrics) >= {fppi_key(0.5), clean_rate_key(0.5), "neg_max_score", "neg_mean_max_score"}
     assert saved["model"].endswith("best.pt")
+
+
+def test_evenly_spaced_negatives_are_a_fixed_spread_subset():
+    from src.dl.train.negatives import evenly_spaced
+
+    paths = [Path(f"n{i:02d}.jpg") for i in range(10)]
+    assert evenly_spaced(paths, None) == paths and evenly_spaced(paths, 10) == paths
+    subset = evenly_spaced(paths, 4)
+    assert subset == [paths[0], paths[2], paths[5], paths[7]]  # spread over the folder, not the first 4
+    assert subset == evenly_spaced(paths, 4)  # the same images every call
+    assert len(set(evenly_spaced(paths, 9))) == 9

@@ -4,7 +4,7 @@ the right place; a large object cut by slice edges comes back as one box; mergin
 The Detector is the real runtime Detector (letterbox/resize to the network input, thresholds, mapping back to
 image pixels); its runner is a colour-blob finder instead of a trained D-FINE (training one that finds 6 px
 objects takes far longer than a test): it reports every connected red region of its network input, so what
-it sees is exactly what the network input keeps of the image.
+it sees is exactly what the network input keeps of the image (and, as a segmentation model, its mask).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from src.common.config import load_config
+from src.metrics.masks import mask_iou
 from src.runtime.detector import Detector
 from src.runtime.meta import ModelMeta
 from src.runtime.slicing import SlicedDetector, merge_detections, sliced_if_configured
@@ -48,6 +49,30 @@ class RedBlobRunner:
         return labels, boxes, scores
 
 
+class RedBlobMaskRunner(RedBlobRunner):
+    """The same blobs as a segmentation model reports them: a 4th output of mask logits at stride 4
+    (+4 on the blob's pixels, -4 elsewhere), as a segment export gives them."""
+
+    STRIDE = 4
+
+    def __init__(self, top_k: int = 20):
+        super().__init__(top_k)
+        self.meta = ModelMeta(class_names=["red"], img_size=NET, conf_thresh=0.5, task="segment")
+
+    def __call__(self, images: np.ndarray, sizes: np.ndarray):
+        labels, boxes, scores = super().__call__(images, sizes)
+        h, w = NET[0] // self.STRIDE, NET[1] // self.STRIDE
+        masks = np.full((len(images), self.top_k, h, w), -4.0, np.float32)
+        for b, image in enumerate(images):
+            red = ((image[0] > 0.7) & (image[1] < 0.3) & (image[2] < 0.3)).astype(np.uint8)
+            blob_ids = cv2.connectedComponents(red)[1][
+                self.STRIDE // 2 :: self.STRIDE, self.STRIDE // 2 :: self.STRIDE
+            ]
+            for k in range(self.top_k):
+                masks[b, k][blob_ids == k + 1] = 4.0
+        return labels, boxes, scores, masks
+
+
 def scene() -> tuple[np.ndarray, list[int], list[int]]:
     """A 1536x2048 grey image with a 6x6 px red dot and a 700x500 px red block crossing many slice edges."""
     image = np.full((1536, 2048, 3), 120, np.uint8)
@@ -73,6 +98,20 @@ def test_slices_find_the_small_object_whole_image_inference_misses():
     # network pixel is 8 image pixels)
     assert by_size[1] == pytest.approx(block, abs=8)
     assert sliced.names == ["red", "red"] and sliced.image_size == (1536, 2048)
+
+
+def test_sliced_segmentation_masks_are_pasted_and_merged():
+    """Segmentation: slice masks land at their place in the full image; the block cut by slice edges comes
+    back as one mask (the union of its pieces), the dot's mask at full resolution."""
+    image, dot, block = scene()
+    sliced = SlicedDetector(Detector(RedBlobMaskRunner()), overlap=0.2)(image)
+    assert sliced.masks.shape == (2, 1536, 2048) and sliced.masks.dtype == bool
+    truth = np.zeros((2, 1536, 2048), bool)
+    for mask, (x0, y0, x1, y1) in zip(truth, (block, dot)):
+        mask[y0:y1, x0:x1] = True
+    by_size = np.argsort(-sliced.masks.sum((1, 2)))  # block first
+    assert mask_iou(sliced.masks[by_size], truth).tolist() == pytest.approx([1.0, 1.0], abs=0.03)
+    assert Detector(RedBlobRunner())(image).masks is None  # a detection model: no masks, as before
 
 
 def test_same_call_api_and_small_images_are_one_pass():

@@ -73,6 +73,7 @@ def test_infer_images_and_video(project):
     assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 5
     video.release()
     assert json.loads((out / "predictions.json").read_text())["detections"] == summary["detections"]
+    assert summary["task"] == "detect" and not (out / "masks").exists()
     assert_no_float_noise(out / "predictions.csv")
 
 
@@ -89,10 +90,12 @@ def test_infer_one_file_with_torch(project):
     root, cfg = project
     image = sorted((root / "data" / "images").glob("*.jpg"))[0]
     cfg = deploy_config(
-        root, f"infer.input={image}", f"infer.model_path={exp_dir(cfg) / 'best.pt'}", "infer.save_crops=false"
-    )
+        root, f"infer.input={image}", f"infer.model_path={exp_dir(cfg) / 'best.pt'}", "infer.save_crops=false",
+        "infer.save_masks=true",
+    )  # fmt: skip
     summary = infer.run(cfg)
     assert summary["backend"] == "torch" and summary["images"] == 1
+    assert not (exp_dir(cfg) / "infer" / image.name / "masks").exists()  # a detection model has no masks
     assert (exp_dir(cfg) / "infer" / image.name / "images" / image.name).exists()
 
 
@@ -114,6 +117,7 @@ def test_bench_every_available_backend(project):
     # no int8 artifact: skipped; the fp32 IR at bf16 too: measured where the CPU has native bf16, else a
     # row that says why not
     assert everything["backend"].tolist() == ["torch", "onnx", "ov_fp32", "ov_fp32@bf16"]
+    assert not everything.columns.str.startswith("mask_").any()  # a detection model: no mask mAP columns
     frame = everything[~everything["note"].fillna("").str.startswith("skipped")]
     assert len(frame) >= 3
     assert (frame["images"] == 3).all()  # the test split

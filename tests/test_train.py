@@ -234,6 +234,7 @@ def train_overrides(tmp_path: Path, data: Path, *overrides: str) -> list[str]:
         "train.eval_images=2",
         "train.checkpoint_every_minutes=0",
         "train.ema_warmups=2",
+        "train.eval_every=1",  # the tests judge every epoch (config.yaml validates every 2nd)
         "check.find_duplicates=false",
         *overrides,
     ]
@@ -516,3 +517,68 @@ def test_frozen_backbone_does_not_move(tmp_path, data_dir):
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     trainer._set_backbone_frozen(False)
     assert all(p.requires_grad for p in trainer.model.backbone.parameters())
+
+
+# ---------------------------------------------------------------- cheaper validation (issue 15)
+
+
+def test_validated_epochs_follow_eval_every_the_last_epoch_and_the_no_aug_tail():
+    from src.dl.train.evaluation import is_validated
+
+    def validated(*overrides: str) -> list[int]:
+        tc = load_config(["train.epochs=10", *overrides]).train
+        return [epoch + 1 for epoch in range(10) if is_validated(epoch, tc)]
+
+    assert validated("train.eval_every=1") == list(range(1, 11))
+    assert validated("train.eval_every=3") == [3, 6, 9, 10]
+    assert validated("train.eval_every=4", "train.no_aug_epochs=3") == [4, 8, 9, 10]
+    assert validated("train.eval_every=20") == [10]
+
+
+def test_eval_every_skips_validation_and_negatives_are_subsampled_while_training(tmp_path):
+    data = make_detection_data(tmp_path / "data", {"train": 4, "val": 2})
+    rng = np.random.default_rng(1)
+    (data / "negatives").mkdir()
+    for index in range(3):  # background-only images no split lists
+        cv2.imwrite(str(data / "negatives" / f"neg_{index}.jpg"), _draw_objects(rng, 90, 70, 0)[0])
+    cfg = train_config(
+        tmp_path, data, "train.epochs=4", "train.eval_every=3", "train.max_steps_per_epoch=1",
+        "train.mosaic.prob=0", "train.negatives_max_images=2",
+    )  # fmt: skip
+    summary = _run(cfg)
+    folder = Path(summary["exp_dir"])
+    history = pd.read_csv(folder / "history.csv")
+    assert list(history["epoch"]) == [1, 2, 3, 4]
+    assert history["mAP_50"].isna().tolist() == [True, True, False, False]  # empty cells: not validated
+    assert history["neg_images"].tolist()[2:] == [2, 2]  # two of the three negatives per validation
+    assert history.columns[-1] == "epoch_time_s"
+    assert summary["best_epoch"] in (3, 4)  # best.pt only from a validated epoch
+    metrics = pd.read_csv(folder / "metrics.csv").set_index("split")
+    assert metrics.loc["negatives", "neg_images"] == 3  # best.pt's final evaluation scores them all
+    assert (folder / "curves.png").is_file()
+
+
+def test_early_stopping_counts_epochs_but_stops_only_at_a_validation(tmp_path, data_dir):
+    # f1 stays 0 (conf_thresh 1.0): epoch 2 is the first validation, hence the best; epoch 3 (not validated)
+    # is one epoch without improvement, but only epoch 4's validation may stop the run.
+    cfg = train_config(
+        tmp_path, data_dir, "train.epochs=6", "train.eval_every=2", "train.mosaic.prob=0",
+        "train.early_stopping=1", "train.max_steps_per_epoch=1", "train.conf_thresh=1.0",
+        "train.decision_metrics=[f1]",
+    )  # fmt: skip
+    summary = _run(cfg)
+    assert summary["stopped_early"] and summary["epochs_trained"] == 4 and summary["best_epoch"] == 2
+
+
+def test_skipping_validation_does_not_change_the_training(tmp_path, data_dir):
+    # Validation draws no random number from the training's streams: the weights after 3 epochs are the
+    # same whether epochs 1-2 were validated or not.
+    weights = []
+    for every in (1, 3):
+        cfg = train_config(
+            tmp_path / f"every{every}", data_dir, "train.epochs=3", f"train.eval_every={every}",
+            "train.mosaic.prob=0",
+        )  # fmt: skip
+        folder = Path(_run(cfg)["exp_dir"])
+        weights.append(torch.load(folder / "last.pt", map_location="cpu", weights_only=True))
+    assert_same_weights(*weights)

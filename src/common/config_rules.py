@@ -203,6 +203,7 @@ RULES: dict[str, Rule] = {
         "a non-empty list of metric names", lambda v: isinstance(v, str) and bool(v)
     ),
     "train.max_bad_steps": at_least(1),
+    "train.eval_every": at_least(1),
     "train.checkpoint_every_minutes": at_least(0, kind="float"),  # an int default; 0.5 is fine
     "train.max_steps_per_epoch": at_least(1, nullable=True, kind="int"),
     "train.abort_after_steps": at_least(1, nullable=True, kind="int"),
@@ -229,6 +230,7 @@ RULES: dict[str, Rule] = {
     "train.flat_cosine.flat_epochs": at_least(0, nullable=True, kind="int"),
     "train.fppi_tolerance": at_least(0, nullable=True, kind="float"),
     "train.negatives_path": FOLDER_OR_NULL,
+    "train.negatives_max_images": at_least(1, nullable=True, kind="int"),
     "train.negatives_thresholds": list_of("a non-empty list of scores in [0, 1]", _probability),
     # ------------------------------------------------------------ deployment
     "export.formats": subset_of("onnx", "openvino", "tensorrt"),

@@ -146,9 +146,16 @@ def draw_gt_vs_pred(
     pred_labels,
     pred_scores=None,
     class_names: Sequence[str] | None = None,
+    gt_masks=None,
+    pred_masks=None,
 ) -> np.ndarray:
-    """Ground truth in green, predictions in red (with scores) on one copy of the image."""
-    out = draw_detections(image, gt_boxes, gt_labels, None, class_names, color=GT_COLOR)
+    """Ground truth in green, predictions in red (with scores) on one copy of the image; instance masks
+    (N, H, W) bool (segmentation) are filled under the boxes in the same colours."""
+    out = image
+    for masks, color in ((gt_masks, GT_COLOR), (pred_masks, PRED_COLOR)):
+        if masks is not None:
+            out = draw_masks(out, masks, np.zeros(len(masks), np.int64), color=color)
+    out = draw_detections(out, gt_boxes, gt_labels, None, class_names, color=GT_COLOR)
     return draw_detections(out, pred_boxes, pred_labels, pred_scores, class_names, color=PRED_COLOR)
 
 

@@ -21,8 +21,9 @@ Resizing is always cv2.INTER_LINEAR (also when shrinking), the same as at export
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import cv2
 import numpy as np
@@ -182,6 +183,43 @@ def masks_to_original(mask_logits, meta: Letterbox, threshold: float = 0.0, boxe
         inside_y = (centres_y >= boxes[:, 1:2]) & (centres_y <= boxes[:, 3:4])  # (K, orig_h)
         masks &= inside_y[:, :, None] & inside_x[:, None, :]
     return masks
+
+
+def masks_in_boxes(mask_logits, meta: Letterbox, boxes_xyxy, hwk: bool = False) -> np.ndarray:
+    """masks_to_original(mask_logits, meta, boxes_xyxy=boxes_xyxy) pixel for pixel, resampling only the
+    pixels inside each box (outside it the mask is cleared anyway): the cost follows the boxes' area, not K
+    whole images (10 masks of an 800x600 image took 216 ms on 2 CPU cores as whole images).
+
+    mask_logits (K, h, w) numpy/torch, boxes_xyxy (K, 4) original pixels -> (K, orig_h, orig_w) bool, or with
+    hwk=True (orig_h, orig_w, K) uint8 in Fortran order, the layout COCO RLE encoding reads without a copy.
+    """
+    import torch
+
+    logits = torch.as_tensor(mask_logits)
+    count, height, width = len(logits), meta.orig_h, meta.orig_w
+    if hwk:
+        out = np.zeros((height, width, count), np.uint8, order="F")
+    else:
+        out = np.zeros((count, height, width), bool)
+    for k, (x0, y0, x1, y1) in enumerate(np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)):
+        # the pixels whose centre (i + 0.5) lies in the box, as masks_to_original's box test keeps them
+        col0, row0 = max(0, math.ceil(x0 - 0.5)), max(0, math.ceil(y0 - 0.5))
+        col1, row1 = min(width, math.floor(x1 - 0.5) + 1), min(height, math.floor(y1 - 0.5) + 1)
+        if col1 <= col0 or row1 <= row0:
+            continue
+        window = replace(  # the same network geometry seen from the window's top-left pixel
+            meta,
+            pad_x=meta.pad_x + col0 * meta.scale_x,
+            pad_y=meta.pad_y + row0 * meta.scale_y,
+            orig_w=col1 - col0,
+            orig_h=row1 - row0,
+        )
+        mask = masks_to_original(logits[k : k + 1], window)[0].cpu().numpy()
+        if hwk:
+            out[row0:row1, col0:col1, k] = mask
+        else:
+            out[k, row0:row1, col0:col1] = mask
+    return out
 
 
 def boxes_xyxy_to_network(boxes_xyxy, meta: Letterbox):

@@ -7,11 +7,15 @@ list offers every artifact found in the experiment folders under output_dir, and
 The confidence slider starts at the model's own threshold (thresholds.json / the artifact's metadata; its
 per-class thresholds apply while the slider stays there). Results: annotated images (or an annotated
 video), a table of detections, and downloads (annotated files, predictions.json, YOLO txt labels, one zip).
+A segmentation model's instance masks are drawn under the boxes. "Track objects in videos" (start value:
+demo_ui.track; tracker settings: infer.tracker) tracks a video's objects: ids drawn and in the table, MOT
+txt + CSV track files to download.
 
 Served on 127.0.0.1 only by default, with Gradio's analytics off, an upload size limit and a bounded queue.
 A file that cannot be read gets a message in the page, never a crash. Videos are processed frame by frame
 (memory stays bounded) up to demo_ui.max_video_frames / max_video_seconds.
-Detection and the files it writes: src/demo/processing.py; this module is the page (Gradio) and the server.
+Detection and the files it writes: src/demo/processing.py (images) and src/demo/video.py; this module is the
+page (Gradio) and the server.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from loguru import logger
 from omegaconf import DictConfig
 
@@ -38,25 +41,26 @@ from src.common.images import IMAGE_EXTS, VIDEO_EXTS, is_video, list_images, lis
 from src.common.video import VideoReadError
 from src.demo.processing import (
     MAX_TABLE_ROWS,
-    TABLE_COLUMNS,
     ModelCache,
     Results,
-    VideoLimits,
     default_model,
     describe_model,
     file_path,
+    join_tables,
     make_table,
     model_choices,
     predict_images,
-    predict_video,
     slider_conf,
 )
 
 # re-exported (`x as x`): the tests and other callers import these from src.demo.app
+from src.demo.processing import TABLE_COLUMNS as TABLE_COLUMNS
 from src.demo.processing import class_thresholds as class_thresholds
 from src.demo.processing import find_models as find_models
+from src.demo.video import VideoLimits, predict_video
 from src.runtime import Detector
 from src.runtime.slicing import sliced_if_configured
+from src.runtime.tracking import TrackerSettings
 
 # ---------------------------------------------------------------- the app
 
@@ -75,6 +79,7 @@ class DemoApp:
         self.work_root = Path(tempfile.mkdtemp(prefix="dfine_demo_ui_"))
         atexit.register(shutil.rmtree, self.work_root, ignore_errors=True)
         self.limits = VideoLimits(self.options.max_video_frames, self.options.max_video_seconds)
+        self.tracker = TrackerSettings.from_config(cfg.infer.tracker)  # the same tracking as dl.infer
 
     def request_dir(self) -> Path:
         keep = max(1, int(self.options.keep_results))
@@ -101,9 +106,10 @@ class DemoApp:
         files: Sequence[Any] | None,
         conf: float | None,
         classes: Sequence[str] | None,
+        track: bool | None = None,
     ) -> Results:
-        """Images and videos of one request. Unusable inputs become `.problems`; a model that cannot be
-        loaded raises (the page shows the message)."""
+        """Images and videos of one request; track: track the video's objects (None: demo_ui.track).
+        Unusable inputs become `.problems`; a model that cannot be loaded raises (the page shows it)."""
         files = list(files or [])
         if not files:
             return Results(problems=["upload one or more images or a video first"])
@@ -112,6 +118,7 @@ class DemoApp:
         out = self.request_dir()
         images = [f for f in files if not is_video(file_path(f))]
         videos = [f for f in files if is_video(file_path(f))]
+        tracker = self.tracker if (self.options.track if track is None else track) else None
         results = Results()
         if images:
             results = predict_images(detector, images, conf, classes, out, int(self.options.max_images))
@@ -120,16 +127,12 @@ class DemoApp:
                 results.problems.append(f"{file_path(video).name}: skipped, one video per request")
                 continue
             try:
-                clip = predict_video(detector, video, conf, classes, out, self.limits)
+                clip = predict_video(detector, video, conf, classes, out, self.limits, tracker=tracker)
             except VideoReadError as err:
                 results.problems.append(str(err))
                 continue
             results.video, results.notes = clip.video, results.notes + clip.notes
-            results.table = (
-                pd.concat([results.table, clip.table], ignore_index=True)[TABLE_COLUMNS].fillna({"frame": ""})
-                if images
-                else clip.table
-            )
+            results.table = join_tables(results.table, clip.table)
             results.downloads += clip.downloads
             results.detections += clip.detections
         return results
@@ -201,6 +204,12 @@ def build_app(cfg: DictConfig, app: DemoApp | None = None):
                     label="Images or a video",
                     elem_id="upload",
                 )
+                track = gr.Checkbox(
+                    value=bool(options.track),
+                    label="Track objects in videos",
+                    info="ids that follow each object from frame to frame (ByteTrack)",
+                    elem_id="track",
+                )
                 detect = gr.Button("Detect", variant="primary", elem_id="detect")
                 status = gr.Textbox(label="Status", lines=3, interactive=False, elem_id="status")
                 examples = example_files(cfg)
@@ -235,9 +244,9 @@ def build_app(cfg: DictConfig, app: DemoApp | None = None):
                 return gr.update(), gr.update(), f"⚠ cannot load `{choice}`: {err}"
             return gr.update(value=value), gr.update(choices=names, value=names), text
 
-        def on_detect(choice, uploads, threshold, wanted):
+        def on_detect(choice, uploads, threshold, wanted, tracking):
             try:
-                results = app.detect(choice, uploads, threshold, wanted)
+                results = app.detect(choice, uploads, threshold, wanted, bool(tracking))
             except Exception as err:  # a model that fails to load or run: say so in the page
                 logger.exception("demo: detection failed")
                 results = Results(problems=[f"{type(err).__name__}: {err}"])
@@ -256,7 +265,7 @@ def build_app(cfg: DictConfig, app: DemoApp | None = None):
         model.change(on_model, inputs=[model], outputs=[conf, classes, info])
         detect.click(
             on_detect,
-            inputs=[model, files, conf, classes],
+            inputs=[model, files, conf, classes, track],
             outputs=[gallery, video, table, downloads, status],
         )
     return demo.queue(default_concurrency_limit=int(options.concurrency), max_size=int(options.queue_size))

@@ -1,11 +1,11 @@
 """What the demo does with a request, without Gradio: the models (found in output_dir, loaded and cached),
-detection on images and videos, and the files written for download (annotated images/videos, YOLO txt
-labels, predictions.json, one zip). The page around it: src/demo/app.py.
+detection on images (instance masks drawn for segmentation models), the table and the files written for
+download (annotated images, YOLO txt labels, predictions.json, one zip). Videos: src/demo/video.py; the
+page around it: src/demo/app.py.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 import threading
 import zipfile
@@ -19,19 +19,17 @@ import pandas as pd
 from loguru import logger
 from omegaconf import DictConfig
 
-from src.common.draw import draw_detections, save_image_rgb
+from src.common.draw import draw_masks, draw_tracks, save_image_rgb
 from src.common.errors import ExperimentError
 from src.common.experiment import ARTIFACTS, Experiment
-from src.common.images import IMAGE_EXTS, VIDEO_EXTS, ImageReadError, is_image, is_video, read_image_rgb
+from src.common.images import IMAGE_EXTS, ImageReadError, is_image, read_image_rgb
 from src.common.io import atomic_write, atomic_write_json
-from src.common.video import VideoOutput, VideoReadError, open_video
-from src.dl.infer import WRITABLE_EXTS, yolo_text
+from src.dl.infer import WRITABLE_EXTS, draw, yolo_text
 from src.runtime import Detections, Detector, best_artifact, load_model
 
-TABLE_COLUMNS = ["file", "frame", "class_id", "class_name", "score", "x1", "y1", "x2", "y2"]
+TABLE_COLUMNS = ["file", "frame", "track_id", "class_id", "class_name", "score", "x1", "y1", "x2", "y2"]
+OPTIONAL_COLUMNS = ("frame", "track_id")  # shown only when a row has one (video frames; tracked videos)
 MAX_TABLE_ROWS = 2000  # rows shown in the page; the downloads hold every detection
-PREVIEW_FOURCC = "VP80"  # browsers play VP8 WebM; OpenCV's wheels have no H.264 encoder
-DOWNLOAD_FOURCC = "mp4v"  # the annotated .mp4 offered for download (same as src.dl.infer)
 
 
 # ---------------------------------------------------------------- models
@@ -103,8 +101,9 @@ def describe_model(detector: Detector) -> str:
     h, w = meta.img_size
     path = Path(str(detector.path)).absolute()
     shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+    task = " · instance masks" if meta.task == "segment" else ""
     text = (
-        f"**{detector.backend}** `{shown}` · input {w}×{h} · {meta.num_classes} classes · "
+        f"**{detector.backend}** `{shown}`{task} · input {w}×{h} · {meta.num_classes} classes · "
         f"default threshold {meta.conf_thresh:.3g}"
     )
     if meta.class_thresholds:
@@ -145,7 +144,7 @@ class Results:
     the detections table, files to download, and messages about inputs that could not be used."""
 
     gallery: list[tuple[str, str]] = field(default_factory=list)
-    table: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=TABLE_COLUMNS))
+    table: pd.DataFrame = field(default_factory=lambda: make_table([]))
     downloads: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     video: str | None = None  # browser-playable annotated preview (WebM)
@@ -178,18 +177,55 @@ def unique_stem(name: str, used: set[str]) -> str:
     return stem
 
 
-def table_rows(file: str, frame: int | None, dets: Detections) -> list[list[Any]]:
+def table_rows(
+    file: str, frame: int | None, dets: Detections, track_ids: np.ndarray | None = None
+) -> list[list[Any]]:
+    """TABLE_COLUMNS rows; track_ids (N,): -1 or None = no track."""
+    ids = [None] * len(dets) if track_ids is None else [int(i) if i >= 0 else None for i in track_ids]
     return [
-        [file, frame, int(label), name, round(float(score), 4), *(round(float(v), 1) for v in box)]
-        for box, score, label, name in zip(dets.boxes, dets.scores, dets.labels, dets.names, strict=True)
+        [file, frame, track_id, int(label), name, round(float(score), 4), *(round(float(v), 1) for v in box)]
+        for box, score, label, name, track_id in zip(
+            dets.boxes, dets.scores, dets.labels, dets.names, ids, strict=True
+        )
     ]
 
 
 def make_table(rows: list[list[Any]]) -> pd.DataFrame:
-    """Detections as a table; the frame column only when there are video frames (images have none)."""
-    table = pd.DataFrame(rows[:MAX_TABLE_ROWS], columns=TABLE_COLUMNS)
-    frames = ["" if frame is None else str(frame) for frame in table["frame"]]
-    return table.assign(frame=frames) if any(frames) else table.drop(columns="frame")
+    """Detections as a table; the frame and track_id columns only when a row has one (images have none)."""
+    rows = rows[:MAX_TABLE_ROWS]
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    # Their text comes from the rows themselves: pandas would turn a 3 next to a None into 3.0.
+    for column in OPTIONAL_COLUMNS:
+        at = TABLE_COLUMNS.index(column)
+        values = ["" if row[at] is None else str(row[at]) for row in rows]
+        table = table.assign(**{column: values}) if any(values) else table.drop(columns=column)
+    return table
+
+
+def join_tables(*tables: pd.DataFrame) -> pd.DataFrame:
+    """One request's tables (its images', its video's) as one, the optional columns blank where absent."""
+    tables = tuple(table for table in tables if len(table))
+    if not tables:
+        return make_table([])
+    table = pd.concat(tables, ignore_index=True)
+    present = [column for column in TABLE_COLUMNS if column in table]
+    return table[present].fillna({column: "" for column in OPTIONAL_COLUMNS if column in table})
+
+
+def annotate(
+    image: np.ndarray,
+    dets: Detections,
+    class_names: Sequence[str],
+    track_ids: np.ndarray | None = None,
+    track_labels: np.ndarray | None = None,
+) -> np.ndarray:
+    """The picture shown: instance masks first (segmentation models), then the boxes on top; with
+    track_ids (N,) the tags read "#id class score" (class: the track's majority vote, `track_labels`)
+    and each track keeps one colour, its mask's too."""
+    if track_ids is None:
+        return draw(image, dets, list(class_names))  # as dl.infer draws
+    picture = image if dets.masks is None else draw_masks(image, dets.masks, track_ids)  # colour by id
+    return draw_tracks(picture, dets.boxes, track_ids, track_labels, dets.scores, class_names)
 
 
 def readable_error(err: Exception, path: Path, name: str) -> str:
@@ -233,13 +269,14 @@ def predict_images(
         dets = detector.predict([image], thresholds)[0]
         stem = unique_stem(path.stem, used)
         suffix = path.suffix.lower() if path.suffix.lower() in WRITABLE_EXTS else ".jpg"
-        picture = draw_detections(image, dets.boxes, dets.labels, dets.scores, detector.class_names)
+        picture = annotate(image, dets, detector.class_names)
         annotated = save_image_rgb(out / "images" / f"{stem}{suffix}", picture)
         label_file = out / "labels" / f"{stem}.txt"
         atomic_write(label_file, lambda tmp, d=dets: tmp.write_text(yolo_text(d, label_scores)))
         annotated_files.append(annotated)
         label_files.append(label_file)
-        results.gallery.append((str(annotated), f"{path.name}: {len(dets)} detection(s)"))
+        masks = " with masks" if dets.masks is not None else ""
+        results.gallery.append((str(annotated), f"{path.name}: {len(dets)} detection(s){masks}"))
         rows += table_rows(path.name, None, dets)
         entries.append({"file": path.name, **dets.to_dict()})
         results.detections += len(dets)
@@ -269,90 +306,3 @@ def write_zip(path: Path, root: Path, files: Sequence[Path]) -> Path:
                 bundle.write(file, file.relative_to(root).as_posix())
 
     return atomic_write(path, write)
-
-
-# ---------------------------------------------------------------- video
-
-
-@dataclass
-class VideoLimits:
-    max_frames: int | None = None  # None / 0: no limit
-    max_seconds: float | None = None
-
-    def frame_cap(self, fps: float) -> int | None:
-        caps = [int(self.max_frames)] if self.max_frames else []
-        if self.max_seconds:
-            caps.append(max(1, int(round(float(self.max_seconds) * fps))))
-        return min(caps) if caps else None
-
-
-def predict_video(
-    detector: Detector,
-    video: Any,
-    conf: float | dict | None = None,
-    classes: Sequence[str] | None = None,
-    out_dir: str | Path | None = None,
-    limits: VideoLimits | None = None,
-    label_scores: bool = False,
-) -> Results:
-    """Detect frame by frame (one frame in memory at a time); write the annotated video (.mp4 to download,
-    .webm to play in the page), <stem>_predictions.json (per frame) and <stem>_labels.zip (YOLO txt per frame).
-
-    Raises VideoReadError for a file that cannot be decoded. Frames past `limits` are not processed
-    (a note says so)."""
-    path = file_path(video)
-    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="dfine_demo_"))
-    if not is_video(path):
-        raise VideoReadError(f"{path.name}: not a supported video ({', '.join(sorted(VIDEO_EXTS))})")
-    video = open_video(path, path.name)
-    fps, size, total = video.fps, video.size, video.total
-    cap = (limits or VideoLimits()).frame_cap(fps)
-    thresholds = class_thresholds(detector, conf, classes)
-    results, rows = Results(), []
-    mp4, webm = out / "videos" / f"{path.stem}.mp4", out / "videos" / f"{path.stem}.webm"
-    predictions, labels_zip = out / f"{path.stem}_predictions.json", out / f"{path.stem}_labels.zip"
-
-    def stream(json_tmp: Path, zip_tmp: Path) -> int:
-        """Every frame through the model into the writers; returns the frame count."""
-        frames = 0
-        writers = VideoOutput([(mp4, DOWNLOAD_FOURCC), (webm, PREVIEW_FOURCC)], fps, size)
-        try:
-            with open(json_tmp, "w", encoding="utf-8") as handle, zipfile.ZipFile(zip_tmp, "w") as labels:
-                header = {**model_summary(detector, thresholds), "video": path.name, "fps": fps}
-                handle.write(json.dumps(header)[:-1] + ', "frames": [\n')  # the frames follow, streamed
-                for index, frame in video.frames(cap):
-                    dets = detector.predict([frame], thresholds)[0]
-                    names = detector.class_names
-                    writers.write(draw_detections(frame, dets.boxes, dets.labels, dets.scores, names))
-                    labels.writestr(f"{path.stem}/{index:06d}.txt", yolo_text(dets, label_scores))
-                    handle.write((",\n" if index else "") + json.dumps({"frame": index, **dets.to_dict()}))
-                    if len(rows) < MAX_TABLE_ROWS:
-                        rows.extend(table_rows(path.name, index, dets))
-                    results.detections += len(dets)
-                    frames += 1
-                handle.write("\n]}\n")
-        except BaseException:
-            writers.abort()
-            raise
-        writers.finish()
-        return frames
-
-    counted: list[int] = []
-    try:  # predictions.json and the labels zip appear only when complete (atomic_write)
-        atomic_write(
-            predictions,
-            lambda json_tmp: atomic_write(
-                labels_zip, lambda zip_tmp: counted.append(stream(json_tmp, zip_tmp))
-            ),
-        )
-    finally:
-        video.close()
-    frames = counted[0]
-    if frames == 0:
-        raise VideoReadError(f"{path.name}: no frame could be decoded")
-    if cap is not None and (total is None or total > cap) and frames == cap:
-        results.notes.append(f"{path.name}: processed the first {frames} frames only (demo_ui limits)")
-    results.table = make_table(rows)
-    results.video = str(webm)
-    results.downloads = [str(mp4), str(predictions), str(labels_zip)]
-    return results

@@ -3,12 +3,13 @@
     python -m src.dl.bench exp_name=my_run [bench.backends=[torch,onnx] bench.images=100]
 
 Per backend: latency median / p90 in ms (one image at a time, after warm-up; image decoding excluded,
-resize + inference + postprocessing included), throughput, mAP50, mAP50-95, and precision / recall / F1 at
+resize + inference + postprocessing included), throughput, mAP50, mAP50-95 (a segmentation model also
+mask_mAP_50, mask_mAP_50_95: COCO mask mAP against the labels' polygons), and precision / recall / F1 at
 both thresholds, named: `*@tuned` at the model's saved thresholds (thresholds.json: the global one in column
 conf_tuned, plus its per-class ones; what infer applies) and
 `*@eval` at train.conf_thresh (column conf_eval), the threshold of training's metrics.csv
 (src/metrics/validator.py). Writes output/<exp>/bench.csv and annotated images per backend
-(bench/<backend>/: ground truth green, predictions red).
+(bench/<backend>/: ground truth green, predictions red; masks too for a segmentation model).
 
 A backend that fails is reported with its file and the reason; when every backend fails the stage exits
 non-zero and the previous bench.csv is kept.
@@ -29,14 +30,22 @@ from src.common.errors import UserError
 from src.common.experiment import ARTIFACTS, Experiment, stage_config
 from src.common.io import atomic_write_csv
 from src.dl.precision import candidates
+from src.metrics.masks import MASK_COLUMNS
 from src.runtime import available_backends, load_model
-from src.runtime.evaluate import EvalResult, LabelledImage, evaluate_detector, load_split_samples, score
+from src.runtime.evaluate import (
+    EvalResult,
+    LabelledImage,
+    evaluate_detector,
+    filter_detections,
+    load_split_samples,
+    score,
+)
 from src.runtime.slicing import sliced_if_configured
 
 PR_KEYS = ("precision", "recall", "f1")
 COLUMNS = [
     "backend", "device", "infer_precision", "images", "latency_ms_median", "latency_ms_p90", "throughput_img_s",
-    "mAP_50", "mAP_50_95", "conf_tuned", "precision@tuned", "recall@tuned", "f1@tuned",
+    "mAP_50", "mAP_50_95", *MASK_COLUMNS, "conf_tuned", "precision@tuned", "recall@tuned", "f1@tuned",
     "conf_eval", "precision@eval", "recall@eval", "f1@eval", "chosen", "note", "artifact",
 ]  # fmt: skip
 
@@ -82,16 +91,14 @@ def artifacts_to_bench(cfg: DictConfig) -> tuple[dict[str, tuple[Path, str | Non
 
 
 def save_pictures(result: EvalResult, out_dir: Path, thresholds, class_names: list[str], n: int) -> None:
-    for sample, dets in list(zip(result.samples, result.above(thresholds), strict=True))[:n]:
+    for index, sample in enumerate(result.samples[:n]):
+        dets = filter_detections(result.with_masks(index), thresholds)
+        image = sample.read_image()
+        gt_masks = sample.masks(*image.shape[:2])[sample.has_mask] if dets.masks is not None else None
         picture = draw_gt_vs_pred(
-            sample.read_image(),
-            sample.boxes,
-            sample.labels,
-            dets.boxes,
-            dets.labels,
-            dets.scores,
-            class_names,
-        )
+            image, sample.boxes, sample.labels, dets.boxes, dets.labels, dets.scores, class_names,
+            gt_masks=gt_masks, pred_masks=dets.masks,
+        )  # fmt: skip
         save_image_rgb(out_dir / f"{sample.path.stem}.jpg", picture)
 
 
@@ -118,12 +125,19 @@ def bench_one(
         **result.latency_stats(),
         "mAP_50": result.metrics["mAP_50"],
         "mAP_50_95": result.metrics["mAP_50_95"],
+        **{k: result.metrics[k] for k in MASK_COLUMNS if k in result.metrics},
         "conf_tuned": float(detector.meta.conf_thresh),
         **{f"{k}@tuned": at_tuned[k] for k in PR_KEYS},
         "conf_eval": conf_eval,
         **{f"{k}@eval": at_eval[k] for k in PR_KEYS},
         "artifact": str(path),
     }
+
+
+def bench_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """bench.csv's columns: the mask mAP columns only when a segmentation model was measured."""
+    segment = any(key in row for row in rows for key in MASK_COLUMNS)
+    return [c for c in COLUMNS if segment or c not in MASK_COLUMNS]
 
 
 def format_table(frame: pd.DataFrame) -> str:
@@ -158,7 +172,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         row["chosen"] = row["backend"] == chosen.get("name")
         if row["chosen"]:
             row["note"] = f"chosen by export: {chosen.get('reason')}"
-    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame = pd.DataFrame(rows, columns=bench_columns(rows))
     atomic_write_csv(experiment.file("bench"), frame)
     print(f"\nBenchmark on the {split} split ({len(samples)} images), batch 1:\n{format_table(frame)}\n")
     logger.info(f"bench: {experiment.file('bench')}")

@@ -7,6 +7,9 @@ ground-truth box of its class) or a false negative (a ground-truth box no predic
 once with all its errors: FN ground truth in green, FP predictions in red (with scores), correct boxes
 thin grey. output/<exp>/check_errors/errors.csv lists every FP/FN worst first: a confident FP (often an
 unlabelled object) or a FN nothing overlaps (often a wrong or stray label) comes before borderline cases.
+
+A segmentation model is matched by mask IoU (an object labelled by a box line, without a polygon, by box
+IoU), best_iou is that IoU, and the pictures fill the FN ground-truth masks green and the FP masks red.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from src.common.config import stage_main
-from src.common.draw import GT_COLOR, PRED_COLOR, draw_detections, save_image_rgb
+from src.common.draw import GT_COLOR, PRED_COLOR, draw_detections, draw_masks, save_image_rgb
 from src.common.experiment import Experiment, stage_config
 from src.common.images import ImageReadError
 from src.common.io import atomic_write_csv
@@ -38,19 +41,41 @@ COLUMNS = [
 def find_errors(
     dets: Detections, sample: LabelledImage, iou_thresh: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(FP mask over predictions, FN mask over GT, IoU matrix preds x GT) with the validator's matching."""
-    from src.metrics.matching import iou_matrix, match_image
+    """(FP mask over predictions, FN mask over GT, IoU matrix preds x GT) with the validator's matching:
+    each prediction, best score first, takes the unmatched GT of its class with the highest IoU."""
+    from src.metrics.matching import greedy_match, score_order
 
-    pred = {
-        "boxes": dets.boxes.astype(np.float64),
-        "scores": dets.scores.astype(np.float64),
-        "labels": dets.labels,
-    }
-    gt = {"boxes": sample.boxes, "labels": sample.labels}
-    matched_gt, _ = match_image(pred, gt, iou_thresh)
+    iou = iou_matrix(dets, sample)
+    same_class = dets.labels[:, None] == sample.labels[None, :]
+    matched_gt, _ = greedy_match(iou, score_order(dets.scores), same_class, iou_thresh)
     fn = np.ones(len(sample.labels), bool)
     fn[matched_gt[matched_gt >= 0]] = False
-    return matched_gt < 0, fn, iou_matrix(pred["boxes"], sample.boxes)
+    return matched_gt < 0, fn, iou
+
+
+def iou_matrix(dets: Detections, sample: LabelledImage) -> np.ndarray:
+    """(N, M) IoU of predictions with ground truth: of boxes, or of masks for a segmentation model's
+    predictions and the GT objects labelled by a polygon (box-line objects keep box IoU)."""
+    from src.metrics import matching
+
+    iou = matching.iou_matrix(dets.boxes.astype(np.float64), sample.boxes)
+    has_mask = sample.has_mask
+    if dets.masks is None or not has_mask.any() or not len(dets):
+        return iou
+    iou[:, has_mask] = mask_iou_matrix(dets.masks, sample.masks(*dets.image_size)[has_mask])
+    return iou
+
+
+def mask_iou_matrix(masks_a: np.ndarray, masks_b: np.ndarray) -> np.ndarray:
+    """(A, B) IoU of bool masks (A, H, W) x (B, H, W), computed on their COCO RLEs (cheap for big images)."""
+    from faster_coco_eval.core import mask as mask_utils
+
+    from src.metrics.masks import encode_masks
+
+    if len(masks_a) == 0 or len(masks_b) == 0:
+        return np.zeros((len(masks_a), len(masks_b)))
+    iou = mask_utils.iou(encode_masks(masks_a), encode_masks(masks_b), [0] * len(masks_b))
+    return np.asarray(iou, np.float64).reshape(len(masks_a), len(masks_b))
 
 
 def error_rows(
@@ -94,9 +119,15 @@ def for_csv(frame: pd.DataFrame) -> pd.DataFrame:
 def draw_errors(
     image: np.ndarray, dets: Detections, sample: LabelledImage, fp, fn, names: list[str]
 ) -> np.ndarray:
-    """Correct boxes thin grey (context), FN ground truth green, FP predictions red with scores."""
+    """Correct boxes thin grey (context), FN ground truth green, FP predictions red with scores; for a
+    segmentation model the FN masks (objects with a polygon) and FP masks are filled in the same colours."""
+    picture = image
+    if dets.masks is not None:
+        fn_masks = sample.masks(*image.shape[:2])[fn & sample.has_mask]
+        picture = draw_masks(picture, fn_masks, np.zeros(len(fn_masks), np.int64), color=GT_COLOR)
+        picture = draw_masks(picture, dets.masks[fp], dets.labels[fp], color=PRED_COLOR)
     correct_gt = ~fn
-    picture = draw_detections(image, sample.boxes[correct_gt], sample.labels[correct_gt], color=CONTEXT_COLOR, line_width=1, show_labels=False)  # fmt: skip
+    picture = draw_detections(picture, sample.boxes[correct_gt], sample.labels[correct_gt], color=CONTEXT_COLOR, line_width=1, show_labels=False)  # fmt: skip
     picture = draw_detections(
         picture, sample.boxes[fn], sample.labels[fn], None, [f"FN {n}" for n in names], color=GT_COLOR
     )

@@ -2,8 +2,9 @@
 
     python -m src.dl.export exp_name=my_run [export.dynamic_batch=true export.max_batch_size=8]
 
-Every artifact has the postprocessing fused (inputs images + orig_target_sizes -> labels, boxes, scores;
-see src/runtime/meta.py) and carries its metadata, so `src.runtime.load_model(path)` needs no config.
+Every artifact has the postprocessing fused (inputs images + orig_target_sizes -> labels, boxes, scores,
+and for a segmentation model masks: low-resolution mask logits of the kept queries; see
+src/runtime/meta.py) and carries its metadata, so `src.runtime.load_model(path)` needs no config.
 Each one is then run on val images next to the torch model; output/<exp>/export_report.json says how far
 it drifts (boxes, scores, mAP50; src/dl/parity.py) and a drift beyond tolerance is reported loudly.
 """
@@ -29,7 +30,6 @@ from src.dl.precision import candidates, choose
 from src.runtime import available_backends
 from src.runtime.meta import (
     INPUT_NAMES,
-    OUTPUT_NAMES,
     ModelMeta,
     write_onnx_meta,
     write_openvino_meta,
@@ -56,7 +56,8 @@ def export_onnx(
 
     if opset < 17:
         raise ValueError(f"export.opset must be >= 17 (LayerNorm and friends as single ops), got {opset}")
-    dynamic_axes = {name: {0: "batch"} for name in INPUT_NAMES + OUTPUT_NAMES} if dynamic_batch else None
+    names = INPUT_NAMES + meta.output_names  # a segment model has a 4th output, "masks"
+    dynamic_axes = {name: {0: "batch"} for name in names} if dynamic_batch else None
     # Trace with 2 images when dynamic: a batch of 1 lets the tracer bake size-1 broadcasts into the graph.
     images, sizes = dummy_inputs(meta, max(batch, 2) if dynamic_batch else batch)
 
@@ -67,7 +68,7 @@ def export_onnx(
                 (images, sizes),
                 str(tmp),
                 input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES),
+                output_names=list(meta.output_names),
                 dynamic_axes=dynamic_axes,
                 opset_version=opset,
                 do_constant_folding=True,
@@ -93,12 +94,17 @@ def onnx_outputs(path_or_proto, images: np.ndarray, sizes: np.ndarray) -> list[n
     return session.run(None, {INPUT_NAMES[0]: images, INPUT_NAMES[1]: sizes})
 
 
+# Largest mask-logit change onnxslim may make (float noise; a mis-folded graph moves logits by whole units).
+MASK_LOGIT_ATOL = 1e-2
+
+
 def outputs_match(a: list[np.ndarray], b: list[np.ndarray], atol: float = 1e-3) -> tuple[bool, str]:
-    """Same labels, boxes (pixels) and scores, allowing float noise (and swaps of equal-score entries)."""
-    labels_a, boxes_a, scores_a = a
-    labels_b, boxes_b, scores_b = b
-    if labels_a.shape != labels_b.shape:
-        return False, f"shapes differ: {labels_a.shape} vs {labels_b.shape}"
+    """Same labels, boxes (pixels) and scores [and mask logits], allowing float noise (and swaps of
+    equal-score entries)."""
+    labels_a, boxes_a, scores_a, *masks_a = a
+    labels_b, boxes_b, scores_b, *masks_b = b
+    if labels_a.shape != labels_b.shape or len(a) != len(b):
+        return False, f"shapes differ: {[o.shape for o in a]} vs {[o.shape for o in b]}"
     score_dev = float(np.abs(scores_a - scores_b).max(initial=0.0))
     # Compare per (label, position among equals) after a stable sort by score, so near-ties may swap.
     order_a, order_b = (
@@ -110,7 +116,18 @@ def outputs_match(a: list[np.ndarray], b: list[np.ndarray], atol: float = 1e-3) 
     )
     box_dev = float(np.abs(boxes_a - boxes_b).max(initial=0.0))
     ok = score_dev <= atol and (box_dev <= 1e-2 or not same_labels) and same_labels
-    return ok, f"max score dev {score_dev:.2e}, max box dev {box_dev:.2e} px, labels identical: {same_labels}"
+    detail = f"max score dev {score_dev:.2e}, max box dev {box_dev:.2e} px, labels identical: {same_labels}"
+    if masks_a:  # (B, K, h, w): compared in the same score order as the labels
+        order = lambda o: o[:, :, None, None]  # noqa: E731
+        mask_dev = float(
+            np.abs(
+                np.take_along_axis(masks_a[0], order(order_a), 1)
+                - np.take_along_axis(masks_b[0], order(order_b), 1)
+            ).max(initial=0.0)
+        )
+        ok = ok and mask_dev <= MASK_LOGIT_ATOL
+        detail += f", max mask logit dev {mask_dev:.2e}"
+    return ok, detail
 
 
 def slim_onnx(path: Path, probe_batches: list[np.ndarray], meta: ModelMeta) -> bool:

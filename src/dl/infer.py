@@ -8,6 +8,11 @@ predictions.csv (one row per detection) and predictions.json (summary). Every ou
 path relative to the input folder; when two inputs share a stem (a.jpg, a.png) their outputs keep the
 extension too (labels/a.jpg.txt, labels/a.png.txt), so nothing overwrites anything.
 
+A segmentation model's masks are drawn under the boxes, its label lines are YOLO-seg polygons (a detection
+whose mask is empty keeps its box line), and infer.save_masks writes masks/<image>.png: one instance-id PNG
+per image (0 = background, i = the i-th detection of the image's label file and predictions.csv rows;
+uint16 when more than 255).
+
 A run is written into a temp folder and then replaces the previous outputs of the same input as a whole:
 no stale file of an earlier run stays mixed in, outputs of other inputs are untouched, and the inputs
 themselves are never written to. Folders are searched recursively, any extension case; unreadable files
@@ -30,17 +35,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from loguru import logger
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from src.common.config import stage_main
-from src.common.draw import draw_detections, save_image_rgb
+from src.common.draw import draw_detections, draw_masks, save_image_rgb
 from src.common.errors import UserError
 from src.common.experiment import Experiment, stage_config
 from src.common.images import ImageReadError, is_image, is_video, list_images, list_videos, read_image_rgb
 from src.common.io import atomic_write, atomic_write_json, atomic_write_text, read_json
+from src.common.masks import mask_to_polygon
 from src.common.video import (
     VideoOutput,
     VideoReadError,
@@ -122,19 +129,47 @@ def crop_box(box: np.ndarray, width: int, height: int, padding: int | float) -> 
 
 
 def yolo_text(dets: Detections, with_scores: bool) -> str:
-    """YOLO txt lines (normalised cx cy w h) for detections in pixels; optional trailing score column."""
+    """YOLO txt lines (normalised cx cy w h) for detections in pixels, or YOLO-seg polygon lines for
+    detections with masks (common.masks.mask_to_polygon: the largest part's outline; an empty mask keeps
+    the box line); optional trailing score column."""
     height, width = dets.image_size
     x1, y1, x2, y2 = dets.boxes.astype(np.float64).T if len(dets) else np.zeros((4, 0))
     boxes = np.stack(
         [(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height], 1
     )
-    text = format_yolo_lines(dets.labels, boxes)
+    polygons = None if dets.masks is None else [mask_to_polygon(mask) for mask in dets.masks]
+    text = format_yolo_lines(dets.labels, boxes, polygons)
     if not with_scores:
         return text
     return "".join(
         f"{line} {score:.{SCORE_DECIMALS}f}\n"
         for line, score in zip(text.splitlines(), dets.scores, strict=True)
     )
+
+
+def instance_id_image(dets: Detections) -> np.ndarray:
+    """(H, W) instance ids of a segmentation model's detections: 0 = background, i = detection i (1-based,
+    in score order); where masks overlap the higher score wins. uint8, or uint16 above 255 detections."""
+    height, width = dets.image_size
+    ids = np.zeros((height, width), np.uint8 if len(dets) <= 255 else np.uint16)
+    for i in range(len(dets) - 1, -1, -1):  # lowest score first: higher scores overwrite it
+        ids[dets.masks[i]] = i + 1
+    return ids
+
+
+def save_id_png(path: Path, ids: np.ndarray) -> None:
+    """A one-channel PNG (8 or 16 bit, the array's dtype), written atomically."""
+    ok, encoded = cv2.imencode(".png", ids)
+    if not ok:
+        raise ValueError(f"cannot encode the instance-id PNG {path}")
+    atomic_write(path, lambda tmp: tmp.write_bytes(encoded.tobytes()))
+
+
+def draw(image_rgb: np.ndarray, dets: Detections, class_names: list[str]) -> np.ndarray:
+    """Masks (filled, semi-transparent, with contours; segmentation models) and then the boxes with tags."""
+    if dets.masks is not None:
+        image_rgb = draw_masks(image_rgb, dets.masks, dets.labels)
+    return draw_detections(image_rgb, dets.boxes, dets.labels, dets.scores, class_names)
 
 
 @dataclass
@@ -185,15 +220,14 @@ class InferOutputs:
         if self.options.save_images:
             # a.jpg -> images/a.jpg (its own name); a.heic -> images/a.jpg, or images/a.heic.jpg beside an a.jpg
             name = rel if rel.suffix.lower() in WRITABLE_EXTS else with_extra_suffix(key, ".jpg")
-            picture = draw_detections(
-                image_rgb, dets.boxes, dets.labels, dets.scores, self.detector.class_names
-            )
-            save_image_rgb(self.out_dir / "images" / name, picture)
+            save_image_rgb(self.out_dir / "images" / name, draw(image_rgb, dets, self.detector.class_names))
         if self.options.save_labels:
             atomic_write_text(
                 self.out_dir / "labels" / with_extra_suffix(key, ".txt"),
                 yolo_text(dets, self.options.label_scores),
             )
+        if self.options.save_masks and dets.masks is not None:
+            save_id_png(self.out_dir / "masks" / with_extra_suffix(key, ".png"), instance_id_image(dets))
         if self.options.save_crops:
             self.save_crops(image_rgb, dets, str(key).replace(os.sep, "__"))
 
@@ -226,7 +260,7 @@ class InferOutputs:
             self.save_crops(frame_rgb, dets, stem)
         if annotated is not None:
             return annotated
-        return draw_detections(frame_rgb, dets.boxes, dets.labels, dets.scores, self.detector.class_names)
+        return draw(frame_rgb, dets, self.detector.class_names)
 
 
 def process_images(paths: list[Path], outputs: InferOutputs, conf: Any) -> None:
@@ -360,6 +394,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"infer.input={source} and the output folder {final} overlap: pick an input elsewhere"
         )
     detector = load_experiment_model(cfg, options.model_path, options.precision, options.conf)
+    if options.save_masks and detector.meta.task != "segment":
+        logger.warning(f"infer.save_masks: {detector.path} is a detection model (no masks): no PNG masks")
     logger.info(f"infer: {len(images)} image(s), {len(videos)} video(s) from {source} -> {final}")
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
@@ -390,6 +426,7 @@ def infer_into(
     summary = {
         "model": str(detector.path),
         "backend": detector.backend,
+        "task": detector.meta.task,
         "precision": detector.runner.precision,
         "input": input_identity(parse_source(options.input))[1],
         "images": len(images) - sum(1 for f in outputs.failed if Path(f) in set(images)),

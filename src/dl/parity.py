@@ -2,10 +2,13 @@
 
 Used by src.dl.export (export_report.json) and src.dl.ov_int8 (int8 vs fp32). Detections are paired
 one-to-one per image (same class, IoU >= 0.5, the validator's matching) over the unthresholded top-K.
+A segmentation model's pairs are also compared by mask: mean / min mask IoU (metrics.masks.mask_iou) of
+the paired detections' original-size masks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +61,12 @@ def deviation_stats(values: list[np.ndarray], name: str) -> dict[str, float]:
 
 
 def compare_detections(
-    reference, candidate, conf: float | np.ndarray = 0.0, margin: float = 0.0, iou_thresh: float = 0.5
+    reference,
+    candidate,
+    conf: float | np.ndarray = 0.0,
+    margin: float = 0.0,
+    iou_thresh: float = 0.5,
+    mask_rles: tuple[Sequence | None, Sequence | None] = (None, None),
 ) -> dict[str, float]:
     """How far `candidate` drifts from `reference`: lists of Detections of the same images, best given
     UNthresholded (every top-K detection, so that a detection whose score crosses `conf` between the two
@@ -72,11 +80,17 @@ def compare_detections(
     other model's top-K cut (its lowest score) + margin: a detection at the cut may simply have been ranked
     out of the other's top-K. Borderline: the same within the margin, e.g. a score of 0.31 in torch and
     0.29 in fp16 at conf 0.3: counted, never an error.
+    Masks (segmentation): the compared pairs' masks, from each Detections' masks or, as an evaluation keeps
+    them, from per-image COCO RLEs (mask_rles: (reference's, candidate's), EvalResult.mask_rles), of which
+    only the paired detections' are decoded.
     """
+    from src.metrics.masks import mask_iou
     from src.runtime.evaluate import detection_thresholds
 
-    box_devs, score_devs, ious, counts = [], [], [], dict.fromkeys(PARITY_COUNTS, 0)
-    for ref, cand in zip(reference, candidate, strict=True):
+    box_devs, score_devs, ious, mask_ious = [], [], [], []
+    counts = dict.fromkeys(PARITY_COUNTS, 0)
+    ref_rles, cand_rles = (rles if rles is not None else [None] * len(reference) for rles in mask_rles)
+    for ref, cand, ref_rle, cand_rle in zip(reference, candidate, ref_rles, cand_rles, strict=True):
         ref_partner = pair_detections(ref, cand, iou_thresh)  # (R,) index into cand, -1: none
         cand_partner = np.full(len(cand), -1)  # (C,) the inverse pairing
         cand_partner[ref_partner[ref_partner >= 0]] = np.where(ref_partner >= 0)[0]
@@ -89,6 +103,12 @@ def compare_detections(
         box_devs.append(np.abs(ref.boxes[pairs] - cand.boxes[ref_partner[pairs]]).max(1, initial=0.0))
         score_devs.append(np.abs(ref.scores[pairs] - cand.scores[ref_partner[pairs]]))
         ious.append(pair_iou(ref.boxes[pairs], cand.boxes[ref_partner[pairs]]))
+        ref_masks, cand_masks = (
+            paired_masks(ref, ref_rle, pairs),
+            paired_masks(cand, cand_rle, ref_partner[pairs]),
+        )
+        if ref_masks is not None and cand_masks is not None:  # segmentation: the pairs' masks too
+            mask_ious.append(mask_iou(ref_masks, cand_masks))
         gone, new = ref_kept & ~ref_other_kept, cand_kept & ~cand_other_kept
         ref_bar = np.maximum(ref_conf, top_k_cut(cand)) + margin
         cand_bar = np.maximum(cand_conf, top_k_cut(ref)) + margin
@@ -102,13 +122,26 @@ def compare_detections(
     paired_iou = np.concatenate([np.ones(0), *ious])
     # mean IoU of the compared pairs (1.0 when nothing was compared: no box moved)
     mean_iou = float(paired_iou.mean()) if paired_iou.size else 1.0
-    return {
+    drift = {
         **deviation_stats(box_devs, "box_dev_px"),
         **deviation_stats(score_devs, "score_dev"),
         "mean_iou": mean_iou,
         "min_iou": float(paired_iou.min(initial=1.0)),
-        **counts,
     }
+    if mask_ious:  # both sides segment: the same pairs by mask (1.0 when nothing was compared)
+        paired_mask_iou = np.concatenate(mask_ious)
+        drift["mean_mask_iou"] = float(paired_mask_iou.mean()) if paired_mask_iou.size else 1.0
+        drift["min_mask_iou"] = float(paired_mask_iou.min(initial=1.0))
+    return drift | counts
+
+
+def paired_masks(dets, rles: list[dict] | None, index: np.ndarray) -> np.ndarray | None:
+    """(n, H, W) bool masks of detections `index` of one image (None: a detection model)."""
+    if rles is not None:
+        from src.runtime.evaluate import decode_masks
+
+        return decode_masks([rles[i] for i in index], dets.image_size)
+    return None if dets.masks is None else dets.masks[index]
 
 
 def pair_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -135,16 +168,20 @@ def counterpart_scores(partner: np.ndarray, other_scores: np.ndarray) -> np.ndar
 def beyond_tolerance(drift: dict[str, float], delta_map: float, tolerance) -> list[str]:
     """What makes an artifact broken (empty: it is faithful). Box and score drift are judged on their 99th
     percentile over the compared pairs (the max is reported too): one odd pair among hundreds is noise, a
-    broken artifact moves them all."""
+    broken artifact moves them all. A segmentation model's paired masks must overlap by tolerance.mask_iou
+    on average."""
     checks = [
         ("p99 box dev", drift["p99_box_dev_px"], tolerance.box_px, "px"),
         ("p99 score dev", drift["p99_score_dev"], tolerance.score, ""),
         ("|mAP50 delta|", abs(delta_map), tolerance.map50, ""),
         ("unmatched fraction", drift["unmatched"] / max(1, drift["compared"]), tolerance.unmatched_frac, ""),
     ]
-    return [
+    problems = [
         f"{name} {value:.4g}{unit} > {limit}{unit}" for name, value, limit, unit in checks if value > limit
     ]
+    if "mean_mask_iou" in drift and drift["mean_mask_iou"] < tolerance.mask_iou:
+        problems.append(f"mean mask IoU {drift['mean_mask_iou']:.4g} < {tolerance.mask_iou}")
+    return problems
 
 
 def parity_report(
@@ -176,8 +213,9 @@ def parity_report(
         "conf": parity_conf,
         "rule": "detections paired one-to-one (same class, IoU >= 0.5) over the unthresholded top-K; "
         "deviations over pairs with a score >= conf on either side; broken if the p99 box or score "
-        "deviation, |mAP50 delta| or unmatched / compared exceeds the tolerance; unmatched = score >= "
-        "conf + score tolerance in one model and < conf or absent in the other",
+        "deviation, |mAP50 delta| or unmatched / compared exceeds the tolerance, or (segmentation) the "
+        "mean mask IoU of the pairs is below it; unmatched = score >= conf + score tolerance in one "
+        "model and < conf or absent in the other",
         "torch": reference.summary() | {"detections": confident},
     }
     for name, (path, precision) in deployments.items():
@@ -189,7 +227,10 @@ def parity_report(
             continue
         result = evaluate_detector(model, samples, conf=parity_conf, images=images)
         tolerance = cfg.export.tolerance[tolerance_group(name)]
-        drift = compare_detections(reference.detections, result.detections, parity_conf, tolerance.score)
+        drift = compare_detections(
+            reference.detections, result.detections, parity_conf, tolerance.score,
+            mask_rles=(reference.mask_rles, result.mask_rles),
+        )  # fmt: skip
         delta_map = result.metrics.get("mAP_50", 0.0) - reference.metrics.get("mAP_50", 0.0)
         problems = beyond_tolerance(drift, delta_map, tolerance)
         report[name] = {
@@ -242,8 +283,8 @@ def print_report(report: dict[str, Any]) -> None:
         return
     header = (
         f"{'deployment':<13} {'weights':<7} {'runs in':<7} {'compared':>8} {'box dev p99/max px':>19} "
-        f"{'score dev p99/max':>18} {'IoU':>6} {'unmatched':>9} {'border':>6} {'mAP50':>6} {'delta':>8} "
-        f"{'ms':>7}  status"
+        f"{'score dev p99/max':>18} {'IoU':>6} {'maskIoU':>7} {'unmatched':>9} {'border':>6} {'mAP50':>6} "
+        f"{'delta':>8} {'ms':>7}  status"
     )
     lines = [header]
     for name, r in rows:
@@ -253,7 +294,8 @@ def print_report(report: dict[str, Any]) -> None:
         lines.append(
             f"{name:<13} {r['weights']:<7} {r['precision']:<7} {r['compared']:>8} "
             f"{r['p99_box_dev_px']:>9.3f}/{r['max_box_dev_px']:<9.3f} "
-            f"{r['p99_score_dev']:>8.4f}/{r['max_score_dev']:<9.4f} {r['mean_iou']:>6.4f} {r['unmatched']:>9} "
+            f"{r['p99_score_dev']:>8.4f}/{r['max_score_dev']:<9.4f} {r['mean_iou']:>6.4f} "
+            f"{r.get('mean_mask_iou', float('nan')):>7.4f} {r['unmatched']:>9} "
             f"{r['borderline']:>6} {r['mAP_50']:>6.3f} {r['mAP_50_delta']:>+8.4f} {r['latency_ms_median']:>7.2f}  "
             f"{'ok' if r['ok'] else 'BEYOND TOLERANCE'}"
         )

@@ -2,7 +2,8 @@
 
 A deployment is an exported file run at one inference precision: model_fp32.xml at f32 or bf16,
 model_fp16.xml at f16, model_int8.xml, model.onnx, TensorRT engines. Export measures every deployment this
-machine can run against torch (src/dl/parity.py: val mAP50 drop and mean IoU of paired boxes, latency)
+machine can run against torch (src/dl/parity.py: val mAP50 drop and mean IoU of paired boxes, for a
+segmentation model mean mask IoU of the pairs too, latency)
 and picks the fastest one that holds parity (export.precision_rule); export.precision pins a family
 (fp32 | bf16 | f16 | int8) instead. The choice and its reason go to the manifest ("deployment"), bench.csv
 (column `chosen`) and are what best_artifact / load_model use when no precision is given.
@@ -94,6 +95,8 @@ def holds(entry: dict[str, Any], rule, reduced: bool = True) -> list[str]:
         problems.append(f"mAP50 drop {drop:.4f} > {rule.map50_drop}")
     if float(entry["mean_iou"]) < float(rule.mean_iou):
         problems.append(f"mean box IoU {entry['mean_iou']:.4f} < {rule.mean_iou}")
+    if "mean_mask_iou" in entry and float(entry["mean_mask_iou"]) < float(rule.mask_iou):  # segment models
+        problems.append(f"mean mask IoU {entry['mean_mask_iou']:.4f} < {rule.mask_iou}")
     return problems
 
 
@@ -123,7 +126,12 @@ def choose(parity: dict[str, Any], skipped: dict[str, str], pin: str, rule) -> d
         fp32 = [n for n in fastest if BY_NAME[n].family == "fp32"]
         if good:
             chosen = good[0]
-            why += f"fastest that holds parity (mAP50 drop <= {rule.map50_drop}, mean IoU >= {rule.mean_iou})"
+            masks = any("mean_mask_iou" in e for e in measured.values())
+            mask_rule = f", mean mask IoU >= {rule.mask_iou}" if masks else ""
+            why += (
+                f"fastest that holds parity (mAP50 drop <= {rule.map50_drop}, mean IoU >= {rule.mean_iou}"
+                f"{mask_rule})"
+            )
         elif fp32:
             chosen = fp32[0]
             why += "nothing held parity: the fastest fp32 deployment"

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from src.common.masks import polygons_has_mask, polygons_to_masks
-from src.common.network_input import Letterbox, masks_to_original
+from src.common.network_input import Letterbox, masks_in_boxes
 from src.metrics.coco import coco_summary
 
 MASK_COLUMNS = ("mask_mAP_50", "mask_mAP_50_95")
@@ -73,8 +73,10 @@ def _numpy(values) -> np.ndarray:
 def mask_iou(masks_a, masks_b) -> np.ndarray:
     """IoU of each mask in masks_a (N, H, W) with the one at the same index in masks_b (N, H, W): (N,)
     float64; two empty masks count as IoU 1 (they agree). For export parity and error analysis."""
-    a = _numpy(masks_a).astype(bool).reshape(len(masks_a), -1)
-    b = _numpy(masks_b).astype(bool).reshape(len(masks_b), -1)
+    a, b = _numpy(masks_a).astype(bool), _numpy(masks_b).astype(bool)
+    if len(a) == 0 and len(b) == 0:  # no pairs (reshape(0, -1) cannot infer the pixel count)
+        return np.zeros(0, np.float64)
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
     if a.shape != b.shape:
         raise ValueError(f"mask_iou needs masks of one shape, got {a.shape} and {b.shape}")
     union = (a | b).sum(1)
@@ -87,32 +89,8 @@ def prediction_masks(logits, boxes_xyxy, scores, labels, meta: Letterbox) -> dic
     at the original size (network_input.masks_to_original, cut to each box)."""
     scores, labels = _numpy(scores).reshape(-1), _numpy(labels).reshape(-1)
     kept = np.flatnonzero(scores >= MIN_MASK_SCORE)[:MAX_MASKS]
-    masks = masks_in_boxes(torch.as_tensor(logits)[kept], np.asarray(boxes_xyxy)[kept], meta)
+    masks = masks_in_boxes(torch.as_tensor(logits)[kept], meta, np.asarray(boxes_xyxy)[kept], hwk=True)
     return {"rles": _encode_hwk(masks), "scores": scores[kept], "labels": labels[kept]}
-
-
-def masks_in_boxes(logits: torch.Tensor, boxes_xyxy: np.ndarray, meta: Letterbox) -> np.ndarray:
-    """network_input.masks_to_original(logits, meta, boxes_xyxy=boxes) pixel for pixel, but resampling only
-    the pixels inside each box (the rest is cleared there anyway) and written straight into the Fortran
-    (H, W, K) uint8 layout RLE encoding reads: ~4x faster for validation's 100 masks per image."""
-    count = len(logits)
-    out = np.zeros((meta.orig_h, meta.orig_w, count), np.uint8, order="F")
-    boxes = torch.as_tensor(boxes_xyxy, dtype=torch.float32).reshape(-1, 4)
-    centres_x = torch.arange(meta.orig_w, dtype=torch.float32) + 0.5  # original pixel centres
-    centres_y = torch.arange(meta.orig_h, dtype=torch.float32) + 0.5
-    for k in range(count):
-        x1, y1, x2, y2 = boxes[k]
-        cols = torch.nonzero(
-            (centres_x >= x1) & (centres_x <= x2)
-        ).flatten()  # the box test of masks_to_original
-        rows = torch.nonzero((centres_y >= y1) & (centres_y <= y2)).flatten()
-        if len(cols) == 0 or len(rows) == 0:
-            continue
-        c0, c1, r0, r1 = int(cols[0]), int(cols[-1]) + 1, int(rows[0]), int(rows[-1]) + 1
-        window = Letterbox(meta.scale_x, meta.scale_y, meta.pad_x + c0 * meta.scale_x, meta.pad_y + r0 * meta.scale_y,
-                           c1 - c0, r1 - r0, meta.net_w, meta.net_h)  # fmt: skip
-        out[r0:r1, c0:c1, k] = masks_to_original(logits[k : k + 1].float(), window)[0].numpy()
-    return out
 
 
 def ground_truth_masks(polygons, labels, meta: Letterbox) -> dict:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 # labels (B, K) int64, boxes (B, K, 4) float32 xyxy in pixels of the given target sizes, scores (B, K) float32
-Outputs = tuple[np.ndarray, np.ndarray, np.ndarray]
+# [, masks (B, K, h, w) float32 mask logits: segment models only] (src/runtime/meta.py: output_names)
+Outputs = tuple[np.ndarray, ...]
 
 
 class BackendUnavailable(RuntimeError):

@@ -2,7 +2,9 @@
 
 The shared geometry (src/common/network_input.py) is used for every backend: each image is letterboxed or
 resized to the network input, the fused postprocessing gets the NETWORK size (w, h) as its target size,
-and `boxes_to_original` maps the boxes back. A backend runner only runs the graph.
+and `boxes_to_original` maps the boxes back. A segmentation model's 4th output (low-resolution mask logits
+of the top-K queries) becomes, for the kept detections only, bool masks of the original image
+(`masks_in_boxes`: `masks_to_original` inside each box only). A backend runner only runs the graph.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from src.common.images import read_image_rgb
-from src.common.network_input import Letterbox, boxes_to_original, preprocess_images
+from src.common.network_input import Letterbox, boxes_to_original, masks_in_boxes, preprocess_images
 from src.runtime.backend import Outputs
 from src.runtime.meta import ModelMeta
 
@@ -31,9 +33,11 @@ class Runner(Protocol):
     def __call__(self, images: np.ndarray, sizes: np.ndarray) -> Outputs: ...
 
 
-# Decimals written to JSON/CSV: boxes in pixels (1/100 px is far below any model's precision), scores.
+# Decimals written to JSON/CSV: boxes in pixels (1/100 px is far below any model's precision), scores,
+# normalised polygon coordinates (1e-5: a tenth of a pixel on a 10 000 px image).
 BOX_DECIMALS = 2
 SCORE_DECIMALS = 4
+POLYGON_DECIMALS = 5
 
 
 def rounded(values, decimals: int) -> list:
@@ -60,14 +64,22 @@ class Detections:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists (JSON-ready): boxes rounded to BOX_DECIMALS, scores to SCORE_DECIMALS (the arrays
-        themselves are untouched)."""
-        return {
+        themselves are untouched). A segmentation model's detections add "polygons": per detection its
+        mask's largest outer contour as normalised [[x, y], ...] (common.masks.mask_to_polygon; None for a
+        mask too small to outline)."""
+        out = {
             "boxes": rounded(self.boxes.reshape(-1, 4), BOX_DECIMALS),
             "scores": rounded(self.scores, SCORE_DECIMALS),
             "labels": self.labels.tolist(),
             "names": list(self.names),
             "image_size": list(self.image_size),
         }
+        if self.masks is not None:
+            from src.common.masks import mask_to_polygon
+
+            polygons = (mask_to_polygon(mask) for mask in self.masks)
+            out["polygons"] = [None if p is None else rounded(p, POLYGON_DECIMALS) for p in polygons]
+        return out
 
 
 ImageLike = np.ndarray | str | Path
@@ -145,7 +157,7 @@ class Detector:
         results: list[Detections] = []
         for chunk in iter_chunks(images_rgb, batch_size or self.max_batch):
             outputs, letterboxes = self.raw(chunk)
-            results += [self._select(outputs, i, lb, thresholds) for i, lb in enumerate(letterboxes)]
+            results += [self.select(outputs, i, lb, thresholds) for i, lb in enumerate(letterboxes)]
         return results
 
     def raw(self, images_rgb: Sequence[np.ndarray]) -> tuple[Outputs, list[Letterbox]]:
@@ -163,21 +175,32 @@ class Detector:
             batch = np.concatenate([batch, np.zeros((fixed - count, *batch.shape[1:]), batch.dtype)])
         h, w = self.meta.img_size
         sizes = np.tile(np.array([[w, h]], np.float32), (len(batch), 1))  # network size: see module doc
-        labels, boxes, scores = self.runner(np.ascontiguousarray(batch, np.float32), sizes)
-        return labels[:count], boxes[:count], scores[:count]
+        outputs = self.runner(np.ascontiguousarray(batch, np.float32), sizes)
+        if len(outputs) != len(self.meta.output_names):
+            raise ValueError(
+                f"{self.path}: {len(outputs)} outputs, a {self.meta.task} model has "
+                f"{len(self.meta.output_names)} ({', '.join(self.meta.output_names)})"
+            )
+        return tuple(values[:count] for values in outputs)
 
-    def _select(
+    def select(
         self, outputs: Outputs, index: int, letterbox: Letterbox, thresholds: np.ndarray
     ) -> Detections:
-        labels, boxes, scores = (np.asarray(o[index]) for o in outputs)
+        """Image `index` of a batch's raw outputs (from `raw`) -> its Detections: the detections at or above
+        their class's threshold (`thresholds` (num_classes,)), by score, in original pixels; a segmentation
+        model's masks only for those (original size)."""
+        labels, boxes, scores, *mask_logits = (np.asarray(o[index]) for o in outputs)  # masks: (K, h, w)
         labels = labels.astype(np.int64)
         valid = (labels >= 0) & (labels < len(thresholds))
         keep = valid & (scores >= thresholds[np.clip(labels, 0, len(thresholds) - 1)])
-        order = np.argsort(-scores[keep], kind="stable")
-        labels, scores = labels[keep][order], scores[keep][order].astype(np.float32)
-        boxes = boxes_to_original(boxes[keep][order].astype(np.float32), letterbox)
+        kept = np.nonzero(keep)[0][np.argsort(-scores[keep], kind="stable")]  # by score, descending
+        labels, scores = labels[kept], scores[kept].astype(np.float32)
+        boxes = boxes_to_original(boxes[kept].astype(np.float32), letterbox)
         names = [self.class_names[i] for i in labels]
-        return Detections(boxes, scores, labels, names, (letterbox.orig_h, letterbox.orig_w))
+        masks = None
+        if mask_logits:  # only the kept detections' logits are resampled to the original size
+            masks = masks_in_boxes(mask_logits[0][kept], letterbox, boxes)
+        return Detections(boxes, scores, labels, names, (letterbox.orig_h, letterbox.orig_w), masks)
 
     def timed(
         self,

@@ -20,8 +20,19 @@ DEFAULT_CONF = 0.5
 # The I/O contract of every exported graph (postprocessing fused):
 #   images (B, 3, h, w) float32 RGB in [0, 1] + orig_target_sizes (B, 2) float32 (w, h)
 #   -> labels (B, K) int64, boxes (B, K, 4) float32 xyxy pixels of orig_target_sizes, scores (B, K) float32
+#   [+ a segmentation model (task "segment"): masks (B, K, h/s, w/s) float32 mask logits of the kept
+#      queries over the whole network input, s = the mask stride (4 or 8); logit > 0 is the mask]
 INPUT_NAMES = ("images", "orig_target_sizes")
-OUTPUT_NAMES = ("labels", "boxes", "scores")
+OUTPUT_NAMES = ("labels", "boxes", "scores")  # a detection model's outputs
+MASK_OUTPUT = "masks"
+SEGMENT_OUTPUT_NAMES = (*OUTPUT_NAMES, MASK_OUTPUT)
+
+
+def output_names(task: str) -> tuple[str, ...]:
+    """The graph outputs of a model of `task` (detect | segment), in order."""
+    if task not in ("detect", "segment"):
+        raise ValueError(f"unknown model task {task!r}: detect | segment")
+    return SEGMENT_OUTPUT_NAMES if task == "segment" else OUTPUT_NAMES
 
 
 @dataclass
@@ -45,6 +56,7 @@ class ModelMeta:
         self.class_names = [str(n) for n in self.class_names]
         self.img_size = (int(self.img_size[0]), int(self.img_size[1]))
         self.class_thresholds = {str(k): float(v) for k, v in (self.class_thresholds or {}).items()}
+        output_names(self.task)  # an unknown task fails here, not at the first inference
         unknown = sorted(set(self.class_thresholds) - set(self.class_names))
         if unknown:
             raise ValueError(f"class_thresholds name unknown classes {unknown}; classes: {self.class_names}")
@@ -52,6 +64,11 @@ class ModelMeta:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The artifact's graph outputs (a segment model has a 4th, "masks")."""
+        return output_names(self.task)
 
     def thresholds_array(self, conf: float | dict | None = None) -> np.ndarray:
         """Per-class score thresholds (num_classes,): `conf` overrides the stored ones.

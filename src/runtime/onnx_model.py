@@ -48,11 +48,16 @@ class OnnxRunner:
             raise ValueError(
                 f"{self.path}: inputs {names}, expected {list(INPUT_NAMES)} (export with src.dl.export)"
             )
+        outputs = [o.name for o in self.session.get_outputs()]
+        if tuple(outputs) != self.meta.output_names:
+            raise ValueError(
+                f"{self.path}: outputs {outputs}, expected {list(self.meta.output_names)} for a "
+                f"{self.meta.task} model (export with src.dl.export)"
+            )
         batch_dim = self.session.get_inputs()[0].shape[0]
         self.batch_size = batch_dim if isinstance(batch_dim, int) else None  # None: dynamic batch
         self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
         self.precision = self.meta.precision
 
     def __call__(self, images: np.ndarray, sizes: np.ndarray) -> Outputs:
-        labels, boxes, scores = self.session.run(None, {INPUT_NAMES[0]: images, INPUT_NAMES[1]: sizes})
-        return labels, boxes, scores
+        return tuple(self.session.run(None, {INPUT_NAMES[0]: images, INPUT_NAMES[1]: sizes}))

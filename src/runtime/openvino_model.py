@@ -102,12 +102,18 @@ class OpenVinoRunner:
         self.compiled = compiled
         self.precision = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
         self.request = compiled.create_infer_request()
-        self.output_ports = [compiled.output(name) for name in ("labels", "boxes", "scores")]
+        try:
+            self.output_ports = [compiled.output(name) for name in self.meta.output_names]
+        except RuntimeError as err:  # OpenVINO's message for a missing name is long; say what is expected
+            raise ValueError(
+                f"{self.path}: expected outputs {list(self.meta.output_names)} for a {self.meta.task} model "
+                f"(export with src.dl.export): {str(err).splitlines()[0]}"
+            ) from err
 
     def __call__(self, images: np.ndarray, sizes: np.ndarray) -> Outputs:
         result = self.request.infer({INPUT_NAMES[0]: images, INPUT_NAMES[1]: sizes})
-        labels, boxes, scores = (np.array(result[port]) for port in self.output_ports)
-        return labels.astype(np.int64), boxes, scores
+        labels, *rest = (np.array(result[port]) for port in self.output_ports)  # rest: boxes, scores[, masks]
+        return labels.astype(np.int64), *rest
 
 
 def _type_name(value) -> str:

@@ -11,6 +11,8 @@ cut from the ORIGINAL pixels (no shrinking), so a small object keeps its size; t
 pixels and merged per class, greedily by score: a box matching a kept one (intersection over the smaller box,
 or IoU) above the threshold is merged into it (union of the boxes, the higher score: a large object cut by
 slice edges comes back whole) or, with merge="nms", dropped.
+A segmentation model's masks are carried: each slice's masks are pasted into the full image at the slice's
+place, a merged detection's mask is the union of the masks merged into it (nmm; nms: the kept one's).
 
 sahi's own slicing was not used: the sahi wheel requires opencv-python (this project allows only the
 headless build, both at once break each other), shapely, fire and requests; the slicing and merging here are
@@ -94,10 +96,33 @@ class SlicedDetector(Detector):
         boxes = np.concatenate([d.boxes.reshape(-1, 4) for d in per_crop]) + offsets.reshape(-1, 4)
         scores = np.concatenate([d.scores for d in per_crop])
         labels = np.concatenate([d.labels for d in per_crop])
-        boxes, scores, labels = merge_detections(
+        merged, groups = merge_groups(
             boxes.astype(np.float32), scores, labels, self.match_metric, self.match_threshold, self.merge
         )
-        return Detections(boxes, scores, labels, [self.class_names[i] for i in labels], image_size)
+        kept = np.array([group[0] for group in groups], np.int64)
+        masks = None
+        if per_crop and per_crop[0].masks is not None:  # segmentation: every crop's Detections has masks
+            masks = paste_masks(per_crop, windows, groups, image_size)
+        labels = labels[kept]
+        names = [self.class_names[i] for i in labels]
+        return Detections(merged, scores[kept].astype(np.float32), labels, names, image_size, masks)
+
+
+def paste_masks(
+    per_crop: list[Detections], windows: np.ndarray, groups: list[np.ndarray], image_size: tuple[int, int]
+) -> np.ndarray:
+    """(K, H, W) bool masks of the merged detections: for each, the union of its members' crop masks
+    pasted at their windows. groups index the detections of all crops in order (merge_groups)."""
+    crop_of = np.concatenate([np.full(len(d), i) for i, d in enumerate(per_crop)]).astype(np.int64)
+    first = np.cumsum([0] + [len(d) for d in per_crop])  # index of each crop's first detection
+    masks = np.zeros((len(groups), *image_size), bool)
+    for out, group in zip(masks, groups):
+        for index in group:
+            crop = crop_of[index]
+            x0, y0 = (int(v) for v in windows[crop][:2])
+            mask = per_crop[crop].masks[index - first[crop]]  # (crop_h, crop_w)
+            out[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]] |= mask
+    return masks
 
 
 def pairwise_overlap(box: np.ndarray, others: np.ndarray, metric: str) -> np.ndarray:
@@ -115,15 +140,25 @@ def merge_detections(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Class-wise greedy merge, highest score first. boxes (N, 4) xyxy -> kept (K, 4), scores (K,), labels (K,),
     sorted by score. merge="nmm": a kept box grows to the union of the boxes it absorbs; "nms": they are dropped."""
+    merged, groups = merge_groups(boxes, scores, labels, metric, threshold, merge)
+    kept = np.array([group[0] for group in groups], np.int64)
+    return merged, scores[kept].astype(np.float32), labels[kept].astype(np.int64)
+
+
+def merge_groups(
+    boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, metric: str, threshold: float, merge: str
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """merge_detections' work: (merged boxes (K, 4) sorted by score, per merged detection the input indices
+    merged into it, its own first; nms: only its own, the matched ones are dropped)."""
     order = np.argsort(-scores, kind="stable")
-    boxes, scores, labels = boxes[order], scores[order], labels[order]
+    boxes, labels = boxes[order], labels[order]
     taken = np.zeros(len(boxes), bool)
-    kept_boxes, kept = [], []
+    kept_boxes, groups = [], []
     for i in range(len(boxes)):
         if taken[i]:
             continue
         taken[i] = True
-        box = boxes[i].copy()
+        box, members = boxes[i].copy(), [i]
         while True:  # nmm: the grown box may now match pieces the first one did not (a block cut into slices)
             rest = np.nonzero(~taken & (labels == labels[i]))[0]
             matched = rest[pairwise_overlap(box, boxes[rest], metric) >= threshold]
@@ -132,6 +167,7 @@ def merge_detections(
             taken[matched] = True
             if merge == "nms":
                 break
+            members += matched.tolist()
             box = np.concatenate(
                 [
                     np.minimum(box[:2], boxes[matched, :2].min(0)),
@@ -139,10 +175,8 @@ def merge_detections(
                 ]
             )
         kept_boxes.append(box)
-        kept.append(i)
-    kept = np.array(kept, np.int64)
-    merged = np.array(kept_boxes, np.float32).reshape(-1, 4)
-    return merged, scores[kept].astype(np.float32), labels[kept].astype(np.int64)
+        groups.append(order[members])
+    return np.array(kept_boxes, np.float32).reshape(-1, 4), groups
 
 
 def trained_on_tiles(data_path: str | Path) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from src.runtime.backend import BackendUnavailable, Outputs
-from src.runtime.meta import INPUT_NAMES, OUTPUT_NAMES, ModelMeta, read_sidecar
+from src.runtime.meta import INPUT_NAMES, ModelMeta, read_sidecar
 
 
 def import_tensorrt():
@@ -50,8 +50,12 @@ class TensorRtRunner:
                 )
             self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        if sorted(names) != sorted(INPUT_NAMES + OUTPUT_NAMES):
-            raise ValueError(f"{self.path}: tensors {names}, expected {list(INPUT_NAMES + OUTPUT_NAMES)}")
+        self.output_names = self.meta.output_names  # a segment engine has a 4th binding, "masks"
+        if sorted(names) != sorted(INPUT_NAMES + self.output_names):
+            raise ValueError(
+                f"{self.path}: tensors {names}, expected {list(INPUT_NAMES + self.output_names)} "
+                f"for a {self.meta.task} model"
+            )
         self.dtypes = {
             n: torch.from_numpy(np.zeros(1, trt.nptype(self.engine.get_tensor_dtype(n)))).dtype for n in names
         }
@@ -81,12 +85,12 @@ class TensorRtRunner:
                 self.context.set_input_shape(name, tuple(tensor.shape))
                 self.context.set_tensor_address(name, tensor.data_ptr())
             outputs = {}
-            for name in OUTPUT_NAMES:
+            for name in self.output_names:
                 shape = tuple(self.context.get_tensor_shape(name))
                 outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
                 self.context.set_tensor_address(name, outputs[name].data_ptr())
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError(f"{self.path}: TensorRT execution failed")
         self.stream.synchronize()
-        labels, boxes, scores = (outputs[n].cpu().numpy() for n in OUTPUT_NAMES)
-        return labels.astype(np.int64), boxes.astype(np.float32), scores.astype(np.float32)
+        labels, *rest = (outputs[n].cpu().numpy() for n in self.output_names)  # boxes, scores[, masks]
+        return labels.astype(np.int64), *(values.astype(np.float32) for values in rest)

@@ -14,7 +14,7 @@ from torch import nn
 
 from src.common.experiment import FILES
 from src.runtime.backend import Outputs, torch_device
-from src.runtime.meta import ModelMeta, meta_from_checkpoint
+from src.runtime.meta import SEGMENT_OUTPUT_NAMES, ModelMeta, meta_from_checkpoint
 
 TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
 TORCH_CHUNK = 8
@@ -22,7 +22,8 @@ TORCH_CHUNK = 8
 
 class DeployModel(nn.Module):
     """images (B, 3, h, w) float in [0, 1] + orig_target_sizes (B, 2) (w, h)
-    -> labels (B, K) int64, boxes (B, K, 4) xyxy pixels of the target sizes, scores (B, K)."""
+    -> labels (B, K) int64, boxes (B, K, 4) xyxy pixels of the target sizes, scores (B, K)
+    [, masks (B, K, h/s, w/s) mask logits of the kept queries: a segment model's 4th output]."""
 
     def __init__(self, model: nn.Module, postprocessor: nn.Module):
         super().__init__()
@@ -35,7 +36,8 @@ class DeployModel(nn.Module):
         outputs = self.model(images)
         result = self.postprocessor(outputs, orig_target_sizes)
         if isinstance(result, (list, tuple)) and result and isinstance(result[0], dict):  # not in deploy mode
-            return tuple(torch.stack([r[key] for r in result]) for key in ("labels", "boxes", "scores"))
+            keys = [key for key in SEGMENT_OUTPUT_NAMES if key in result[0]]
+            return tuple(torch.stack([r[key] for r in result]) for key in keys)
         return result
 
 
@@ -103,11 +105,10 @@ class TorchRunner:
         x = torch.from_numpy(images).to(self.device, dtype, non_blocking=True)
         target = torch.from_numpy(sizes).to(self.device)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
-            labels, boxes, scores = self.model(x, target)
+            labels, boxes, scores, *masks = self.model(x, target)  # masks: [(B, K, h, w)] for segment
         return (
             labels.cpu().numpy().astype(np.int64),
-            boxes.float().cpu().numpy(),
-            scores.float().cpu().numpy(),
+            *(values.float().cpu().numpy() for values in (boxes, scores, *masks)),
         )
 
     def synchronize(self) -> None:

@@ -23,6 +23,13 @@ from src.dl.train.core import TrainState
 from src.dl.train.trainer_utils import DistContext, ShardSampler, all_gather_objects
 
 
+def is_validated(epoch: int, train_cfg: DictConfig) -> bool:
+    """Is `epoch` (0-based) validated? Every train.eval_every-th, the last one, and the no_aug_epochs tail
+    (the model changes fastest there, and best.pt usually comes from it)."""
+    tc = train_cfg
+    return (epoch + 1) % int(tc.eval_every) == 0 or epoch >= int(tc.epochs) - max(int(tc.no_aug_epochs), 1)
+
+
 class Evaluator:
     def __init__(
         self,
@@ -96,20 +103,27 @@ class Evaluator:
             evaluation.save(self.exp.file("plots") / split)
         return evaluation
 
-    def negatives_metrics(self, model: nn.Module) -> dict[str, float]:
-        """FPPI, clean-image rate and max score of `model` on the negatives folder ({} without one)."""
+    def negatives_metrics(self, model: nn.Module, subsample: bool = False) -> dict[str, float]:
+        """FPPI, clean-image rate and max score of `model` on the negatives folder ({} without one).
+
+        subsample: only train.negatives_max_images of them (the same ones every epoch; scoring them all
+        each epoch cost more than the val split)."""
         if not self.negatives:
             return {}
-        from src.dl.train.negatives import configured_thresholds, evaluate_negatives
+        from src.dl.train.negatives import configured_thresholds, evaluate_negatives, evenly_spaced
 
+        images = evenly_spaced(self.negatives, self.tc.negatives_max_images) if subsample else self.negatives
         return evaluate_negatives(
-            model, self.negatives, configured_thresholds(self.cfg), postprocessor=self.postprocessor,
+            model, images, configured_thresholds(self.cfg), postprocessor=self.postprocessor,
             img_size=self.spec.img_size, keep_ratio=self.spec.keep_ratio, device=self.device,
             batch_size=int(self.tc.batch_size), num_workers=int(self.tc.num_workers),
             amp_dtype=self.amp_dtype, show_progress=self.ctx.is_main,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ which epoch is best
+
+    def validates(self, epoch: int) -> bool:
+        return is_validated(epoch, self.tc)
 
     def judge_epoch(self, state: TrainState, epoch: int, evaluation, negatives: dict) -> dict:
         """This epoch's metrics (val + negatives), thresholds, and whether they beat the best so far."""

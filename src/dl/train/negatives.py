@@ -12,9 +12,9 @@ The folder must not share images with the training data (else the numbers flatte
 check_negatives_disjoint compares file names and file contents.
 
 The trainer (src/dl/train/trainer.py, evaluation.py) uses these pieces: check_negatives_disjoint once at setup (against the
-train/val/test images), evaluate_negatives on the EMA model every validation epoch (rank 0) and on best.pt
-after training (a "negatives" row of metrics.csv), prefer_lower_fppi to pick best.pt when
-train.fppi_tolerance is set. Scores are measured at configured_thresholds(cfg).
+train/val/test images), evaluate_negatives on the EMA model every validation epoch (rank 0; on at most
+train.negatives_max_images of them, evenly_spaced) and on best.pt after training (every negative; a
+"negatives" row of metrics.csv), prefer_lower_fppi to pick best.pt when train.fppi_tolerance is set. Scores are measured at configured_thresholds(cfg).
 For a trained experiment: `python -m src.dl.train.negatives exp_name=...` -> output/<exp>/negatives_metrics.json.
 """
 
@@ -63,6 +63,16 @@ def split_image_paths(cfg: DictConfig) -> list[Path]:
     from src.etl.splits import read_split
 
     return [path for split in ("train", "val", "test") for path in read_split(cfg, split) or []]
+
+
+def evenly_spaced(image_paths: Sequence[Path], max_images: int | None) -> list[Path]:
+    """At most `max_images` of `image_paths` (None: all), spread evenly over the list: the same images on every
+    call, so the per-epoch numbers compare epochs, not samples; spread, not the first N, so a folder sorted by
+    source (camera, scene) is covered across its sources."""
+    paths = list(image_paths)
+    if max_images is None or len(paths) <= max_images:
+        return paths
+    return [paths[i * len(paths) // int(max_images)] for i in range(int(max_images))]  # distinct: len > max
 
 
 # ---------------------------------------------------------------- the folder and its overlap with training

@@ -344,8 +344,10 @@ class Trainer(EpochLoop):
             row["epoch_time_s"] = round(time.perf_counter() - started, 2)
             self.state.history.append(row)
             self.state.epoch, self.state.batch = epoch + 1, 0
-            self.state.stopped_early = (
-                bool(early_stop) and self.state.epochs_without_improvement >= early_stop
+            self.state.stopped_early = (  # decided at a validation: the last epoch trained is judged
+                bool(early_stop)
+                and self.evaluator.validates(epoch)
+                and self.state.epochs_without_improvement >= early_stop
             )
             self.save_last()
             self._call("on_epoch_end", row, self.state)
@@ -387,12 +389,15 @@ class Trainer(EpochLoop):
 
     def validate(self, epoch: int) -> dict:
         """Evaluate the EMA weights on val; rank 0 judges the epoch (best.pt when it improved), every rank
-        learns the verdict."""
+        learns the verdict. An epoch train.eval_every skips: no metrics ({}), and early stopping counts it."""
+        if not self.evaluator.validates(epoch):
+            self.state.epochs_without_improvement += 1
+            return {}
         model = self.eval_model()
         evaluation = self.evaluator.evaluate_split(model, "val", plots=False)
         verdict = None
         if self.ctx.is_main:
-            negatives = self.evaluator.negatives_metrics(model)
+            negatives = self.evaluator.negatives_metrics(model, subsample=True)
             verdict = self.evaluator.judge_epoch(self.state, epoch, evaluation, negatives)
             if verdict["improved"]:
                 self.save_best(verdict["metrics"], verdict["thresholds"], epoch + 1)

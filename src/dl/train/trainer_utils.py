@@ -333,7 +333,6 @@ def plot_curves(history: Sequence[dict], path: Path, metric_names: Sequence[str]
 
     if not history:
         return
-    epochs = [row["epoch"] for row in history]
     panels = {
         "loss (train, per batch)": [k for k in history[-1] if k == "loss" or k.startswith("loss_")],
         "validation metrics": [k for k in metric_names if any(k in row for row in history)],
@@ -342,7 +341,9 @@ def plot_curves(history: Sequence[dict], path: Path, metric_names: Sequence[str]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for ax, (title, keys) in zip(axes, panels.items()):
         for key in keys:
-            ax.plot(epochs, [row.get(key, float("nan")) for row in history], marker=".", label=key)
+            # Epochs without a value (not validated: train.eval_every) are left out, not drawn as gaps.
+            points = [(row["epoch"], row[key]) for row in history if row.get(key) is not None]
+            ax.plot(*zip(*points), marker=".", label=key)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -358,7 +359,11 @@ def write_history(history: Sequence[dict], path: Path) -> None:
 
     from src.common.io import atomic_write_csv
 
-    atomic_write_csv(path, pd.DataFrame(list(history)))
+    frame = pd.DataFrame(list(history))  # an epoch without validation (train.eval_every): empty metric cells
+    # Columns in first-seen order, the epoch's total time last (a first epoch without validation would put it
+    # before the metric columns).
+    columns = [c for c in frame.columns if c != "epoch_time_s"] + ["epoch_time_s"] * ("epoch_time_s" in frame)
+    atomic_write_csv(path, frame[columns])
 
 
 def remove_sink_safely(sink_id: int | None) -> None:

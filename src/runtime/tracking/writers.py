@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from src.common.draw import draw_tracks
+from src.common.draw import draw_masks, draw_tracks
 from src.runtime.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections, rounded
+from src.runtime.evaluate import filter_detections
 from src.runtime.tracking.bytetrack import Tracker, TrackerSettings
 
 # MOT-challenge ground-truth/result format (MOT16/17/20): frame numbers start at 1; x, y = top-left.
@@ -120,10 +121,7 @@ class VideoTracks:
     def confident(self, dets: Detections) -> Detections:
         """The detections at or above the model's thresholds: what a run without tracking reports (the
         low-score ones made for the tracker stay out of predictions.csv, labels and crops)."""
-        labels = np.clip(dets.labels, 0, len(self.tracker.thresholds) - 1)
-        keep = np.flatnonzero(dets.scores >= self.tracker.thresholds[labels])
-        names = [dets.names[i] for i in keep]
-        return Detections(dets.boxes[keep], dets.scores[keep], dets.labels[keep], names, dets.image_size)
+        return filter_detections(dets, self.tracker.thresholds)
 
     def update(self, frame_index: int, dets: Detections) -> tuple[np.ndarray, np.ndarray]:
         """Track one frame's detections -> (ids (N,), majority class (N,)); -1 where not tracked."""
@@ -134,9 +132,12 @@ class VideoTracks:
         return ids, self.tracker.voted_labels(ids)
 
     def frame(self, frame_index: int, frame_rgb: np.ndarray, dets: Detections) -> np.ndarray:
-        """update() and the frame with the tracked boxes drawn ("#id class score", a colour per id)."""
+        """update() and the frame with the tracked boxes drawn ("#id class score", a colour per id); a
+        segmentation model's masks are filled under them in the same colour (the tracking uses boxes)."""
         ids, labels = self.update(frame_index, dets)
         keep = ids >= 0
+        if dets.masks is not None:
+            frame_rgb = draw_masks(frame_rgb, dets.masks[keep], ids[keep])  # draw_tracks' colour: by id
         return draw_tracks(
             frame_rgb, dets.boxes[keep], ids[keep], labels[keep], dets.scores[keep], self.class_names
         )

@@ -2,7 +2,7 @@
 the demo data with polygon labels.
 
     python -m benchmarks.seg_targets [--epochs 16] [--size n] [--out output/bench_seg] [--workers 2]
-                                     [--tasks detect,segment]
+                                     [--tasks detect,segment] [--extra key=value ...]
 
 Makes the demo data with polygons (demo_data.polygons=true) once under <out>/data, splits it, then trains
 `model.task=detect` and `model.task=segment` (each in its own process, the `make demo` recipe: DEMO_TRAIN
@@ -78,6 +78,7 @@ def train(task: str, data: Path, out: Path, args: argparse.Namespace) -> dict:
         f"train.num_workers={args.workers}",
         "train.overwrite=true",
         *DEMO_TRAIN,
+        *args.extra,
     ]
     command = [sys.executable, "-m", "benchmarks.seg_targets", "--child", task, *overrides]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -106,11 +107,19 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("output/bench_seg"))
     parser.add_argument("--tasks", default="detect,segment", help="comma-separated: detect, segment or both")
+    parser.add_argument(
+        "--extra", nargs="*", default=[], help="more key=value overrides for every run (e.g. an A/B change)"
+    )
     args = parser.parse_args(argv)
     tasks = [task for task in ("detect", "segment") if task in args.tasks.split(",")]
     data = prepare_data(args.out)
     runs = {task: train(task, data, args.out, args) for task in tasks}
-    recipe = {"size": args.size, "epochs": args.epochs, "workers": args.workers, "overrides": DEMO_TRAIN}
+    recipe = {
+        "size": args.size,
+        "epochs": args.epochs,
+        "workers": args.workers,
+        "overrides": DEMO_TRAIN + args.extra,
+    }
     report = {"cpu": cpu_name(), "recipe": recipe, "runs": runs}
     print(f"CPU: {report['cpu']}; D-FINE-{args.size}, {args.epochs} epochs, make demo recipe")
     print_runs(runs)

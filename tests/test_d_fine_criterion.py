@@ -201,6 +201,107 @@ def test_matcher_on_a_hand_made_case():
     assert query.tolist() == [1]
 
 
+def _square_mask(size: int, x0: int, x1: int) -> torch.Tensor:
+    """(size, size) bool mask: the columns x0..x1 of rows 0..size/2 (a left or right block)."""
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask[: size // 2, x0:x1] = True
+    return mask
+
+
+def _tied_boxes_case() -> tuple[dict, list[dict]]:
+    """Two queries with identical class scores and boxes, two objects with identical labels and boxes:
+    the box cost ties everywhere. Query 0's mask logits are object 1's mask, query 1's are object 0's."""
+    left, right = _square_mask(32, 0, 16), _square_mask(32, 16, 32)
+    logits = torch.zeros(1, 2, 3)
+    boxes = torch.full((1, 2, 4), 0.5)
+    pred_masks = torch.stack([right, left]).float().mul(16).sub(8).unsqueeze(0)  # (1, 2, 32, 32): +-8 logits
+    outputs = {"pred_logits": logits, "pred_boxes": boxes, "pred_masks": pred_masks}
+    masks = torch.nn.functional.interpolate(torch.stack([left, right])[None].float(), size=64)[0] > 0.5
+    target = {"labels": torch.tensor([1, 1]), "boxes": torch.full((2, 4), 0.5), "masks": masks}
+    return outputs, [target]
+
+
+def test_matcher_mask_cost_decides_where_boxes_tie():
+    outputs, targets = _tied_boxes_case()
+    ((box_q, box_t),) = HungarianMatcher()(outputs, targets)
+    assert sorted(zip(box_q.tolist(), box_t.tolist())) == [(0, 0), (1, 1)]  # the solver's tie order
+    torch.manual_seed(0)
+    ((queries, gts),) = HungarianMatcher(cost_mask=1.0)(outputs, targets)
+    assert sorted(zip(queries.tolist(), gts.tolist())) == [(0, 1), (1, 0)]
+    # objects without a mask are matched on boxes and class alone: the tie order comes back
+    no_masks = [{**targets[0], "has_mask": torch.tensor([False, False])}]
+    ((queries, gts),) = HungarianMatcher(cost_mask=1.0)(outputs, no_masks)
+    assert sorted(zip(queries.tolist(), gts.tolist())) == [(0, 0), (1, 1)]
+    with pytest.raises(ValueError, match="cost_mask"):
+        HungarianMatcher(cost_mask=-1.0)
+
+
+def test_mask_cost_values_and_box_only_columns():
+    from src.d_fine.matcher import mask_cost
+
+    outputs, targets = _tied_boxes_case()
+    torch.manual_seed(0)
+    cost = mask_cost(outputs["pred_masks"][0], targets[0])  # (Q=2, n=2)
+    assert cost.shape == (2, 2)
+    # the right mask against the right object: near-zero BCE and dice; against the other object: large
+    assert cost[0, 1] < 0.05 and cost[1, 0] < 0.05 and cost[0, 0] > 1 and cost[1, 1] > 1
+    flagged = {**targets[0], "has_mask": torch.tensor([True, False])}
+    cost = mask_cost(outputs["pred_masks"][0], flagged)
+    assert torch.all(cost[:, 1] == 0) and torch.all(cost[:, 0] > 0)
+
+
+def test_matcher_mask_cost_zero_or_no_masks_is_todays_matching():
+    """Weight 0 (the default) matches exactly like the box-only matcher, and so do outputs without
+    "pred_masks" (earlier decoder layers, encoder proposals) whatever the weight."""
+    torch.manual_seed(3)
+    outputs = {
+        "pred_logits": torch.randn(2, 20, 3),
+        "pred_boxes": torch.rand(2, 20, 4) * 0.5 + 0.25,
+        "pred_masks": torch.randn(2, 20, 16, 16),
+    }
+    targets = [
+        {
+            "labels": torch.randint(0, 3, (n,)),
+            "boxes": torch.rand(n, 4) * 0.5 + 0.25,
+            "masks": torch.rand(n, 64, 64) > 0.5,
+        }
+        for n in (5, 7)
+    ]
+    box_only = {k: v for k, v in outputs.items() if k != "pred_masks"}
+    reference = HungarianMatcher()(box_only, targets)
+    for matcher, out in (
+        (HungarianMatcher(cost_mask=0.0), outputs),
+        (HungarianMatcher(cost_mask=5.0), box_only),
+    ):
+        for (q, t), (ref_q, ref_t) in zip(matcher(out, targets), reference):
+            assert torch.equal(q, ref_q) and torch.equal(t, ref_t)
+
+
+def test_segmentation_criterion_with_matcher_cost_trains():
+    """train.mask_loss.matcher_cost reaches the matcher; a real segment model's loss stays finite with it."""
+    from src.common.config import load_config
+
+    settings = dict(load_config(["train.mask_loss.matcher_cost=5"]).train.mask_loss)
+    criterion = build_criterion("n", 3, mask_loss=settings)
+    assert criterion.matcher.cost_mask == 5.0 and build_criterion("n", 3).matcher.cost_mask == 0.0
+    torch.manual_seed(0)
+    model = build_model("n", 3, img_size=(128, 128), num_queries=20, task="segment")
+    model.train()
+    mask = torch.zeros(128, 128, dtype=torch.bool)
+    mask[32:96, 40:80] = True
+    targets = [
+        {
+            "labels": torch.tensor([1]),
+            "boxes": torch.tensor([[0.47, 0.5, 0.31, 0.5]]),
+            "masks": mask[None],
+            "has_mask": torch.tensor([True]),
+        }
+    ]
+    losses = criterion(model(torch.rand(1, 3, 128, 128), targets), targets)
+    assert losses["loss_mask_dice"] > 0 and all(torch.isfinite(v) for v in losses.values())
+    assert _backward_is_finite(model, losses)
+
+
 def test_union_of_matches_takes_each_querys_most_frequent_target():
     def match(pairs):
         return [(torch.tensor([q for q, _ in pairs]), torch.tensor([t for _, t in pairs]))]

@@ -227,6 +227,7 @@ RULES: dict[str, Rule] = {
     "train.mask_loss.points": at_least(1),
     "train.mask_loss.oversample_ratio": at_least(1, kind="float"),
     "train.mask_loss.importance_sample_ratio": PROBABILITY,
+    "train.mask_loss.matcher_cost": at_least(0, kind="float"),
     "train.flat_cosine.flat_epochs": at_least(0, nullable=True, kind="int"),
     "train.fppi_tolerance": at_least(0, nullable=True, kind="float"),
     "train.negatives_path": FOLDER_OR_NULL,

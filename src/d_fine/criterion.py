@@ -17,7 +17,9 @@ False-positive control (both off by default, which is the official loss):
                   the other denoising terms and weighted like loss_vfl; they get no box or distribution term
 
 Segmentation models (outputs with "pred_masks"): loss_mask_bce and loss_mask_dice on sampled points of
-the last layer's matched queries (src/d_fine/mask_loss.py), weighted by train.mask_loss.
+the last layer's matched queries (src/d_fine/mask_loss.py), weighted by train.mask_loss. With
+train.mask_loss.matcher_cost > 0 the last layer's matching also weighs mask BCE + dice (matcher.py); the
+matcher reads "pred_masks" from the outputs and "masks" / "has_mask" from the targets it is given.
 
 Matching: classification terms use each head's own Hungarian matching; box and distribution terms use
 the GO-LSD "union set" (each query's most frequent target across all heads' matchings), normalised by
@@ -357,12 +359,18 @@ def build_criterion(
     settings, so it is kept for the record only. loss_weights / matcher_costs override single entries,
     keyed like DEFAULT_LOSS_WEIGHTS ("vfl", "bbox", ...) and DEFAULT_MATCHER_COSTS ("class", "bbox", "giou").
     bg_loss_weight: extra weight on the classification loss of background queries (1.0 = official).
-    mask_loss: train.mask_loss (bce, dice, points, oversample_ratio, importance_sample_ratio) for a
-    segmentation model; None for a detector.
+    mask_loss: train.mask_loss (bce, dice, points, oversample_ratio, importance_sample_ratio,
+    matcher_cost = the matcher's mask cost weight, 0 = box-only matching) for a segmentation model; None
+    for a detector.
     """
     weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
     costs = {**DEFAULT_MATCHER_COSTS, **(matcher_costs or {})}
-    matcher = HungarianMatcher(cost_class=costs["class"], cost_bbox=costs["bbox"], cost_giou=costs["giou"])
+    mask_settings = None if mask_loss is None else dict(mask_loss)
+    # The mask matching weight belongs to the matcher, not to the point-sampled loss settings.
+    cost_mask = 0.0 if mask_settings is None else float(mask_settings.pop("matcher_cost"))
+    matcher = HungarianMatcher(
+        cost_class=costs["class"], cost_bbox=costs["bbox"], cost_giou=costs["giou"], cost_mask=cost_mask
+    )
     weight_dict = {f"loss_{k}": v for k, v in weights.items() if k not in CLS_LOSS_GAMMA or k == cls_loss}
     criterion = DFineCriterion(
         num_classes,
@@ -371,7 +379,7 @@ def build_criterion(
         cls_loss=cls_loss,
         reg_max=reg_max,
         bg_loss_weight=bg_loss_weight,
-        mask_loss=None if mask_loss is None else MaskLossSettings(**dict(mask_loss)),
+        mask_loss=None if mask_settings is None else MaskLossSettings(**mask_settings),
     )
     criterion.model_name = model_name
     return criterion

@@ -93,7 +93,7 @@ def tiny(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def tiny_segment(tmp_path_factory) -> dict:
     """output/tiny/best.pt of a segmentation model (D-FINE-n + mask branch, the deterministic weights of
-    tests/deploy_data.py: every query scores above the default threshold and has a mask) and a PNG scene
+    tests/deploy_data.py: every query scores above the default threshold; most have a mask) and a PNG scene
     (lossless: the test compares the page's picture pixel by pixel)."""
     from tests.deploy_data import deploy_config, make_checkpoint
 
@@ -300,7 +300,8 @@ def test_segment_model_masks_on_images_and_videos(tiny_segment, tmp_path):
     detector = load_model(tiny_segment["checkpoint"], device="cpu")
     image = read_image_rgb(tiny_segment["image"])
     dets = detector.predict([image])[0]
-    assert dets.masks is not None and dets.masks.any(axis=(1, 2)).all()  # the fixture's premise
+    # the fixture's premise: masks, several of them non-empty (random weights leave some empty)
+    assert dets.masks is not None and dets.masks.any(axis=(1, 2)).sum() >= 3
 
     results = predict_images(detector, [tiny_segment["image"]], None, None, tmp_path / "images")
     shown = read_image_rgb(results.gallery[0][0])

@@ -109,10 +109,13 @@ def test_masks_stay_with_their_detections_through_thresholds(seg_exported):
     np.testing.assert_array_equal(kept.masks, everything.masks[: len(kept)])  # both sorted by score
     for mask, (x0, y0, x1, y1) in zip(kept.masks, kept.boxes):
         ys, xs = np.nonzero(mask)
-        inside = (
-            xs.min() + 0.5 >= x0 and xs.max() + 0.5 <= x1 and ys.min() + 0.5 >= y0 and ys.max() + 0.5 <= y1
-        )
-        assert not len(xs) or inside
+        if len(xs):  # random weights may leave a detection's mask empty
+            assert (
+                xs.min() + 0.5 >= x0
+                and xs.max() + 0.5 <= x1
+                and ys.min() + 0.5 >= y0
+                and ys.max() + 0.5 <= y1
+            )
     polygons = kept.to_dict()["polygons"]
     assert len(polygons) == len(kept)
 

@@ -93,16 +93,16 @@ def prediction_masks(logits, boxes_xyxy, scores, labels, meta: Letterbox) -> dic
     return {"rles": _encode_hwk(masks), "scores": scores[kept], "labels": labels[kept]}
 
 
-def ground_truth_masks(polygons, labels, meta: Letterbox) -> dict:
+def ground_truth_masks(polygons, labels, height: int, width: int) -> dict:
     """One image's label polygons (normalised; None = box-only object) -> {"rles", "labels", "height",
     "width"} of the objects that have one, rasterised at the original size (common.masks)."""
     has_mask = polygons_has_mask(polygons)
-    masks = polygons_to_masks([p for p in polygons if p is not None], meta.orig_h, meta.orig_w)
+    masks = polygons_to_masks([p for p in polygons if p is not None], height, width)
     return {
         "rles": encode_masks(masks),
         "labels": _numpy(labels).reshape(-1)[has_mask],
-        "height": meta.orig_h,
-        "width": meta.orig_w,
+        "height": height,
+        "width": width,
     }
 
 

@@ -80,7 +80,7 @@ def batch_records(results: Sequence[dict], targets: Sequence[dict]) -> tuple[lis
         if "masks" in result and "polygons" in target:
             scores, labels = pred["scores"], pred["labels"]
             pred["mask"] = prediction_masks(result["masks"], pred["boxes"], scores, labels, meta)
-            gt["mask"] = ground_truth_masks(target["polygons"], gt["labels"], meta)
+            gt["mask"] = ground_truth_masks(target["polygons"], gt["labels"], meta.orig_h, meta.orig_w)
         preds.append(pred | extra)
         gts.append(gt | {"width": meta.orig_w, "height": meta.orig_h} | extra)
     return preds, gts

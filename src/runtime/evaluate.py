@@ -174,7 +174,7 @@ def mask_scores(
     image's masked_count first detections against the samples' polygons, as training's validation scores
     them; {} when no sample has a polygon (nothing to score). Both sides go in as RLEs: one image's dense
     ground-truth masks exist only while they are encoded."""
-    from src.metrics.masks import encode_masks, mask_map
+    from src.metrics.masks import ground_truth_masks, mask_map
 
     if not any(s.has_mask.any() for s in samples):
         logger.info("mask mAP not computed: no ground-truth polygons in these labels (box lines only)")
@@ -184,9 +184,8 @@ def mask_scores(
         height, width = dets.image_size
         n = masked_count(dets)
         preds.append({"rles": rles[:n], "labels": dets.labels[:n], "scores": dets.scores[:n]})
-        gt_masks = sample.masks(height, width)[sample.has_mask]
-        gts.append({"rles": encode_masks(gt_masks), "labels": sample.labels[sample.has_mask],
-                    "height": height, "width": width})  # fmt: skip
+        polygons = sample.polygons or [None] * len(sample.labels)
+        gts.append(ground_truth_masks(polygons, sample.labels, height, width))
     return mask_map(preds, gts, num_classes)
 
 

@@ -70,17 +70,25 @@ def test_bad_amp_values_are_refused():
         choose_precision("half", CPU, ZEN4)
 
 
-def test_threads_default_leaves_the_loader_workers_their_cores(monkeypatch):
+def test_threads_default_follows_the_cpus_and_the_load(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert resolve_threads(None, num_workers=2, cpus=2) == 1
-    assert resolve_threads(None, num_workers=2, cpus=16) == 14
-    assert resolve_threads(None, num_workers=2, processes=4, cpus=16) == 2
-    assert resolve_threads(None, num_workers=0, cpus=1) == 1
-    assert resolve_threads(3, num_workers=2, cpus=2) == 3
+    # idle 2-core machine: both cores for the step (the workers need a fraction of one)
+    assert resolve_threads(None, num_workers=2, cpus=2, busy=0.1)[0] == 2
+    # the same machine with other jobs running: 1 thread
+    assert resolve_threads(None, num_workers=2, cpus=2, busy=1.2)[0] == 1
+    assert resolve_threads(None, num_workers=2, cpus=2, busy=9.0)[0] == 1
+    # larger machines leave the loader workers their cores; DDP processes share the CPUs
+    assert resolve_threads(None, num_workers=2, cpus=16, busy=0.0)[0] == 14
+    assert resolve_threads(None, num_workers=2, cpus=16, busy=6.0)[0] == 10
+    assert resolve_threads(None, num_workers=2, processes=4, cpus=16, busy=0.0)[0] == 2
+    assert resolve_threads(None, num_workers=0, cpus=1, busy=3.0)[0] == 1
+    threads, why = resolve_threads(None, num_workers=2, cpus=2, busy=0.1)
+    assert "load average 0.1" in why
+    assert resolve_threads(3, num_workers=2, cpus=2) == (3, "train.threads")
     with pytest.raises(ConfigError, match="train.threads"):
         resolve_threads(0, num_workers=2)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert resolve_threads(None, num_workers=2) is None  # the user's (or torchrun's) choice stands
+    assert resolve_threads(None, num_workers=2)[0] is None  # the user's (or torchrun's) choice stands
 
 
 def _tiny_training_losses(precision, steps: int = 2) -> list[float]:
@@ -122,3 +130,25 @@ def test_a_container_memory_limit_caps_the_available_memory(tmp_path):
     assert _cgroup_headroom(tmp_path) is None
     assert _cgroup_headroom(tmp_path / "missing") is None
     assert ram_available_bytes() is None or ram_available_bytes() > 0
+
+
+def test_torch_inference_threads_are_lowered_on_a_loaded_machine(monkeypatch):
+    from src.common import hardware
+    from src.runtime import torch_model
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch_model, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(hardware, "busy_cpus", lambda: 0.2)
+        torch_model.limit_threads_to_free_cpus()
+        assert torch.get_num_threads() == 2  # idle: kept
+        monkeypatch.setattr(hardware, "busy_cpus", lambda: 7.5)
+        torch_model.limit_threads_to_free_cpus()
+        assert torch.get_num_threads() == 1  # other jobs hold the cores
+        monkeypatch.setattr(hardware, "busy_cpus", lambda: 0.0)
+        torch_model.limit_threads_to_free_cpus()
+        assert torch.get_num_threads() == 1  # never raised again
+    finally:
+        torch.set_num_threads(before)

@@ -2,7 +2,7 @@
 
     precision = choose_precision(cfg.train.amp, device)   # Precision(dtype, channels_last, grad_scaler, reason)
     logger.info(precision.describe())                     # one line: which precision and why
-    torch.set_num_threads(resolve_threads(cfg.train.threads, cfg.train.num_workers))
+    threads, why = resolve_threads(cfg.train.threads, cfg.train.num_workers)  # 1 on a loaded 2-core machine
 
 Training precision follows the hardware (issue 15): a CPU with native bf16 (AVX512-BF16 or AMX) runs bf16
 autocast + channels_last about 1.3x faster than fp32 with the same loss curve, while a CPU without it
@@ -137,23 +137,49 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_threads(
-    threads: int | None, num_workers: int, processes: int = 1, cpus: int | None = None
-) -> int | None:
-    """torch intra-op threads for one training process: the given number, or (null) this process's share of
-    the CPUs minus its loader workers, at least 1. On a 2-core machine with 2 workers that is 1: the workers
-    decode and augment on one core while the model step runs on the other (see README, training speed).
+def busy_cpus() -> float:
+    """CPUs other jobs keep busy: the 1-minute load average (0 where the OS does not report one). Read before
+    this process starts its own threads, it is the other jobs' share."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows
+        return 0.0
 
-    None (leave torch's setting) when null and OMP_NUM_THREADS is set: the user (or torchrun) chose already.
+
+# On a machine with up to this many CPUs the model step is the bottleneck and the loader workers need only a
+# fraction of a core (2-core Xeon with AMX, idle: 2 threads + 2 workers 5.26 img/s, 1 thread 4.61); above it
+# the workers keep cores of their own.
+SMALL_MACHINE_CPUS = 4
+
+
+def resolve_threads(
+    threads: int | None,
+    num_workers: int,
+    processes: int = 1,
+    cpus: int | None = None,
+    busy: float | None = None,
+) -> tuple[int | None, str]:
+    """torch intra-op threads for one training process and the reason, for the log.
+
+    A number is taken as given. null: this process's share of the CPUs (all of them on a small machine, else
+    minus its loader workers), capped by the CPUs the machine's load leaves free, at least 1. On a loaded
+    2-core machine that is 1 thread: OpenMP threads waiting on a busy core made a 2-thread step several times
+    slower than a 1-thread one (README, training speed). None (leave torch's setting) when null and
+    OMP_NUM_THREADS is set: the user (or torchrun) chose already.
     """
     if threads is not None:
         if int(threads) < 1:
             raise ConfigError(f"train.threads must be >= 1 or null (automatic), got {threads}")
-        return int(threads)
+        return int(threads), "train.threads"
     if cpus is None and os.environ.get("OMP_NUM_THREADS"):
-        return None
+        return None, "OMP_NUM_THREADS"
     cpus = cpu_count() if cpus is None else cpus
-    return max(1, cpus // max(processes, 1) - int(num_workers))
+    busy = busy_cpus() if busy is None else busy
+    share = max(cpus // max(processes, 1), 1)
+    wanted = share if cpus <= SMALL_MACHINE_CPUS else max(share - int(num_workers), 1)
+    free = max(int(cpus - round(busy)) // max(processes, 1), 1)
+    chosen = max(1, min(wanted, free))
+    return chosen, f"automatic: {cpus} CPU(s), load average {busy:.1f} before training"
 
 
 # ---------------------------------------------------------------------------------------------- memory, disk

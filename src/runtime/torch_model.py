@@ -4,6 +4,7 @@ the model with its postprocessing fused, which is also exactly what src.dl.expor
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from loguru import logger
 from torch import nn
 
 from src.common.experiment import FILES
+from src.common.hardware import cpu_count, resolve_threads
 from src.runtime.backend import Outputs, torch_device
 from src.runtime.meta import SEGMENT_OUTPUT_NAMES, ModelMeta, meta_from_checkpoint
 
@@ -78,6 +80,17 @@ def build_deploy_model(path: str | Path) -> tuple[DeployModel, ModelMeta]:
     return DeployModel(model, postprocessor).eval(), meta
 
 
+def limit_threads_to_free_cpus() -> None:
+    """Lower torch's intra-op threads to the CPUs the machine's load leaves free (never raises them): on a
+    2-core machine busy with other jobs, 2-thread inference took 1.5 s per image against 0.04 s with 1."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return  # the user's choice
+    free, why = resolve_threads(None, num_workers=0, cpus=cpu_count())
+    if free < torch.get_num_threads():
+        logger.info(f"torch inference: {free} thread(s) instead of {torch.get_num_threads()} ({why})")
+        torch.set_num_threads(free)
+
+
 class TorchRunner:
     backend = "torch"
 
@@ -92,6 +105,8 @@ class TorchRunner:
                 "fp16 is slow or unsupported on CPU; running fp32 (use bf16 for reduced precision)"
             )
             self.precision = "fp32"
+        if self.device.type == "cpu":
+            limit_threads_to_free_cpus()
         model, self.meta = build_deploy_model(self.path)
         self.model = model.to(self.device)
         if self.precision == "fp16":

@@ -169,12 +169,9 @@ def _as_tuples(value):
 def setup_speed(tc: DictConfig, device: torch.device, processes: int = 1) -> Precision:
     """Set torch's intra-op threads (train.threads) and choose the precision (train.amp) for this machine;
     logs both in one line each. Called once per process before the model is built."""
-    threads = resolve_threads(tc.threads, int(tc.num_workers), processes)
+    threads, how = resolve_threads(tc.threads, int(tc.num_workers), processes)
     if threads is not None:
         torch.set_num_threads(threads)
-    how = "train.threads" if tc.threads is not None else "automatic: CPUs minus loader workers"
-    if threads is None:
-        how = "OMP_NUM_THREADS"
     logger.info(f"{torch.get_num_threads()} torch thread(s) ({how}), {int(tc.num_workers)} loader worker(s)")
     precision = choose_precision(str(tc.amp), device)
     logger.info(precision.describe())

@@ -3,10 +3,10 @@ data quality, tracking).
 
     python -m benchmarks.run                 # all of them
     python -m benchmarks.run model train     # a subset (model | train | loader | val | backends | data | tracking |
-                                             #           seg | seg_export | seg_targets)
+                                             #           seg | seg_export | seg_targets | recipes | small_objects)
 Each part also runs alone with its own flags:
 python -m benchmarks.<model_speed|train_speed|loader_speed|val_cost|backend_speed|near_duplicates|tracking|seg_step|
-seg_export|seg_targets> -h
+seg_export|seg_targets|recipes|small_objects> -h
 """
 
 import sys
@@ -31,6 +31,14 @@ PARTS = {
     "seg_export": (
         "Segmentation vs detection exports: fp32 ONNX/OpenVINO latency, mask IoU vs torch (D-FINE-n, 640)",
         "benchmarks.seg_export",
+    ),
+    "recipes": (
+        "Recipe vs the reference recipe: val mAP50 against wall minutes (issue 15; `--run` trains them)",
+        "benchmarks.recipes",
+    ),
+    "small_objects": (
+        "Small objects: tiling + sliced inference vs plain full-image training (issue 16; trains two models)",
+        "benchmarks.small_objects",
     ),
     "seg_targets": (
         "Segmentation vs detection trained with the make demo recipe on polygon demo data (issue 14 targets)",

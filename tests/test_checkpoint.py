@@ -336,3 +336,24 @@ def test_run_checkpoint_round_trip(tmp_path):
     torch.save({"model": model.state_dict()}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="not a checkpoint of this project"):
         load_run_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_shared_checkpoint_reads_load_a_file_once(tmp_path, coco_state, monkeypatch):
+    path = tmp_path / "pretrained.pth"
+    torch.save({"model": coco_state}, path)
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    with ckpt.shared_checkpoint_reads():
+        variant = ckpt.checkpoint_variant(str(path))
+        overrides = ckpt.checkpoint_arch_overrides(str(path))
+        first = ckpt.read_checkpoint(path)
+        assert ckpt.read_checkpoint(path) is first
+    assert len(loads) == 1
+    # outside the block every read loads the file again, and an edited file is never served from before
+    assert ckpt.read_checkpoint(path) is not first and len(loads) == 2
+    assert variant == ckpt.checkpoint_variant(str(path)) and overrides == ckpt.checkpoint_arch_overrides(path)
+    with ckpt.shared_checkpoint_reads():
+        ckpt.read_checkpoint(path)
+        torch.save({"model": {k: v for k, v in list(coco_state.items())[:5]}}, path)
+        assert len(ckpt.read_checkpoint(path).state) == 5

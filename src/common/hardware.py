@@ -179,7 +179,7 @@ def resolve_threads(
     wanted = share if cpus <= SMALL_MACHINE_CPUS else max(share - int(num_workers), 1)
     free = max(int(cpus - round(busy)) // max(processes, 1), 1)
     chosen = max(1, min(wanted, free))
-    return chosen, f"automatic: {cpus} CPU(s), load average {busy:.1f} before training"
+    return chosen, f"automatic: {cpus} CPU(s), load average {busy:.1f}"
 
 
 # ---------------------------------------------------------------------------------------------- memory, disk

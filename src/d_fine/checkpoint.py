@@ -25,6 +25,7 @@ from __future__ import annotations
 import shutil
 import urllib.request
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,21 +191,51 @@ def _short(keys: list[str], limit: int = 8) -> str:
     return f"{len(keys)} [{shown}{', ...' if len(keys) > limit else ''}]"
 
 
+# Files read inside `shared_checkpoint_reads()`: (path, mtime, size) -> Checkpoint; None outside it.
+_SHARED_READS: dict[tuple, Checkpoint] | None = None
+
+
+@contextmanager
+def shared_checkpoint_reads():
+    """Within the block, reading the same unchanged file again returns the first read (its tensors are
+    shared: read-only use). Training start asks a pretrained file for its variant, its architecture and its
+    weights: one torch.load instead of three. Nothing is kept after the block."""
+    global _SHARED_READS
+    outer, _SHARED_READS = _SHARED_READS, ({} if _SHARED_READS is None else _SHARED_READS)
+    try:
+        yield
+    finally:
+        _SHARED_READS = outer
+
+
 def read_checkpoint(path_or_state: str | Path | Mapping) -> Checkpoint:
     """The weights inside any accepted checkpoint format (EMA preferred), with its metadata."""
     if isinstance(path_or_state, Mapping):
-        raw, source = path_or_state, "<state dict>"
-    else:
-        path = Path(path_or_state)
-        if not path.is_file():
-            raise FileNotFoundError(f"Checkpoint not found: {path}")
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ValueError(f"{path}: not a readable torch checkpoint of tensors ({error})") from error
-        source = str(path)
-        if not isinstance(raw, Mapping):
-            raise ValueError(f"{path}: expected a dict checkpoint, got {type(raw).__name__}")
+        return _parse_checkpoint(path_or_state, "<state dict>")
+    path = Path(path_or_state)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if _SHARED_READS is not None and key in _SHARED_READS:
+        return _SHARED_READS[key]
+    checkpoint = _load_checkpoint_file(path)
+    if _SHARED_READS is not None:
+        _SHARED_READS[key] = checkpoint
+    return checkpoint
+
+
+def _load_checkpoint_file(path: Path) -> Checkpoint:
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable torch checkpoint of tensors ({error})") from error
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{path}: expected a dict checkpoint, got {type(raw).__name__}")
+    return _parse_checkpoint(raw, str(path))
+
+
+def _parse_checkpoint(raw: Mapping, source: str) -> Checkpoint:
     meta = dict(raw.get("meta") or {})
     ema = raw.get("ema")
     if isinstance(ema, Mapping) and isinstance(ema.get("module"), Mapping):  # official: {"module", "updates"}

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.common.config import complete_with_defaults, save_run_config, stage_main
 from src.common.errors import ExperimentError
 from src.common.experiment import FILES, Experiment
-from src.d_fine.checkpoint import load_run_checkpoint
+from src.d_fine.checkpoint import load_run_checkpoint, shared_checkpoint_reads
 from src.dl.train.core import TrainingAborted, TrainState
 from src.dl.train.loggers import Callback, WandbLogger
 from src.dl.train.trainer import Trainer, on_main
@@ -235,10 +235,11 @@ def run(cfg: DictConfig) -> dict:
                 failed = False
                 return _finished(exp, state)
         refuse_taken_folder(cfg, exp)
-        variant_note = follow_pretrained_variant(cfg)  # before the config is saved and the model built
-        OmegaConf.update(cfg, "train.ddp", ctx.distributed, force_add=True)
-        setup_log = SetupLog() if ctx.is_main else None
-        trainer = Trainer(cfg, ctx)  # every check on config and data; writes nothing
+        with shared_checkpoint_reads():  # the pretrained file is read once for variant, architecture, weights
+            variant_note = follow_pretrained_variant(cfg)  # before the config is saved and the model built
+            OmegaConf.update(cfg, "train.ddp", ctx.distributed, force_add=True)
+            setup_log = SetupLog() if ctx.is_main else None
+            trainer = Trainer(cfg, ctx)  # every check on config and data; writes nothing
         backup = on_main(ctx, prepare_folder, cfg, exp)
         if ctx.is_main:
             sink = setup_log.into_file(exp.file("log"))

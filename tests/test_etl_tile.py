@@ -193,3 +193,24 @@ def test_polygons_are_clipped_to_each_tile(tmp_path, one_supersampling):
         boxes = labels.boxes[[p is None for p in labels.polygons]]
         assert (labels.class_ids[[p is None for p in labels.polygons]] == 2).all() and len(boxes) <= 1
     assert seen_cut > 0  # some stars were cut by a tile edge
+
+
+def test_evaluation_of_a_tiled_experiment_reads_the_full_images(tmp_path, large):
+    from src.runtime.evaluate import load_split_samples
+    from src.runtime.slicing import full_image_config
+
+    pd.DataFrame({"image": ["small.jpg"]}).to_csv(large / "train.csv", index=False)
+    pd.DataFrame({"image": ["big.jpg"]}).to_csv(large / "val.csv", index=False)
+    pd.DataFrame({"image": []}, dtype=str).to_csv(large / "test.csv", index=False)
+    out = tmp_path / "tiles"
+    tiles = tile.run(tile_config(tmp_path, large, f"tile.out={out}"))
+    experiment = tile_config(tmp_path, out)  # an experiment trained on the tiles
+    full = full_image_config(experiment)
+    samples = load_split_samples(full, "val")
+    assert [s.path.name for s in samples] == ["big.jpg"] and len(samples[0].boxes) == len(object_boxes())
+    assert len(load_split_samples(experiment, "val")) == int((tiles["source"] == "big.jpg").sum())
+    # slicing off, or the full images gone: the tiles themselves
+    off = tile_config(tmp_path, out, "slicing.enabled=false")
+    assert full_image_config(off) is off
+    large.rename(tmp_path / "moved")
+    assert full_image_config(experiment) is experiment

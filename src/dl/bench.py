@@ -40,7 +40,7 @@ from src.runtime.evaluate import (
     load_split_samples,
     score,
 )
-from src.runtime.slicing import sliced_if_configured
+from src.runtime.slicing import full_image_config, sliced_if_configured
 
 PR_KEYS = ("precision", "recall", "f1")
 COLUMNS = [
@@ -58,7 +58,7 @@ def bench_samples(cfg: DictConfig) -> tuple[str, list[LabelledImage]]:
     split = str(cfg.bench.split)
     order = ["test", "val"] if split == "auto" else [split]
     for name in order:
-        samples = load_split_samples(cfg, name, limit=cfg.bench.images)
+        samples = load_split_samples(full_image_config(cfg), name, limit=cfg.bench.images)
         if samples:
             return name, samples
     raise UserError(f"no images in the {' / '.join(order)} split(s) of {cfg.splits_dir}: run `make split`")

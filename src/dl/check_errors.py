@@ -30,6 +30,7 @@ from src.common.images import ImageReadError
 from src.common.io import atomic_write_csv
 from src.runtime.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections
 from src.runtime.evaluate import LabelledImage, load_experiment_model, load_split_samples
+from src.runtime.slicing import full_image_config
 
 CONTEXT_COLOR = (160, 160, 160)
 COLUMNS = [
@@ -142,7 +143,7 @@ def draw_errors(
 
 
 def check_split(cfg: DictConfig, detector, split: str, out_dir: Path) -> tuple[list[dict], int]:
-    samples = load_split_samples(cfg, split, limit=cfg.check_errors.max_images)
+    samples = load_split_samples(full_image_config(cfg), split, limit=cfg.check_errors.max_images)
     if not samples:
         logger.info(f"check_errors: no {split} split, skipped")
         return [], 0

@@ -13,7 +13,8 @@ Small objects survive: a 1920x1080 image shrunk to 640 px loses two thirds of ev
   polygon line (its box is the clipped outline's extent);
 - tiles without any box are kept at the rate tile.background_rate (seeded): most tiles of a sparse image
   are background, and all of them would drown the objects.
-Writes <out>/images, <out>/labels, <out>/tiles.csv (tile, source, x0, y0, x1, y1, boxes). When data_path has a
+Writes <out>/images, <out>/labels, <out>/tiles.csv (tile, source, x0, y0, x1, y1, boxes), <out>/tiled_from.json
+(the full images' data_path and splits_dir: bench and check_errors score on them). When data_path has a
 split, each tile goes to its source image's split (<out>/train.csv ...), so tiles of one image never land in
 train and val; without one, `make split data_path=<out>` keeps the tiles of one image together (tiles.csv).
 Infer on full images with sliced inference (slicing.enabled, src/runtime/slicing.py).
@@ -34,7 +35,7 @@ from src.common.config import stage_main
 from src.common.draw import save_image_rgb
 from src.common.errors import UserError
 from src.common.images import parallel_map, read_image_rgb
-from src.common.io import atomic_write_csv
+from src.common.io import atomic_write_csv, atomic_write_json
 from src.etl.check import check_dataset
 from src.etl.labels import (
     images_dir,
@@ -49,6 +50,9 @@ from src.etl.splits import SPLIT_NAMES, split_membership
 from src.etl.tiling import boxes_in_window, tile_windows
 
 TILES_CSV = "tiles.csv"
+# {"data_path", "splits_dir"} of the full images the tiles were cut from: bench and check_errors score a
+# model trained on tiles on those full images (sliced), in the same split.
+TILED_FROM = "tiled_from.json"
 TILE_COLUMNS = ["tile", "source", "x0", "y0", "x1", "y1", "boxes"]
 
 
@@ -176,6 +180,10 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     rows = [row for rows in parallel_map(one, sources, int(cfg.tile.workers), "tiling") for row in rows]
     tiles = pd.DataFrame(rows, columns=TILE_COLUMNS)
     atomic_write_csv(out / TILES_CSV, tiles)
+    atomic_write_json(
+        out / TILED_FROM,
+        {"data_path": str(data.resolve()), "splits_dir": str(Path(cfg.splits_dir).resolve())},
+    )
     write_tile_splits(cfg, out, tiles)
     background = int((tiles["boxes"] == 0).sum())
     logger.info(

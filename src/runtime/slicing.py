@@ -23,18 +23,20 @@ a 1920x1080 image at 640 px with 0.2 overlap is 4x3 = 12 slices + 1.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from loguru import logger
 from omegaconf import DictConfig
 
+from src.etl.tile import TILED_FROM, TILES_CSV
 from src.etl.tiling import tile_windows
 from src.runtime.detector import Detections, Detector
 
 METRICS = ("ios", "iou")
 MERGES = ("nmm", "nms")
-TILES_CSV = "tiles.csv"  # what a tiled data set carries (src/etl/tile.py): slicing.enabled=auto looks for it
 
 
 class SlicedDetector(Detector):
@@ -183,13 +185,37 @@ def trained_on_tiles(data_path: str | Path) -> bool:
     return (Path(data_path) / TILES_CSV).exists()
 
 
+def slicing_enabled(cfg: DictConfig) -> bool:
+    """slicing.enabled true, or auto and the experiment's data set is tiled (cfg.data_path: the experiment's,
+    see src/common/experiment.py)."""
+    enabled = cfg.slicing.enabled
+    return trained_on_tiles(cfg.data_path) if str(enabled) == "auto" else bool(enabled)
+
+
+def full_image_config(cfg: DictConfig) -> DictConfig:
+    """The config to read evaluation images with: for sliced inference on an experiment trained on tiles,
+    the full images the tiles were cut from (their data_path and split, from the tiled set's
+    tiled_from.json), so bench and check_errors score what sliced inference is for; otherwise cfg."""
+    from omegaconf import OmegaConf
+
+    link = Path(cfg.data_path) / TILED_FROM
+    if not (trained_on_tiles(cfg.data_path) and slicing_enabled(cfg) and link.exists()):
+        return cfg
+    source = json.loads(link.read_text(encoding="utf-8"))
+    if not Path(source["data_path"]).is_dir():
+        logger.warning(f"{link}: the full images at {source['data_path']} are gone; scoring the tiles")
+        return cfg
+    full = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    full.data_path, full.splits_dir = source["data_path"], source["splits_dir"]
+    logger.info(f"trained on tiles: scoring sliced inference on the full images of {source['data_path']}")
+    return full
+
+
 def sliced_if_configured(detector: Detector, cfg: DictConfig) -> Detector:
-    """The stages' one line: wrap the loaded detector when slicing.enabled is true, or auto and the
-    experiment's data set is tiled (cfg.data_path: the experiment's, see src/common/experiment.py)."""
-    s = cfg.slicing
-    enabled = trained_on_tiles(cfg.data_path) if str(s.enabled) == "auto" else bool(s.enabled)
-    if not enabled:
+    """The stages' one line: wrap the loaded detector when slicing_enabled(cfg)."""
+    if not slicing_enabled(cfg):
         return detector
+    s = cfg.slicing
     return SlicedDetector(
         detector,
         float(s.overlap),

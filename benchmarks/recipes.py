@@ -79,6 +79,15 @@ def curve(recipe: str, seed: int) -> pd.DataFrame | None:
     )
 
 
+def final_test(recipe: str, seed: int) -> str:
+    """best.pt's test mAP50 from metrics.csv (written when the run ended), '-' before that."""
+    path = exp_dir(recipe, seed) / "metrics.csv"
+    if not path.exists():
+        return "-"
+    metrics = pd.read_csv(path).set_index("split")
+    return f"{metrics.loc['test', 'mAP_50']:.3f}" if "test" in metrics.index else "-"
+
+
 def minutes_to(run: pd.DataFrame, target: float) -> float | None:
     reached = run[run["map50"] >= target]
     return None if reached.empty else float(reached["minutes"].iloc[0])
@@ -95,7 +104,7 @@ def table(recipes: list[str], seeds: list[int]) -> None:
     )
     print(f"CPU: {cpu_name()}; target = reference's last val mAP50, mean over seeds: {target}")
     header = " | ".join(f"ep {e}" for e in CHECKPOINT_EPOCHS)
-    print(f"| recipe | seed | {header} | best (epoch) | wall min | min to target |")
+    print(f"| recipe | seed | {header} | best (epoch) | best.pt test mAP50 | wall min | min to target |")
     for (recipe, seed), run in runs.items():
         at = []
         for epoch in CHECKPOINT_EPOCHS:
@@ -107,9 +116,27 @@ def table(recipes: list[str], seeds: list[int]) -> None:
         best_text = "-" if best is None else f"{best['map50']:.3f} ({int(best['epoch'])})"
         reach = minutes_to(run, target) if target is not None else None
         print(
-            f"| {recipe} | {seed} | {' | '.join(at)} | {best_text} | {run['minutes'].iloc[-1]:.1f} | "
+            f"| {recipe} | {seed} | {' | '.join(at)} | {best_text} | {final_test(recipe, seed)} | "
+            f"{run['minutes'].iloc[-1]:.1f} | "
             f"{'-' if reach is None else f'{reach:.1f}'} |"
         )
+    summary(runs, target)
+
+
+def summary(runs: dict[tuple[str, int], pd.DataFrame], target: float | None) -> None:
+    """Per recipe over its seeds: mean last val mAP50, mean minutes to the target, as a share of the
+    reference's mean wall time (the target: <= 0.5)."""
+    reference_wall = [c["minutes"].iloc[-1] for (r, _), c in runs.items() if r == "reference" and len(c)]
+    for recipe in dict.fromkeys(r for r, _ in runs):
+        curves = [c for (r, _), c in runs.items() if r == recipe and len(c)]
+        last = sum(float(c["map50"].dropna().iloc[-1]) for c in curves) / len(curves)
+        reach = [minutes_to(c, target) for c in curves] if target is not None else []
+        text = f"{recipe}: last val mAP50 {last:.3f} (mean of {len(curves)})"
+        if reach and None not in reach and reference_wall:
+            mean_reach = sum(reach) / len(reach)
+            share = mean_reach / (sum(reference_wall) / len(reference_wall))
+            text += f"; reaches {target:.3f} in {mean_reach:.1f} min = {share:.2f}x the reference's wall time"
+        print(text)
 
 
 def main(argv: list[str]) -> None:

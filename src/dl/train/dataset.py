@@ -152,7 +152,7 @@ class DetectionDataset(Dataset):
         self.mosaic_until_epoch = int(train_cfg.epochs) - int(train_cfg.mosaic.no_mosaic_epochs)
         # the validated config has every key (an older run's saved config: complete_with_defaults)
         self.no_aug_epochs = int(train_cfg.no_aug_epochs)
-        self.aug_until_epoch = int(train_cfg.epochs) - self.no_aug_epochs
+        self.aug_until_epoch = augmented_until(train_cfg)
         mixup = train_cfg.mixup
         self.mixup_prob = float(mixup.prob) if self.train else 0.0
         self.mixup_epochs = mixup_window(mixup.epochs)
@@ -367,8 +367,13 @@ def build_collate(cfg: DictConfig, train: bool):
     if not train or float(cfg.train.multiscale_prob) <= 0:
         return collate_fn
     img_size = (int(cfg.model.img_size[0]), int(cfg.model.img_size[1]))
-    until_epoch = int(cfg.train.epochs) - int(cfg.train.no_aug_epochs)
-    return TrainCollate(img_size, float(cfg.train.multiscale_prob), until_epoch)
+    return TrainCollate(img_size, float(cfg.train.multiscale_prob), augmented_until(cfg.train))
+
+
+def augmented_until(train_cfg: DictConfig) -> int:
+    """The first (0-based) epoch of the train.no_aug_epochs tail: augmentation of every kind (dataset and
+    collate) stops there."""
+    return int(train_cfg.epochs) - int(train_cfg.no_aug_epochs)
 
 
 def _log_split_stats(datasets: dict[str, DetectionDataset]) -> None:

@@ -155,3 +155,21 @@ def test_stage_switch(tmp_path):
     assert sliced_if_configured(plain, load_config([f"data_path={data}", "slicing.enabled=false"])) is plain
     forced = sliced_if_configured(plain, load_config(["slicing.enabled=true", "slicing.overlap=0.3"]))
     assert isinstance(forced, SlicedDetector) and forced.overlap == 0.3
+
+
+def test_low_scores_never_grow_a_merged_box():
+    """nmm with every top-K detection (as evaluation keeps them): a true small object must not absorb the
+    low-score boxes around it and grow out of its IoU."""
+    true_box = [100, 100, 116, 116]
+    junk = [[90, 95, 112, 140], [104, 80, 160, 112], [60, 60, 115, 115]]  # each overlaps it by IoS >= 0.5
+    boxes = np.array([true_box, *junk], np.float32)
+    scores = np.array([0.9, 0.05, 0.04, 0.03], np.float32)
+    labels = np.zeros(4, np.int64)
+    grown, _, _ = merge_detections(boxes, scores, labels, "ios", 0.5, "nmm")
+    assert grown[0].tolist() == [60, 60, 160, 140]  # without a floor: the union of everything
+    kept, kept_scores, _ = merge_detections(boxes, scores, labels, "ios", 0.5, "nmm", grow_min_score=0.3)
+    assert kept.tolist() == [true_box] and kept_scores.tolist() == pytest.approx([0.9])
+    # two confident pieces of one object still merge to its union
+    pieces = np.array([[0, 0, 50, 20], [20, 0, 100, 20], [50, 0, 150, 30]], np.float32)
+    union, _, _ = merge_detections(pieces, np.array([0.8, 0.7, 0.1]), labels[:3], "ios", 0.5, "nmm", 0.3)
+    assert union.tolist() == [[0, 0, 100, 20]]

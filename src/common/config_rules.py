@@ -187,6 +187,7 @@ RULES: dict[str, Rule] = {
     "slicing.match_metric": one_of("ios", "iou"),
     "slicing.match_threshold": PROBABILITY,
     "slicing.merge": one_of("nmm", "nms"),
+    "slicing.grow_min_score": between(0, 1, nullable=True, kind="float"),
     # ------------------------------------------------------------ train
     "train.epochs": at_least(1),
     "train.batch_size": at_least(1),

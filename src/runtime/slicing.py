@@ -147,19 +147,13 @@ def pairwise_overlap(box: np.ndarray, others: np.ndarray, metric: str) -> np.nda
 
 
 def merge_detections(
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    labels: np.ndarray,
-    metric: str,
-    threshold: float,
-    merge: str,
-    grow_min_score: float = 0.0,
+    boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, *rule, **options
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Class-wise greedy merge, highest score first. boxes (N, 4) xyxy -> kept (K, 4), scores (K,), labels (K,),
-    sorted by score. merge="nmm": a kept box grows to the union of the boxes it absorbs; "nms": they are dropped.
-    grow_min_score: under nmm, boxes scoring below it never grow a box (nor grow themselves): they are dropped
-    as under nms."""
-    merged, groups = merge_groups(boxes, scores, labels, metric, threshold, merge, grow_min_score)
+    sorted by score. rule / options: merge_groups' metric, threshold, merge ("nmm": a kept box grows to the
+    union of the boxes it absorbs; "nms": they are dropped) and grow_min_score (under nmm, boxes scoring below
+    it never grow a box, nor grow themselves: they are dropped as under nms)."""
+    merged, groups = merge_groups(boxes, scores, labels, *rule, **options)
     kept = np.array([group[0] for group in groups], np.int64)
     return merged, scores[kept].astype(np.float32), labels[kept].astype(np.int64)
 

@@ -137,7 +137,7 @@ def test_torch_inference_threads_are_lowered_on_a_loaded_machine(monkeypatch):
     from src.runtime import torch_model
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(torch_model, "cpu_count", lambda: 2)
+    monkeypatch.setattr(hardware, "cpu_count", lambda: 2)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

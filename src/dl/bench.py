@@ -57,8 +57,9 @@ class BenchFailed(UserError):
 def bench_samples(cfg: DictConfig) -> tuple[str, list[LabelledImage]]:
     split = str(cfg.bench.split)
     order = ["test", "val"] if split == "auto" else [split]
+    images_cfg = full_image_config(cfg)  # trained on tiles: the full images
     for name in order:
-        samples = load_split_samples(full_image_config(cfg), name, limit=cfg.bench.images)
+        samples = load_split_samples(images_cfg, name, limit=cfg.bench.images)
         if samples:
             return name, samples
     raise UserError(f"no images in the {' / '.join(order)} split(s) of {cfg.splits_dir}: run `make split`")

@@ -143,7 +143,7 @@ def draw_errors(
 
 
 def check_split(cfg: DictConfig, detector, split: str, out_dir: Path) -> tuple[list[dict], int]:
-    samples = load_split_samples(full_image_config(cfg), split, limit=cfg.check_errors.max_images)
+    samples = load_split_samples(cfg, split, limit=cfg.check_errors.max_images)
     if not samples:
         logger.info(f"check_errors: no {split} split, skipped")
         return [], 0
@@ -175,8 +175,9 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     detector = load_experiment_model(cfg, options.model_path, options.precision)
     out_dir = Experiment.of(cfg).file("check_errors")
     rows: list[dict[str, Any]] = []
+    images_cfg = full_image_config(cfg)  # trained on tiles: the full images (cfg's keys, resolved)
     for split in options.splits:
-        rows += check_split(cfg, detector, str(split), out_dir)[0]
+        rows += check_split(images_cfg, detector, str(split), out_dir)[0]
     frame = pd.DataFrame(rows, columns=COLUMNS)
     if len(frame):
         frame = frame.sort_values(

@@ -222,7 +222,7 @@ def full_image_config(cfg: DictConfig) -> DictConfig:
     from omegaconf import OmegaConf
 
     link = Path(cfg.data_path) / TILED_FROM
-    if not (trained_on_tiles(cfg.data_path) and slicing_enabled(cfg) and link.exists()):
+    if not (slicing_enabled(cfg) and link.exists()):  # only a tiled set has the link
         return cfg
     source = json.loads(link.read_text(encoding="utf-8"))
     if not Path(source["data_path"]).is_dir():

@@ -4,7 +4,6 @@ the model with its postprocessing fused, which is also exactly what src.dl.expor
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from loguru import logger
 from torch import nn
 
 from src.common.experiment import FILES
-from src.common.hardware import cpu_count, resolve_threads
+from src.common.hardware import resolve_threads
 from src.runtime.backend import Outputs, torch_device
 from src.runtime.meta import SEGMENT_OUTPUT_NAMES, ModelMeta, meta_from_checkpoint
 
@@ -83,10 +82,8 @@ def build_deploy_model(path: str | Path) -> tuple[DeployModel, ModelMeta]:
 def limit_threads_to_free_cpus() -> None:
     """Lower torch's intra-op threads to the CPUs the machine's load leaves free (never raises them): on a
     2-core machine busy with other jobs, 2-thread inference took 1.5 s per image against 0.04 s with 1."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return  # the user's choice
-    free, why = resolve_threads(None, num_workers=0, cpus=cpu_count())
-    if free < torch.get_num_threads():
+    free, why = resolve_threads(None, num_workers=0)  # None: OMP_NUM_THREADS is set, the user's choice
+    if free is not None and free < torch.get_num_threads():
         logger.info(f"torch inference: {free} thread(s) instead of {torch.get_num_threads()} ({why})")
         torch.set_num_threads(free)
 

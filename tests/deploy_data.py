@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from src.common.config import exp_dir, load_config, save_run_config
+from src.common.config import load_config, save_run_config
+from src.common.experiment import exp_dir
 from src.common.io import atomic_torch_save, atomic_write_json
 from tests.detinit import deterministic_state_dict
 
@@ -102,7 +103,7 @@ def make_checkpoint(cfg, thresholds: dict | None = None, task: str = "detect") -
         out / "best.pt", {"version": 1, "model": model.state_dict(), "ema": None, "meta": meta}
     )
     atomic_write_json(out / "thresholds.json", thresholds)
-    save_run_config(cfg)
+    save_run_config(cfg, out / "config.yaml")
     return path
 
 

@@ -175,15 +175,17 @@ def test_the_key_check_leaves_hydra_flags_and_keys_alone():
 def test_a_later_stage_takes_the_trained_values_without_a_word_when_nothing_was_passed(tmp_path):
     from loguru import logger
 
-    from src.common.config import save_run_config, with_saved_model_keys
+    from src.common.config import save_run_config
+    from src.common.experiment import Experiment, stage_config
 
     where = [f"output_dir={tmp_path}", "exp_name=run"]
-    save_run_config(load_config([*where, "model.num_queries=30", "label_to_name={0: cat, 1: dog}"]))
+    trained = load_config([*where, "model.num_queries=30", "label_to_name={0: cat, 1: dog}"])
+    save_run_config(trained, Experiment.of(trained).file("config"))
     messages: list[str] = []
     sink = logger.add(messages.append, level="DEBUG")
     try:
-        cfg = with_saved_model_keys(load_config(where))
+        cfg = stage_config(load_config(where))
     finally:
         logger.remove(sink)
     assert cfg.model.num_queries == 30 and list(cfg.label_to_name.values()) == ["cat", "dog"]
-    assert not [m for m in messages if "trained experiment" in m]
+    assert messages == []

@@ -14,8 +14,9 @@ import cv2
 import pandas as pd
 import pytest
 
-from src.common.config import ROOT, exp_dir, load_config
+from src.common.config import ROOT, load_config
 from src.common.errors import StaleArtifactError
+from src.common.experiment import exp_dir
 from tests.deploy_data import deploy_config, make_checkpoint, make_data
 
 DATA_CLASSES = "{0: circle, 1: square, 2: star}"  # what the demo generator draws (3 classes)

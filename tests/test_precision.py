@@ -9,8 +9,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from src.common.config import exp_dir
-from src.common.experiment import Experiment
+from src.common.experiment import Experiment, exp_dir
 from src.dl.parity import compare_detections
 from src.dl.precision import BY_NAME, choose
 from src.runtime import Detections, best_artifact, load_model

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from src.common.config import exp_dir
+from src.common.experiment import exp_dir
 from src.common.masks import polygon_to_mask
 from src.dl.precision import choose
 from src.metrics.masks import mask_iou

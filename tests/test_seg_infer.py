@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.common.config import exp_dir
+from src.common.experiment import exp_dir
 from src.common.masks import polygon_to_mask
 from src.etl.labels import parse_yolo_text, read_yolo_labels
 from src.runtime.detector import Detections

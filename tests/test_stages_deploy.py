@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.common.config import exp_dir
+from src.common.experiment import exp_dir
 from src.runtime.detector import Detections
 from src.runtime.evaluate import LabelledImage
 from tests.deploy_data import CLASS_NAMES, deploy_config, make_checkpoint, make_data, make_video

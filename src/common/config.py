@@ -1,4 +1,4 @@
-"""One Hydra config for every stage: entry helper, validation, experiment folder, and the run's saved config.
+"""One Hydra config for every stage: entry helper, validation, and the run's saved config.
 
 Every stage module has `run(cfg)` (called by tests) and `main = stage_main(run)` (the CLI):
     python -m src.etl.split split.val=0.2
@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from src.common.config_rules import NON_NEGATIVE, OPEN_MAPS, REPLACED_MAPS, Rule, rule_for
 from src.common.errors import ConfigError, UserError
+from src.common.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root, where config.yaml lives
 CONFIG_NAME = "config"
@@ -294,31 +295,9 @@ def check_overrides(
 # ---------------------------------------------------------------------------------------------- saved config
 
 
-def exp_dir(cfg: DictConfig) -> Path:
-    """output_dir/exp_name, exp_name checked to be a plain folder name (src.common.experiment owns it)."""
-    from src.common.experiment import Experiment
-
-    return Experiment.of(cfg).root
-
-
-def saved_config_path(cfg: DictConfig) -> Path:
-    return exp_dir(cfg) / "config.yaml"
-
-
-def save_run_config(cfg: DictConfig, path: Path | None = None) -> Path:
-    """Write the resolved config into the experiment folder (atomically)."""
-    from src.common.io import atomic_write_text
-
-    path = path or saved_config_path(cfg)
-    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
-    return path
-
-
-def with_saved_model_keys(cfg: DictConfig) -> DictConfig:
-    """Deprecated: use src.common.experiment.stage_config (this alias goes when no stage calls it)."""
-    from src.common.experiment import stage_config
-
-    return stage_config(cfg)
+def save_run_config(cfg: DictConfig, path: Path) -> Path:
+    """Write the resolved config (atomically): an experiment's copy is Experiment.file("config")."""
+    return atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def label_names(cfg: DictConfig) -> list[str]:

@@ -86,8 +86,8 @@ def near_duplicate_quality(
 
 def doctor_speed(count: int, workers: int = 2) -> dict:
     """Time the doctor (full decode, content hash, pHash, labels, groups, sizes) over `count` 640x480 JPGs."""
-    from src.etl.check import NearDuplicateSettings, diagnose
     from src.etl.data_quality import box_size_table
+    from src.etl.doctor import NearDuplicateSettings, diagnose
 
     with tempfile.TemporaryDirectory() as tmp:
         images, labels = Path(tmp) / "images", Path(tmp) / "labels"

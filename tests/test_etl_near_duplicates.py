@@ -13,8 +13,8 @@ import pytest
 from benchmarks.near_duplicates import planted_copy, scene
 from src.common.errors import UserError
 from src.etl import split
-from src.etl.check import check_dataset
 from src.etl.data_quality import BOX_SIZES_CSV, BOX_SIZES_PNG, CONTACT_SHEETS_DIR, NEAR_DUPLICATES_CSV
+from src.etl.doctor import check_dataset
 from src.etl.near_duplicates import fingerprint, near_duplicate_groups
 from tests.etl_data import etl_config
 
@@ -62,6 +62,11 @@ def test_planted_copies_found_and_split_together(tmp_path, planted):
     home = {name: s for s, names in splits.items() for name in names}
     for group in expected_groups():
         assert home[group[0]] == home[group[1]], group
+    # the doctor's list, written before the split existed, names each member's split now that it does
+    frame = pd.read_csv(tmp_path / "report" / NEAR_DUPLICATES_CSV, keep_default_na=False)
+    assert sorted(frame["image"]) == sorted(n for g in expected_groups() for n in g)
+    assert dict(zip(frame["image"], frame["split"])) == {n: home[n] for n in frame["image"]}
+    assert not frame["leak"].any()
 
 
 def test_doctor_reports_leaks_with_csv_and_contact_sheets(tmp_path, planted):
@@ -106,6 +111,24 @@ def test_existing_leaking_split_refused_then_fixed(tmp_path, planted):
     assert home["scene_03.jpg"] == "val"  # everything else stays where it was
     assert sorted(home) == names
     assert pd.read_csv(splits_dir / "test.csv")["image"].tolist() == []
+
+
+def test_training_on_a_leaking_split_is_refused_unless_allowed(tmp_path, planted):
+    from src.dl.train import run as train
+
+    splits_dir = tmp_path / "splits"
+    names = sorted(p.name for p in (planted / "images").iterdir())
+    write_split(splits_dir, {n: "train" for n in names} | {"copy_of_05.jpg": "val", "scene_03.jpg": "val"})
+    tiny = (
+        f"splits_dir={splits_dir}", "exp_name=leaky", "model.img_size=[64,64]", "model.num_queries=10", "train.epochs=1",
+        "train.max_steps_per_epoch=1", "train.batch_size=2", "train.num_workers=0", "train.debug_images=0",
+        "train.eval_images=0", "train.use_ema=false",
+    )  # fmt: skip
+    with pytest.raises(UserError, match=r"leaks: 1 group.*copy_of_05.jpg \(val\).*split.fix_leaks=true"):
+        train(etl_config(tmp_path, planted, *tiny))
+    assert not (tmp_path / "output" / "leaky").exists()
+    summary = train(etl_config(tmp_path, planted, *tiny, "train.allow_leaks=true"))
+    assert Path(summary["exp_dir"], "best.pt").is_file()
 
 
 def test_zero_one_and_very_different_sizes():

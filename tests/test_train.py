@@ -470,7 +470,7 @@ def test_one_class_without_val_or_test_split(tmp_path):
 
 
 def test_doctor_rejects_bad_labels_and_skip_bad_trains_without_them(tmp_path):
-    from src.etl.check import DatasetError
+    from src.etl.doctor import DatasetError
 
     data = make_detection_data(tmp_path / "data", {"train": 3, "val": 2})
     (data / "labels" / "train_1.txt").write_text("0 0.5 0.5 0.2\n")  # a field missing: fatal, skippable

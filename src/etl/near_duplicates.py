@@ -135,6 +135,14 @@ def group_pairs(count: int, pairs: Sequence[tuple[int, int]]) -> list[list[int]]
     return sorted(group for group in members.values() if len(group) > 1)
 
 
+def merge_groups(*group_lists: list[list[str]]) -> list[list[str]]:
+    """Groups sharing an image become one (an exact copy of a near-duplicate joins its group)."""
+    names = sorted({name for groups in group_lists for group in groups for name in group})
+    index = {name: i for i, name in enumerate(names)}
+    pairs = [(index[g[0]], index[n]) for groups in group_lists for g in groups for n in g[1:]]
+    return [[names[i] for i in group] for group in group_pairs(len(names), pairs)]
+
+
 def near_duplicate_groups(
     names: Sequence[str], prints: Sequence[Fingerprint | None], max_distance: int, min_similarity: float
 ) -> list[list[str]]:

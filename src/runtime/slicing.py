@@ -31,8 +31,7 @@ import numpy as np
 from loguru import logger
 from omegaconf import DictConfig
 
-from src.etl.tile import TILED_FROM, TILES_CSV
-from src.etl.tiling import tile_windows
+from src.etl.tiling import TILED_FROM, TILES_CSV, tile_windows
 from src.runtime.detector import Detections, Detector
 
 METRICS = ("ios", "iou")

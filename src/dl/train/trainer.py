@@ -104,10 +104,11 @@ class Trainer(EpochLoop):
     # ------------------------------------------------------------------ setup (checks; nothing written)
 
     def _run_doctor(self) -> list[str]:
-        """The dataset doctor (it logs its own report and writes it to check.report_dir)."""
-        from src.etl.check import check_dataset
+        """The dataset doctor (it logs its own report and writes it to check.report_dir); a split that leaks
+        (a group of near-duplicates across splits) stops the run unless train.allow_leaks."""
+        from src.etl.doctor import check_dataset
 
-        return check_dataset(self.cfg).excluded_images
+        return check_dataset(self.cfg, refuse_leaks=not self.tc.allow_leaks).excluded_images
 
     def _build_data(self) -> None:
         from src.dl.train.dataset import build_collate, build_datasets

@@ -1,5 +1,6 @@
-"""Near-duplicates (issue 16): planted copies found and kept in one split; the doctor's CSV and contact
-sheets; an existing leaking split refused, then fixed by moving whole groups; small-object numbers."""
+"""Near-duplicates: planted copies found and kept in one split, unrelated look-alikes not paired, groups
+that do not chain; the doctor's CSV and contact sheets; an existing leaking split refused, then fixed by
+moving whole groups, and refused by training; small-object numbers."""
 
 from __future__ import annotations
 
@@ -10,15 +11,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks.near_duplicates import planted_copy, scene
 from src.common.errors import UserError
 from src.etl import split
 from src.etl.data_quality import BOX_SIZES_CSV, BOX_SIZES_PNG, CONTACT_SHEETS_DIR, NEAR_DUPLICATES_CSV
 from src.etl.doctor import check_dataset
-from src.etl.near_duplicates import fingerprint, near_duplicate_groups
+from src.etl.near_duplicates import (
+    Fingerprint,
+    NearDuplicateSettings,
+    candidate_pairs,
+    fingerprint,
+    near_duplicate_groups,
+)
 from tests.etl_data import etl_config
+from tests.helpers.near_duplicate_data import planted_copy, scene
 
 SCENES = 16
+SETTINGS = NearDuplicateSettings(26, 0.6, 0.86)  # config.yaml's check.near_duplicate_*
 COPIES = {0: "copy_of_00.jpg", 5: "copy_of_05.jpg", 9: "copy_of_09.jpg"}
 
 
@@ -132,15 +140,44 @@ def test_training_on_a_leaking_split_is_refused_unless_allowed(tmp_path, planted
 
 
 def test_zero_one_and_very_different_sizes():
-    assert near_duplicate_groups([], [], 22, 0.8) == []
+    assert near_duplicate_groups([], [], SETTINGS) == []
     one = fingerprint(np.zeros((5, 3000, 3), np.uint8))
-    assert near_duplicate_groups(["a"], [one], 22, 0.8) == []
+    assert near_duplicate_groups(["a"], [one], SETTINGS) == []
     big = scene(1, size=(1080, 1920))
     small = cv2.resize(big, (96, 54), interpolation=cv2.INTER_AREA)
     prints = [fingerprint(big), None, fingerprint(small), fingerprint(scene(2, size=(40, 900)))]
-    assert near_duplicate_groups(["big", "unreadable", "small", "other"], prints, 22, 0.8) == [
+    assert near_duplicate_groups(["big", "unreadable", "small", "other"], prints, SETTINGS) == [
         ["big", "small"]
     ]
+
+
+def test_unrelated_smooth_backgrounds_are_not_paired_but_their_copies_are():
+    """Smooth gradients under weak blotches share hash and coarse thumbnail by chance (two such pairs here pass
+    the candidate test even at its stricter settings); their details tell them apart, a copy's do not."""
+    rng = np.random.default_rng(3)
+    images = [scene(i, seed=4, size=(120, 160), kind="smooth") for i in range(40)]
+    images += [planted_copy(images[i], rng) for i in (4, 11, 20)]
+    prints = [fingerprint(image) for image in images]
+    look_alikes = {(i, j) for i, j, _, _ in candidate_pairs(prints, 22, 0.8)}
+    assert {(4, 35), (11, 33)} <= look_alikes
+    assert near_duplicate_groups(list(range(len(prints))), prints, SETTINGS) == [[4, 40], [11, 41], [20, 42]]
+
+
+def crafted(thumb: np.ndarray) -> Fingerprint:
+    """A fingerprint with the given coarse thumbnail (and its own mirror image), one hash and one detail."""
+    thumb = (thumb / np.linalg.norm(thumb)).astype(np.float32)
+    detail = np.random.default_rng(0).normal(0, 1, (32, 32, 3)).astype(np.float16)
+    return Fingerprint((0, 0), np.stack([thumb, thumb]), detail)
+
+
+def test_a_group_takes_an_image_only_when_it_is_close_to_every_member():
+    """a ~ b and b ~ c (coarse correlation 0.71, details alike) but a and c are unrelated (0): the most
+    similar pair groups, the third image stays out instead of chaining a to c through b."""
+    a, c = np.eye(768)[0], np.eye(768)[1]
+    prints = [crafted(a), crafted(a + c), crafted(c), crafted(a + 0.8 * c)]
+    groups = near_duplicate_groups(["a", "b", "c", "b2"], prints, SETTINGS)
+    assert groups == [["a", "b", "b2"]]  # b2 is close to a (0.78), b (0.99); c only to b and b2
+    assert near_duplicate_groups(["a", "b", "c"], prints[:3], SETTINGS) in ([["a", "b"]], [["b", "c"]])
 
 
 def test_box_size_report_numbers(tmp_path, caplog_loguru):

@@ -172,6 +172,7 @@ RULES: dict[str, Rule] = {
     "demo_data.clutter": pair("[min, max] ints >= 0", lambda v: _int(v) and v >= 0),
     "check.near_duplicate_distance": between(0, 64),
     "check.near_duplicate_similarity": between(-1, 1),
+    "check.near_duplicate_detail": between(-1, 1),
     "check.small_object_px": at_least(0, kind="float"),
     "check.small_object_share": PROBABILITY,
     "tile.size": Rule(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -40,6 +40,7 @@ from src.etl.labels import (
 )
 from src.etl.near_duplicates import (
     Fingerprint,
+    NearDuplicateSettings,
     fingerprint,
     leaking_groups,
     merge_groups,
@@ -49,12 +50,6 @@ from src.etl.splits import split_membership
 from src.etl.tiling import tile_groups
 
 __all__ = ["DatasetError", "ImageRecord", "NearDuplicateSettings", "Report", "check_dataset", "diagnose"]
-
-
-@dataclass(frozen=True)
-class NearDuplicateSettings:
-    max_distance: int  # pHash bits
-    min_similarity: float  # band-pass thumbnail correlation
 
 
 def _inspect_image(
@@ -182,9 +177,7 @@ def diagnose(
     near_groups = []
     if near_duplicates is not None:
         names = [r.image for r in records]
-        near_groups = near_duplicate_groups(
-            names, prints, near_duplicates.max_distance, near_duplicates.min_similarity
-        )
+        near_groups = near_duplicate_groups(names, prints, near_duplicates)
     return Report(
         str(data_path), class_names, records, problems, orphans, duplicate_groups, skip_bad, near_groups
     )
@@ -281,7 +274,9 @@ def check_dataset(cfg: DictConfig, write: bool = True, refuse_leaks: bool = Fals
     """
     c = cfg.check
     near = (
-        NearDuplicateSettings(int(c.near_duplicate_distance), float(c.near_duplicate_similarity))
+        NearDuplicateSettings(
+            int(c.near_duplicate_distance), float(c.near_duplicate_similarity), float(c.near_duplicate_detail)
+        )
         if c.near_duplicates
         else None
     )

@@ -16,6 +16,7 @@ import numpy as np
 from loguru import logger
 
 from src.common.io import atomic_write
+from src.common.network_input import PAD_VALUE, letterbox_or_resize
 
 GT_COLOR = (0, 200, 0)  # green
 PRED_COLOR = (230, 40, 40)  # red
@@ -265,8 +266,6 @@ def tile_images(
 ) -> np.ndarray:
     """Put images in a grid (row-major). tile_size (w, h): every tile is letterboxed to it; default: the
     largest image's size. Empty cells are grey."""
-    from src.common.network_input import PAD_VALUE, letterbox_or_resize
-
     if not images:
         raise ValueError("tile_images needs at least one image")
     cols = cols or math.ceil(math.sqrt(len(images)))

@@ -32,6 +32,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from src.common.draw import put_title, tile_images
+from src.common.images import ImageReadError, read_image_rgb
+from src.common.network_input import letterbox_or_resize
+
 PRE_SIZE = 128  # thumbnail every feature is computed from: area-averaging a full image down is fast
 THUMB = 32  # side of the coarse band-pass thumbnail
 STORED = 16  # side of the coarse thumbnail kept per image
@@ -310,10 +314,6 @@ def home_split(group: list[str], split_of: dict[str, str], order: Sequence[str])
 
 def contact_sheet(paths: Sequence[Path], captions: Sequence[str], thumb: int = 256) -> np.ndarray:
     """One picture of a group: every member letterboxed to thumb x thumb with its caption, in a grid."""
-    from src.common.draw import put_title, tile_images
-    from src.common.images import ImageReadError, read_image_rgb
-    from src.common.network_input import letterbox_or_resize
-
     tiles = []
     for path, caption in zip(paths, captions, strict=True):
         try:

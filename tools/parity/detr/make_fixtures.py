@@ -138,7 +138,9 @@ def calibrate_frozen_bn(model, frozen_bn_class, images: torch.Tensor) -> dict[st
         module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
         module.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
 
-    hooks = [m.register_forward_pre_hook(set_stats) for m in model.modules() if isinstance(m, frozen_bn_class)]
+    hooks = [
+        m.register_forward_pre_hook(set_stats) for m in model.modules() if isinstance(m, frozen_bn_class)
+    ]
     model.eval()
     with torch.no_grad():
         model(nested(images))
@@ -157,8 +159,12 @@ def outputs_arrays(prefix: str, out: dict, with_aux: bool) -> dict[str, np.ndarr
         f"{prefix}_pred_boxes": out["pred_boxes"].numpy(),
     }
     if with_aux:
-        arrays[f"{prefix}_aux_pred_logits"] = torch.stack([a["pred_logits"] for a in out["aux_outputs"]]).numpy()
-        arrays[f"{prefix}_aux_pred_boxes"] = torch.stack([a["pred_boxes"] for a in out["aux_outputs"]]).numpy()
+        arrays[f"{prefix}_aux_pred_logits"] = torch.stack(
+            [a["pred_logits"] for a in out["aux_outputs"]]
+        ).numpy()
+        arrays[f"{prefix}_aux_pred_boxes"] = torch.stack(
+            [a["pred_boxes"] for a in out["aux_outputs"]]
+        ).numpy()
     return arrays
 
 
@@ -220,7 +226,9 @@ def torchvision_resnet_manifest() -> dict[str, dict[str, list[int]]]:
     import torchvision
 
     return {
-        name: {k: list(v.shape) for k, v in getattr(torchvision.models, name)(weights=None).state_dict().items()}
+        name: {
+            k: list(v.shape) for k, v in getattr(torchvision.models, name)(weights=None).state_dict().items()
+        }
         for name in ("resnet50", "resnet101")
     }
 

@@ -159,7 +159,7 @@ RULES: dict[str, Rule] = {
     "model.img_size": Rule(
         "[h, w] (or one int for a square) of positive multiples of 32", _img_size, typed=True
     ),
-    "model.num_queries": at_least(1),
+    "model.num_queries": at_least(1, nullable=True, kind="int"),
     "model.task": one_of("detect", "segment"),
     # ------------------------------------------------------------ etl
     "preprocess.jpg_quality": between(1, 100),

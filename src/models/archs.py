@@ -18,6 +18,10 @@ ARCH_SIZES: dict[str, tuple[str, ...]] = {
     "detr": DETR_SIZES,  # DETR (ResNet, encoder-decoder transformer, softmax classes + "no object")
 }
 
+# model.num_queries: null takes the arch's own query count (the official configs').
+DEFAULT_QUERIES = {"detr": 100}
+OFFICIAL_QUERIES = 300
+
 ARCH_TITLES = {
     "dfine": "D-FINE",
     "deim_dfine": "DEIM-D-FINE",
@@ -37,6 +41,10 @@ def check_arch(arch: str, size: str) -> None:
         raise ConfigError(
             f"model.name={size!r} is not a size of model.arch={arch}; choose one of {' | '.join(ARCH_SIZES[arch])}"
         )
+
+
+def default_queries(arch: str) -> int:
+    return DEFAULT_QUERIES.get(arch, OFFICIAL_QUERIES)
 
 
 def display_name(arch: str, size: str) -> str:

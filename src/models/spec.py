@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from src.common.config_rules import LEGACY_VARIANT_ARCH
 from src.common.errors import ConfigError
-from src.models.archs import check_arch, display_name
+from src.models.archs import check_arch, default_queries, display_name
 
 ONE_CLASS_NAME = "object"  # the single class of a model.use_one_class model
 TASKS = ("detect", "segment")  # model.task: "segment" adds the mask branch (src/models/mask_head.py)
@@ -84,7 +84,9 @@ class ModelSpec:
             size=str(model.name),
             img_size=_pair(model.img_size),
             data_class_names=tuple(names),
-            num_queries=int(model.num_queries),
+            num_queries=int(
+                default_queries(str(model.arch)) if model.num_queries is None else model.num_queries
+            ),
             keep_ratio=bool(model.keep_ratio),
             use_one_class=bool(model.use_one_class),
             task=str(model.task),

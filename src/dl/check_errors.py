@@ -8,6 +8,9 @@ once with all its errors: FN ground truth in green, FP predictions in red (with 
 thin grey. output/<exp>/check_errors/errors.csv lists every FP/FN worst first: a confident FP (often an
 unlabelled object) or a FN nothing overlaps (often a wrong or stray label) comes before borderline cases.
 
+Pictures are named after the image's path (src/runtime/outputs.py: images of the same name in different
+folders keep apart); a run replaces only the files check_errors wrote before (src/dl/stage_outputs.py).
+
 A segmentation model is matched by mask IoU (an object labelled by a box line, without a polygon, by box
 IoU), best_iou is that IoU, and the pictures fill the FN ground-truth masks green and the FP masks red.
 """
@@ -26,11 +29,13 @@ from tqdm import tqdm
 from src.common.config import stage_main
 from src.common.draw import GT_COLOR, PRED_COLOR, draw_detections, draw_masks, save_image_rgb
 from src.common.experiment import Experiment, stage_config
-from src.common.images import ImageReadError
 from src.common.io import atomic_write_csv
-from src.runtime.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections
-from src.runtime.evaluate import LabelledImage, load_experiment_model, load_split_samples
-from src.runtime.slicing import full_image_config
+from src.dl.artifacts import load_experiment_model
+from src.dl.split_samples import full_image_config, load_split_samples
+from src.dl.stage_outputs import StagedOutputs
+from src.runtime.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections, read_each
+from src.runtime.evaluate import LabelledImage
+from src.runtime.outputs import OutputNames
 
 CONTEXT_COLOR = (160, 160, 160)
 COLUMNS = [
@@ -142,7 +147,10 @@ def draw_errors(
     )
 
 
-def check_split(cfg: DictConfig, detector, split: str, out_dir: Path) -> tuple[list[dict], int]:
+def check_split(
+    cfg: DictConfig, detector, split: str, staging: Path, out_dir: Path
+) -> tuple[list[dict], int]:
+    """Errors of one split: pictures written under staging/<split>/, rows naming them at out_dir/<split>/."""
     samples = load_split_samples(cfg, split, limit=cfg.check_errors.max_images)
     if not samples:
         logger.info(f"check_errors: no {split} split, skipped")
@@ -150,21 +158,18 @@ def check_split(cfg: DictConfig, detector, split: str, out_dir: Path) -> tuple[l
     conf = cfg.check_errors.conf
     conf = OmegaConf.to_container(conf) if OmegaConf.is_config(conf) else conf
     iou_thresh = float(cfg.check_errors.iou_thresh)
+    names, root = OutputNames.of_files(sample.path for sample in samples)
     rows, pictures = [], 0
-    for sample in tqdm(samples, desc=f"check {split}", dynamic_ncols=True):
-        try:
-            image = sample.read_image()
-        except (ImageReadError, OSError) as err:
-            logger.warning(f"skipped unreadable image: {err}")
-            continue
-        dets = detector.predict([image], conf)[0]
+    progress = tqdm(samples, desc=f"check {split}", dynamic_ncols=True)
+    readable = read_each(progress, lambda sample: sample.read_image())
+    for sample, image, dets in detector.stream(readable, conf):
         fp, fn, iou = find_errors(dets, sample, iou_thresh)
         if not (fp.any() or fn.any()):
             continue
-        picture_path = out_dir / split / f"{sample.path.stem}.jpg"
-        save_image_rgb(picture_path, draw_errors(image, dets, sample, fp, fn, detector.class_names))
+        name = names.in_folder(split, sample.path.relative_to(root), ".jpg")
+        save_image_rgb(staging / name, draw_errors(image, dets, sample, fp, fn, detector.class_names))
         pictures += 1
-        rows += error_rows(dets, sample, fp, fn, iou, detector.class_names, str(picture_path))
+        rows += error_rows(dets, sample, fp, fn, iou, detector.class_names, str(out_dir / name))
     logger.info(f"check_errors {split}: {pictures}/{len(samples)} images with errors")
     return rows, pictures
 
@@ -176,14 +181,16 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     out_dir = Experiment.of(cfg).file("check_errors")
     rows: list[dict[str, Any]] = []
     images_cfg = full_image_config(cfg)  # trained on tiles: the full images (cfg's keys, resolved)
-    for split in options.splits:
-        rows += check_split(images_cfg, detector, str(split), out_dir)[0]
-    frame = pd.DataFrame(rows, columns=COLUMNS)
-    if len(frame):
-        frame = frame.sort_values(
-            ["severity", "kind"], ascending=[False, True], kind="stable", ignore_index=True
-        )
-    atomic_write_csv(out_dir / "errors.csv", for_csv(frame))
+    with StagedOutputs(out_dir, "check_errors") as staging:
+        for split in options.splits:
+            rows += check_split(images_cfg, detector, str(split), staging.path, out_dir)[0]
+        frame = pd.DataFrame(rows, columns=COLUMNS)
+        if len(frame):
+            frame = frame.sort_values(
+                ["severity", "kind"], ascending=[False, True], kind="stable", ignore_index=True
+            )
+        atomic_write_csv(staging.path / "errors.csv", for_csv(frame))
+        staging.commit()
     counts = frame.groupby(["split", "kind"]).size().to_dict() if len(frame) else {}
     logger.info(f"check_errors: {len(frame)} errors {counts} -> {out_dir / 'errors.csv'}")
     return frame

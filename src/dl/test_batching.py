@@ -21,8 +21,8 @@ from omegaconf import DictConfig
 from src.common.config import stage_main
 from src.common.experiment import Experiment, stage_config
 from src.common.io import atomic_write, atomic_write_csv
+from src.dl.artifacts import load_experiment_model
 from src.runtime.detector import Detector
-from src.runtime.evaluate import load_experiment_model
 
 OOM_MARKERS = ("out of memory", "failed to allocate", "bad_alloc", "cannot allocate", "outofmemory")
 

@@ -49,10 +49,11 @@ def mot_lines(frame_index: int, ids: np.ndarray, boxes: np.ndarray, scores: np.n
 
 
 class TrackFiles:
-    """<base>.txt (MOT) and <base>.csv of one video; rows streamed, class names resolved on close()."""
+    """<base>.txt (MOT) and <base>.csv of one video; rows streamed, class names resolved on close(). The
+    suffixes are added to base's name, never put in place of a dot in it (tracks/a.mp4 -> a.mp4.txt)."""
 
     def __init__(self, base: Path, class_names: list[str]):
-        self.mot_path, self.csv_path = base.with_suffix(".txt"), base.with_suffix(".csv")
+        self.mot_path, self.csv_path = (base.with_name(base.name + suffix) for suffix in (".txt", ".csv"))
         self.class_names = class_names
         base.parent.mkdir(parents=True, exist_ok=True)
         self._mot_tmp = self.mot_path.with_name(f".{self.mot_path.name}.tmp")

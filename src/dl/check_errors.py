@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from faster_coco_eval.core import mask as mask_utils
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -33,6 +34,9 @@ from src.common.io import atomic_write_csv
 from src.dl.artifacts import load_experiment_model
 from src.dl.split_samples import full_image_config, load_split_samples
 from src.dl.stage_outputs import StagedOutputs
+from src.metrics import matching
+from src.metrics.masks import encode_masks
+from src.metrics.matching import greedy_match, score_order
 from src.runtime.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections, read_each
 from src.runtime.evaluate import LabelledImage
 from src.runtime.outputs import OutputNames
@@ -49,8 +53,6 @@ def find_errors(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(FP mask over predictions, FN mask over GT, IoU matrix preds x GT) with the validator's matching:
     each prediction, best score first, takes the unmatched GT of its class with the highest IoU."""
-    from src.metrics.matching import greedy_match, score_order
-
     iou = iou_matrix(dets, sample)
     same_class = dets.labels[:, None] == sample.labels[None, :]
     matched_gt, _ = greedy_match(iou, score_order(dets.scores), same_class, iou_thresh)
@@ -62,8 +64,6 @@ def find_errors(
 def iou_matrix(dets: Detections, sample: LabelledImage) -> np.ndarray:
     """(N, M) IoU of predictions with ground truth: of boxes, or of masks for a segmentation model's
     predictions and the GT objects labelled by a polygon (box-line objects keep box IoU)."""
-    from src.metrics import matching
-
     iou = matching.iou_matrix(dets.boxes.astype(np.float64), sample.boxes)
     has_mask = sample.has_mask
     if dets.masks is None or not has_mask.any() or not len(dets):
@@ -74,10 +74,6 @@ def iou_matrix(dets: Detections, sample: LabelledImage) -> np.ndarray:
 
 def mask_iou_matrix(masks_a: np.ndarray, masks_b: np.ndarray) -> np.ndarray:
     """(A, B) IoU of bool masks (A, H, W) x (B, H, W), computed on their COCO RLEs (cheap for big images)."""
-    from faster_coco_eval.core import mask as mask_utils
-
-    from src.metrics.masks import encode_masks
-
     if len(masks_a) == 0 or len(masks_b) == 0:
         return np.zeros((len(masks_a), len(masks_b)))
     iou = mask_utils.iou(encode_masks(masks_a), encode_masks(masks_b), [0] * len(masks_b))

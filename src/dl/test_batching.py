@@ -10,6 +10,7 @@ Writes output/<exp>/test_batching.csv and test_batching.png.
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
@@ -32,8 +33,6 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def free_memory() -> None:
-    import gc
-
     import torch
 
     gc.collect()

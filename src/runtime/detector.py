@@ -19,6 +19,7 @@ import numpy as np
 from loguru import logger
 
 from src.common.images import ImageReadError, read_image_rgb
+from src.common.masks import mask_to_polygon
 from src.common.network_input import Letterbox, boxes_to_original, masks_in_boxes, preprocess_images
 from src.runtime.backend import Outputs
 from src.runtime.meta import ModelMeta
@@ -96,8 +97,6 @@ class Detections:
             "image_size": list(self.image_size),
         }
         if self.masks is not None:
-            from src.common.masks import mask_to_polygon
-
             polygons = (mask_to_polygon(mask) for mask in self.masks)
             out["polygons"] = [None if p is None else rounded(p, POLYGON_DECIMALS) for p in polygons]
         return out

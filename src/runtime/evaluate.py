@@ -23,6 +23,15 @@ from tqdm import tqdm
 
 from src.common.images import read_image_rgb
 from src.common.masks import polygons_has_mask, polygons_to_masks
+from src.metrics.masks import (
+    MAX_MASKS,
+    MIN_MASK_SCORE,
+    decode_rles,
+    encode_masks,
+    ground_truth_masks,
+    mask_map,
+)
+from src.metrics.validator import evaluate
 from src.runtime.detector import Detections, Detector, batched_predictions, read_each
 
 
@@ -100,8 +109,6 @@ def score(
     iou_thresh: float = 0.5,
 ) -> dict[str, float]:
     """Validator metrics of per-image detections against their samples' ground truth (P/R/F1 at conf)."""
-    from src.metrics.validator import evaluate
-
     preds, gts = [], []
     for dets, sample in zip(detections, samples, strict=True):
         height, width = dets.image_size
@@ -114,8 +121,6 @@ def score(
 
 def decode_masks(rles: list[dict], image_size: tuple[int, int]) -> np.ndarray:
     """One image's COCO RLEs (EvalResult.mask_rles[i]) -> (N, H, W) bool; image_size (h, w)."""
-    from src.metrics.masks import decode_rles
-
     return decode_rles(rles, *image_size)
 
 
@@ -129,8 +134,6 @@ def mask_scores(
     image's masked_count first detections against the samples' polygons, as training's validation scores
     them; {} when no sample has a polygon (nothing to score). Both sides go in as RLEs: one image's dense
     ground-truth masks exist only while they are encoded."""
-    from src.metrics.masks import ground_truth_masks, mask_map
-
     if not any(s.has_mask.any() for s in samples):
         logger.info("mask mAP not computed: no ground-truth polygons in these labels (box lines only)")
         return {}
@@ -149,8 +152,6 @@ def masked_count(dets: Detections) -> int:
     validation does (metrics.masks): the MAX_MASKS best (COCO mAP reads 100 per image and class) that score
     >= MIN_MASK_SCORE. Full-size masks are what cost (resampling, then RLE-encoding): every top-K query's
     would take far longer than the prediction itself."""
-    from src.metrics.masks import MAX_MASKS, MIN_MASK_SCORE
-
     return int(min(MAX_MASKS, np.count_nonzero(dets.scores >= MIN_MASK_SCORE)))
 
 
@@ -166,8 +167,6 @@ def predict_for_evaluation(
     are selected from the same outputs untimed, the first masked_count of them with their masks, the rest
     with empty ones (mask mAP leaves them out: see mask_scores).
     """
-    from src.metrics.masks import MAX_MASKS, MIN_MASK_SCORE, encode_masks
-
     if detector.meta.task != "segment" or type(detector).predict is not Detector.predict:
         (dets,), ms = detector.timed([image], conf=min_conf)
         if dets.masks is None:

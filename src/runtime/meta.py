@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from src.common.config_rules import LEGACY_VARIANT_ARCH
+from src.common.io import atomic_write_text
 
 META_KEY = "dfine_meta"
 # The thresholds training writes beside a checkpoint (the experiment's FILES["thresholds"]); they take
@@ -216,8 +217,6 @@ def sidecar_path(engine_path: str | Path) -> Path:
 
 
 def write_sidecar(engine_path: str | Path, meta: ModelMeta) -> Path:
-    from src.common.io import atomic_write_text
-
     return atomic_write_text(
         sidecar_path(engine_path), json.dumps(asdict(meta), indent=2, default=str) + "\n"
     )

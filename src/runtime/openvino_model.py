@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 from functools import cache
 from pathlib import Path
 
@@ -141,9 +143,6 @@ def save_ir(model, path: str | Path, compress_to_fp16: bool) -> Path:
     reader finds the old pair, no .xml at all (a clear "not found"), or the new pair: never an .xml beside
     a .bin of another model.
     """
-    import shutil
-    import tempfile
-
     import openvino as ov
 
     path = Path(path)

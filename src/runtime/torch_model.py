@@ -14,6 +14,8 @@ from torch import nn
 
 from src.common.device import resolve_device
 from src.common.hardware import resolve_threads
+from src.models import build, spec_from_checkpoint
+from src.models.checkpoint import read_checkpoint
 from src.runtime.backend import Outputs
 from src.runtime.meta import SEGMENT_OUTPUT_NAMES, THRESHOLDS_FILE, ModelMeta, meta_from_checkpoint
 
@@ -44,8 +46,6 @@ class DeployModel(nn.Module):
 
 def read_project_checkpoint(path: str | Path):
     """src.models.checkpoint.read_checkpoint (EMA preferred), insisting on our "meta" (classes, input size)."""
-    from src.models.checkpoint import read_checkpoint
-
     checkpoint = read_checkpoint(path)
     if not checkpoint.meta.get("class_names") and "num_classes" not in checkpoint.meta:
         raise ValueError(
@@ -64,8 +64,6 @@ def checkpoint_meta(path: str | Path, meta: dict[str, Any]) -> ModelMeta:
 
 def build_deploy_model(path: str | Path) -> tuple[DeployModel, ModelMeta]:
     """(fused eval model on CPU, fp32; its metadata) from one of our checkpoints."""
-    from src.models import build, spec_from_checkpoint
-
     checkpoint = read_project_checkpoint(path)
     meta = checkpoint_meta(path, checkpoint.meta)
     # the trainer's own build; the architecture read off the weights (fine-tuned from released files)

@@ -241,6 +241,20 @@ def test_detect_handler_reports_problems_instead_of_raising(tiny, tmp_path):
     assert {Path(p).name for p in tracked.downloads} >= {"clip.txt", "clip.csv"}
 
 
+def test_predict_video_cut_midway_says_so(tiny, tmp_path):
+    """A video whose middle is damaged decodes only its first frames: the page's notes say how many of the
+    frames its container announces could not be read."""
+    detector = load_model(tiny["checkpoint"], device="cpu")
+    clip = bytearray(write_clip(tmp_path / "clip.mp4", frames=40).read_bytes())
+    frames_end = clip.find(b"moov")  # the frame data first, the index with the frame count last
+    clip[frames_end // 3 : frames_end // 2] = bytes(frames_end // 2 - frames_end // 3)
+    (tmp_path / "cut.mp4").write_bytes(clip)
+    results = predict_video(detector, tmp_path / "cut.mp4", 0.0, None, tmp_path / "out")
+    frames = json.loads(Path(results.downloads[1]).read_text())["frames"]
+    assert 0 < len(frames) < 40
+    assert any(f"{40 - len(frames)} of its 40 frames could not be read" in note for note in results.notes)
+
+
 def test_predict_video_tracks_objects(tiny, tmp_path):
     """Tracking (dl.infer's ByteTrack): ids in the table, the json and the MOT/CSV files; the frames show
     "#id" tags; hidden classes are neither tracked nor shown."""

@@ -120,6 +120,10 @@ def test_a_lone_name_keeps_the_usual_layout():
     assert str(names.label("sub/b.JPG")) == "labels/sub/b.txt"  # YOLO's layout: images/x.jpg, labels/x.txt
     assert str(names.drawing("sub/b.JPG")) == "images/sub/b.JPG"  # its own name and format
     assert str(names.drawing("c.heic")) == "images/c.jpg"  # a format OpenCV does not write: JPG
+    beside = OutputNames(["a.heic", "a.png", "a.heic.jpg", "x.heic/b.jpg"])
+    assert [str(beside.drawing(n)) for n in ("a.heic", "a.png", "a.heic.jpg", "x.heic/b.jpg")] == [
+        "images/a.heic_.jpg", "images/a.png", "images/a.heic.jpg", "images/x.heic/b.jpg",
+    ]  # fmt: skip
     assert str(names.video("clip.mp4")) == "videos/clip.mp4"
     with pytest.raises(ValueError, match="same relative path"):
         OutputNames(["a.jpg", "a.jpg"])

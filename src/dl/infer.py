@@ -172,12 +172,14 @@ class InferOutputs:
             self.save_crops(frame.image, frame.dets, rel, frame.index)
 
 
-def process_images(paths: list[Path], outputs: InferOutputs, conf: Any) -> None:
+def process_images(paths: list[Path], outputs: InferOutputs) -> None:
+    """Every readable image through the model (batched by the model's batch size) into the outputs."""
+
     def failed(path: Path, err: Exception) -> None:
         outputs.failed[str(path)] = str(err)
 
     progress = tqdm(paths, desc="images", dynamic_ncols=True, disable=not paths)
-    for path, image, dets in outputs.detector.stream(read_each(progress, on_error=failed), conf):
+    for path, image, dets in outputs.detector.stream(read_each(progress, on_error=failed)):
         outputs.image(path, image, dets)
 
 
@@ -296,7 +298,7 @@ def infer_into(
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
             outputs.csv_writer = csv.writer(handle)
             outputs.csv_writer.writerow(CSV_COLUMNS)
-            process_images(images, outputs, None)
+            process_images(images, outputs)
             for video in tqdm(videos, desc="videos", dynamic_ncols=True, disable=len(videos) < 2):
                 process_video(video, outputs)
 

@@ -6,8 +6,9 @@ OutputNames: inputs are named by their path relative to the run's root. Each inp
 without its extension (sub/a.jpg -> sub/a) when no other input has the same stem and no other input is
 named like that stem; otherwise the whole path (a.jpg, a.png, a.jpg.jpg keep apart as a.jpg, a.png,
 a.jpg.jpg). Keys are therefore distinct, and every output is `<kind folder>/<key><fixed suffix>` (labels
-.txt, masks .png, videos .mp4, tracks .txt/.csv, drawings the image's own extension or .jpg, crops
-_<n>.jpg), or lies inside `<key>_frames/` for the frames of a video. A folder of the input keeps its name
+.txt, masks .png, videos .mp4, tracks .txt/.csv, crops _<n>.jpg), or lies inside `<key>_frames/` for the
+frames of a video. Drawings keep the image's own name (a format OpenCV cannot write: <key>.jpg, made
+distinct from every other drawing's name). A folder of the input keeps its name
 unless it ends like an output (x.txt/, clip_frames/): then it gets one more "_", so that no output file or
 frame folder can have the name of an input folder. Distinct inputs thus never share an output name, and
 no output name is a folder another output needs (tests/test_runtime_outputs.py checks this on generated
@@ -59,12 +60,28 @@ class OutputNames:
         stems = Counter(p.with_suffix("") for p in paths)
         names = set(paths)
         self._keys = {path: self._key(path, stems, names) for path in paths}
+        self._drawings = self._drawing_names(paths)
 
     @staticmethod
     def _key(path: PurePosixPath, stems: Counter, names: set[PurePosixPath]) -> PurePosixPath:
         stem = path.with_suffix("")
         own = stem if stems[stem] == 1 and stem not in names else path
         return PurePosixPath(*map(escaped_folder, own.parent.parts), own.name)
+
+    def _drawing_names(self, paths: list[PurePosixPath]) -> dict[PurePosixPath, PurePosixPath]:
+        """An image OpenCV writes keeps its own name (a.jpg, a.png); any other becomes <key>.jpg, with "_"
+        added before .jpg while that name is taken (a.heic beside an a.heic.jpg): names given in order, so
+        none is given twice."""
+        escaped = {p: PurePosixPath(*map(escaped_folder, p.parent.parts), p.name) for p in paths}
+        drawings = {p: escaped[p] for p in paths if p.suffix.lower() in WRITABLE_EXTS}
+        taken = set(drawings.values())
+        for path in sorted(p for p in paths if p not in drawings):
+            name = self._keys[path].with_name(self._keys[path].name + ".jpg")
+            while name in taken:
+                name = name.with_name(name.name.removesuffix(".jpg") + "_.jpg")
+            drawings[path] = name
+            taken.add(name)
+        return drawings
 
     def key(self, relative: str | PurePosixPath | Path) -> PurePosixPath:
         return self._keys[PurePosixPath(Path(relative).as_posix())]
@@ -91,9 +108,9 @@ class OutputNames:
         return self.in_folder("masks", relative, ".png")
 
     def drawing(self, relative) -> PurePosixPath:
-        """images/<key> + the image's own extension when OpenCV writes it, else .jpg."""
-        suffix = PurePosixPath(Path(relative).as_posix()).suffix
-        return self.in_folder("images", relative, suffix if suffix.lower() in WRITABLE_EXTS else ".jpg")
+        """images/<the image's own name> when OpenCV writes its format, else images/<key>.jpg (see
+        _drawing_names)."""
+        return PurePosixPath("images") / self._drawings[PurePosixPath(Path(relative).as_posix())]
 
     def video(self, relative) -> PurePosixPath:
         return self.in_folder("videos", relative, ".mp4")

@@ -94,7 +94,7 @@ def tiny(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def tiny_segment(tmp_path_factory) -> dict:
     """output/tiny/best.pt of a segmentation model (D-FINE-n + mask branch, the deterministic weights of
-    tests/deploy_data.py: every query scores above the default threshold; most have a mask) and a PNG scene
+    tests/helpers/deploy_data.py: every query scores above the default threshold; most have a mask) and a PNG scene
     (lossless: the test compares the page's picture pixel by pixel)."""
     from tests.helpers.deploy_data import deploy_config, make_checkpoint
 

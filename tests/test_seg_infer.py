@@ -1,6 +1,6 @@
 """Segmentation through the evaluation and infer stages: infer draws masks, writes YOLO-seg polygons and
 instance-id PNGs; bench reports mask mAP; check_errors matches by mask IoU; tracking keeps masks. On a tiny
-segmentation checkpoint (deterministic weights, tests/deploy_data.py) over demo data whose labels the test
+segmentation checkpoint (deterministic weights, tests/helpers/deploy_data.py) over demo data whose labels the test
 turns into polygons, plus hand-made detections where the numbers must be exact."""
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from src.dl.train.negatives import (
     predict_negative_scores,
     prefer_lower_fppi,
 )
-from tests.deploy_data import deploy_config, make_checkpoint, make_data, tiny_model
+from tests.helpers.deploy_data import deploy_config, make_checkpoint, make_data, tiny_model
 
 
 def _write_image(path: Path, value: int, size: tuple[int, int] = (40, 30)) -> Path:

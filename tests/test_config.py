@@ -32,7 +32,7 @@ def test_config_yaml_defaults_validate():
     [
         ("train.epochs=0", "train.epochs must be an int >= 1, got 0"),
         ("train.batch_size=0", "train.batch_size must be an int >= 1, got 0"),
-        ("model.num_queries=0", "model.num_queries must be an int >= 1, got 0"),
+        ("model.num_queries=0", "model.num_queries must be an int >= 1 or null, got 0"),
         ("model.img_size=abc", "model.img_size must be [h, w] (or one int for a square) of"),
         ("model.img_size=abc", 'multiples of 32, got "abc"'),
         ("model.img_size=[250,256]", "positive multiples of 32, got [250, 256]"),

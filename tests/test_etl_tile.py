@@ -257,8 +257,7 @@ def test_polygons_are_clipped_to_each_tile(tmp_path, one_supersampling):
 
 
 def test_evaluation_of_a_tiled_experiment_reads_the_full_images(tmp_path, large):
-    from src.runtime.evaluate import load_split_samples
-    from src.runtime.slicing import full_image_config
+    from src.dl.split_samples import full_image_config, load_split_samples
 
     pd.DataFrame({"image": ["small.jpg"]}).to_csv(large / "train.csv", index=False)
     pd.DataFrame({"image": ["big.jpg"]}).to_csv(large / "val.csv", index=False)

@@ -22,7 +22,7 @@ from src.dl.train.negatives import (
     predict_negative_scores,
     prefer_lower_fppi,
 )
-from tests.deploy_data import deploy_config, make_checkpoint, make_data, tiny_model
+from tests.helpers.deploy_data import deploy_config, make_checkpoint, make_data, tiny_model
 
 
 def _write_image(path: Path, value: int, size: tuple[int, int] = (40, 30)) -> Path:
@@ -133,8 +133,8 @@ def experiment(tmp_path_factory):
 
 
 def test_torch_model_and_detector_agree(experiment):
-    from src.d_fine import build_postprocessor
     from src.etl.splits import read_split
+    from src.models import build_postprocessor
     from src.runtime import load_model
 
     cfg, checkpoint = experiment

@@ -18,7 +18,7 @@ from src.dl.precision import choose
 from src.metrics.masks import mask_iou
 from src.runtime import Detections, load_model
 from src.runtime.meta import OUTPUT_NAMES, SEGMENT_OUTPUT_NAMES
-from tests.deploy_data import deploy_config, make_checkpoint, make_data
+from tests.helpers.deploy_data import deploy_config, make_checkpoint, make_data
 
 EXPORTS = ("model.onnx", "model_fp32.xml")
 
@@ -210,7 +210,6 @@ def test_test_batching_runs_a_segment_export(seg_exported):
     assert frame["status"].tolist() == ["ok", "ok"]
 
 
-@pytest.mark.slow  # NNCF quantization: ~30 s on 2 cores
 def test_int8_of_a_segment_model_reports_mask_iou(seg_exported):
     from src.dl import ov_int8
 

@@ -1,9 +1,5 @@
-"""Tiles: the geometry shared by the tiling data stage (src/etl/tile.py) and sliced inference
-(src/runtime/slicing.py), and the files of a tiled data set.
-
-A side of `length` px is covered by tiles of `tile` px whose starts are spread evenly from 0 to length - tile,
-as few as keep neighbours overlapping by at least `overlap` (a fraction of the tile). An object no larger than
-overlap * tile therefore lies whole inside at least one tile.
+"""Tiles of the tiling data stage (src/etl/tile.py): label geometry, and the files of a tiled data set. Where
+the windows go is src/common/windows.py, shared with sliced inference (src/runtime/slicing.py).
 
 A tiled data set's `tiles.csv` is its manifest: every tile the tiling stage wrote into images/ (+ labels/)
 with its source image. A re-tiling writes its tiles into a staging folder, then replaces exactly the tiles
@@ -13,7 +9,6 @@ whose source is unknown, and split refuses the set while one is there (`orphan_i
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from src.common.io import atomic_write_csv, atomic_write_json, read_json
+from src.common.windows import tile_starts, tile_windows
 from src.etl.labels import images_dir, label_path_for, labels_dir
 
 TILES_CSV = "tiles.csv"
@@ -34,26 +30,11 @@ TILED_FROM = "tiled_from.json"
 REPLACING = "tiles.replacing.json"
 STAGING = ".tiling-staging"  # <out>/.tiling-staging/{images,labels}: a run's tiles before they are swapped in
 
-
-def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
-    """Start offsets along one side; one tile (start 0) when the side is not longer than the tile."""
-    if not 0 <= overlap < 1:
-        raise ValueError(f"tile overlap must be in [0, 1), got {overlap}")
-    if length <= tile:
-        return [0]
-    stride = tile * (1 - overlap)
-    count = math.ceil((length - tile) / stride) + 1
-    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
-
-
-def tile_windows(width: int, height: int, tile_w: int, tile_h: int, overlap: float) -> np.ndarray:
-    """(T, 4) int xyxy windows covering a width x height image, row by row; clipped to a smaller image."""
-    windows = [
-        (x, y, min(x + tile_w, width), min(y + tile_h, height))
-        for y in tile_starts(height, tile_h, overlap)
-        for x in tile_starts(width, tile_w, overlap)
-    ]
-    return np.array(windows, np.int64).reshape(-1, 4)
+# the windows are re-exported for the stage
+__all__ = [
+    "TILED_FROM", "TILES_CSV", "TILE_COLUMNS", "boxes_in_window", "interrupted_replacement", "orphan_images",
+    "read_tiles", "replace_tiles", "staging_folder", "tile_groups", "tile_name", "tile_starts", "tile_windows",
+]  # fmt: skip
 
 
 def boxes_in_window(

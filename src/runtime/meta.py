@@ -13,7 +13,13 @@ from typing import Any
 
 import numpy as np
 
+from src.common.config_rules import LEGACY_VARIANT_ARCH
+from src.common.io import atomic_write_text
+
 META_KEY = "dfine_meta"
+# The thresholds training writes beside a checkpoint (the experiment's FILES["thresholds"]); they take
+# precedence over the ones inside the checkpoint.
+THRESHOLDS_FILE = "thresholds.json"
 META_VERSION = 1
 DEFAULT_CONF = 0.5
 
@@ -41,7 +47,7 @@ class ModelMeta:
     img_size: tuple[int, int]  # network input (h, w)
     keep_ratio: bool = False  # True: letterbox with grey padding; False: plain resize
     model_name: str = "n"
-    variant: str = "dfine"
+    arch: str = "dfine"  # model.arch (src/models/archs.py)
     num_queries: int = 300
     conf_thresh: float = DEFAULT_CONF  # the default score threshold
     class_thresholds: dict[str, float] = field(default_factory=dict)  # class name -> threshold (overrides)
@@ -74,8 +80,13 @@ class ModelMeta:
         """Per-class score thresholds (num_classes,): `conf` overrides the stored ones.
 
         conf: None -> stored defaults (global + per-class); float -> that value for every class;
-        dict {class name or id: value} -> those classes changed, the others keep the stored defaults.
+        dict {class name or id: value} -> those classes changed, the others keep the stored defaults;
+        array (num_classes,) -> taken as it is.
         """
+        if isinstance(conf, np.ndarray) and conf.ndim == 1:
+            if len(conf) != self.num_classes:
+                raise ValueError(f"{len(conf)} thresholds for {self.num_classes} classes")
+            return conf.astype(np.float32)
         if conf is not None and not isinstance(conf, dict):
             return np.full(self.num_classes, float(conf), np.float32)
         out = np.array([self.class_thresholds.get(n, self.conf_thresh) for n in self.class_names], np.float32)
@@ -151,7 +162,7 @@ def meta_from_checkpoint(meta: dict[str, Any], thresholds: dict[str, Any] | None
         img_size=tuple(meta["img_size"]),
         keep_ratio=bool(meta.get("keep_ratio", False)),
         model_name=str(meta.get("model_name", "n")),
-        variant=str(meta.get("variant", "dfine")),
+        arch=str(meta.get("arch") or LEGACY_VARIANT_ARCH[str(meta.get("variant", "dfine"))]),
         num_queries=int(meta.get("num_queries", 300)),
         task=str(meta.get("task", "detect")),
         conf_thresh=float(conf if conf is not None else meta.get("conf_thresh", DEFAULT_CONF)),
@@ -206,8 +217,6 @@ def sidecar_path(engine_path: str | Path) -> Path:
 
 
 def write_sidecar(engine_path: str | Path, meta: ModelMeta) -> Path:
-    from src.common.io import atomic_write_text
-
     return atomic_write_text(
         sidecar_path(engine_path), json.dumps(asdict(meta), indent=2, default=str) + "\n"
     )

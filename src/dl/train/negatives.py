@@ -36,6 +36,8 @@ from src.common.experiment import Experiment, stage_config
 from src.common.images import image_size, list_images, parallel_map, read_image_rgb
 from src.common.io import atomic_write_json
 from src.common.network_input import image_to_tensor, letterbox_or_resize
+from src.runtime.detector import Detector
+from src.runtime.evaluate import unthresholded_scores
 
 DEFAULT_THRESHOLDS = (0.3, 0.5, 0.7)
 MAX_LISTED = 10  # overlapping files named in the error
@@ -280,16 +282,7 @@ def detector_scores(
     detector, image_paths: Sequence[str | Path], batch_size: int | None = None
 ) -> list[np.ndarray]:
     """Scores (top-K, unthresholded) per image of a src.runtime Detector (any backend)."""
-    from src.runtime.detector import iter_chunks
-
-    scores: list[np.ndarray] = []
-    num_classes = len(detector.class_names)
-    for chunk in iter_chunks(list(image_paths), batch_size or detector.max_batch):
-        (labels, _, batch_scores), _ = detector.raw([read_image_rgb(p) for p in chunk])
-        for image_labels, image_scores in zip(labels, batch_scores):
-            valid = (image_labels >= 0) & (image_labels < num_classes)  # as Detector keeps them
-            scores.append(np.asarray(image_scores, np.float64)[valid])
-    return scores
+    return unthresholded_scores(detector, image_paths)
 
 
 def evaluate_negatives(
@@ -313,7 +306,7 @@ def evaluate_negatives(
     """
     if len(image_paths) == 0:
         raise ValueError("evaluate_negatives: no images (check_negatives_disjoint returned none?)")
-    if hasattr(model_or_detector, "raw") and hasattr(model_or_detector, "meta"):
+    if isinstance(model_or_detector, Detector):
         scores = detector_scores(model_or_detector, image_paths)
     else:
         if postprocessor is None or img_size is None:
@@ -345,7 +338,7 @@ def describe(metrics: dict[str, float]) -> str:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """The experiment's best artifact on train.negatives_path -> output/<exp>/negatives_metrics.json."""
-    from src.runtime.evaluate import load_experiment_model
+    from src.dl.artifacts import load_experiment_model
 
     cfg = stage_config(cfg)  # data, classes and model settings of the trained experiment
     negatives = check_negatives_disjoint(

@@ -6,10 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
-from src.common.config import load_config
 from src.common.network_input import network_boxes_to_original_xyxy
 from src.dl.train.dataset import (
     DetectionDataset,
@@ -19,56 +17,14 @@ from src.dl.train.dataset import (
     save_all_debug_images,
     tensor_to_image,
 )
-
-COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]  # one per class id
-
-# name -> (height, width, [(class, x1, y1, x2, y2) in pixels])
-IMAGES = {
-    "wide.png": (60, 120, [(0, 10, 10, 50, 40), (2, 70, 20, 110, 55)]),
-    "tall.png": (130, 50, [(1, 5, 20, 45, 70)]),
-    "square.png": (80, 80, [(3, 20, 20, 60, 60), (0, 0, 0, 15, 15)]),
-    "odd.png": (37, 101, [(2, 30, 5, 90, 30)]),
-    "empty.png": (70, 90, []),  # background only
-}
-
-
-def make_data(root: Path) -> Path:
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    for name, (height, width, objects) in IMAGES.items():
-        image = np.zeros((height, width, 3), np.uint8)
-        lines = []
-        for cls, x1, y1, x2, y2 in objects:
-            image[y1:y2, x1:x2] = COLORS[cls]
-            cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
-            lines.append(f"{cls} {cx:.6f} {cy:.6f} {(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f}\n")
-        Image.fromarray(image).save(root / "images" / name)
-        if objects:
-            (root / "labels" / f"{Path(name).stem}.txt").write_text("".join(lines))
-    names = list(IMAGES)
-    for split, chosen in {"train": names, "val": names, "test": names[:2]}.items():
-        pd.DataFrame({"image": chosen}).to_csv(root / f"{split}.csv", index=False)
-    return root
+from tests.helpers.train_data import COLORS, IMAGES, make_dataset_images
+from tests.helpers.train_data import dataset_config as config
 
 
 @pytest.fixture
 def data_root(tmp_path) -> Path:
-    return make_data(tmp_path / "data")
-
-
-def config(data_root: Path, *overrides: str):
-    no_augs = [f"train.augs.{k}=0" for k in ("left_right_flip", "rotation_p", "brightness_contrast", "gamma")]
-    no_augs += [f"train.augs.{k}=0" for k in ("blur", "noise", "to_gray")]
-    return load_config(
-        [
-            f"data_path={data_root}",
-            f"output_dir={data_root.parent / 'out'}",
-            "model.img_size=[64,96]",
-            "train.mosaic.prob=0",
-            *no_augs,
-            *overrides,
-        ]
-    )
+    """The five images of tests/helpers/train_data.py with their labels and split CSVs."""
+    return make_dataset_images(tmp_path / "data")
 
 
 def pixel_boxes(name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,7 @@ from src.common.config import load_config
 from src.dl.train.augment import mix_up
 from src.dl.train.dataset import DetectionDataset, build_collate
 from src.dl.train.optim import FlatCosineLR, build_flat_cosine, build_lr_scheduler, build_optimizer, group_lrs
-from tests.test_train import assert_same_weights, make_detection_data, train_config
+from tests.helpers.train_data import assert_same_weights, make_detection_data, train_config
 
 BASE_LR, BACKBONE_LR = 1e-2, 1e-4
 
@@ -102,13 +102,20 @@ def test_flat_cosine_state_round_trips_through_a_weights_only_checkpoint():
 
 
 def test_train_scheduler_key_picks_the_schedule():
-    train = OmegaConf.create({"scheduler": "onecycle", "warmup_pct": 0.1})
-    assert isinstance(build_lr_scheduler(_optimizer(), train, [5, 5]), torch.optim.lr_scheduler.OneCycleLR)
-    train = load_config(["train.scheduler=flat_cosine", "train.no_aug_epochs=1"]).train
-    scheduler = build_lr_scheduler(_optimizer(), train, [5, 5, 5, 5])
+    from dataclasses import replace
+
+    from src.dl.train.settings import TrainSettings
+
+    def schedule(*overrides: str):
+        return TrainSettings.from_config(load_config(list(overrides))).optim.schedule
+
+    onecycle = schedule("train.scheduler=onecycle")
+    assert isinstance(build_lr_scheduler(_optimizer(), onecycle, [5, 5]), torch.optim.lr_scheduler.OneCycleLR)
+    flat = schedule("train.scheduler=flat_cosine", "train.no_aug_epochs=1")
+    scheduler = build_lr_scheduler(_optimizer(), flat, [5, 5, 5, 5])
     assert isinstance(scheduler, FlatCosineLR) and (scheduler.flat_end, scheduler.decay_end) == (10, 15)
     with pytest.raises(ValueError, match="train.scheduler"):
-        build_lr_scheduler(_optimizer(), OmegaConf.create({"scheduler": "step"}), [5])
+        build_lr_scheduler(_optimizer(), replace(onecycle, name="step"), [5])
 
 
 # ---------------------------------------------------------------- mixup transform

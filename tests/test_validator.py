@@ -225,11 +225,12 @@ def test_predict_batches_with_the_real_model(tmp_path):
 
     from src.dl.train.dataset import DetectionDataset, collate_fn
     from src.metrics.records import predict_batches
-    from tests.test_dataset import IMAGES, config, make_data
+    from tests.helpers.train_data import IMAGES, make_dataset_images
+    from tests.helpers.train_data import dataset_config as config
 
     torch.manual_seed(0)
     cfg = config(
-        make_data(tmp_path / "data"),
+        make_dataset_images(tmp_path / "data"),
         "model.img_size=[64,64]",
         "model.keep_ratio=true",
         "model.num_queries=20",

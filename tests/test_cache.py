@@ -9,7 +9,7 @@ import torch
 
 from src.common.errors import ConfigError
 from src.dl.train import cache as cache_module
-from src.dl.train.dataset import build_datasets
+from src.dl.train.setup import datasets_of
 from tests.helpers.train_data import dataset_config as config
 from tests.helpers.train_data import make_dataset_images
 
@@ -24,7 +24,7 @@ def _datasets(data_root, mode: str, *overrides: str):
     cfg = config(
         data_root, f"train.cache={mode}", f"train.cache_dir={data_root.parent / 'cache'}", *overrides
     )
-    return build_datasets(cfg, log=False)
+    return datasets_of(cfg, log=False)
 
 
 def _all_samples(dataset, epoch: int = 0):

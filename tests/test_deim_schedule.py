@@ -16,8 +16,10 @@ from torch import nn
 
 from src.common.config import load_config
 from src.dl.train.augment import mix_up
-from src.dl.train.dataset import DetectionDataset, build_collate
+from src.dl.train.dataset import build_collate
 from src.dl.train.optim import FlatCosineLR, build_flat_cosine, build_lr_scheduler, build_optimizer, group_lrs
+from src.dl.train.settings import DataSettings
+from src.dl.train.setup import split_dataset
 from tests.helpers.train_data import assert_same_weights, make_detection_data, train_config
 
 BASE_LR, BACKBONE_LR = 1e-2, 1e-4
@@ -161,7 +163,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 def _dataset(tmp_path, data_dir, *overrides):
     cfg = train_config(tmp_path, data_dir, "train.epochs=6", *overrides)
-    return DetectionDataset(cfg, "train"), cfg
+    return split_dataset(cfg, "train"), cfg
 
 
 def test_mixup_only_inside_its_epochs_and_reproducible(tmp_path, data_dir):
@@ -179,7 +181,7 @@ def test_mixup_only_inside_its_epochs_and_reproducible(tmp_path, data_dir):
     image, target = dataset[2]
     again_image, again_target = dataset[2]  # same (seed, epoch, index): same partner, ratio and boxes
     assert torch.equal(image, again_image) and torch.equal(target["boxes"], again_target["boxes"])
-    alone = DetectionDataset(_dataset(tmp_path, data_dir, "train.mosaic.prob=0")[1], "train", train=False)
+    alone = split_dataset(_dataset(tmp_path, data_dir, "train.mosaic.prob=0")[1], "train", train=False)
     assert len(target["boxes"]) > len(alone[2][1]["boxes"])  # its own boxes and the partner's
 
 
@@ -194,8 +196,8 @@ def test_no_aug_epochs_switch_off_every_augmentation(tmp_path, data_dir):
         tmp_path, data_dir, "train.no_aug_epochs=2", "train.mosaic.prob=1.0", "train.mosaic.no_mosaic_epochs=0",
         "train.mixup.prob=1.0", "train.mixup.epochs=[0,null]", "train.multiscale_prob=1.0", *every_aug,
     )  # fmt: skip
-    plain = DetectionDataset(cfg, "train", train=False)
-    collate = build_collate(cfg, train=True)
+    plain = split_dataset(cfg, "train", train=False)
+    collate = build_collate(DataSettings.from_config(cfg), train=True)
 
     dataset.set_epoch(3)  # the last epoch with augmentation
     collate.set_epoch(3)

@@ -158,9 +158,8 @@ class EpochRunner:
                 return
             with self.timer.section("host to device"):
                 images, targets = batch
-                images = images.to(
-                    device, non_blocking=True, memory_format=self.memory_format
-                )  # (B, 3, H, W)
+                layout = self.memory_format
+                images = images.to(device, non_blocking=True, memory_format=layout)  # (B, 3, H, W)
                 targets = [
                     {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
                     for t in targets

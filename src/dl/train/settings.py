@@ -11,14 +11,71 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
+from src.common.config import label_names
 from src.common.errors import ConfigError
 from src.models.family import LossSettings
 
 LOGGER_NAMES = ("csv", "tensorboard", "wandb")  # train.loggers: src/dl/train/loggers.py builds them
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """What the datasets and the training collate need (src/dl/train/dataset.py)."""
+
+    data_path: Path  # images/ and labels/ live here
+    img_size: tuple[int, int]  # network input (h, w)
+    keep_ratio: bool  # letterbox (True) or plain resize
+    use_one_class: bool  # every class trained as one
+    label_names: tuple[str, ...]  # the data's classes, ids 0..N-1
+    segment: bool  # model.task=segment: masks from the polygons
+    allow_box_only: bool  # segment: objects without a polygon train without mask loss
+    clip_tolerance: float  # check.clip_tolerance: how far a label may stick out of its image
+    seed: int
+    epochs: int
+    augs: dict  # train.augs: probability of each albumentations transform
+    mosaic: dict  # train.mosaic (prob, no_mosaic_epochs and the affine's ranges)
+    no_aug_epochs: int  # the last epochs without any augmentation
+    mixup_prob: float
+    mixup_epochs: list | None  # train.mixup.epochs: [start, end) (end null: up to the no-aug tail)
+    ignore_background_epochs: int
+    multiscale_prob: float
+    cache: str  # train.cache: off | ram | disk
+    cache_dir: Path
+
+    @property
+    def augmented_until(self) -> int:
+        """The first epoch without augmentation (mosaic, mixup, albumentations, multiscale)."""
+        return self.epochs - self.no_aug_epochs
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> DataSettings:
+        tc = cfg.train
+        return cls(
+            data_path=Path(cfg.data_path),
+            img_size=(int(cfg.model.img_size[0]), int(cfg.model.img_size[1])),
+            keep_ratio=bool(cfg.model.keep_ratio),
+            use_one_class=bool(cfg.model.use_one_class),
+            label_names=tuple(label_names(cfg)),
+            segment=cfg.model.task == "segment",
+            allow_box_only=bool(tc.allow_box_only),
+            clip_tolerance=float(cfg.check.clip_tolerance),
+            seed=int(cfg.seed),
+            epochs=int(tc.epochs),
+            augs=OmegaConf.to_container(tc.augs, resolve=True),
+            mosaic=OmegaConf.to_container(tc.mosaic, resolve=True),
+            no_aug_epochs=int(tc.no_aug_epochs),
+            mixup_prob=float(tc.mixup.prob),
+            mixup_epochs=OmegaConf.to_container(tc.mixup.epochs) if tc.mixup.epochs is not None else None,
+            ignore_background_epochs=int(tc.ignore_background_epochs),
+            multiscale_prob=float(tc.multiscale_prob),
+            cache=str(tc.cache),
+            cache_dir=Path(tc.cache_dir),
+        )
 
 
 @dataclass(frozen=True)

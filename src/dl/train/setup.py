@@ -11,6 +11,7 @@ objects from here, never the config.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from src.common.errors import UserError
 from src.common.experiment import Experiment
 from src.common.hardware import Precision, apply_channels_last
+from src.dl.train.dataset import DetectionDataset, build_collate, build_datasets
 from src.dl.train.distributed import DistContext, on_main
 from src.dl.train.ema import ModelEMA
 from src.dl.train.epoch import Optimization
@@ -29,9 +31,10 @@ from src.dl.train.events import Events
 from src.dl.train.optim import backbone_parameters, build_lr_scheduler, build_optimizer
 from src.dl.train.profile import NO_TIMER, SectionTimer, time_calls
 from src.dl.train.rng import seed_everything
-from src.dl.train.settings import EvalSettings, TrainSettings
+from src.dl.train.settings import DataSettings, EvalSettings, TrainSettings
 from src.dl.train.speed import setup_speed
 from src.dl.train.trainer import ModelParts, TrainData, Trainer, batches_in_epoch
+from src.etl.splits import read_split, split_csv_path
 from src.models.build import build
 from src.models.checkpoint import RunCheckpoint
 from src.models.spec import ModelSpec
@@ -77,26 +80,46 @@ def build_trainer(
 
 def split_image_paths(cfg: DictConfig) -> list[Path]:
     """Every image the split CSVs list (train, val, test; excluded ones too): what negatives must avoid."""
-    from src.etl.splits import read_split
-
     return [path for split in ("train", "val", "test") for path in read_split(cfg, split) or []]
+
+
+def split_paths(cfg: DictConfig, split: str, exclude: Iterable[str] = ()) -> list[Path]:
+    """The images <splits_dir>/<split>.csv lists, less `exclude` (names as the dataset doctor reports them)."""
+    paths = read_split(cfg, split, exclude)
+    if paths is None:
+        raise FileNotFoundError(f"{split_csv_path(cfg, split)} not found: run `make split` first")
+    return paths
+
+
+def split_dataset(cfg: DictConfig, split: str, train: bool | None = None) -> DetectionDataset:
+    """One split's dataset as the config describes it (train: augment; default split == "train")."""
+    return DetectionDataset(DataSettings.from_config(cfg), split, split_paths(cfg, split), train)
+
+
+def datasets_of(
+    cfg: DictConfig, exclude: Iterable[str] = (), log: bool = True
+) -> dict[str, DetectionDataset]:
+    """{"train", "val"[, "test"]}: the datasets of the config's splits (test when test.csv lists images)."""
+    paths = {split: split_paths(cfg, split, exclude) for split in ("train", "val")}
+    paths["test"] = read_split(cfg, "test", exclude) or []
+    return build_datasets(DataSettings.from_config(cfg), paths, log)
 
 
 def build_data(cfg: DictConfig, ctx: DistContext, settings: EvalSettings) -> TrainData:
     """The dataset doctor (rank 0: it logs its report and writes it to check.report_dir), the datasets and
     the negatives folder checked against every split image."""
-    from src.dl.train.dataset import build_collate, build_datasets
     from src.etl.check import check_dataset
 
     excluded = on_main(ctx, lambda: check_dataset(cfg).excluded_images)
-    datasets = build_datasets(cfg, exclude=excluded, log=ctx.is_main)
+    datasets = datasets_of(cfg, exclude=excluded, log=ctx.is_main)
     if len(datasets["train"].image_paths) == 0:
         raise UserError(f"no training images: {Path(cfg.splits_dir) / 'train.csv'} lists none")
     negatives = on_main(ctx, check_negatives, settings, split_image_paths(cfg))
+    data_settings = DataSettings.from_config(cfg)
     return TrainData(
         datasets=datasets,
-        train_collate=build_collate(cfg, train=True),
-        eval_collate=build_collate(cfg, train=False),
+        train_collate=build_collate(data_settings, train=True),
+        eval_collate=build_collate(data_settings, train=False),
         negatives=negatives if ctx.is_main else [],  # rank 0 measures them
     )
 

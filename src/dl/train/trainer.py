@@ -229,7 +229,7 @@ class Trainer:
             self.save_last()
         with self.timer.section("logging"):
             self._fire("on_epoch_end", row, self.state)
-        if self.tuner is not None:
+        if self.tuner is not None and epoch + 1 < self.settings.epochs:  # a next epoch to use it
             self.tuner.after_epoch(epoch, result.images_per_s)
         return row
 

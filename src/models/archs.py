@@ -10,10 +10,12 @@ from __future__ import annotations
 from src.common.errors import ConfigError
 
 DFINE_SIZES = ("n", "s", "m", "l", "x")
+DETR_SIZES = ("r50", "r101", "r50_dc5", "r101_dc5")  # ResNet-50/101, plain or DC5 (dilated last stage)
 
 ARCH_SIZES: dict[str, tuple[str, ...]] = {
     "dfine": DFINE_SIZES,  # D-FINE (HGNetv2, FDR decoder)
     "deim_dfine": DFINE_SIZES,  # DEIM-D-FINE: D-FINE trained DEIM's way, SiLU decoder
+    "detr": DETR_SIZES,  # DETR (ResNet, encoder-decoder transformer, softmax classes + "no object")
 }
 
 ARCH_TITLES = {

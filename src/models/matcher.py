@@ -1,8 +1,10 @@
-"""One-to-one Hungarian matching of predictions to ground truth, as D-FINE trains with it.
+"""One-to-one Hungarian matching of predictions to ground truth, as D-FINE and DETR train with it.
 
 The cost of giving ground-truth j to query i is
-    cost_class * focal_cost(p_i[label_j]) + cost_bbox * L1(box_i, box_j) + cost_giou * -GIoU(box_i, box_j)
-and scipy's linear_sum_assignment picks the cheapest one-to-one assignment per image.
+    cost_class * class_cost(i, label_j) + cost_bbox * L1(box_i, box_j) + cost_giou * -GIoU(box_i, box_j)
+and scipy's linear_sum_assignment picks the cheapest one-to-one assignment per image. The class cost is
+D-FINE's focal-flavoured one on sigmoid scores (class_cost="focal"), or DETR's -softmax probability of the
+target class over classes + "no object" (class_cost="softmax").
 
 Segmentation models can add a mask cost (cost_mask > 0, train.mask_loss.matcher_cost), Mask2Former's:
     cost_mask * (BCE(mask_i, mask_j) + dice(mask_i, mask_j))
@@ -26,6 +28,7 @@ MatchIndices = list[tuple[torch.Tensor, torch.Tensor]]  # per image: (query indi
 # Mask2Former samples 12544 points for its matcher; matching needs ranks, not a loss value, and the cost
 # is (Q x n) pairs per image: 1024 points keep it cheap (capped at the mask-logit pixel count).
 MATCHER_POINTS = 1024
+CLASS_COSTS = ("focal", "softmax")
 
 
 def corners(boxes: torch.Tensor) -> torch.Tensor:
@@ -43,8 +46,12 @@ class HungarianMatcher(nn.Module):
         alpha: float = 0.25,
         gamma: float = 2.0,
         cost_mask: float = 0.0,
+        class_cost: str = "focal",
     ):
         super().__init__()
+        if class_cost not in CLASS_COSTS:
+            raise ValueError(f"HungarianMatcher: class_cost must be one of {CLASS_COSTS}, got {class_cost!r}")
+        self.class_cost = class_cost
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError(
                 "HungarianMatcher: at least one of cost_class, cost_bbox, cost_giou must be non-zero"
@@ -91,12 +98,15 @@ class HungarianMatcher(nn.Module):
     def cost_matrix(
         self, logits: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, target_boxes: torch.Tensor
     ) -> torch.Tensor:
-        """logits (Q, C), boxes (Q, 4), labels (n,), target_boxes (n, 4) -> cost (Q, n)."""
-        prob = logits.sigmoid()[:, labels]  # (Q, n)
-        # Focal-loss flavoured class cost: how much cheaper the positive focal term is than the negative one.
-        negative = (1 - self.alpha) * (prob**self.gamma) * (-(1 - prob + 1e-8).log())
-        positive = self.alpha * ((1 - prob) ** self.gamma) * (-(prob + 1e-8).log())
-        cost_class = positive - negative
+        """logits (Q, C) (softmax: C = classes + 1), boxes (Q, 4), labels (n,), target_boxes (n, 4) -> (Q, n)."""
+        if self.class_cost == "softmax":
+            cost_class = -logits.softmax(-1)[:, labels]  # (Q, n)
+        else:
+            prob = logits.sigmoid()[:, labels]  # (Q, n)
+            # Focal-loss flavoured: how much cheaper the positive focal term is than the negative one.
+            negative = (1 - self.alpha) * (prob**self.gamma) * (-(1 - prob + 1e-8).log())
+            positive = self.alpha * ((1 - prob) ** self.gamma) * (-(prob + 1e-8).log())
+            cost_class = positive - negative
         cost_bbox = torch.cdist(boxes, target_boxes.to(boxes.dtype), p=1)
         cost_giou = -generalized_box_iou(corners(boxes), corners(target_boxes.to(boxes.dtype)))
         return self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou

@@ -144,7 +144,7 @@ class DetectionDataset(Dataset):
             )
         self.transform = build_augmentations(settings.augs) if self.train else None
         self.mosaic_prob = float(settings.mosaic["prob"]) if self.train else 0.0
-        self.mosaic_params = MosaicParams.from_cfg(settings.mosaic)
+        self.mosaic_params = MosaicParams.from_mapping(settings.mosaic)
         self.mosaic_until_epoch = settings.epochs - int(settings.mosaic["no_mosaic_epochs"])
         self.no_aug_epochs = settings.no_aug_epochs
         self.aug_until_epoch = settings.augmented_until

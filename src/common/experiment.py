@@ -37,6 +37,7 @@ FILES = {
     "log": "train_log.txt",
     "history": "history.csv",
     "curves": "curves.png",
+    "tensorboard": "tensorboard",
     "last": "last.pt",
     "best": "best.pt",
     "metrics": "metrics.csv",

@@ -38,6 +38,7 @@ from src.common.boxes import box_iou, generalized_box_iou
 from src.models.dfine.fdr import bbox2distance
 from src.models.mask_loss import MaskLossSettings, mask_losses
 from src.models.matcher import HungarianMatcher, MatchIndices, corners
+from src.models.outputs import DetectorOutputs
 
 # The official D-FINE COCO recipe (configs/dfine/include/dfine_hgnetv2.yml); DEIM swaps vfl for mal.
 DEFAULT_LOSS_WEIGHTS = {"vfl": 1.0, "mal": 1.0, "bbox": 5.0, "giou": 2.0, "fgl": 0.15, "ddf": 1.5}
@@ -126,8 +127,10 @@ class DFineCriterion(nn.Module):
         self.gamma = CLS_LOSS_GAMMA[cls_loss] if gamma is None else gamma
         self.reg_max, self.ddf_temperature = reg_max, ddf_temperature
 
-    def forward(self, outputs: dict, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """outputs: the D-FINE decoder's training dict; targets: per image "labels" (n,) int64 and
+    def forward(
+        self, outputs: DetectorOutputs, targets: list[dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """outputs: the model's training outputs (src/models/outputs.py); targets: per image "labels" (n,) int64 and
         "boxes" (n, 4) normalised cxcywh; for masks also "masks" (n, H, W) at the input size and optionally
         "has_mask" (n,) bool (src/models/mask_loss.py). Returns weighted loss terms; their sum is the training loss."""
         self._check_labels(outputs, targets)

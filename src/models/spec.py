@@ -22,6 +22,9 @@ TASKS = ("detect", "segment")  # model.task: "segment" adds the mask branch (src
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """What a detector is: enough to build it (src.models.build), to write its checkpoint meta and to read
+    one back. Frozen and checked on creation, so a spec that exists is a buildable one."""
+
     arch: str  # dfine | deim_dfine | rtdetrv2 | ... (src/models/archs.py)
     size: str  # model.name: one of the arch's sizes (n..x for D-FINE, r18.. for RT-DETRv2, r50.. for DETR)
     img_size: tuple[int, int]  # network input (h, w), multiples of 32

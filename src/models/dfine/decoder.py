@@ -33,6 +33,7 @@ from src.models.denoising import get_contrastive_denoising_training_group
 from src.models.dfine.decoder_layers import LQE, DecoderLayer
 from src.models.dfine.fdr import distance2bbox, distribution_to_distance, weighting_function
 from src.models.layers import MLP, inverse_sigmoid, prior_bias
+from src.models.outputs import DetectorOutputs, LayerOutputs
 
 
 class DecoderStack(nn.Module):
@@ -350,7 +351,7 @@ class DFineDecoder(nn.Module):
         stacked = [torch.stack(x) for x in (boxes, logits, corners, refs)]  # each (layers, B, Q, ...)
         return (*stacked, pre_boxes, pre_logits, features)
 
-    def forward(self, feats: list[torch.Tensor], targets: list[dict] | None = None) -> dict:
+    def forward(self, feats: list[torch.Tensor], targets: list[dict] | None = None) -> DetectorOutputs:
         memory, spatial_shapes = self._flatten_memory(feats)
 
         dn_logits = dn_ref_logits = attn_mask = dn_meta = None
@@ -438,7 +439,7 @@ class DFineDecoder(nn.Module):
         return out
 
 
-def _layer_outputs(logits, boxes, corners, refs, teacher_corners, teacher_logits) -> list[dict]:
+def _layer_outputs(logits, boxes, corners, refs, teacher_corners, teacher_logits) -> list[LayerOutputs]:
     """Per-layer dicts for deep supervision; the last layer is the GO-LSD teacher of all of them."""
     return [
         {

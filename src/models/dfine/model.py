@@ -12,13 +12,15 @@ from src.models.dfine.decoder import DFineDecoder
 from src.models.dfine.encoder import HybridEncoder
 from src.models.dfine.sizes import ModelSize, get_size
 from src.models.mask_head import MaskHead, build_mask_head
+from src.models.outputs import DetectorOutputs
 from src.models.spec import TASKS
 
 
 class DFINE(nn.Module):
-    """images (B, 3, H, W) float in [0, 1] -> eval: {"pred_logits" (B, Q, classes), "pred_boxes" (B, Q, 4)
-    normalised cxcywh}; train (`model(images, targets)`): the full output dict the criterion consumes.
-    With a mask head (task "segment") both also hold "pred_masks" (B, Q, H/4, W/4) mask logits."""
+    """images (B, 3, H, W) float in [0, 1] -> DetectorOutputs (src/models/outputs.py). Eval: "pred_logits"
+    (B, Q, classes), "pred_boxes" (B, Q, 4) normalised cxcywh; train (`model(images, targets)`): also the
+    deep-supervision and denoising fields the criterion consumes. With a mask head (task "segment") both
+    also hold "pred_masks" (B, Q, H/4, W/4) mask logits."""
 
     def __init__(
         self,
@@ -40,7 +42,7 @@ class DFINE(nn.Module):
     def task(self) -> str:
         return "detect" if self.mask_head is None else "segment"
 
-    def forward(self, images: torch.Tensor, targets: list[dict] | None = None) -> dict:
+    def forward(self, images: torch.Tensor, targets: list[dict] | None = None) -> DetectorOutputs:
         if self.mask_head is None:
             return self.decoder(self.encoder(self.backbone(images)), targets)
         stages = self.backbone.stage_outputs(images)  # strides 4, 8, 16, 32

@@ -30,8 +30,6 @@ RANK = {pkg: rank for rank, group in enumerate(LAYERS) for pkg in group}
 STAGE_IMPORTS_BEING_REMOVED = {
     ("src.demo.screenshots", "src.demo.app"),
     ("src.dl.export", "src.dl.ov_int8"),
-    ("src.dl.train.evaluation", "src.dl.train.negatives"),
-    ("src.dl.train.trainer", "src.dl.train.negatives"),
 }
 
 

@@ -21,7 +21,7 @@ from src.common.io import atomic_torch_save
 
 def make_checkpoint(folder: Path, size: str, img: int, num_classes: int = 80) -> Path:
     """A checkpoint in the trainer's format with freshly initialised weights."""
-    from src.d_fine import build_model
+    from src.models import build_model
 
     torch.manual_seed(0)
     model = build_model(size, num_classes, img_size=(img, img), variant="dfine", num_queries=300)

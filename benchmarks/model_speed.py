@@ -18,7 +18,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from src.d_fine import SIZES, build_model
+from src.models import SIZES, build_model
 
 
 def count_gflops(model: torch.nn.Module, images: torch.Tensor) -> float:

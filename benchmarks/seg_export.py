@@ -35,7 +35,7 @@ TASKS = ("detect", "segment")
 def make_checkpoint(folder: Path, size: str, img: int, task: str) -> Path:
     """A checkpoint in the trainer's format with freshly initialised weights (the same seed for both tasks:
     the detection part of the two models is identical)."""
-    from src.d_fine import build_model
+    from src.models import build_model
 
     torch.manual_seed(0)
     model = build_model(size, NUM_CLASSES, img_size=(img, img), num_queries=300, task=task)

@@ -64,7 +64,7 @@ def _rss_mb() -> float:
 def measure(task: str, size: str, img: int, batch: int, steps: int, device: str) -> dict:
     """One task's mean step time (after one warm-up step) and peak memory, in this process."""
     from src.common.config import load_config
-    from src.d_fine import build_criterion, build_model
+    from src.models import build_criterion, build_model
 
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -116,7 +116,7 @@ def measure(task: str, size: str, img: int, batch: int, steps: int, device: str)
 def forward_gflops(size: str, img: int, task: str) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from src.d_fine import build_model
+    from src.models import build_model
 
     model = build_model(size, NUM_CLASSES, img_size=(img, img), task=task).deploy()
     counter = FlopCounterMode(display=False)

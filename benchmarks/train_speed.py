@@ -60,7 +60,7 @@ def bare_step(
 ) -> dict:
     """img/s of the train step alone on one synthetic batch (same weights and batch for every precision);
     first_step_s: the first step's time (with compile_model: torch.compile's compile time)."""
-    from src.d_fine import build_criterion, build_model
+    from src.models import build_criterion, build_model
 
     seed_everything(0)
     model = build_model(model_name, NUM_CLASSES, img_size=(img_size, img_size)).to(device).train()

@@ -64,7 +64,7 @@ def make_data(cfg) -> Path:
 
 def tiny_model(cfg, num_classes: int = len(CLASS_NAMES), task: str = "detect"):
     """task="segment": with the mask branch (deterministic weights too)."""
-    from src.d_fine import build_model
+    from src.models import build_model
 
     model = build_model(
         "n", num_classes, img_size=tuple(cfg.model.img_size), num_queries=NUM_QUERIES, task=task

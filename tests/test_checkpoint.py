@@ -9,16 +9,12 @@ import threading
 import pytest
 import torch
 
-from src.d_fine import build_model
-from src.d_fine import checkpoint as ckpt
-from src.d_fine.checkpoint import (
-    COCO_CLASSES,
-    checkpoint_arch_overrides,
-    find_pretrained,
-    load_pretrained,
-    pretrained_filename,
-    read_checkpoint,
-)
+from src.models import build_model
+from src.models import checkpoint as ckpt
+from src.models.checkpoint import read_checkpoint
+from src.models.dfine import weights as dfine_weights
+from src.models.dfine.weights import find_pretrained, pretrained_filename
+from src.models.pretrained import COCO_CLASSES, checkpoint_arch, checkpoint_arch_overrides, load_pretrained
 from tests.detinit import deterministic_state_dict
 
 IMG = (64, 64)
@@ -163,7 +159,7 @@ def test_find_pretrained_uses_a_local_file(tmp_path):
 
 
 def test_find_pretrained_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(ckpt, "DFINE_RELEASE_URL", "http://127.0.0.1:9/")  # nothing listens: refused at once
+    monkeypatch.setattr(dfine_weights, "DFINE_RELEASE_URL", "http://127.0.0.1:9/")  # nothing listens: refused at once
     with pytest.raises(FileNotFoundError) as error:
         find_pretrained("s", pretrained_dir=tmp_path)
     message = str(error.value)
@@ -194,7 +190,7 @@ def test_find_pretrained_downloads_from_the_release(tmp_path, monkeypatch, coco_
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        monkeypatch.setattr(ckpt, "DFINE_RELEASE_URL", f"http://127.0.0.1:{server.server_address[1]}/")
+        monkeypatch.setattr(dfine_weights, "DFINE_RELEASE_URL", f"http://127.0.0.1:{server.server_address[1]}/")
         path = find_pretrained("n", pretrained_dir=tmp_path / "pretrained")
     finally:
         server.shutdown()
@@ -203,7 +199,7 @@ def test_find_pretrained_downloads_from_the_release(tmp_path, monkeypatch, coco_
     assert load_pretrained(_tiny(80), path).missing == []
 
 
-# --- variant recognition -------------------------------------------------------------------------------
+# --- arch recognition -------------------------------------------------------------------------------
 
 
 def _large_backbone_state(trained_norm: bool) -> dict[str, torch.Tensor]:
@@ -222,27 +218,27 @@ def _large_backbone_state(trained_norm: bool) -> dict[str, torch.Tensor]:
     return state
 
 
-def test_variant_from_our_metadata(coco_state):
-    for variant in ("dfine", "deim"):
-        found, reason = ckpt.checkpoint_variant({"model": coco_state, "meta": {"variant": variant}})
-        assert found == variant and "metadata" in reason
+def test_arch_from_our_metadata(coco_state):
+    for meta, arch in (({"arch": "deim_dfine"}, "deim_dfine"), ({"variant": "deim"}, "deim_dfine")):
+        found, reason = checkpoint_arch({"model": coco_state, "meta": meta})
+        assert found == arch and "metadata" in reason
 
 
-def test_variant_from_backbone_batchnorm_of_large_sizes():
-    assert ckpt.checkpoint_variant(_large_backbone_state(trained_norm=True))[0] == "deim"
-    assert ckpt.checkpoint_variant({"ema": {"module": _large_backbone_state(False)}})[0] == "dfine"
+def test_arch_from_backbone_batchnorm_of_large_sizes():
+    assert checkpoint_arch(_large_backbone_state(trained_norm=True))[0] == "deim_dfine"
+    assert checkpoint_arch({"ema": {"module": _large_backbone_state(False)}})[0] == "dfine"
 
 
-def test_variant_from_the_file_name(tmp_path, coco_state):
+def test_arch_from_the_file_name(tmp_path, coco_state):
     deim = tmp_path / "deim_dfine_hgnetv2_n_coco_160e.pth"
     dfine = tmp_path / "dfine_l_obj2coco.pth"  # the name find_pretrained gives the release's _e25 file
     for path in (deim, dfine):
         torch.save({"model": coco_state}, path)
-    assert ckpt.checkpoint_variant(deim) == (
-        "deim",
+    assert checkpoint_arch(deim) == (
+        "deim_dfine",
         "the file name 'deim_dfine_hgnetv2_n_coco_160e.pth' contains 'deim'",
     )
-    assert ckpt.checkpoint_variant(dfine)[0] == "dfine"
+    assert checkpoint_arch(dfine)[0] == "dfine"
 
 
 def test_small_sizes_cannot_be_told_apart_and_the_report_says_so(tmp_path, coco_state):
@@ -250,23 +246,23 @@ def test_small_sizes_cannot_be_told_apart_and_the_report_says_so(tmp_path, coco_
     carries the (missing) verdict."""
     path = tmp_path / "weights.pth"
     torch.save({"model": coco_state}, path)
-    variant, reason = ckpt.checkpoint_variant(path)
-    assert variant is None and "cannot be told apart" in reason
+    arch, reason = checkpoint_arch(path)
+    assert arch is None and "cannot be told apart" in reason
     report = load_pretrained(_tiny(80), path)
-    assert report.variant is None and "cannot be told apart" in str(report)
+    assert report.arch is None and "cannot be told apart" in str(report)
     named = tmp_path / "my_deim_run.pth"
     torch.save({"model": coco_state}, named)
-    assert load_pretrained(_tiny(80), named).variant == "deim"
+    assert load_pretrained(_tiny(80), named).arch == "deim_dfine"
 
 
 # --- our format and the model spec --------------------------------------------------------------------------
 
 
 def _spec(**changes):
-    from src.d_fine import ModelSpec
+    from src.models import ModelSpec
 
     fields = dict(
-        size="n", variant="dfine", img_size=("64", 96), data_class_names=("a", "b", "c"), num_queries=20
+        arch="dfine", size="n", img_size=("64", 96), data_class_names=("a", "b", "c"), num_queries=20
     )
     return ModelSpec(**(fields | changes))
 
@@ -274,7 +270,7 @@ def _spec(**changes):
 def test_model_spec_casts_once_and_refuses_bad_values():
     from src.common.config import load_config
     from src.common.errors import ConfigError
-    from src.d_fine import ModelSpec
+    from src.models import ModelSpec
 
     spec = _spec()
     assert spec.img_size == (64, 96) and spec.class_names == ["a", "b", "c"] and spec.num_classes == 3
@@ -295,21 +291,27 @@ def test_model_spec_casts_once_and_refuses_bad_values():
 
 
 def test_build_returns_model_criterion_and_postprocessor_for_a_spec():
-    from src.d_fine import build
+    from src.models import LossSettings, build
 
-    spec = _spec(variant="deim", use_one_class=True)
+    spec = _spec(arch="deim_dfine", use_one_class=True)
     model, criterion, postprocessor = build(spec)
     assert criterion.cls_loss == "mal" and model.decoder.num_queries == 20  # auto: DEIM's own loss
     with torch.no_grad():
         out = model.eval()(torch.rand(1, 3, 64, 96))
     assert out["pred_logits"].shape == (1, 20, 1)
-    assert build(spec, cls_loss="vfl", bg_loss_weight=2.0).criterion.bg_loss_weight == 2.0
+    assert build(spec, LossSettings(cls_loss="vfl", bg_loss_weight=2.0)).criterion.bg_loss_weight == 2.0
     with pytest.raises(ValueError, match="train.cls_loss"):
-        build(spec, cls_loss="focal")
+        build(spec, LossSettings(cls_loss="focal"))
 
 
 def test_run_checkpoint_round_trip(tmp_path):
-    from src.d_fine import ModelSpec, RunCheckpoint, build, load_run_checkpoint, save_run_checkpoint
+    from src.models import (
+        RunCheckpoint,
+        build,
+        load_run_checkpoint,
+        save_run_checkpoint,
+        spec_from_checkpoint,
+    )
 
     spec = _spec(use_one_class=True)
     model = build(spec).model
@@ -332,7 +334,7 @@ def test_run_checkpoint_round_trip(tmp_path):
     # a meta without arch_overrides (older files): the architecture is read off the weights
     wide = build(_spec(arch_overrides={"decoder_ffn_dim": 1024})).model.state_dict()
     old_meta = {k: v for k, v in _spec().to_meta().items() if k != "arch_overrides"}
-    build(ModelSpec.from_meta(old_meta, wide)).model.load_state_dict(wide)
+    build(spec_from_checkpoint(old_meta, wide)).model.load_state_dict(wide)
     torch.save({"model": model.state_dict()}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="not a checkpoint of this project"):
         load_run_checkpoint(tmp_path / "foreign.pt")
@@ -345,14 +347,14 @@ def test_shared_checkpoint_reads_load_a_file_once(tmp_path, coco_state, monkeypa
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
     with ckpt.shared_checkpoint_reads():
-        variant = ckpt.checkpoint_variant(str(path))
-        overrides = ckpt.checkpoint_arch_overrides(str(path))
+        arch = checkpoint_arch(str(path))
+        overrides = checkpoint_arch_overrides(str(path))
         first = ckpt.read_checkpoint(path)
         assert ckpt.read_checkpoint(path) is first
     assert len(loads) == 1
     # outside the block every read loads the file again, and an edited file is never served from before
     assert ckpt.read_checkpoint(path) is not first and len(loads) == 2
-    assert variant == ckpt.checkpoint_variant(str(path)) and overrides == ckpt.checkpoint_arch_overrides(path)
+    assert arch == checkpoint_arch(str(path)) and overrides == checkpoint_arch_overrides(path)
     with ckpt.shared_checkpoint_reads():
         ckpt.read_checkpoint(path)
         torch.save({"model": {k: v for k, v in list(coco_state.items())[:5]}}, path)

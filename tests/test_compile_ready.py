@@ -8,12 +8,12 @@ from loguru import logger
 from torch import nn
 
 from src.common.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
-from src.d_fine.denoising import (
+from src.dl.train.trainer_utils import maybe_compile
+from src.models.denoising import (
     _jitter_boxes,
     get_contrastive_denoising_training_group,
     positive_query_indices,
 )
-from src.dl.train.trainer_utils import maybe_compile
 
 
 def _targets(counts: list[int], seed: int = 0) -> list[dict]:

@@ -41,7 +41,7 @@ def test_config_yaml_defaults_validate():
         ("split.test=2", "split.test must be a number in [0, 1], got 2"),
         ("train.epochs=ten", 'train.epochs must be an int >= 1, got "ten"'),
         ("train.overwrite=1", "train.overwrite must be true or false, got 1"),
-        ("model.name=xl", 'model.name must be one of n | s | m | l | x, got "xl"'),
+        ("model.variant=xl", 'model.variant must be a string dfine or deim (the old name of model.arch) or null, got "xl"'),
         ("train.amp=fp8", "train.amp must be one of auto | off | bf16 | fp16"),
         ("device=gpu0", 'device must be auto | cpu | cuda | cuda:N'),
         ("train.max_steps_per_epoch=0", "train.max_steps_per_epoch must be an int >= 1 or null, got 0"),
@@ -144,12 +144,20 @@ def test_an_older_saved_config_is_completed_from_the_defaults():
     saved = OmegaConf.to_container(
         load_config(["label_to_name={0: cat, 1: dog}", "train.epochs=3"]), resolve=True
     )
-    del saved["train"]["no_aug_epochs"], saved["train"]["mixup"], saved["model"]["variant"]
+    del saved["train"]["no_aug_epochs"], saved["train"]["mixup"], saved["model"]["arch"]
+    saved["model"]["variant"] = "deim"  # written before model.arch existed
     cfg = complete_with_defaults(saved)
     assert cfg.train.epochs == 3 and cfg.train.no_aug_epochs == default_config().train.no_aug_epochs
-    assert cfg.train.mixup.prob == default_config().train.mixup.prob and cfg.model.variant == "dfine"
+    assert cfg.train.mixup.prob == default_config().train.mixup.prob
     assert OmegaConf.to_container(cfg.label_to_name) == {0: "cat", 1: "dog"}  # the saved map, not merged
     validate_config(cfg)
+    assert cfg.model.arch == "deim_dfine" and cfg.model.variant is None
+
+
+def test_the_old_variant_key_names_an_arch_and_a_contradiction_is_refused():
+    assert load_config(["model.variant=deim"]).model.arch == "deim_dfine"
+    with pytest.raises(ConfigError, match="contradicts model.arch"):
+        load_config(["model.variant=deim", "model.arch=deim_rtdetrv2"])
 
 
 def test_every_rule_names_a_key_of_config_yaml():

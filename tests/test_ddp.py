@@ -7,14 +7,12 @@ import subprocess
 import sys
 
 import pandas as pd
-import pytest
 import torch
 
 from src.common.config import ROOT
 from tests.test_train import make_detection_data, train_overrides
 
 
-@pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path):
     # 3 val images over 2 ranks: one rank gets 2, the other 1; none may be counted twice or dropped.
     data = make_detection_data(

@@ -228,32 +228,31 @@ DEIM_RUN = (
 
 
 def _save_weights(path: Path, num_classes: int = 3) -> Path:
-    from src.d_fine import build_model
+    from src.models import build_model
 
     torch.save({"model": build_model("n", num_classes, img_size=(64, 64)).state_dict()}, path)
     return path
 
 
-def test_trainer_follows_the_pretrained_variant_or_says_it_cannot_tell(tmp_path):
-    from src.dl.train.run import follow_pretrained_variant
+def test_trainer_follows_the_pretrained_arch_or_says_it_cannot_tell(tmp_path):
+    from src.dl.train.run import follow_pretrained_arch
 
     deim = _save_weights(tmp_path / "deim_dfine_hgnetv2_n_coco.pth")
-    cfg = load_config(["model.variant=dfine", f"train.pretrained_model_path={deim}"])
-    level, message = follow_pretrained_variant(cfg)
-    assert level == "WARNING" and "MODEL VARIANT CHANGED" in message and cfg.model.variant == "deim"
-    assert follow_pretrained_variant(cfg)[0] == "INFO"  # now they agree
+    cfg = load_config(["model.arch=dfine", f"train.pretrained_model_path={deim}"])
+    level, message = follow_pretrained_arch(cfg)
+    assert level == "WARNING" and "MODEL ARCH CHANGED" in message and cfg.model.arch == "deim_dfine"
+    assert follow_pretrained_arch(cfg)[0] == "INFO"  # now they agree
 
     unknown = _save_weights(tmp_path / "weights.pth")
     cfg = load_config(["model.variant=dfine", f"train.pretrained_model_path={unknown}"])
-    level, message = follow_pretrained_variant(cfg)
-    assert level == "INFO" and "model.variant=dfine" in message and "set model.variant=deim" in message
-    assert cfg.model.variant == "dfine"
+    level, message = follow_pretrained_arch(cfg)
+    assert level == "INFO" and "Training model.arch=dfine" in message and "cannot be told apart" in message
+    assert cfg.model.arch == "dfine"
     cfg = load_config(["train.resume=true", f"train.pretrained_model_path={deim}"])
-    assert follow_pretrained_variant(cfg) is None  # a resumed run keeps its saved variant
-    assert follow_pretrained_variant(load_config(["train.pretrained_model_path=null"])) is None
+    assert follow_pretrained_arch(cfg) is None  # a resumed run keeps its saved arch
+    assert follow_pretrained_arch(load_config(["train.pretrained_model_path=null"])) is None
 
 
-@pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
 def test_training_with_the_deim_schedule_resumes_exactly(tmp_path, data_dir):
     """flat_cosine + mixup + no-aug epoch on D-FINE-n, started from DEIM weights with model.variant=dfine (the
@@ -265,8 +264,8 @@ def test_training_with_the_deim_schedule_resumes_exactly(tmp_path, data_dir):
     straight = run(train_config(tmp_path, data_dir, "exp_name=straight", *deim_run))
     folder = Path(straight["exp_dir"])
     saved = OmegaConf.load(folder / "config.yaml")
-    assert saved.model.variant == "deim" and saved.train.scheduler == "flat_cosine"
-    assert torch.load(folder / "best.pt", weights_only=True)["meta"]["variant"] == "deim"
+    assert saved.model.arch == "deim_dfine" and saved.train.scheduler == "flat_cosine"
+    assert torch.load(folder / "best.pt", weights_only=True)["meta"]["arch"] == "deim_dfine"
     history = pd.read_csv(folder / "history.csv")
     base_lr = float(load_config([]).train.lrs.n.base_lr)
     # 2 steps per epoch: step 0 warm-up (at the max), step 1 flat, then the no-aug epoch at the minimum
@@ -274,7 +273,7 @@ def test_training_with_the_deim_schedule_resumes_exactly(tmp_path, data_dir):
     assert "loss_mal" in history.columns  # the DEIM variant trains with MAL
     log = (folder / "train_log.txt").read_text()
     assert "LR schedule: flat_cosine" in log and "no augmentation for the last 1 epoch" in log
-    assert "MODEL VARIANT CHANGED" in log
+    assert "MODEL ARCH CHANGED" in log
     assert list((folder / "debug_images" / "train").glob("*_mixup.jpg"))
 
     with pytest.raises(TrainingAborted):

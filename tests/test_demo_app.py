@@ -74,7 +74,7 @@ def tiny(tmp_path_factory) -> dict:
     scene, so the page's default (taken from the model) shows a few boxes."""
     root = tmp_path_factory.mktemp("demo")
     torch.manual_seed(0)
-    from src.d_fine import build_model
+    from src.models import build_model
 
     model = build_model("n", len(CLASSES), img_size=(IMG_SIZE, IMG_SIZE), num_queries=NUM_QUERIES)
     meta = {"model_name": "n", "variant": "dfine", "num_classes": len(CLASSES), "class_names": CLASSES,
@@ -338,7 +338,6 @@ def browser_or_skip():
     pytest.importorskip("playwright.sync_api")
 
 
-@pytest.mark.slow
 def test_browser_end_to_end(tiny, tmp_path):
     browser_or_skip()
     import httpx
@@ -396,7 +395,6 @@ def test_browser_end_to_end(tiny, tmp_path):
     assert contacted == []  # the page talks to 127.0.0.1 only
 
 
-@pytest.mark.slow
 def test_browser_shows_masks(tiny_segment):
     """The page shows a segmentation model's masks: the picture in the gallery is the masked drawing."""
     browser_or_skip()

@@ -200,7 +200,7 @@ def test_one_class_training_on_three_classes_says_so_in_the_checkpoint(tmp_path)
             meta["use_one_class"] is True and meta["num_classes"] == 1 and meta["class_names"] == ["object"]
         )
         assert meta["data_class_names"] == ["circle", "square", "triangle"]
-    from src.d_fine import ModelSpec, build, load_run_checkpoint
+    from src.models import ModelSpec, build, load_run_checkpoint
 
     best = load_run_checkpoint(folder / "best.pt")
     assert best.spec == ModelSpec.from_config(cfg).with_arch_overrides(best.spec.arch_overrides)

@@ -39,7 +39,6 @@ def assert_same_detections(reference, candidate, box_atol: float, score_atol: fl
         np.testing.assert_allclose(cand.scores, ref.scores, atol=score_atol)
 
 
-@pytest.mark.slow  # the module's export (+ parity check) runs in its setup: ~45 s on 2 cores
 def test_export_writes_artifacts_report_and_slims(exported):
     cfg, report = exported
     out = exp_dir(cfg)
@@ -83,7 +82,6 @@ def test_dynamic_batch_round_trip_matches_torch(exported):
     assert load_model(out / "model_fp32.xml", precision="f32").runner.precision == "f32"
 
 
-@pytest.mark.slow
 def test_static_batch_export_pads_partial_batches(exported, tmp_path):
     from src.dl.export import artifact_meta, export_onnx, export_openvino
     from src.runtime.torch_model import build_deploy_model
@@ -147,7 +145,6 @@ def test_tensorrt_engine_round_trip(exported, tmp_path):
     assert_same_detections(reference, load_model(engine)(images, conf=0.05), box_atol=0.1, score_atol=1e-3)
 
 
-@pytest.mark.slow
 def test_int8_quick_mode(exported):
     from src.dl import ov_int8
 

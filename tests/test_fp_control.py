@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from src.common.boxes import box_iou, cxcywh_to_xyxy
-from src.d_fine import build_criterion, build_model
-from src.d_fine.denoising import (
+from src.models import build_criterion, build_model
+from src.models.denoising import (
     get_contrastive_denoising_training_group,
     sample_background_boxes,
     set_denoising_negatives,

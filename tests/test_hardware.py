@@ -94,9 +94,9 @@ def test_threads_default_follows_the_cpus_and_the_load(monkeypatch):
 def _tiny_training_losses(precision, steps: int = 2) -> list[float]:
     """D-FINE-n at 64 px, 10 queries, batch 2: the real train step (autocast forward, float32 loss, AdamW) `steps` times."""
     from benchmarks.train_speed import synthetic_batch
-    from src.d_fine import build_criterion, build_model
     from src.dl.train import clip_and_step, compute_loss
     from src.dl.train.optim import build_optimizer
+    from src.models import build_criterion, build_model
 
     torch.manual_seed(0)
     model = apply_channels_last(build_model("n", 4, img_size=(64, 64), num_queries=10).train(), precision)

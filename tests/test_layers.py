@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [
     ("common",),
     ("etl",),
-    ("d_fine",),
+    ("models",),
     ("metrics",),
     ("runtime",),
     ("dl",),

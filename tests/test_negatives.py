@@ -133,8 +133,8 @@ def experiment(tmp_path_factory):
 
 
 def test_torch_model_and_detector_agree(experiment):
-    from src.d_fine import build_postprocessor
     from src.etl.splits import read_split
+    from src.models import build_postprocessor
     from src.runtime import load_model
 
     cfg, checkpoint = experiment

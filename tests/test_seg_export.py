@@ -210,7 +210,6 @@ def test_test_batching_runs_a_segment_export(seg_exported):
     assert frame["status"].tolist() == ["ok", "ok"]
 
 
-@pytest.mark.slow  # NNCF quantization: ~30 s on 2 cores
 def test_int8_of_a_segment_model_reports_mask_iou(seg_exported):
     from src.dl import ov_int8
 

@@ -10,8 +10,8 @@ import torch
 
 from src.common.config import load_config
 from src.common.network_input import Letterbox, letterbox_or_resize, masks_to_original
-from src.d_fine import build_criterion, build_model, build_postprocessor
-from src.d_fine.mask_loss import MaskLossSettings, point_sample, uncertain_points
+from src.models import build_criterion, build_model, build_postprocessor
+from src.models.mask_loss import MaskLossSettings, point_sample, uncertain_points
 
 NUM_CLASSES = 2
 QUERIES = 30
@@ -153,7 +153,7 @@ def test_box_only_objects_get_no_mask_loss():
     flags[0] = False
     outputs = model(image[None], [target])
     partial = {**target, "has_mask": flags}
-    from src.d_fine.mask_loss import matched_masks
+    from src.models.mask_loss import matched_masks
 
     match = criterion.matcher(outputs, [partial])
     preds, masks = matched_masks(outputs["pred_masks"], [partial], match)
@@ -228,7 +228,7 @@ def test_masks_to_original_undoes_letterbox_and_resize(keep_ratio):
 
 
 def test_a_detection_checkpoint_loads_into_a_segmentation_model():
-    from src.d_fine import load_pretrained
+    from src.models import load_pretrained
 
     torch.manual_seed(0)
     detector = build_model("n", NUM_CLASSES, img_size=(128, 128), num_queries=QUERIES)
@@ -253,13 +253,13 @@ def test_deployed_segmentation_model_keeps_its_outputs():
 
 def test_model_spec_task_builds_the_mask_branch_and_round_trips():
     from src.common.errors import ConfigError
-    from src.d_fine import ModelSpec, build
+    from src.models import LossSettings, ModelSpec, build
 
     fields = dict(
-        size="n", variant="dfine", img_size=(128, 128), data_class_names=("a", "b"), num_queries=QUERIES
+        arch="dfine", size="n", img_size=(128, 128), data_class_names=("a", "b"), num_queries=QUERIES
     )
     spec = ModelSpec(**fields, task="segment")
-    model, criterion, _ = build(spec, mask_loss=_mask_loss_settings())
+    model, criterion, _ = build(spec, LossSettings(mask_loss=_mask_loss_settings()))
     assert model.task == "segment" and criterion.mask_loss is not None
     assert build(ModelSpec(**fields)).model.task == "detect"
     assert ModelSpec.from_meta(spec.to_meta()) == spec

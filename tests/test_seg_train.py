@@ -14,7 +14,6 @@ import torch
 from src.common.config import load_config
 from src.common.errors import ConfigError, UserError
 from src.common.masks import polygon_to_mask
-from src.d_fine.checkpoint import load_run_checkpoint
 from src.dl.train.augment import (
     MosaicParams,
     Sample,
@@ -28,6 +27,7 @@ from src.dl.train.augment import (
 )
 from src.dl.train.dataset import DetectionDataset
 from src.dl.train.evaluation import check_decision_metrics
+from src.models.checkpoint import load_run_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 

@@ -312,7 +312,7 @@ def test_best_checkpoint_is_self_describing(trained):
     _, folder = trained
     best = torch.load(folder / "best.pt", map_location="cpu", weights_only=False)
     meta = best["meta"]
-    assert meta["model_name"] == "n" and meta["variant"] == "dfine" and meta["num_classes"] == 4
+    assert meta["model_name"] == "n" and meta["arch"] == "dfine" and meta["num_classes"] == 4
     assert meta["class_names"] == list(CLASSES) and meta["img_size"] == [64, 64]
     assert meta["keep_ratio"] is False and meta["num_queries"] == 10
     assert meta["thresholds"] == json.loads((folder / "thresholds.json").read_text())
@@ -329,7 +329,7 @@ def test_best_checkpoint_is_self_describing(trained):
     for name in ("best.pt", "last.pt"):
         torch.load(folder / name, map_location="cpu", weights_only=True)
     # best.pt holds the EMA weights, which are what was evaluated
-    from src.d_fine import build_model
+    from src.models import build_model
 
     model = build_model("n", 4, img_size=(64, 64), num_queries=10)
     model.load_state_dict(best["model"])
@@ -337,13 +337,13 @@ def test_best_checkpoint_is_self_describing(trained):
 
 def _has_load_pretrained() -> bool:
     try:
-        from src.d_fine import load_pretrained  # noqa: F401
+        from src.models import load_pretrained  # noqa: F401
     except ImportError:
         return False
     return True
 
 
-@pytest.mark.skipif(not _has_load_pretrained(), reason="src.d_fine.load_pretrained has not landed yet")
+@pytest.mark.skipif(not _has_load_pretrained(), reason="src.models.load_pretrained has not landed yet")
 def test_fine_tune_from_own_checkpoint_keep_ratio_accumulation_no_ema(tmp_path, data_dir, trained):
     _, folder = trained
     cfg = train_config(
@@ -357,7 +357,7 @@ def test_fine_tune_from_own_checkpoint_keep_ratio_accumulation_no_ema(tmp_path, 
     best = torch.load(Path(summary["exp_dir"]) / "best.pt", map_location="cpu", weights_only=False)
     assert best["meta"]["keep_ratio"] is True
     # The architecture follows the pretrained file, and the metadata says how to rebuild it.
-    from src.d_fine import build_model, checkpoint_arch_overrides
+    from src.models import build_model, checkpoint_arch_overrides
 
     assert best["meta"]["arch_overrides"] == checkpoint_arch_overrides(folder / "best.pt") != {}
     model = build_model(

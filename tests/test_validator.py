@@ -218,7 +218,7 @@ def test_batch_records_map_network_boxes_back(tmp_path):
 
 def test_predict_batches_with_the_real_model(tmp_path):
     """End to end on the real (untrained) model: every val image once, boxes inside the original image."""
-    d_fine = pytest.importorskip("src.d_fine")
+    d_fine = pytest.importorskip("src.models")
     if not all(hasattr(d_fine, name) for name in ("build_model", "build_postprocessor")):
         pytest.skip("the model package is not complete yet")
     from torch.utils.data import DataLoader

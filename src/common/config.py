@@ -23,7 +23,14 @@ from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from src.common.config_rules import NON_NEGATIVE, OPEN_MAPS, REPLACED_MAPS, Rule, rule_for
+from src.common.config_rules import (
+    LEGACY_VARIANT_ARCH,
+    NON_NEGATIVE,
+    OPEN_MAPS,
+    REPLACED_MAPS,
+    Rule,
+    rule_for,
+)
 from src.common.errors import ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root, where config.yaml lives
@@ -114,12 +121,27 @@ def validate_config(
     problems = [*problems, *config_problems(cfg, defaults if defaults is not None else default_config())]
     if problems:
         raise ConfigError("\n".join(problems))
+    _read_legacy_variant(cfg)
     size = cfg.model.img_size
     if isinstance(size, int):  # one int means a square input
         cfg.model.img_size = [size, size]
     # int ids: `label_to_name.4=dog` on the command line makes the string key "4"
     cfg.label_to_name = {int(k): v for k, v in cfg.label_to_name.items()}
     return cfg
+
+
+def _read_legacy_variant(cfg: DictConfig) -> None:
+    """model.variant (configs saved before model.arch existed, or typed by habit) -> model.arch."""
+    variant = cfg.model.variant
+    if variant is None:
+        return
+    arch = LEGACY_VARIANT_ARCH[variant]
+    if cfg.model.arch not in ("dfine", arch):
+        raise ConfigError(
+            f"model.variant={variant} (the old name of model.arch={arch}) contradicts model.arch={cfg.model.arch}; "
+            "set model.arch alone"
+        )
+    cfg.model.arch, cfg.model.variant = arch, None
 
 
 def config_problems(cfg: DictConfig, defaults: DictConfig) -> list[str]:

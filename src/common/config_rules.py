@@ -17,6 +17,8 @@ from typing import Any
 # Maps by design: new entries are accepted (on the command line without a `+`). The value names the
 # entry in config.yaml that new entries must look like (None: any value, the map's rule checks them).
 OPEN_MAPS = {"label_to_name": None, "train.lrs": "n"}
+# `model.variant` of configs and checkpoints written before `model.arch` existed -> the arch it means.
+LEGACY_VARIANT_ARCH = {"dfine": "dfine", "deim": "deim_dfine"}
 # Maps whose command-line override replaces the whole map (Hydra would merge it into config.yaml's).
 REPLACED_MAPS = ("label_to_name",)
 
@@ -147,8 +149,13 @@ RULES: dict[str, Rule] = {
         "a map of ids 0..N-1 (no gaps) to distinct non-empty names", _label_to_name, typed=True
     ),
     # ------------------------------------------------------------ model
-    "model.name": one_of("n", "s", "m", "l", "x"),
-    "model.variant": one_of("dfine", "deim"),
+    # model.arch and model.name: checked together by src.models.spec (the sizes depend on the arch)
+    "model.variant": Rule(
+        "dfine or deim (the old name of model.arch)",
+        lambda v: v in LEGACY_VARIANT_ARCH,
+        nullable=True,
+        kind="str",
+    ),
     "model.img_size": Rule(
         "[h, w] (or one int for a square) of positive multiples of 32", _img_size, typed=True
     ),

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from src.common.config_rules import LEGACY_VARIANT_ARCH
+
 META_KEY = "dfine_meta"
 META_VERSION = 1
 DEFAULT_CONF = 0.5
@@ -41,7 +43,7 @@ class ModelMeta:
     img_size: tuple[int, int]  # network input (h, w)
     keep_ratio: bool = False  # True: letterbox with grey padding; False: plain resize
     model_name: str = "n"
-    variant: str = "dfine"
+    arch: str = "dfine"  # model.arch (src/models/archs.py)
     num_queries: int = 300
     conf_thresh: float = DEFAULT_CONF  # the default score threshold
     class_thresholds: dict[str, float] = field(default_factory=dict)  # class name -> threshold (overrides)
@@ -151,7 +153,7 @@ def meta_from_checkpoint(meta: dict[str, Any], thresholds: dict[str, Any] | None
         img_size=tuple(meta["img_size"]),
         keep_ratio=bool(meta.get("keep_ratio", False)),
         model_name=str(meta.get("model_name", "n")),
-        variant=str(meta.get("variant", "dfine")),
+        arch=str(meta.get("arch") or LEGACY_VARIANT_ARCH[str(meta.get("variant", "dfine"))]),
         num_queries=int(meta.get("num_queries", 300)),
         task=str(meta.get("task", "detect")),
         conf_thresh=float(conf if conf is not None else meta.get("conf_thresh", DEFAULT_CONF)),

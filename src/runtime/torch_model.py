@@ -43,8 +43,8 @@ class DeployModel(nn.Module):
 
 
 def read_project_checkpoint(path: str | Path):
-    """src.d_fine.checkpoint.read_checkpoint (EMA preferred), insisting on our "meta" (classes, input size)."""
-    from src.d_fine.checkpoint import read_checkpoint
+    """src.models.checkpoint.read_checkpoint (EMA preferred), insisting on our "meta" (classes, input size)."""
+    from src.models.checkpoint import read_checkpoint
 
     checkpoint = read_checkpoint(path)
     if not checkpoint.meta.get("class_names") and "num_classes" not in checkpoint.meta:
@@ -64,17 +64,18 @@ def checkpoint_meta(path: str | Path, meta: dict[str, Any]) -> ModelMeta:
 
 def build_deploy_model(path: str | Path) -> tuple[DeployModel, ModelMeta]:
     """(fused eval model on CPU, fp32; its metadata) from one of our checkpoints."""
-    from src.d_fine import ModelSpec, build
+    from src.models import build, spec_from_checkpoint
 
     checkpoint = read_project_checkpoint(path)
     meta = checkpoint_meta(path, checkpoint.meta)
     # the trainer's own build; the architecture read off the weights (fine-tuned from released files)
-    model, _, postprocessor = build(ModelSpec.from_meta(checkpoint.meta, checkpoint.state))
+    spec = spec_from_checkpoint(checkpoint.meta, checkpoint.state)
+    model, _, postprocessor = build(spec)
     try:
         model.load_state_dict(checkpoint.state)  # strict: our own checkpoint must match its architecture
     except RuntimeError as err:
         raise ValueError(
-            f"{path}: weights do not fit D-FINE-{meta.model_name} ({meta.variant}): {err}"
+            f"{path}: weights do not fit {spec.display_name}: {err}"
         ) from err
     return DeployModel(model, postprocessor).eval(), meta
 

@@ -8,7 +8,7 @@ negatives (false-positive metrics on held-out background images).
 """
 
 from src.dl.train.core import TrainingAborted, TrainingDiverged, clip_and_step, compute_loss
-from src.dl.train.run import follow_pretrained_variant, run
+from src.dl.train.run import follow_pretrained_arch, run
 from src.dl.train.trainer import Trainer
 
 __all__ = [
@@ -17,6 +17,6 @@ __all__ = [
     "TrainingDiverged",
     "clip_and_step",
     "compute_loss",
-    "follow_pretrained_variant",
+    "follow_pretrained_arch",
     "run",
 ]

@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader
 from src.common.errors import ConfigError
 from src.common.experiment import Experiment
 from src.common.io import atomic_write_csv, atomic_write_json
-from src.d_fine.spec import ModelSpec
 from src.dl.train.core import TrainState
 from src.dl.train.trainer_utils import DistContext, ShardSampler, all_gather_objects
+from src.models.spec import ModelSpec
 
 
 def is_validated(epoch: int, train_cfg: DictConfig) -> bool:

@@ -19,13 +19,13 @@ from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
 from src.common.config import complete_with_defaults, save_run_config, stage_main
-from src.common.errors import ExperimentError
+from src.common.errors import ExperimentError, UserError
 from src.common.experiment import FILES, Experiment
-from src.d_fine.checkpoint import load_run_checkpoint, shared_checkpoint_reads
 from src.dl.train.core import TrainingAborted, TrainState
 from src.dl.train.loggers import Callback, WandbLogger
 from src.dl.train.trainer import Trainer, on_main
 from src.dl.train.trainer_utils import cleanup_distributed, remove_sink_safely, setup_distributed
+from src.models.checkpoint import load_run_checkpoint, shared_checkpoint_reads
 
 # Keys a resumed run may change (they do not change the result); everything else comes from last.pt.
 RESUME_RUNTIME_KEYS = (
@@ -48,34 +48,37 @@ LEFTOVER_KEYS = ("config", "manifest", "log", "history", "curves", "debug_images
 # ---------------------------------------------------------------------------------------------- config
 
 
-def follow_pretrained_variant(cfg: DictConfig) -> tuple[str, str] | None:
-    """Set model.variant to the pretrained checkpoint's variant where the file shows it (checkpoint_variant).
+def follow_pretrained_arch(cfg: DictConfig) -> tuple[str, str] | None:
+    """Check the pretrained checkpoint against model.arch / model.name, and follow its arch within the
+    family where the file shows it (D-FINE vs DEIM-D-FINE weights; src.models.checkpoint_arch).
 
-    Runs before the run's config is saved and before any model or criterion is built, so the experiment
-    records (and later stages rebuild) the variant really trained. Returns (log level, message) to log once
-    the log file is open; None without pretrained weights or on resume (the saved variant is kept).
+    A file of another family or size is refused in one line (UserError). Runs before the run's config is
+    saved and before any model is built, so the experiment records (and later stages rebuild) the arch
+    really trained. Returns (log level, message) to log once the log file is open; None without pretrained
+    weights or on resume (the saved arch is kept).
     """
     path = cfg.train.pretrained_model_path
     if cfg.train.resume or not path:
         return None
-    from src.d_fine.checkpoint import checkpoint_variant
+    from src.models import ModelSpec, checkpoint_arch, family_of, pretrained_mismatch
 
-    variant, reason = checkpoint_variant(str(path))
-    configured = str(cfg.model.variant)
-    if variant is None:
-        other = "deim" if configured == "dfine" else "dfine"
-        return "INFO", (
-            f"pretrained {path}: {reason}. Training model.variant={configured}; "
-            f"if these are {other} weights, set model.variant={other}"
-        )
-    if variant == configured:
-        return "INFO", f"pretrained {path} is model.variant={variant} ({reason})"
-    OmegaConf.update(cfg, "model.variant", variant)
-    return "WARNING", (
-        f"MODEL VARIANT CHANGED: model.variant={configured}, but the pretrained checkpoint {path} is "
-        f"{variant} ({reason}). Training model.variant={variant} to match the weights; it is saved with the "
-        "experiment. To really train the other variant, start from a checkpoint of it or from scratch."
-    )
+    configured = str(cfg.model.arch)
+    arch, reason = checkpoint_arch(str(path))
+    if arch is not None and arch != configured and arch in family_of(configured).archs:
+        OmegaConf.update(cfg, "model.arch", arch)
+        note = ("WARNING", (
+            f"MODEL ARCH CHANGED: model.arch={configured}, but the pretrained checkpoint {path} is {arch} "
+            f"({reason}). Training model.arch={arch} to match the weights; it is saved with the experiment. "
+            "To really train the other arch, start from a checkpoint of it or from scratch."
+        ))  # fmt: skip
+    elif arch is None:
+        note = ("INFO", f"pretrained {path}: {reason}. Training model.arch={configured}")
+    else:
+        note = ("INFO", f"pretrained {path} is model.arch={arch} ({reason})")
+    mismatch = pretrained_mismatch(str(path), ModelSpec.from_config(cfg))
+    if mismatch:
+        raise UserError(f"train.pretrained_model_path: {mismatch}")
+    return note
 
 
 def resume_point(cfg: DictConfig, exp: Experiment) -> tuple[DictConfig, TrainState]:
@@ -235,8 +238,8 @@ def run(cfg: DictConfig) -> dict:
                 failed = False
                 return _finished(exp, state)
         refuse_taken_folder(cfg, exp)
-        with shared_checkpoint_reads():  # the pretrained file is read once for variant, architecture, weights
-            variant_note = follow_pretrained_variant(cfg)  # before the config is saved and the model built
+        with shared_checkpoint_reads():  # the pretrained file is read once for arch, architecture, weights
+            arch_note = follow_pretrained_arch(cfg)  # before the config is saved and the model built
             OmegaConf.update(cfg, "train.ddp", ctx.distributed, force_add=True)
             setup_log = SetupLog() if ctx.is_main else None
             trainer = Trainer(cfg, ctx)  # every check on config and data; writes nothing
@@ -244,8 +247,8 @@ def run(cfg: DictConfig) -> dict:
         if ctx.is_main:
             sink = setup_log.into_file(exp.file("log"))
             logger.info(f"experiment folder: {exp.root}")
-            if variant_note:
-                logger.log(*variant_note)
+            if arch_note:
+                logger.log(*arch_note)
             if backup is not None:
                 trainer.callbacks.append(OldRunNote(backup))
             if cfg.train.use_wandb:

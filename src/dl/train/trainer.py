@@ -24,9 +24,6 @@ from torch.utils.data import DataLoader
 from src.common.errors import UserError
 from src.common.experiment import Experiment
 from src.common.hardware import apply_channels_last
-from src.d_fine.checkpoint import RunCheckpoint, load_run_checkpoint, save_run_checkpoint
-from src.d_fine.model import build
-from src.d_fine.spec import ModelSpec
 from src.dl.train.core import TrainState
 from src.dl.train.ema import ModelEMA, unwrap_model
 from src.dl.train.epoch import EpochLoop
@@ -45,6 +42,10 @@ from src.dl.train.trainer_utils import (
     set_rng_state,
     setup_speed,
 )
+from src.models.build import build
+from src.models.checkpoint import RunCheckpoint, load_run_checkpoint, save_run_checkpoint
+from src.models.family import LossSettings
+from src.models.spec import ModelSpec
 
 
 def on_main(ctx: DistContext, work, *args):
@@ -134,19 +135,19 @@ class Trainer(EpochLoop):
         return negatives
 
     def _build_model(self) -> None:
-        from src.d_fine.denoising import set_denoising_negatives
+        from src.models.denoising import set_denoising_negatives
 
         self.spec = self.spec.with_arch_overrides(self._arch_overrides())
-        self.model, criterion, self.postprocessor = build(
-            self.spec,
+        losses = LossSettings(
             cls_loss=str(self.tc.cls_loss),
             bg_loss_weight=float(self.tc.bg_loss_weight),
             mask_loss=dict(self.tc.mask_loss),
         )
+        self.model, criterion, self.postprocessor = build(self.spec, losses)
         # Parameters the size's own recipe freezes (the stem of l / x) stay frozen whatever we do later.
         self.trainable_backbone = [p for p in backbone_parameters(self.model) if p.requires_grad]
         if self.tc.pretrained_model_path and not self.tc.resume:
-            from src.d_fine import load_pretrained
+            from src.models import load_pretrained
 
             # It logs what it loaded, re-initialised (class heads) and copied from COCO rows.
             load_pretrained(self.model, str(self.tc.pretrained_model_path), class_names=self.class_names)
@@ -180,7 +181,7 @@ class Trainer(EpochLoop):
             return self.resume_checkpoint.spec.arch_overrides
         if not self.tc.pretrained_model_path:
             return {}
-        from src.d_fine import checkpoint_arch_overrides
+        from src.models import checkpoint_arch_overrides
 
         overrides = checkpoint_arch_overrides(str(self.tc.pretrained_model_path))
         if overrides and self.ctx.is_main:
@@ -260,7 +261,7 @@ class Trainer(EpochLoop):
         spec = self.spec
         one_class = f" (use_one_class: {len(spec.data_class_names)} data classes as one)" * spec.use_one_class
         logger.info(
-            f"D-FINE-{spec.size} ({spec.variant}), {spec.num_classes} classes{one_class}, "
+            f"{spec.display_name}, {spec.num_classes} classes{one_class}, "
             f"{n_params / 1e6:.2f}M parameters, input {list(spec.img_size)}, device {self.device}, "
             f"{self.ctx.world_size} process(es), AMP {self.precision.name}"
         )
@@ -438,7 +439,7 @@ class Trainer(EpochLoop):
         barrier(self.ctx)
         return broadcast_object(self.ctx, summary)
 
-    # ------------------------------------------------------------------ checkpoints (src.d_fine.checkpoint)
+    # ------------------------------------------------------------------ checkpoints (src.models.checkpoint)
 
     def _run_config(self) -> dict:
         return OmegaConf.to_container(self.cfg, resolve=True)

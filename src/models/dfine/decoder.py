@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.d_fine.attention import split_value_heads
-from src.d_fine.decoder_layers import LQE, MLP, DecoderLayer, prior_bias
-from src.d_fine.denoising import get_contrastive_denoising_training_group
-from src.d_fine.fdr import distance2bbox, distribution_to_distance, inverse_sigmoid, weighting_function
+from src.models.attention import split_value_heads
+from src.models.denoising import get_contrastive_denoising_training_group
+from src.models.dfine.decoder_layers import LQE, DecoderLayer
+from src.models.dfine.fdr import distance2bbox, distribution_to_distance, weighting_function
+from src.models.layers import MLP, inverse_sigmoid, prior_bias
 
 
 class DecoderStack(nn.Module):

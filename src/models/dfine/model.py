@@ -1,21 +1,18 @@
-"""The D-FINE detector (backbone -> hybrid encoder -> decoder [-> mask head]), `build_model`, and
-`build(spec)`: the model with its criterion and postprocessor, the one way training and deployment make
-a detector."""
+"""The D-FINE detector (backbone -> hybrid encoder -> decoder [-> mask head]) and `build_model`."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from src.d_fine.decoder import DFineDecoder
-from src.d_fine.encoder import HybridEncoder
-from src.d_fine.hgnetv2 import HGNetv2
-from src.d_fine.mask_head import MaskHead, build_mask_head
-from src.d_fine.sizes import ModelSize, get_size
-from src.d_fine.spec import TASKS, ModelSpec
+from src.models.backbones.hgnetv2 import HGNetv2
+from src.models.dfine.decoder import DFineDecoder
+from src.models.dfine.encoder import HybridEncoder
+from src.models.dfine.sizes import ModelSize, get_size
+from src.models.mask_head import MaskHead, build_mask_head
+from src.models.spec import TASKS
 
 
 class DFINE(nn.Module):
@@ -77,7 +74,7 @@ def build_model(
     (other sizes still work, computed on the fly). pretrained_backbone: False, True (ImageNet HGNetv2
     weights from weights/hgnetv2/, downloaded if missing) or a path to them. arch_overrides: fields of
     `sizes.ModelSize` to change, e.g. from `sizes.arch_overrides_from_state_dict(checkpoint)`.
-    task: "detect" or "segment" (adds the mask branch, src/d_fine/mask_head.py; boxes are unchanged).
+    task: "detect" or "segment" (adds the mask branch, src/models/mask_head.py; boxes are unchanged).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {' | '.join(TASKS)}, got {task!r}")
@@ -137,47 +134,3 @@ def build_model(
         channels = [size.hidden_dim] * len(size.feat_strides)  # every encoder output map has hidden_dim
         mask_head = build_mask_head(channels, backbone.stage_channels[0], size.decoder_hidden_dim)
     return DFINE(backbone, encoder, decoder, size, mask_head)
-
-
-class Detector(NamedTuple):
-    model: DFINE
-    criterion: nn.Module  # the training loss
-    postprocessor: nn.Module  # raw outputs -> labels, boxes (pixels), scores
-
-
-def build(
-    spec: ModelSpec, cls_loss: str = "auto", bg_loss_weight: float = 1.0, mask_loss: dict | None = None
-) -> Detector:
-    """(model, criterion, postprocessor) for `spec`.
-
-    cls_loss: "vfl" | "mal", or "auto" = each variant's own (DEIM trains with MAL, D-FINE with VFL).
-    bg_loss_weight: extra weight on the classification loss of unmatched queries (1.0 = official).
-    mask_loss: train.mask_loss, for a segmentation spec's criterion (without it that criterion refuses
-    mask outputs: enough for deployment, where the criterion is not used).
-    """
-    from src.d_fine.criterion import build_criterion
-    from src.d_fine.postprocess import build_postprocessor
-
-    cls_loss = str(cls_loss).lower()
-    if cls_loss == "auto":
-        cls_loss = "mal" if spec.variant == "deim" else "vfl"
-    if cls_loss not in ("vfl", "mal"):
-        raise ValueError(f"train.cls_loss must be auto, vfl or mal, got {cls_loss!r}")
-    model = build_model(
-        spec.size,
-        spec.num_classes,
-        img_size=spec.img_size,
-        variant=spec.variant,
-        num_queries=spec.num_queries,
-        arch_overrides=spec.arch_overrides or None,
-        task=spec.task,
-    )
-    criterion = build_criterion(
-        spec.size,
-        spec.num_classes,
-        cls_loss=cls_loss,
-        bg_loss_weight=bg_loss_weight,
-        mask_loss=mask_loss if spec.task == "segment" else None,
-    )
-    postprocessor = build_postprocessor(spec.num_classes, num_top_queries=spec.num_queries)
-    return Detector(model, criterion, postprocessor)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.d_fine.decoder_layers import MLP
+from src.models.layers import MLP
 
 NORM_GROUPS = 32  # GroupNorm groups (batch-size independent: masks often train with small batches)
 MASK_DIM = 64  # pixel / mask embedding width, every size (cost ~ width x pixels x queries); YOLACT uses 32

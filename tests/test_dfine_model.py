@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from src.d_fine import build_model, build_postprocessor, get_size
-from src.d_fine.encoder import ConvNormLayer, VGGBlock
-from src.d_fine.sizes import arch_overrides_from_state_dict
+from src.models import build_model, build_postprocessor, get_size
+from src.models.dfine.encoder import ConvNormLayer, VGGBlock
+from src.models.dfine.sizes import arch_overrides_from_state_dict
 from tests.detinit import deterministic_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
@@ -155,14 +155,16 @@ def _check_parity(size: str, variant: str) -> None:
     _assert_close("post scores", ours["post_scores"], expected["post_scores"], PROB_TOL, PROB_MEDIAN_TOL)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("size", SIZES)
+# The smallest size in the default run; every size with `-m slow`.
+PARITY_SIZES = [size if size == "n" else pytest.param(size, marks=pytest.mark.slow) for size in SIZES]
+
+
+@pytest.mark.parametrize("size", PARITY_SIZES)
 def test_dfine_parity(size):
     _check_parity(size, "dfine")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("size", PARITY_SIZES)
 def test_deim_parity(size):
     _check_parity(size, "deim")
 

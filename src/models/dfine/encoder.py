@@ -20,15 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def activation_layer(name: str | None) -> nn.Module:
-    """'relu' | 'silu' | 'gelu' | None -> module (shared by the encoder and the decoder)."""
-    layers = {"relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU}
-    if name is None:
-        return nn.Identity()
-    if name.lower() not in layers:
-        raise ValueError(f"Unknown activation {name!r}; choose one of {sorted(layers)}")
-    return layers[name.lower()]()
+from src.models.layers import activation_layer
 
 
 def _fold_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:

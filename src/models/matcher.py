@@ -19,7 +19,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from src.common.boxes import cxcywh_to_xyxy, generalized_box_iou
-from src.d_fine.mask_loss import point_sample
+from src.models.mask_loss import point_sample
 
 MatchIndices = list[tuple[torch.Tensor, torch.Tensor]]  # per image: (query indices, target indices), int64
 # Mask2Former samples 12544 points for its matcher; matching needs ranks, not a loss value, and the cost

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from src.common.boxes import box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
-from src.d_fine.fdr import inverse_sigmoid
+from src.models.layers import inverse_sigmoid
 
 # Background negatives: box sides (fractions of the image side) and candidates drawn per kept box.
 NEGATIVE_MIN_SIZE = 0.02

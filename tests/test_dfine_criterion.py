@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from src.d_fine import build_criterion, build_model
-from src.d_fine.criterion import union_of_matches
-from src.d_fine.denoising import get_contrastive_denoising_training_group
-from src.d_fine.matcher import HungarianMatcher
+from src.models import build_criterion, build_model
+from src.models.criterion import union_of_matches
+from src.models.denoising import get_contrastive_denoising_training_group
+from src.models.matcher import HungarianMatcher
 from tests.detinit import deterministic_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
@@ -237,7 +237,7 @@ def test_matcher_mask_cost_decides_where_boxes_tie():
 
 
 def test_mask_cost_values_and_box_only_columns():
-    from src.d_fine.matcher import mask_cost
+    from src.models.matcher import mask_cost
 
     outputs, targets = _tied_boxes_case()
     torch.manual_seed(0)

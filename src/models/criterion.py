@@ -17,7 +17,7 @@ False-positive control (both off by default, which is the official loss):
                   the other denoising terms and weighted like loss_vfl; they get no box or distribution term
 
 Segmentation models (outputs with "pred_masks"): loss_mask_bce and loss_mask_dice on sampled points of
-the last layer's matched queries (src/d_fine/mask_loss.py), weighted by train.mask_loss. With
+the last layer's matched queries (src/models/mask_loss.py), weighted by train.mask_loss. With
 train.mask_loss.matcher_cost > 0 the last layer's matching also weighs mask BCE + dice (matcher.py); the
 matcher reads "pred_masks" from the outputs and "masks" / "has_mask" from the targets it is given.
 
@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.common.boxes import box_iou, generalized_box_iou
-from src.d_fine.fdr import bbox2distance
-from src.d_fine.mask_loss import MaskLossSettings, mask_losses
-from src.d_fine.matcher import HungarianMatcher, MatchIndices, corners
+from src.models.dfine.fdr import bbox2distance
+from src.models.mask_loss import MaskLossSettings, mask_losses
+from src.models.matcher import HungarianMatcher, MatchIndices, corners
 
 # The official D-FINE COCO recipe (configs/dfine/include/dfine_hgnetv2.yml); DEIM swaps vfl for mal.
 DEFAULT_LOSS_WEIGHTS = {"vfl": 1.0, "mal": 1.0, "bbox": 5.0, "giou": 2.0, "fgl": 0.15, "ddf": 1.5}
@@ -129,7 +129,7 @@ class DFineCriterion(nn.Module):
     def forward(self, outputs: dict, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """outputs: the D-FINE decoder's training dict; targets: per image "labels" (n,) int64 and
         "boxes" (n, 4) normalised cxcywh; for masks also "masks" (n, H, W) at the input size and optionally
-        "has_mask" (n,) bool (src/d_fine/mask_loss.py). Returns weighted loss terms; their sum is the training loss."""
+        "has_mask" (n,) bool (src/models/mask_loss.py). Returns weighted loss terms; their sum is the training loss."""
         self._check_labels(outputs, targets)
         batch, num_queries = outputs["pred_logits"].shape[:2]
         layers = list(outputs.get("aux_outputs", []))

@@ -1,38 +1,18 @@
 """The decoder's building blocks: one decoder layer (self-attention, deformable cross-attention, gate, FFN),
 the MLP heads, the gate, and LQE (the localisation-quality term added to class scores).
 
-src/d_fine/decoder.py stacks them into the D-FINE decoder. Parameter names follow the reference
+src/models/dfine/decoder.py stacks them into the D-FINE decoder. Parameter names follow the reference
 implementation so its checkpoints load directly.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.d_fine.attention import MSDeformableAttention
-from src.d_fine.encoder import activation_layer
-
-
-def prior_bias(prob: float = 0.01) -> float:
-    """Bias giving sigmoid(bias) = prob (focal-loss style initialisation of class heads)."""
-    return -math.log((1 - prob) / prob)
-
-
-class MLP(nn.Module):
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, act: str = "relu"):
-        super().__init__()
-        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.act = activation_layer(act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers[:-1]:
-            x = self.act(layer(x))
-        return self.layers[-1](x)
+from src.models.attention import MSDeformableAttention
+from src.models.layers import MLP, activation_layer, prior_bias
 
 
 class Gate(nn.Module):

@@ -17,12 +17,6 @@ import torch.nn.functional as F
 from src.common.boxes import xyxy_to_cxcywh
 
 
-def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """logit(x) with x clipped to [0, 1] and both numerator and denominator kept >= eps."""
-    x = x.clip(min=0.0, max=1.0)
-    return torch.log(x.clip(min=eps) / (1 - x).clip(min=eps))
-
-
 def weighting_function(reg_max: int, up: torch.Tensor, reg_scale: torch.Tensor) -> torch.Tensor:
     """The bin values W(0..reg_max), shape (reg_max + 1,), in the dtype/device of `up`.
 

@@ -2,7 +2,7 @@
 
     spec = ModelSpec.from_config(cfg)           # once per stage: casts and checks model.* and label_to_name
     spec = ModelSpec.from_meta(checkpoint_meta)  # what a saved model was built as
-    model, criterion, postprocessor = build(spec)  # src.d_fine.model.build
+    model, criterion, postprocessor = build(spec)  # src.models.build
 
 Every other module takes sizes and class lists from a spec instead of casting config values itself.
 """
@@ -12,25 +12,28 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from src.common.config_rules import LEGACY_VARIANT_ARCH
 from src.common.errors import ConfigError
+from src.models.archs import check_arch, display_name
 
 ONE_CLASS_NAME = "object"  # the single class of a model.use_one_class model
-TASKS = ("detect", "segment")  # model.task: "segment" adds the mask branch (src/d_fine/mask_head.py)
+TASKS = ("detect", "segment")  # model.task: "segment" adds the mask branch (src/models/mask_head.py)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    size: str  # n | s | m | l | x (src.d_fine.sizes.SIZES)
-    variant: str  # dfine | deim
+    arch: str  # dfine | deim_dfine | rtdetrv2 | ... (src/models/archs.py)
+    size: str  # model.name: one of the arch's sizes (n..x for D-FINE, r18.. for RT-DETRv2, r50.. for DETR)
     img_size: tuple[int, int]  # network input (h, w), multiples of 32
     data_class_names: tuple[str, ...]  # the data set's classes (label_to_name, ids 0..N-1)
     num_queries: int = 300
     keep_ratio: bool = False  # letterbox (True) or plain resize (False) to img_size
     use_one_class: bool = False  # every data class trained as the one class "object"
-    task: str = "detect"  # detect | segment (adds the mask branch, src/d_fine/mask_head.py)
-    arch_overrides: dict = field(default_factory=dict)  # sizes.ModelSize fields a checkpoint fixes
+    task: str = "detect"  # detect | segment (adds the mask branch, src/models/mask_head.py)
+    arch_overrides: dict = field(default_factory=dict)  # size-table fields a checkpoint fixes (family's own)
 
     def __post_init__(self) -> None:
+        check_arch(self.arch, self.size)
         h, w = (int(v) for v in self.img_size)
         if h <= 0 or w <= 0 or h % 32 or w % 32:
             raise ConfigError(f"model.img_size must be two positive multiples of 32 [h, w], got {[h, w]}")
@@ -56,6 +59,11 @@ class ModelSpec:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def display_name(self) -> str:
+        """'D-FINE-N', 'RT-DETRv2-R18', ...: how logs and reports name the model."""
+        return display_name(self.arch, self.size)
+
     def with_arch_overrides(self, overrides: Mapping) -> ModelSpec:
         return replace(self, arch_overrides=dict(overrides))
 
@@ -72,8 +80,8 @@ class ModelSpec:
         except ValueError as err:
             raise ConfigError(str(err)) from err
         return cls(
+            arch=str(model.arch),
             size=str(model.name),
-            variant=str(model.variant),
             img_size=_pair(model.img_size),
             data_class_names=tuple(names),
             num_queries=int(model.num_queries),
@@ -86,8 +94,8 @@ class ModelSpec:
     def to_meta(self) -> dict:
         """The model part of a checkpoint's "meta" (src.runtime.meta reads these keys)."""
         return {
+            "arch": self.arch,
             "model_name": self.size,
-            "variant": self.variant,
             "num_classes": self.num_classes,
             "class_names": self.class_names,
             "data_class_names": list(self.data_class_names),
@@ -100,20 +108,15 @@ class ModelSpec:
         }
 
     @classmethod
-    def from_meta(cls, meta: Mapping, state: Mapping | None = None) -> ModelSpec:
-        """From a checkpoint's "meta" (also those written before use_one_class / data_class_names existed).
-
-        state: the checkpoint's weights; the architecture overrides are then read off them (a meta written
-        before it recorded arch_overrides still rebuilds a model fine-tuned from released weights)."""
-        if state is not None:
-            from src.d_fine.sizes import arch_overrides_from_state_dict
-
-            meta = {**meta, "arch_overrides": arch_overrides_from_state_dict(dict(state))}
+    def from_meta(cls, meta: Mapping) -> ModelSpec:
+        """From a checkpoint's "meta" (also those written before arch / use_one_class / data_class_names
+        existed: their "variant" names the D-FINE arch). src.models.build.spec_from_checkpoint also reads
+        the architecture overrides off the weights."""
         names = list(meta.get("class_names") or [str(i) for i in range(int(meta["num_classes"]))])
         one_class = bool(meta.get("use_one_class", False))
         return cls(
+            arch=str(meta.get("arch") or LEGACY_VARIANT_ARCH[str(meta.get("variant", "dfine"))]),
             size=str(meta["model_name"]),
-            variant=str(meta["variant"]),
             img_size=_pair(meta["img_size"]),
             data_class_names=tuple(meta.get("data_class_names") or names),
             num_queries=int(meta["num_queries"]),

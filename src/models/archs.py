@@ -1,0 +1,42 @@
+"""Which detectors exist: `model.arch` -> the `model.name` sizes it has (the one table), and their names.
+
+Kept free of torch and of the model code, so the config rules and the spec can check a choice cheaply.
+A family package (src/models/<family>/) builds the archs listed here; src/models/build.py maps each arch
+to its family.
+"""
+
+from __future__ import annotations
+
+from src.common.errors import ConfigError
+
+DFINE_SIZES = ("n", "s", "m", "l", "x")
+
+ARCH_SIZES: dict[str, tuple[str, ...]] = {
+    "dfine": DFINE_SIZES,  # D-FINE (HGNetv2, FDR decoder)
+    "deim_dfine": DFINE_SIZES,  # DEIM-D-FINE: D-FINE trained DEIM's way, SiLU decoder
+}
+
+ARCH_TITLES = {
+    "dfine": "D-FINE",
+    "deim_dfine": "DEIM-D-FINE",
+    "rtdetrv2": "RT-DETRv2",
+    "deim_rtdetrv2": "DEIM-RT-DETRv2",
+    "detr": "DETR",
+}
+
+
+def check_arch(arch: str, size: str) -> None:
+    """ConfigError naming the valid choices unless `arch` is known and `size` is one of its sizes."""
+    if arch not in ARCH_SIZES:
+        raise ConfigError(
+            f"model.arch={arch!r} is not a known detector; choose one of {' | '.join(ARCH_SIZES)}"
+        )
+    if size not in ARCH_SIZES[arch]:
+        raise ConfigError(
+            f"model.name={size!r} is not a size of model.arch={arch}; choose one of {' | '.join(ARCH_SIZES[arch])}"
+        )
+
+
+def display_name(arch: str, size: str) -> str:
+    """'D-FINE-N', 'RT-DETRv2-R18', 'DETR-R50-DC5': how logs and reports name a model."""
+    return f"{ARCH_TITLES.get(arch, arch)}-{size.upper().replace('_', '-')}"

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from src.models import build_model, build_postprocessor, get_size
-from src.models.dfine.encoder import ConvNormLayer, VGGBlock
 from src.models.dfine.sizes import arch_overrides_from_state_dict
+from src.models.hybrid_encoder import VGGBlock
+from src.models.layers import ConvNormLayer
 from tests.detinit import deterministic_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"

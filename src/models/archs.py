@@ -10,10 +10,13 @@ from __future__ import annotations
 from src.common.errors import ConfigError
 
 DFINE_SIZES = ("n", "s", "m", "l", "x")
+RTDETR_SIZES = ("r18", "r34", "r50m", "r50", "r101")  # ResNet-vd depth; r50m: R50 with a half-width encoder
 
 ARCH_SIZES: dict[str, tuple[str, ...]] = {
     "dfine": DFINE_SIZES,  # D-FINE (HGNetv2, FDR decoder)
     "deim_dfine": DFINE_SIZES,  # DEIM-D-FINE: D-FINE trained DEIM's way, SiLU decoder
+    "rtdetrv2": RTDETR_SIZES,  # RT-DETRv2 (ResNet-vd, CSP hybrid encoder, deformable decoder)
+    "deim_rtdetrv2": RTDETR_SIZES,  # DEIM-RT-DETRv2: trained DEIM's way, SiLU decoder, trainable norms
 }
 
 ARCH_TITLES = {

@@ -9,6 +9,7 @@ unmodified official code produced.
 
 from __future__ import annotations
 
+import copy
 import json
 from functools import cache
 
@@ -133,6 +134,7 @@ def test_state_dict_matches_manifest(arch):
 # ---------------------------------------------------------------------- official and ImageNet files
 
 
+@cache
 def _official_state(arch: str, size: str) -> dict[str, torch.Tensor]:
     """A state dict of the official model's exact names and shapes (its manifest), deterministic values;
     the image-size buffers are our model's own (they are computed, never trained)."""
@@ -236,11 +238,17 @@ def test_backbone_file_errors(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------- behaviour outside the parity set-up
 
 
-def _small(arch: str = "rtdetrv2", size: str = "r18", img_size=(320, 320), **changes):
-    torch.manual_seed(0)
-    losses = changes.pop("losses", None)
+def _small(arch: str = "rtdetrv2", size: str = "r18", img_size=(160, 160), losses=None, **changes):
+    """(spec, a fresh copy of a small detector): 3 classes, 40 queries; each model is initialised once."""
     spec = _spec(arch, size, img_size=img_size, data_class_names=("a", "b", "c"), num_queries=40, **changes)
-    return spec, build(spec, losses)
+    key = repr((spec, losses))
+    if key not in _BUILT:
+        torch.manual_seed(0)
+        _BUILT[key] = build(spec, losses)
+    return spec, copy.deepcopy(_BUILT[key])
+
+
+_BUILT: dict[str, tuple] = {}
 
 
 def _random_targets(batch: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -258,7 +266,7 @@ def _random_targets(batch: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
 def test_deploy_keeps_eval_outputs():
     _, (model, _, _) = _small("deim_rtdetrv2")
     model.double().eval()
-    images = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    images = torch.rand(1, 3, 160, 160, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with torch.no_grad():
         before = model(images)
         model.deploy()
@@ -284,7 +292,7 @@ def test_eval_runs_only_up_to_eval_idx():
 def test_train_step_with_denoising_backpropagates():
     _, (model, criterion, _) = _small()
     targets = _random_targets(2)
-    out = model.train()(torch.rand(2, 3, 320, 320), targets)
+    out = model.train()(torch.rand(2, 3, 160, 160), targets)
     assert out["pred_logits"].shape == (2, 40, 3) and len(out["aux_outputs"]) == 2
     assert len(out["dn_outputs"]) == 3 and out["dn_meta"]["dn_num_split"][1] == 40
     losses = criterion(out, targets)
@@ -309,7 +317,7 @@ def test_deim_trains_with_mal_and_loss_settings_apply():
         ("rtdetrv2", {}, "loss_vfl"),
     ]:
         _, (model, criterion, _) = _small(arch, **changes)
-        losses = criterion(model.train()(torch.rand(2, 3, 320, 320), targets), targets)
+        losses = criterion(model.train()(torch.rand(2, 3, 160, 160), targets), targets)
         assert term in losses and all(torch.isfinite(v) for v in losses.values()), arch
 
 
@@ -317,7 +325,7 @@ def test_background_negatives_ride_on_the_denoising_branch():
     _, (model, criterion, _) = _small()
     set_denoising_negatives(model, 5)
     targets = _random_targets(2)
-    out = model.train()(torch.rand(2, 3, 320, 320), targets)
+    out = model.train()(torch.rand(2, 3, 160, 160), targets)
     assert out["dn_negative_outputs"][0]["pred_logits"].shape == (2, 5, 3)
     losses = criterion(out, targets)
     assert "loss_vfl_neg_dn_2" in losses and torch.isfinite(losses["loss_vfl_neg_dn_2"])
@@ -338,13 +346,13 @@ def test_discrete_attention_model_trains_and_freezes_offsets():
     attention = model.decoder.decoder.layers[0].cross_attn
     assert attention.method == "discrete" and not attention.sampling_offsets.weight.requires_grad
     targets = _random_targets(2)
-    sum(criterion(model.train()(torch.rand(2, 3, 320, 320), targets), targets).values()).backward()
+    sum(criterion(model.train()(torch.rand(2, 3, 160, 160), targets), targets).values()).backward()
     with torch.no_grad():
-        out = model.eval()(torch.rand(1, 3, 320, 320))
+        out = model.eval()(torch.rand(1, 3, 160, 160))
     assert torch.isfinite(out["pred_logits"]).all()
 
 
-@pytest.mark.parametrize("img_size", [(320, 320), (256, 384)])
+@pytest.mark.parametrize("img_size", [(160, 160), (128, 192)])
 def test_other_input_sizes(img_size):
     _, (model, _, postprocessor) = _small(img_size=img_size)
     with torch.no_grad():

@@ -136,8 +136,10 @@ def pretrained_mismatch(path_or_state: str | Path | Mapping, spec: ModelSpec) ->
 
 
 def fitting_sizes(state: Mapping[str, torch.Tensor], spec: ModelSpec) -> list[str]:
-    """The sizes of spec.arch whose architecture has the checkpoint's tensor shapes (built on the meta
-    device: no memory, no weights), ignoring the keys that follow classes, queries or image size."""
+    """The sizes of spec.arch whose architecture has the checkpoint's tensors (built on the meta device: no
+    memory, no weights): the same names with the same shapes, ignoring the keys that follow classes,
+    queries or image size, BatchNorm counters and a mask branch. Names count too: a smaller size's tensors
+    can all lie inside a bigger one with the same shapes (ResNet-18 / 34 blocks, decoder layers)."""
     overrides = family_of(spec.arch).arch_overrides(state)
     fitting = []
     for size in ARCH_SIZES[spec.arch]:
@@ -145,9 +147,20 @@ def fitting_sizes(state: Mapping[str, torch.Tensor], spec: ModelSpec) -> list[st
         with torch.device("meta"):
             own = build(candidate).model.state_dict()
         shared = [key for key in state if key in own and not _depends_on_config(key)]
-        if shared and all(tuple(state[key].shape) == tuple(own[key].shape) for key in shared):
+        same_shapes = all(tuple(state[key].shape) == tuple(own[key].shape) for key in shared)
+        if shared and same_shapes and _architecture_keys(state) == _architecture_keys(own):
             fitting.append(size)
     return fitting
+
+
+def _architecture_keys(state: Mapping[str, torch.Tensor]) -> set[str]:
+    return {
+        key
+        for key in state
+        if not _depends_on_config(key)
+        and not key.endswith("num_batches_tracked")
+        and not key.startswith("mask_head.")
+    }
 
 
 def load_pretrained(

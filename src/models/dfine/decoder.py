@@ -3,7 +3,8 @@
 Flow (shapes for batch B, Q queries, C = hidden_dim, R = reg_max):
 1. Encoder maps are flattened into one memory (B, sum(h*w), C). Every memory position has an anchor box
    (its cell centre, size 0.05 * 2^level). A linear+LayerNorm and a class head score every position;
-   the top Q become the queries: content = their memory, reference box = anchor + a small MLP delta.
+   the top Q become the queries: content = their memory, reference box = anchor + a small MLP delta
+   (shared with RT-DETRv2: src/models/query_selection.py).
 2. Each decoder layer: self-attention between queries, deformable cross-attention around the current
    box, a gate mixing both, an FFN.
 3. Layer 0 also refines the box directly ("pre" box), which becomes the fixed reference of FDR. Every

@@ -211,7 +211,9 @@ def main() -> None:
         for size in args.size or list(CONFIGS[arch]):
             manifests[size] = run_in_fresh_process(args.official, arch, size, args.out)
         write_json(manifest_path, manifests)
-    write_json(args.out / "presnet_backbone_manifest.json", backbone_manifest(Official(args.official).presnet))
+    write_json(
+        args.out / "presnet_backbone_manifest.json", backbone_manifest(Official(args.official).presnet)
+    )
 
 
 if __name__ == "__main__":

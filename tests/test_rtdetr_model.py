@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from src.common.errors import ConfigError
+from src.dl.export import outputs_match
 from src.models import ModelSpec, build, pretrained_mismatch
 from src.models.archs import RTDETR_SIZES
 from src.models.attention import deformable_sample
@@ -28,6 +29,7 @@ from src.models.family import LossSettings
 from src.models.hybrid_encoder import VGGBlock
 from src.models.layers import ConvNormLayer
 from src.models.pretrained import load_pretrained
+from src.runtime.torch_model import DeployModel
 from tests.detinit import deterministic_state_dict
 from tests.parity_data import (
     COCO_IDS,
@@ -382,3 +384,32 @@ def test_backbone_freezing_follows_official_configs():
 def test_segmentation_is_refused_for_this_family():
     with pytest.raises(ConfigError, match="model.task=segment is not available for RT-DETRv2"):
         build(_spec("rtdetrv2", "r18", task="segment"))
+
+
+def test_onnx_export_matches_torch(tmp_path):
+    """The deployed model traces to ONNX (dynamic batch) and onnxruntime gives the torch detections."""
+    ort = pytest.importorskip("onnxruntime")
+    _, (model, _, postprocessor) = _small("deim_rtdetrv2")
+    deployed = DeployModel(model, postprocessor).eval()
+    images = torch.rand(2, 3, 160, 160, generator=torch.Generator().manual_seed(2))
+    sizes = torch.tensor([[320.0, 160.0], [160.0, 160.0]])
+    names = ["images", "orig_target_sizes", "labels", "boxes", "scores"]
+    with torch.no_grad():
+        expected = [t.numpy() for t in deployed(images, sizes)]
+        torch.onnx.export(
+            deployed,
+            (images, sizes),
+            str(tmp_path / "model.onnx"),
+            input_names=names[:2],
+            output_names=names[2:],
+            dynamic_axes={name: {0: "batch"} for name in names},
+            opset_version=17,
+            dynamo=False,
+        )
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (2, 1):
+        got = session.run(
+            None, {"images": images[:batch].numpy(), "orig_target_sizes": sizes[:batch].numpy()}
+        )
+        same, why = outputs_match(got, [e[:batch] for e in expected])
+        assert same, why

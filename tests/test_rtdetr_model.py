@@ -19,7 +19,7 @@ import torch
 
 from src.common.errors import ConfigError
 from src.dl.export import outputs_match
-from src.models import ModelSpec, build, pretrained_mismatch
+from src.models import ModelSpec, build, family_of, pretrained_mismatch
 from src.models.archs import RTDETR_SIZES
 from src.models.attention import deformable_sample
 from src.models.backbones import presnet
@@ -32,14 +32,11 @@ from src.models.pretrained import load_pretrained
 from src.runtime.torch_model import DeployModel
 from tests.detinit import deterministic_state_dict
 from tests.parity_data import (
-    COCO_IDS,
     FIXTURES,
     ORIG_SIZES_WH,
-    PROB_MEDIAN_TOL,
-    PROB_TOL,
-    assert_close,
     assert_losses_match,
     assert_outputs_match,
+    assert_postprocessing_matches,
     parity_input,
     parity_targets,
     prepare_parity_model,
@@ -85,18 +82,8 @@ def _check_parity(arch: str, size: str) -> None:
     ours = parity_run(arch, size)
     expected = np.load(RTDETR / f"{arch}_{size}_expected.npz")
     assert_outputs_match(ours, expected)
-    # Our postprocessor on the official raw outputs gives the official detections exactly ...
-    official_raw = {k: torch.from_numpy(expected[f"eval_{k}"]) for k in ("pred_logits", "pred_boxes")}
-    post = build(_spec(arch, size)).postprocessor(official_raw, ORIG_SIZES_WH)
-    np.testing.assert_array_equal(
-        COCO_IDS[torch.stack([p["labels"] for p in post]).numpy()], expected["post_labels"]
-    )
-    for ours_key, key in (("boxes", "post_boxes_xyxy"), ("scores", "post_scores")):
-        np.testing.assert_allclose(
-            torch.stack([p[ours_key] for p in post]).numpy(), expected[key], rtol=1e-12, atol=1e-12
-        )
-    # ... and on ours the same ranked scores (labels of near-tied scores may swap places).
-    assert_close("post scores", ours["post_scores"], expected["post_scores"], PROB_TOL, PROB_MEDIAN_TOL)
+    postprocessor = family_of(arch).build_postprocessor(_spec(arch, size))
+    assert_postprocessing_matches(postprocessor, expected, ours["post_scores"])
     assert_losses_match(ours["losses"], json.loads((RTDETR / f"{arch}_{size}_losses.json").read_text()))
 
 

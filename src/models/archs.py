@@ -11,11 +11,14 @@ from src.common.errors import ConfigError
 
 DFINE_SIZES = ("n", "s", "m", "l", "x")
 DETR_SIZES = ("r50", "r101", "r50_dc5", "r101_dc5")  # ResNet-50/101, plain or DC5 (dilated last stage)
+RTDETR_SIZES = ("r18", "r34", "r50m", "r50", "r101")  # ResNet-vd depth; r50m: R50 with a half-width encoder
 
 ARCH_SIZES: dict[str, tuple[str, ...]] = {
     "dfine": DFINE_SIZES,  # D-FINE (HGNetv2, FDR decoder)
     "deim_dfine": DFINE_SIZES,  # DEIM-D-FINE: D-FINE trained DEIM's way, SiLU decoder
     "detr": DETR_SIZES,  # DETR (ResNet, encoder-decoder transformer, softmax classes + "no object")
+    "rtdetrv2": RTDETR_SIZES,  # RT-DETRv2 (ResNet-vd, CSP hybrid encoder, deformable decoder)
+    "deim_rtdetrv2": RTDETR_SIZES,  # DEIM-RT-DETRv2: trained DEIM's way, SiLU decoder, trainable norms
 }
 
 # model.num_queries: null takes the arch's own query count (the official configs').

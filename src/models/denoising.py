@@ -279,3 +279,14 @@ def set_denoising_negatives(model: nn.Module, num: int, iou_thresh: float = 0.3)
         )
     decoder.num_dn_negatives = int(num)
     decoder.dn_negative_iou_thresh = float(iou_thresh)
+
+
+def split_denoising(
+    x: torch.Tensor, dn_meta: dict, dim: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Split decoder outputs along the query axis `dim` into (denoising groups, background negatives or
+    None, matching queries), the layout of `get_contrastive_denoising_training_group`."""
+    num_dn, num_queries = dn_meta["dn_num_split"]
+    negatives = dn_meta["dn_num_negatives"]
+    groups, negative, matching = torch.split(x, [num_dn - negatives, negatives, num_queries], dim=dim)
+    return groups, negative if negatives else None, matching

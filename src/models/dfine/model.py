@@ -9,7 +9,7 @@ from torch import nn
 
 from src.models.backbones.hgnetv2 import HGNetv2
 from src.models.dfine.decoder import DFineDecoder
-from src.models.dfine.encoder import HybridEncoder
+from src.models.dfine.encoder import DFineEncoder
 from src.models.dfine.sizes import ModelSize, get_size
 from src.models.mask_head import MaskHead, build_mask_head
 from src.models.outputs import DetectorOutputs
@@ -25,7 +25,7 @@ class DFINE(nn.Module):
     def __init__(
         self,
         backbone: HGNetv2,
-        encoder: HybridEncoder,
+        encoder: DFineEncoder,
         decoder: DFineDecoder,
         arch: ModelSize | None = None,
         mask_head: MaskHead | None = None,
@@ -98,7 +98,7 @@ def build_model(
     )
     if pretrained_backbone:
         backbone.load_pretrained(pretrained_backbone)
-    encoder = HybridEncoder(
+    encoder = DFineEncoder(
         in_channels=list(size.encoder_in_channels),
         feat_strides=list(size.feat_strides),
         hidden_dim=size.hidden_dim,

@@ -16,7 +16,8 @@ earlier files):
    own `src.dl.export.export_onnx` (dynamic batch, opset 17), unslimmed like the official file.
 3. `time` (either venv): onnxruntime CPU sessions with 1 intra-op and 1 inter-op thread, batch 1, the two
    graphs of a family and size run alternately; median wall and process-CPU milliseconds, and the largest
-   score difference between the two graphs' sorted scores (same weights: should be ~0).
+   score difference between the two graphs' sorted scores (same weights: should be ~0). Step 2 also
+   checks that our ONNX equals our torch model (src.dl.export.outputs_match on every top-K output).
 Prints a markdown table and writes <out>/export_latency.json.
 """
 
@@ -169,7 +170,7 @@ def export_ours(args, arch: str, px: int) -> None:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from src.dl.export import export_onnx
+    from src.dl.export import export_onnx, onnx_outputs, outputs_match
     from src.models import ModelSpec, build
     from src.runtime.meta import ModelMeta
     from src.runtime.torch_model import DeployModel
@@ -189,7 +190,17 @@ def export_ours(args, arch: str, px: int) -> None:
         class_names=list(classes), img_size=(px, px), model_name=size, arch=arch, num_queries=queries
     )
     meta.batch_size, meta.max_batch_size = None, 8
-    export_onnx(DeployModel(model, postprocessor), meta, onnx_path(args.out, arch, px, "ours"), 1, True)
+    deploy = DeployModel(model, postprocessor).eval()  # as src.runtime.torch_model.build_deploy_model
+    path = export_onnx(deploy, meta, onnx_path(args.out, arch, px, "ours"), 1, True)
+    # fp32 export equals torch: every output of the top-K (no score threshold), batch 2
+    images = torch.rand(2, 3, px, px, generator=torch.Generator().manual_seed(1))
+    sizes = torch.tensor([[px, px]], dtype=torch.float32).repeat(2, 1)
+    with torch.no_grad():
+        reference = [t.numpy() for t in deploy(images, sizes)]
+    ok, detail = outputs_match(reference, onnx_outputs(path, images.numpy(), sizes.numpy()))
+    check = {"torch_vs_onnx_ok": ok, "detail": detail}
+    (args.out / f"{arch}_{px}_ours_parity.json").write_text(json.dumps(check) + "\n")
+    print(f"{arch} {px}: our ONNX vs torch: {detail}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -240,11 +251,16 @@ def time_pair(out: Path, arch: str, px: int, warmup: int, repeats: int) -> dict:
     }
 
 
+def torch_parity(out: Path, arch: str, px: int) -> str:
+    path = out / f"{arch}_{px}_ours_parity.json"
+    return json.loads(path.read_text())["detail"] if path.exists() else "not checked"
+
+
 def table(results: dict) -> str:
     lines = [
         "| model | input | official (ms) | ours (ms) | ours/official | official CPU (ms) | ours CPU (ms) "
-        "| ours/official (CPU) | max score diff |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ours/official (CPU) | max score diff | our ONNX vs torch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for key, r in results.items():
         arch, px = key.rsplit("_", 1)
@@ -252,7 +268,7 @@ def table(results: dict) -> str:
         lines.append(
             f"| {FAMILIES[arch][0]} | {px} | {w['official']:.1f} | {w['ours']:.1f} | "
             f"{w['ours'] / w['official']:.3f} | {c['official']:.1f} | {c['ours']:.1f} | "
-            f"{c['ours'] / c['official']:.3f} | {r['max_sorted_score_diff']:.1e} |"
+            f"{c['ours'] / c['official']:.3f} | {r['max_sorted_score_diff']:.1e} | {r['ours_onnx_vs_torch']} |"
         )
     return "\n".join(lines)
 
@@ -264,6 +280,7 @@ def time_all(args) -> None:
     for arch in args.arch or list(FAMILIES):
         for px in SIZES_PX:
             results[f"{arch}_{px}"] = time_pair(args.out, arch, px, args.warmup, args.repeats)
+            results[f"{arch}_{px}"]["ours_onnx_vs_torch"] = torch_parity(args.out, arch, px)
             print(f"timed {arch} {px}", file=sys.stderr, flush=True)
     report = {
         "onnxruntime": onnxruntime.__version__,

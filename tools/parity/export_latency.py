@@ -148,11 +148,12 @@ def export_official(args, arch: str, px: int) -> None:
     else:
         wrapper, state, size = official_deim(args.deim, arch, px)
     torch.save(state, weights_path(args.out, arch, px))
-    images = torch.rand(2, 3, px, px)
+    # DETR's PostProcess splits the batch into per-image results, which the tracer fixes at the traced size
+    images = torch.rand(1 if arch == "detr" else 2, 3, px, px)
     with torch.no_grad():
         torch.onnx.export(
             wrapper.eval(),
-            (images, size.repeat(2, 1)),
+            (images, size.repeat(len(images), 1)),
             str(onnx_path(args.out, arch, px, "official")),
             input_names=["images", "orig_target_sizes"],
             output_names=["labels", "boxes", "scores"],
@@ -281,6 +282,8 @@ def time_all(args) -> None:
         for px in SIZES_PX:
             results[f"{arch}_{px}"] = time_pair(args.out, arch, px, args.warmup, args.repeats)
             results[f"{arch}_{px}"]["ours_onnx_vs_torch"] = torch_parity(args.out, arch, px)
+            partial = args.out / "export_latency.partial.json"  # kept if a later pair fails
+            partial.write_text(json.dumps(results, indent=1) + "\n")
             print(f"timed {arch} {px}", file=sys.stderr, flush=True)
     report = {
         "onnxruntime": onnxruntime.__version__,

@@ -103,25 +103,30 @@ def conf_keeping(detector, image: np.ndarray, kept: int) -> float:
 
 
 def time_pair(detectors: dict, image: np.ndarray, confs: dict, runs: int) -> dict[str, dict[str, float]]:
-    """Median and fastest graph / predict ms of each task's detector, the tasks alternating run by run (the
-    fastest run is the least disturbed one on a shared machine)."""
+    """Median and fastest graph / predict ms of each variant's detector, the variants taking turns run by
+    run in an order that rotates, each turn starting with an untimed graph run (it absorbs what the previous
+    variant leaves behind: runtime threads spin-waiting, caches); the fastest run is the least disturbed one
+    on a shared machine."""
     from src.common.network_input import preprocess_images
 
-    times = {task: {"graph": [], "predict": []} for task in detectors}
-    for task, detector in detectors.items():  # warm-up
+    names = list(detectors)
+    times = {name: {"graph": [], "predict": []} for name in names}
+    for name, detector in detectors.items():  # warm-up
         for _ in range(3):
-            detector.predict([image], conf=confs[task])
-    for _ in range(runs):
-        for task, detector in detectors.items():
+            detector.predict([image], conf=confs[name])
+    for run in range(runs):
+        for name in names[run % len(names) :] + names[: run % len(names)]:
+            detector = detectors[name]
             batch, _ = preprocess_images([image], detector.img_size, detector.meta.keep_ratio)
+            detector.run_batch(batch)
             started = time.perf_counter()
             detector.run_batch(batch)
-            times[task]["graph"].append((time.perf_counter() - started) * 1000)
-            times[task]["predict"].append(detector.timed([image], conf=confs[task])[1])
+            times[name]["graph"].append((time.perf_counter() - started) * 1000)
+            times[name]["predict"].append(detector.timed([image], conf=confs[name])[1])
     return {
-        task: {k: float(np.median(v)) for k, v in t.items()}
+        name: {k: float(np.median(v)) for k, v in t.items()}
         | {f"{k}_min": float(np.min(v)) for k, v in t.items()}
-        for task, t in times.items()
+        for name, t in times.items()
     }
 
 

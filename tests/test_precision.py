@@ -188,7 +188,7 @@ def test_choose_fastest_that_holds_and_pins():
     assert (auto["name"], auto["precision"]) == ("ov_int8@bf16", "bf16")
     assert auto["ratio_to_fp32"] == pytest.approx(24 / 60)
     assert "ov_int8 fails: mAP50 drop 0.0200 > 0.005" in auto["reason"]
-    assert "median box IoU 0.9700 < 0.99" in auto["reason"]
+    assert f"median box IoU 0.9700 < {RULE.box_iou_median}" in auto["reason"]
     del parity["ov_int8@bf16"]
     assert choose(parity, {}, "auto", RULE)["name"] == "ov_fp32@bf16"
     pinned = choose(parity, {}, "int8", RULE)

@@ -353,16 +353,20 @@ def measure_deployment(
 
 def interleaved_latency(models: dict[str, Any], image: np.ndarray, runs: int) -> dict[str, float]:
     """Median ms of `runs` single-image calls (resize + inference + postprocessing) of each model after a
-    warm-up, the models taking turns call by call, so that a shared machine's load slows all alike: what
-    the deployment choice compares."""
-    for model in models.values():
+    warm-up: what the deployment choice compares. The models take turns, so that a shared machine's load
+    slows all alike; each turn starts with one untimed call, which absorbs what the previous model leaves
+    behind (its runtime's threads spin-waiting for work for a while after a call, its data in the caches),
+    and the order rotates from round to round."""
+    names = list(models)
+    for name in names:
         for _ in range(PARITY_WARMUP):
-            model(image)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(runs):
-        for name, model in models.items():
+            models[name](image)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(runs):
+        for name in names[round_index % len(names) :] + names[: round_index % len(names)]:
+            models[name](image)
             started = time.perf_counter()
-            model(image)
+            models[name](image)
             times[name].append((time.perf_counter() - started) * 1000)
     return {name: float(np.median(t)) for name, t in times.items()}
 

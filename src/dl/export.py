@@ -2,11 +2,14 @@
 
     python -m src.dl.export exp_name=my_run [export.dynamic_batch=true export.max_batch_size=8]
 
-Every artifact has the postprocessing fused (inputs images + orig_target_sizes -> labels, boxes, scores,
-and for a segmentation model masks: low-resolution mask logits of the kept queries; see
-src/runtime/meta.py) and carries its metadata, so `src.runtime.load_model(path)` needs no config.
-Each one is then run on val images next to the torch model; output/<exp>/export_report.json says how far
-it drifts (boxes, scores, mAP50; src/dl/parity.py) and a drift beyond tolerance is reported loudly.
+Every artifact has the postprocessing fused (inputs images + orig_target_sizes -> labels, boxes, scores
+of the top export.max_detections per image, and for a segmentation model masks: low-resolution mask logits
+of those; see src/runtime/meta.py) and carries its metadata, so `src.runtime.load_model(path)` needs no
+config. Each one is then run next to the torch model on up to export.parity_images images of every split;
+output/<exp>/export_report.json says how far it drifts (paired boxes, scores, mAP50 with its bootstrap
+interval; src/dl/parity.py), a drift beyond tolerance is reported loudly, and the fastest deployment that
+holds export.precision_rule is chosen (src/dl/precision.py). export.int8 adds model_int8.xml
+(src/dl/quantize.py) to the candidates.
 """
 
 from __future__ import annotations

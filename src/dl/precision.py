@@ -2,9 +2,10 @@
 
 A deployment is an exported file run at one inference precision: model_fp32.xml at f32 or bf16,
 model_fp16.xml at f16, model_int8.xml, model.onnx, TensorRT engines. Export measures every deployment this
-machine can run against torch (src/dl/parity.py: val mAP50 drop and mean IoU of paired boxes, for a
-segmentation model mean mask IoU of the pairs too, latency)
-and picks the fastest one that holds parity (export.precision_rule); export.precision pins a family
+machine can run against torch (src/dl/parity.py, on up to export.parity_images images of every split:
+paired box IoU and score deviation percentiles, the mAP50 delta with its paired bootstrap interval,
+detections present in one runtime only, for a segmentation model the pairs' mean mask IoU, latency) and
+picks the fastest one that holds export.precision_rule (`holds`); export.precision pins a family
 (fp32 | bf16 | f16 | int8) instead. The choice and its reason go to the manifest ("deployment"), bench.csv
 (column `chosen`) and are what best_artifact / load_model use when no precision is given.
 """

@@ -6,7 +6,8 @@ Every setting (SETTINGS: NNCF's options as src/dl/quantize.py names them) quanti
 model_fp32.xml, calibrated on its train images, into a temporary folder. Each int8 IR then runs with its
 float ops at f32 and at bf16 (where the CPU has native BF16), next to the fp32 IR at f32 and bf16:
 - box IoU: the detections (>= export.parity_conf) of the export parity images (every split) paired with the
-  fp32 IR's as export pairs them (src/dl/parity.py): mean and 5th percentile;
+  fp32 IR's as export pairs them (src/dl/parity.py): mean and 5th percentile; unmatched: detections present
+  in one only, beyond export.tolerance.<group>.score of the threshold;
 - mAP50 on the whole val split (what bench scores), and its delta from the fp32 IR;
 - latency: median ms of single-image calls (resize + inference + postprocessing), every model taking
   turns call by call (a shared machine's load slows all alike); ratio to the fp32 IR at f32.
@@ -54,7 +55,7 @@ def quantize_all(cfg, names: list[str], folder: Path) -> dict[str, tuple[Path, f
 
 def measure(cfg, models: dict[str, tuple[Path, str]], runs: int) -> dict[str, dict]:
     """name -> box IoU against the fp32 IR, val mAP50, latency (see the module doc)."""
-    from src.dl.parity import compare_detections, interleaved_latency, parity_samples
+    from src.dl.parity import compare_detections, interleaved_latency, parity_samples, tolerance_group
     from src.runtime import load_model
     from src.runtime.evaluate import evaluate_detector, load_split_samples
 
@@ -67,7 +68,8 @@ def measure(cfg, models: dict[str, tuple[Path, str]], runs: int) -> dict[str, di
     rows = {}
     for name, detector in detectors.items():
         on_parity = evaluate_detector(detector, parity, conf=conf, images=parity_images, desc=name)
-        drift = compare_detections(reference.detections, on_parity.detections, conf)
+        margin = float(cfg.export.tolerance[tolerance_group(f"ov_{name}")].score)
+        drift = compare_detections(reference.detections, on_parity.detections, conf, margin)
         on_val = evaluate_detector(detector, val, conf=conf, images=val_images, desc=name)
         rows[name] = {"mean_iou": drift["mean_iou"], "p5_iou": drift["p5_iou"], "pairs": drift["pairs"],
                       "unmatched": drift["unmatched"], "mAP_50": on_val.metrics["mAP_50"]}  # fmt: skip
@@ -87,13 +89,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. exp_name=demo")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--keep", type=Path, help="write the int8 IRs here (default: a temporary folder)")
     args = parser.parse_args(argv)
     cfg = stage_config(load_config(args.overrides))
     precisions = ["f32"] + ([] if precision_unavailable("bf16", "cpu") else ["bf16"])
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        quantized = quantize_all(cfg, args.settings, Path(tmp))
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        quantized = quantize_all(cfg, args.settings, folder)
         fp32 = Experiment.of(cfg).artifact("ov_fp32")
         models = {"fp32" if p == "f32" else f"fp32@{p}": (fp32, p) for p in precisions}
         models |= {name if p == "f32" else f"{name}@{p}": (path, p)

@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--amp", default="auto")
     parser.add_argument("--cache", default="off", help="train.cache for the loop: off | ram | disk")
     parser.add_argument("--threads", type=int, default=None, help="train.threads (default: automatic)")
-    parser.add_argument("--workers", type=int, default=None, help="train.num_workers (default: config.yaml's)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="train.num_workers (default: config.yaml's)"
+    )
     parser.add_argument("--bare-threads", type=int, default=None, help="bare step threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-loop", action="store_true", help="bare steps only")

@@ -42,6 +42,18 @@ def test_parity_mean_iou_of_paired_detections():
     assert compare_detections(reference, reference, conf=0.3)["mean_iou"] == 1.0
 
 
+def test_kept_box_iou_counts_a_lost_detection_as_zero():
+    """The int8 accuracy metric box_iou: a detection the candidate keeps moved 1 px, one it scores below
+    the threshold (still paired) counts 0, unlike the pairs' mean IoU."""
+    from src.dl.parity import kept_box_iou
+
+    reference = [detections([[0, 0, 10, 10], [50, 50, 70, 70], [80, 80, 90, 90]], [0.9, 0.8, 0.1], [0, 1, 0])]
+    candidate = [detections([[1, 0, 11, 10], [50, 50, 70, 70], [80, 80, 90, 90]], [0.9, 0.2, 0.1], [0, 1, 0])]
+    assert kept_box_iou(reference, candidate, conf=0.3) == pytest.approx((90 / 110 + 0.0) / 2)
+    assert compare_detections(reference, candidate, conf=0.3)["mean_iou"] == pytest.approx((90 / 110 + 1) / 2)
+    assert kept_box_iou(reference, reference, conf=0.3) == 1.0
+
+
 # ---------------------------------------------------------------------------------------------------- the rule
 
 

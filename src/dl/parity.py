@@ -159,6 +159,23 @@ def compare_detections(
     return drift | counts
 
 
+def kept_box_iou(reference, candidate, conf: float, iou_thresh: float = 0.5) -> float:
+    """Mean, over `reference`'s detections scoring >= conf, of the IoU of their `candidate` counterpart,
+    0 where the candidate has none scoring >= conf (lists of Detections of the same images; 1.0 when the
+    reference has nothing confident). Unlike the pairs' mean IoU, a lost detection counts."""
+    ious = []
+    for ref, cand in zip(reference, candidate, strict=True):
+        partner = pair_detections(ref, cand, iou_thresh)  # (R,) index into cand, -1: none
+        confident = np.flatnonzero(ref.scores >= conf)
+        found = confident[(partner[confident] >= 0)]
+        found = found[cand.scores[partner[found]] >= conf]
+        iou = np.zeros(len(confident))
+        iou[np.searchsorted(confident, found)] = pair_iou(ref.boxes[found], cand.boxes[partner[found]])
+        ious.append(iou)
+    flat = np.concatenate([np.zeros(0), *ious])
+    return float(flat.mean()) if flat.size else 1.0
+
+
 def paired_masks(dets, rles: list[dict] | None, index: np.ndarray) -> np.ndarray | None:
     """(n, H, W) bool masks of detections `index` of one image (None: a detection model)."""
     if rles is not None:

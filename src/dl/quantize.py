@@ -7,8 +7,9 @@ hand over the images; nothing here reads the config.
 - mode quick: `nncf.quantize` calibrated on `subset_size` images.
 - mode accuracy: `nncf.quantize_with_accuracy_control`: quantize, then return layers to float until the
   metric on the validation images drops by at most `max_drop` (absolute). The metric is a validator metric
-  (mAP_50, ...) or `box_iou`: the mean IoU of the int8 model's detections paired with the fp32 IR's
-  (src/dl/parity.py), which needs no labels and judges what int8 moves most, box edges.
+  (mAP_50, ...) or `box_iou`: over the fp32 IR's confident detections, the mean IoU of their int8
+  counterpart, 0 where int8 lost them (src/dl/parity.py `kept_box_iou`); it needs no labels and judges what
+  int8 moves most, box edges, without rewarding a model that drops detections.
 - float_parts: parts kept in float (nncf.IgnoredScope, by op name; the legacy ONNX export keeps the torch
   module path in each name): `decoding` (the FDR integral, its box arithmetic, the fused postprocessing),
   `box_heads` (the MLPs whose outputs are box distributions), `score_heads` (class logits, LQE).
@@ -123,8 +124,8 @@ def make_transform(meta: ModelMeta) -> Callable[[np.ndarray], dict[str, np.ndarr
 
 def make_validation_fn(meta: ModelMeta, validation: ImageSet, metric: str, reference=None, conf: float = 0.3):
     """validation_fn(compiled_model, items) -> (metric value, None) over the validation images. box_iou:
-    the mean IoU of the detections paired with `reference` (fp32's EvalResult on the same images)."""
-    from src.dl.parity import compare_detections
+    kept_box_iou against `reference` (fp32's EvalResult on the same images)."""
+    from src.dl.parity import kept_box_iou
     from src.runtime.openvino_model import OpenVinoRunner
 
     def validate(compiled_model, _items) -> tuple[float, None]:
@@ -133,7 +134,7 @@ def make_validation_fn(meta: ModelMeta, validation: ImageSet, metric: str, refer
             detector, validation.samples, conf=conf, images=validation.images, desc="validate"
         )
         if metric == BOX_IOU_METRIC:
-            value = compare_detections(reference.detections, result.detections, conf)["mean_iou"]
+            value = kept_box_iou(reference.detections, result.detections, conf)
         else:
             value = float(result.metrics[metric])
         logger.info(f"  {metric} = {value:.4f}")

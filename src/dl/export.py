@@ -28,6 +28,7 @@ from src.common.config import stage_main
 from src.common.errors import UserError
 from src.common.experiment import Experiment, file_sha256, stage_config
 from src.common.io import atomic_write, atomic_write_json
+from src.common.network_input import preprocess_images
 from src.dl.parity import loud_error, parity_report, print_report
 from src.dl.precision import candidates, choose
 from src.dl.quantize import Int8Settings, calibration_sets, make_int8
@@ -40,6 +41,8 @@ from src.runtime.meta import (
     write_openvino_meta,
     write_sidecar,
 )
+from src.runtime.openvino_model import save_ir
+from src.runtime.tensorrt_model import import_tensorrt
 from src.runtime.torch_model import DeployModel, build_deploy_model
 
 # ---------------------------------------------------------------------------------------------------- ONNX
@@ -182,7 +185,6 @@ def export_openvino(onnx_path: Path, meta: ModelMeta, path: Path, fp16: bool) ->
     """ONNX -> OpenVINO IR (xml + bin), weights in fp16 (compress_to_fp16) or fp32; metadata in rt_info."""
     import openvino as ov
 
-    from src.runtime.openvino_model import save_ir
 
     model = ov.convert_model(str(onnx_path))
     ir_meta = copy.deepcopy(meta)
@@ -200,7 +202,6 @@ def int8_calibrator(trt, batches: list[np.ndarray], cache: Path):
     """A TensorRT IInt8EntropyCalibrator2 over preprocessed split images (batches (B, 3, H, W) float32),
     its scales cached in `cache` (a rebuild skips calibration). Written for GPU machines; not run on the
     CPU-only machine this project is developed on."""
-    import torch
 
     class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self):
@@ -238,7 +239,6 @@ def export_tensorrt(
     """ONNX -> serialized TensorRT engine (build it on the GPU that will run it) + `<engine>.json` metadata.
     precision fp32 | fp16 | int8 (int8: `calibration` batches of split images; fp16 kept for what int8
     cannot take)."""
-    from src.runtime.tensorrt_model import import_tensorrt
 
     trt = import_tensorrt()
     trt_logger = trt.Logger(trt.Logger.WARNING)
@@ -292,7 +292,6 @@ def artifact_meta(
 def probe_batches(cfg: DictConfig, meta: ModelMeta) -> tuple[list[np.ndarray], str]:
     """Real images of the experiment's splits (val, else test, else train) at every batch size the graph
     must serve, and where they came from; ([], reason) when the data set has none."""
-    from src.common.network_input import preprocess_images
 
     sizes = (
         [1, 2, int(cfg.export.max_batch_size)]

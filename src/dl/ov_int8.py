@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from src.common.config import stage_main
 from src.common.experiment import Experiment, stage_config
 from src.common.io import atomic_write_json
+from src.dl.parity import compare_detections
 from src.dl.quantize import ImageSet, Int8Settings, calibration_sets, make_int8
 from src.dl.split_samples import load_split_samples
 from src.runtime import load_model
@@ -49,7 +50,6 @@ def measure(
     """Latency + metrics of one IR on the val images; with `reference` (fp32's EvalResult) also the drift
     of its detections (above the model's threshold) from fp32's; a detection within `score_margin` of the
     threshold in one model and below it in the other is borderline, not unmatched."""
-    from src.dl.parity import compare_detections
 
     detector = load_model(path, device="cpu", precision=precision)
     result = evaluate_detector(detector, validation.samples, images=validation.images, warmup=3, desc=label)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from src.metrics.matching import match_image
+
 MAX_DETECTIONS = 100  # per image and class, as COCO's maxDets
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
 RESAMPLES = 1000
@@ -40,7 +42,6 @@ class ScoredDetections:
 def score_detections(detections: Sequence, samples: Sequence, num_classes: int) -> ScoredDetections:
     """Detections per image (boxes, scores, labels; any order) against their samples' ground truth
     (boxes, labels in the same pixels)."""
-    from src.metrics.matching import match_image
 
     images, labels, scores, hits = [], [], [], []
     ground_truth = np.zeros((len(samples), num_classes), np.int64)

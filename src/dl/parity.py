@@ -22,11 +22,15 @@ from typing import Any
 import numpy as np
 from loguru import logger
 from omegaconf import DictConfig
+from scipy.stats import binom
 
 from src.dl.paired_map import paired_map50_delta
 from src.dl.split_samples import load_split_samples
+from src.etl.splits import read_split
+from src.metrics.masks import mask_iou
+from src.metrics.matching import greedy_match, iou_matrix, score_order
 from src.runtime import load_model
-from src.runtime.evaluate import LabelledImage, evaluate_detector
+from src.runtime.evaluate import LabelledImage, decode_masks, evaluate_detector
 
 LOUD = "!" * 100
 PARITY_WARMUP = 2  # untimed runs before the latency each deployment is chosen by
@@ -53,7 +57,6 @@ def pair_detections(reference, candidate, iou_thresh: float) -> np.ndarray:
     One-to-one, same class, IoU >= iou_thresh: the validator's matching (src/metrics/matching.py), reference
     detections visited from the highest score down, each taking the free candidate box it overlaps most.
     """
-    from src.metrics.matching import greedy_match, iou_matrix, score_order
 
     iou = iou_matrix(reference.boxes, candidate.boxes)
     same_class = reference.labels[:, None] == candidate.labels[None, :]
@@ -112,7 +115,6 @@ def compare_detections(
     them, from per-image COCO RLEs (mask_rles: (reference's, candidate's), EvalResult.mask_rles), of which
     only the paired detections' are decoded.
     """
-    from src.metrics.masks import mask_iou
 
     box_devs, score_devs, ious, mask_ious = [], [], [], []
     counts = dict.fromkeys(PARITY_COUNTS, 0)
@@ -179,7 +181,6 @@ def kept_box_iou(reference, candidate, conf: float, iou_thresh: float = 0.5) -> 
 def paired_masks(dets, rles: list[dict] | None, index: np.ndarray) -> np.ndarray | None:
     """(n, H, W) bool masks of detections `index` of one image (None: a detection model)."""
     if rles is not None:
-        from src.runtime.evaluate import decode_masks
 
         return decode_masks([rles[i] for i in index], dets.image_size)
     return None if dets.masks is None else dets.masks[index]
@@ -215,7 +216,6 @@ def significant_drop(paired: dict[str, float], limit: float) -> bool:
 def too_many_unmatched(unmatched: int, compared: int, rate: float, confidence: float) -> bool:
     """Whether `unmatched` of `compared` detections is more than a true rate of `rate` explains (one-sided
     binomial test at 1 - confidence): 1 of 18 is not evidence against 2%, 30 of 600 is."""
-    from scipy.stats import binom
 
     if unmatched <= rate * compared:
         return False
@@ -274,7 +274,6 @@ def proportional_counts(sizes: dict[str, int], limit: int) -> dict[str, int]:
 def parity_samples(cfg: DictConfig, limit: int) -> tuple[list[LabelledImage], dict[str, int]]:
     """Up to `limit` labelled images of every split (each split's first ones, in proportion to its size)
     and how many came from each split."""
-    from src.etl.splits import read_split
 
     sizes = {split: len(read_split(cfg, split) or []) for split in SPLITS}
     counts = proportional_counts(sizes, limit)

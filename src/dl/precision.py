@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from src.dl.parity import MIN_PARITY_DETECTIONS
+from src.dl.parity import MIN_PARITY_DETECTIONS, significant_drop, too_many_unmatched
 from src.runtime import available_backends, backend_for
+from src.runtime.openvino_model import precision_unavailable
 
 FAMILIES = ("fp32", "bf16", "f16", "int8")
 
@@ -54,7 +55,6 @@ def unavailable_reason(deployment: Deployment, path: Path, device: str) -> str |
     if reason is not None:
         return reason
     if backend == "openvino" and deployment.runtime not in (None, "f32"):
-        from src.runtime.openvino_model import precision_unavailable
 
         return precision_unavailable(deployment.runtime, device)
     return None
@@ -87,7 +87,6 @@ def holds(entry: dict[str, Any], rule, reduced: bool = True) -> list[str]:
     reduced precision (not fp32) must also have been compared on enough detections: with an untrained
     model nothing scores above parity_conf, and "no box moved" would otherwise pick int8 unverified.
     """
-    from src.dl.parity import significant_drop, too_many_unmatched
 
     if "error" in entry:
         return [f"cannot run: {entry['error']}"]

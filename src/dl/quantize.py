@@ -36,9 +36,12 @@ from src.common.errors import UserError
 from src.common.experiment import Experiment
 from src.common.network_input import preprocess_images
 from src.dl.artifacts import ensure_fresh
+from src.dl.parity import kept_box_iou
+from src.runtime import load_model
 from src.runtime.detector import Detector
 from src.runtime.evaluate import LabelledImage, evaluate_detector
 from src.runtime.meta import INPUT_NAMES, ModelMeta, read_openvino_meta, write_openvino_meta
+from src.runtime.openvino_model import OpenVinoRunner, save_ir, shared_core
 
 # Regexes on OpenVINO op names for each part `float_parts` can keep in float.
 FLOAT_PARTS = {
@@ -125,8 +128,6 @@ def make_transform(meta: ModelMeta) -> Callable[[np.ndarray], dict[str, np.ndarr
 def make_validation_fn(meta: ModelMeta, validation: ImageSet, metric: str, reference=None, conf: float = 0.3):
     """validation_fn(compiled_model, items) -> (metric value, None) over the validation images. box_iou:
     kept_box_iou against `reference` (fp32's EvalResult on the same images)."""
-    from src.dl.parity import kept_box_iou
-    from src.runtime.openvino_model import OpenVinoRunner
 
     def validate(compiled_model, _items) -> tuple[float, None]:
         detector = Detector(OpenVinoRunner.from_compiled(compiled_model, meta))
@@ -185,7 +186,6 @@ def quantize_model(
         raise UserError("ov_int8.mode=accuracy needs val images (run src.etl.split)")
     reference = None
     if settings.metric == BOX_IOU_METRIC:
-        from src.runtime import load_model
 
         fp32 = load_model(reference_path, device="cpu", precision="f32")
         reference = evaluate_detector(
@@ -205,7 +205,6 @@ def quantize_model(
 
 def save_int8(quantized, meta: ModelMeta, path: Path, extra: dict[str, Any]) -> Path:
     """Write the quantized IR (the xml/bin pair replaced as a pair) with int8 metadata."""
-    from src.runtime.openvino_model import save_ir
 
     int8_meta = copy.deepcopy(meta)
     int8_meta.precision = "int8"
@@ -220,7 +219,6 @@ def quantize_ir(
 ) -> tuple[Path, float]:  # fmt: skip
     """fp32 IR file -> int8 IR file (any paths: the benchmarks compare settings side by side).
     Returns the int8 path and the seconds quantization took."""
-    from src.runtime.openvino_model import shared_core
 
     if not calibration.images:
         raise UserError("no images to calibrate int8 on: run src.etl.split")

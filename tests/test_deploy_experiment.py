@@ -1,5 +1,5 @@
 """Every deployment stage on an experiment outside data/demo, given only exp_name: the data, classes and
-model come from the experiment (issue 13). Also: stale exports refused, use_one_class on 3 classes, infer
+model come from the experiment. Also: stale exports refused, use_one_class on 3 classes, infer
 outputs kept apart and replaced per input, a bench whose backends all fail keeps the old table."""
 
 from __future__ import annotations

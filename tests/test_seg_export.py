@@ -1,4 +1,4 @@
-"""Segmentation export and runtime (issue 14): a segment model's ONNX / OpenVINO exports carry a 4th output
+"""Segmentation export and runtime: a segment model's ONNX / OpenVINO exports carry a 4th output
 "masks" (low-resolution mask logits of the kept queries), every backend turns it into the same original-size
 masks (mean mask IoU against torch >= 0.99 in fp32), the export report and the precision choice judge masks
 too, and a detection export is unchanged (3 outputs, no masks)."""

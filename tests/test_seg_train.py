@@ -1,4 +1,4 @@
-"""Segmentation training (issue 14): masks move with boxes through every augmentation, the dataset's mask
+"""Segmentation training: masks move with boxes through every augmentation, the dataset's mask
 targets, box-only labels refused or allowed, and a real 2-step D-FINE-n segmentation run."""
 
 from __future__ import annotations

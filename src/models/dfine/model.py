@@ -11,6 +11,7 @@ from src.models.backbones.hgnetv2 import HGNetv2
 from src.models.dfine.decoder import DFineDecoder
 from src.models.dfine.encoder import DFineEncoder
 from src.models.dfine.sizes import ModelSize, get_size
+from src.models.layers import fold_for_deploy
 from src.models.mask_head import MaskHead, build_mask_head
 from src.models.outputs import DetectorOutputs
 from src.models.query_selection import decoder_size_kwargs
@@ -53,11 +54,7 @@ class DFINE(nn.Module):
 
     def deploy(self) -> DFINE:
         """Eval mode, RepVGG/BN folding, and only the layers eval runs; outputs do not change. One way."""
-        self.eval()
-        for module in self.modules():
-            if hasattr(module, "convert_to_deploy"):
-                module.convert_to_deploy()
-        return self
+        return fold_for_deploy(self)
 
 
 def build_model(

@@ -9,6 +9,7 @@ from torch import nn
 
 from src.models.backbones.presnet import PResNet
 from src.models.hybrid_encoder import HybridEncoder
+from src.models.layers import fold_for_deploy
 from src.models.query_selection import decoder_size_kwargs
 from src.models.rtdetr.decoder import RTDETRv2Decoder
 from src.models.rtdetr.sizes import RTDETRSize, get_size
@@ -33,11 +34,7 @@ class RTDETR(nn.Module):
     def deploy(self) -> RTDETR:
         """Eval mode, BN folding (backbone and encoder), RepVGG folding, only the decoder layers eval runs;
         outputs do not change."""
-        self.eval()
-        for module in self.modules():
-            if hasattr(module, "convert_to_deploy"):
-                module.convert_to_deploy()
-        return self
+        return fold_for_deploy(self)
 
 
 def build_model(

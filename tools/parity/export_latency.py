@@ -1,6 +1,6 @@
 """ONNX latency of each family's export next to the official code's export of the same weights.
 
-    PYTHONPATH=<onnx + onnxruntime> official-venv/bin/python tools/parity/export_latency.py \
+    PYTHONPATH=<tools/parity/README.md's extras> official-venv/bin/python tools/parity/export_latency.py \
         --deim /path/to/DEIM --detr /path/to/detr --out /tmp/export_latency [--ours-python .venv/bin/python]
 
 Per family (smallest size: D-FINE-n, DEIM-D-FINE-n, RT-DETRv2-r18, DEIM-RT-DETRv2-r18, DETR-R50) and input
@@ -313,7 +313,9 @@ def step(python: str, args, command: str, archs: list[str], px: int | None = Non
     ]
     line += ["--out", str(args.out), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
     line += [item for arch in archs for item in ("--arch", arch)] + (["--px", str(px)] if px else [])
-    subprocess.run(line, check=True)
+    # our venv has its own onnx / onnxruntime / hydra: the official venv's PYTHONPATH additions stay out
+    env = None if python == sys.executable else {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run(line, check=True, env=env)
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ Both may carry "image_id" (then an image seen twice, e.g. gathered from DDP rank
 A segmentation model's records also carry "mask" (pred: {"rles", "scores", "labels"}, gt: {"rles", "labels",
 "height", "width"}: src/metrics/masks.py prediction_masks / ground_truth_masks, made by predict_batches): then
 the metrics add mask_mAP_50, mask_mAP_50_95 and per_class mask_AP50, mask_AP50_95 (COCO segm), and mask_iou
-(mean mask IoU of the detections >= conf_thresh that the box matching pairs with an object).
+(mean mask IoU of the detections >= best_thresh that the box matching pairs with an object).
 
     preds, gts = predict_batches(model, val_loader, device, postprocessor)   # per rank
     (DDP: all_gather the two lists, concatenate; evaluate() dedupes by image_id)
@@ -217,7 +217,9 @@ def evaluate(
     if segment:
         mask_preds, mask_gts = [p["mask"] for p, _ in pairs], [g["mask"] for _, g in pairs]
         masks = mask_map(mask_preds, mask_gts, num_classes)
-        masks["mask_iou"] = matched_mask_iou(preds, gts, mask_preds, mask_gts, conf_thresh, iou_thresh)
+        # at the best-F1 threshold (what thresholds.json deploys): the masks of the detections a user gets,
+        # also while the scores of a young model stay under conf_thresh
+        masks["mask_iou"] = matched_mask_iou(preds, gts, mask_preds, mask_gts, best_thresh, iou_thresh)
     curves, per_class, best_per_class = [_curve_frame("all", overall_curve)], [], {}
     for c, name in enumerate(class_names):
         summary, curve = _summary(matches, matches.labels == c, int(matches.gt_counts[c]), conf_thresh)

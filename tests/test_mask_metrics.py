@@ -246,3 +246,10 @@ def test_matched_mask_iou_pairs_by_box_and_counts_poor_masks():
     assert matched_mask_iou([box_pred], [box_gt], [mask_pred], [mask_gt], 0.05) == pytest.approx(0.75)
     # nothing paired: 0, as the validator's box "iou" without a true positive
     assert matched_mask_iou([box_pred], [box_gt], [mask_pred], [mask_gt], 0.95) == 0.0
+    # a background image (no object) beside it: its confident detections pair with nothing
+    empty_gt = {"boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int64)}
+    empty_mask_gt = {"rles": [], "labels": np.zeros(0, np.int64), "index": np.zeros(0, np.int64)}
+    both = matched_mask_iou(
+        [box_pred, box_pred], [box_gt, empty_gt], [mask_pred, mask_pred], [mask_gt, empty_mask_gt], 0.05
+    )
+    assert both == pytest.approx(0.75)

@@ -189,7 +189,8 @@ def matched_mask_iou(
         found = {k: np.asarray(box_pred[k])[confident] for k in ("boxes", "scores", "labels")}
         matched, _ = match_image(found, box_gt, iou_thresh)
         pred_at = _rle_positions(mask_pred, len(box_pred["scores"]))[confident]
-        gt_at = _rle_positions(mask_gt, len(box_gt["labels"]))[np.maximum(matched, 0)]
+        gt_at = np.full(len(matched), -1, np.int64)  # an unmatched detection (or a background image) has none
+        gt_at[matched >= 0] = _rle_positions(mask_gt, len(box_gt["labels"]))[matched[matched >= 0]]
         keep = (matched >= 0) & (pred_at >= 0) & (gt_at >= 0)
         for p, g in zip(pred_at[keep], gt_at[keep], strict=True):
             ious.append(mask_utils.iou([mask_pred["rles"][p]], [mask_gt["rles"][g]], [0])[0, 0])

@@ -22,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -58,12 +59,17 @@ def load_experiment(exp: Path):
     return cfg, model.eval(), postprocessor.eval()
 
 
-def variants(logits: torch.Tensor, boxes: np.ndarray, meta) -> dict[str, np.ndarray]:
-    """Every variant's bool masks (K, orig_h, orig_w) of one image's kept detections."""
-    values = resample_logits(logits, meta)
+def variants(logits: torch.Tensor, values: torch.Tensor, boxes: np.ndarray, meta) -> dict[str, np.ndarray]:
+    """Every variant's bool masks (K, orig_h, orig_w) of one image's kept detections from their logits
+    (K, h, w) and those resampled at the original pixels (K, orig_h, orig_w)."""
     inside = box_interiors(boxes, meta.orig_h, meta.orig_w)
     out = {f"t={t:+.1f}": ((values > t) & inside).numpy() for t in THRESHOLDS}
     out["t=+0.0 no box"] = (values > 0).numpy()
+    # bilinear on probabilities instead of logits (0.5 crossing between a confident inside and a weak
+    # outside cell lies nearer the inside one)
+    out["probabilities resampled"] = (
+        (resample_logits(logits.float().sigmoid(), meta) > 0.5) & inside
+    ).numpy()
     return out
 
 
@@ -89,6 +95,17 @@ def pair_stats(pred: np.ndarray, true: np.ndarray) -> tuple[float, float, float,
     )
 
 
+def edge_logits(values: torch.Tensor, true: np.ndarray) -> tuple[float, float]:
+    """Mean resampled logit on the true mask's own outermost pixels and on the pixels just outside it
+    (3x3 erosion / dilation): a mask drawn at the object's edge has the first > 0 > the second."""
+    kernel = np.ones((3, 3), np.uint8)
+    mask = true.astype(np.uint8)
+    inner = true & ~cv2.erode(mask, kernel).astype(bool)
+    outer = cv2.dilate(mask, kernel).astype(bool) & ~true
+    values = values.numpy()
+    return float(values[inner].mean()), float(values[outer].mean()) if outer.any() else float("nan")
+
+
 def mask_box(masks: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     """Tight xyxy boxes of bool masks (K, H, W) in pixel-edge coordinates; an empty mask keeps fallback."""
     boxes = np.asarray(fallback, np.float64).copy()
@@ -107,6 +124,7 @@ class Tally:
         self.pairs: dict[str, list] = {}
         self.box_preds, self.extent_preds, self.gts, self.mask_gts = [], [], [], []
         self.oracle: list[float] = []
+        self.edges: list[tuple[float, float]] = []  # mean logit just inside / just outside each true mask
 
     def add(self, name: str, pred_record: dict, stats: list) -> None:
         self.preds.setdefault(name, []).append(pred_record)
@@ -121,6 +139,8 @@ class Tally:
             "box_AP75": boxes["mAP_75"],
             "mask_extent_box_AP50": extent["mAP_50"],
             "oracle_mean_iou": float(np.mean(self.oracle)) if self.oracle else None,
+            "edge_logit_inside": float(np.nanmean([e[0] for e in self.edges])) if self.edges else None,
+            "edge_logit_outside": float(np.nanmean([e[1] for e in self.edges])) if self.edges else None,
             "variants": {},
         }
         for name, preds in self.preds.items():
@@ -160,7 +180,9 @@ def analyse_image(tally: Tally, result: dict, target: dict, conf: float, stride:
     pairs = [
         (p, g) for p, g in zip(np.flatnonzero(confident), matched, strict=True) if g >= 0 and has_mask[g]
     ]
-    for name, masks in variants(result["masks"][kept], boxes, meta).items():
+    values = resample_logits(result["masks"][kept], meta)  # (K, orig_h, orig_w)
+    tally.edges += [edge_logits(values[p], true[g]) for p, g in pairs]
+    for name, masks in variants(result["masks"][kept], values, boxes, meta).items():
         if name == "t=+0.0":
             tally.extent_preds.append({"boxes": mask_box(masks, boxes), "scores": scores, "labels": labels})
         record = {"rles": encode_masks(masks), "scores": scores, "labels": labels}
@@ -189,7 +211,9 @@ def print_report(report: dict) -> None:
     print(
         f"{report['split']}: {report['images']} images, detections >= {report['conf']:.2f} paired; box AP50 {report['box_AP50']:.3f} AP75 {report['box_AP75']:.3f}; "
         f"boxes from the masks' extent AP50 {report['mask_extent_box_AP50']:.3f}; "
-        f"oracle (true mask on the stride-4 grid, upsampled) mean IoU {report['oracle_mean_iou']:.3f}"
+        f"oracle (true mask on the stride-4 grid, upsampled) mean IoU {report['oracle_mean_iou']:.3f}; "
+        f"paired masks' mean logit on the object's edge pixels {report['edge_logit_inside']:.2f}, "
+        f"just outside {report['edge_logit_outside']:.2f}"
     )
     print("| variant | mask AP50 | mask AP75 | pairs | mean IoU | area ratio | recall | precision |")
     print("|:--|--:|--:|--:|--:|--:|--:|--:|")

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from src.common.boxes import box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
+from src.common.errors import ConfigError
 from src.models.layers import inverse_sigmoid
 
 # Background negatives: box sides (fractions of the image side) and candidates drawn per kept box.
@@ -268,9 +269,24 @@ def set_denoising_negatives(model: nn.Module, num: int, iou_thresh: float = 0.3)
         raise ValueError(
             f"denoising negatives: need num >= 0 and 0 <= iou_thresh <= 1, got {num}, {iou_thresh}"
         )
+    if not hasattr(decoder, "num_denoising"):  # a family without a denoising branch (DETR)
+        if num > 0:
+            raise ConfigError("train.dn_negatives.num > 0 needs a denoising branch, which this model has not")
+        return
     if num > 0 and decoder.num_denoising <= 0:
         raise ValueError(
             "denoising negatives need the denoising branch: build the model with num_denoising > 0"
         )
     decoder.num_dn_negatives = int(num)
     decoder.dn_negative_iou_thresh = float(iou_thresh)
+
+
+def split_denoising(
+    x: torch.Tensor, dn_meta: dict, dim: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Split decoder outputs along the query axis `dim` into (denoising groups, background negatives or
+    None, matching queries), the layout of `get_contrastive_denoising_training_group`."""
+    num_dn, num_queries = dn_meta["dn_num_split"]
+    negatives = dn_meta["dn_num_negatives"]
+    groups, negative, matching = torch.split(x, [num_dn - negatives, negatives, num_queries], dim=dim)
+    return groups, negative if negatives else None, matching

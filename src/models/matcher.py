@@ -15,6 +15,7 @@ stay box-only. Objects without a mask ("has_mask" False) get mask cost 0.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -69,27 +70,30 @@ class HungarianMatcher(nn.Module):
         "boxes" (n, 4) cxcywh. With cost_mask > 0 and "pred_masks" (B, Q, h, w) in outputs, also "masks"
         (n, H, W) and optionally "has_mask" (n,) bool. Returns per image (query idx, target idx), min(Q, n)
         pairs, on the logits' device."""
-        device = outputs["pred_logits"].device
-        use_masks = self.cost_mask > 0 and "pred_masks" in outputs
-        indices = []
-        for image, (logits, boxes, target) in enumerate(
-            zip(outputs["pred_logits"], outputs["pred_boxes"], targets)
-        ):
-            if len(target["labels"]) == 0:
-                empty = torch.zeros(0, dtype=torch.int64, device=device)
-                indices.append((empty, empty.clone()))
-                continue
-            cost = self.cost_matrix(logits, boxes, target["labels"], target["boxes"])  # (Q, n)
-            if use_masks and "masks" in target:
-                cost = cost + self.cost_mask * mask_cost(outputs["pred_masks"][image], target)
-            rows, cols = linear_sum_assignment(torch.nan_to_num(cost, nan=1.0).cpu().numpy())
-            indices.append(
-                (
-                    torch.as_tensor(rows, dtype=torch.int64, device=device),
-                    torch.as_tensor(cols, dtype=torch.int64, device=device),
-                )
-            )
-        return indices
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]  # (B, Q, C), (B, Q, 4)
+        device, (batch, queries) = logits.device, logits.shape[:2]
+        sizes = [len(target["labels"]) for target in targets]
+        if sum(sizes) == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=device)
+            return [(empty, empty.clone()) for _ in targets]
+        # Every query against every object of the batch at once (one cost call instead of one per image);
+        # image i's block is its own queries' rows and its own objects' columns.
+        labels = torch.cat([target["labels"] for target in targets])
+        target_boxes = torch.cat([target["boxes"] for target in targets])
+        cost = self.cost_matrix(logits.flatten(0, 1), boxes.flatten(0, 1), labels, target_boxes)
+        blocks = list(cost.view(batch, queries, -1).split(sizes, dim=-1))  # per image (B, Q, n_i)
+        blocks = [block[image] for image, block in enumerate(blocks)]  # (Q, n_i)
+        if self.cost_mask > 0 and "pred_masks" in outputs:
+            for image, target in enumerate(targets):
+                if sizes[image] and "masks" in target:
+                    mask = mask_cost(outputs["pred_masks"][image], target)
+                    blocks[image] = blocks[image] + self.cost_mask * mask
+        on_host = torch.cat([torch.nan_to_num(b, nan=1.0).flatten() for b in blocks]).cpu().numpy()
+        offsets = np.cumsum([0] + [queries * n for n in sizes])
+        return [
+            _assign(on_host[start:end].reshape(queries, n), device)
+            for start, end, n in zip(offsets[:-1], offsets[1:], sizes)
+        ]
 
     def cost_matrix(
         self, logits: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, target_boxes: torch.Tensor
@@ -124,3 +128,17 @@ def mask_cost(pred_masks: torch.Tensor, target: dict[str, torch.Tensor]) -> torc
     if "has_mask" in target:  # box-only objects: matched on boxes and class alone
         cost = cost * target["has_mask"].to(cost.device, cost.dtype)[None, :]
     return cost.to(pred_masks.dtype)
+
+
+def _assign(cost: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cheapest one-to-one (query, object) pairs of one image's cost (Q, n): scipy for n > 1; with one
+    object the cheapest query, with none nothing (the same pairs scipy gives, without calling it)."""
+    if cost.shape[1] <= 1:
+        rows = np.argmin(cost, axis=0) if cost.shape[1] else np.zeros(0, np.int64)
+        cols = np.arange(cost.shape[1])
+    else:
+        rows, cols = linear_sum_assignment(cost)
+    return (
+        torch.as_tensor(rows, dtype=torch.int64, device=device),
+        torch.as_tensor(cols, dtype=torch.int64, device=device),
+    )

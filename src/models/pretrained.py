@@ -158,8 +158,10 @@ def pretrained_mismatch(path_or_state: str | Path | Mapping, spec: ModelSpec) ->
 
 
 def fitting_sizes(state: Mapping[str, torch.Tensor], spec: ModelSpec) -> list[str]:
-    """The sizes of spec.arch whose architecture has the checkpoint's tensor shapes (built on the meta
-    device: no memory, no weights), ignoring the keys that follow classes, queries or image size."""
+    """The sizes of spec.arch whose architecture has the checkpoint's tensors (built on the meta device: no
+    memory, no weights): the same names with the same shapes, ignoring the keys that follow classes,
+    queries or image size, BatchNorm counters and a mask branch. Names count too: a smaller size's tensors
+    can all lie inside a bigger one with the same shapes (ResNet-18 / 34 blocks, decoder layers)."""
     overrides = family_of(spec.arch).arch_overrides(state)
     fitting = []
     for size in ARCH_SIZES[spec.arch]:

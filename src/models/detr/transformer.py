@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import nn
 
-from src.models.dfine.encoder import TransformerEncoder, TransformerEncoderLayer
+from src.models.hybrid_encoder import TransformerEncoder, TransformerEncoderLayer
 
 
 class TransformerDecoderLayer(nn.Module):

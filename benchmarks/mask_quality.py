@@ -193,10 +193,11 @@ def analyse_image(tally: Tally, result: dict, target: dict, conf: float, stride:
 
 @torch.no_grad()
 def run(exp: Path, split: str, conf: float) -> dict:
-    from src.dl.train.dataset import DetectionDataset, collate_fn
+    from src.dl.train.dataset import collate_fn
+    from src.dl.train.setup import split_dataset
 
     cfg, model, postprocessor = load_experiment(exp)
-    dataset = DetectionDataset(cfg, split, train=False)
+    dataset = split_dataset(cfg, split, train=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate_fn)
     stride = model.mask_head.mask_stride
     tally = Tally()

@@ -8,7 +8,8 @@ turning the mask logits into masks ("variant"):
   - over the detections scoring >= conf matched one-to-one to a ground-truth box (class-aware box IoU >= 0.5,
     src/metrics/matching.py): mean mask IoU, mean predicted / true area, and how much of the true mask is
     covered (recall) and how much of the predicted one is true (precision).
-Variants: the deployed path (logit > 0 inside the box), other logit thresholds, no box clearing. And an
+Variants: the deployed path (logit > MASK_LOGIT_THRESHOLD inside the box), other logit thresholds, no box
+clearing. And an
 oracle that says what the stride-4 logit map plus the upsampling can reach at best: each true mask at the
 network input, area-averaged onto the mask grid, turned into logits and upsampled by masks_to_original.
 A mask smaller than its object shows as recall < precision and area ratio < 1; a threshold that fixes it
@@ -31,6 +32,7 @@ from omegaconf import OmegaConf
 from src.common.config import complete_with_defaults
 from src.common.masks import polygons_has_mask, polygons_to_masks
 from src.common.network_input import (
+    MASK_LOGIT_THRESHOLD,
     box_interiors,
     boxes_to_original,
     masks_to_original,
@@ -43,6 +45,7 @@ from src.metrics.matching import match_image
 from src.metrics.records import network_sizes
 
 THRESHOLDS = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0)  # logit thresholds of the sweep (0 = probability 0.5)
+DEPLOYED = f"t={MASK_LOGIT_THRESHOLD:+.1f}"  # the variant the runtime and validation draw
 MAX_MASKS = 100  # as validation: the best 100 detections scoring >= MIN_SCORE get a mask
 MIN_SCORE = 0.01
 
@@ -64,7 +67,7 @@ def variants(logits: torch.Tensor, values: torch.Tensor, boxes: np.ndarray, meta
     (K, h, w) and those resampled at the original pixels (K, orig_h, orig_w)."""
     inside = box_interiors(boxes, meta.orig_h, meta.orig_w)
     out = {f"t={t:+.1f}": ((values > t) & inside).numpy() for t in THRESHOLDS}
-    out["t=+0.0 no box"] = (values > 0).numpy()
+    out[f"{DEPLOYED} no box"] = (values > MASK_LOGIT_THRESHOLD).numpy()
     # bilinear on probabilities instead of logits (0.5 crossing between a confident inside and a weak
     # outside cell lies nearer the inside one)
     out["probabilities resampled"] = (
@@ -80,7 +83,7 @@ def oracle_masks(net_masks: torch.Tensor, stride: int, meta) -> np.ndarray:
         return np.zeros((0, meta.orig_h, meta.orig_w), bool)
     coverage = F.avg_pool2d(net_masks.float().unsqueeze(1), stride)[:, 0]  # (n, H/s, W/s)
     logits = torch.logit(coverage.clamp(1e-3, 1 - 1e-3))
-    return masks_to_original(logits, meta).numpy()
+    return masks_to_original(logits, meta, threshold=0.0).numpy()  # coverage 0.5
 
 
 def pair_stats(pred: np.ndarray, true: np.ndarray) -> tuple[float, float, float, float]:
@@ -183,7 +186,7 @@ def analyse_image(tally: Tally, result: dict, target: dict, conf: float, stride:
     values = resample_logits(result["masks"][kept], meta)  # (K, orig_h, orig_w)
     tally.edges += [edge_logits(values[p], true[g]) for p, g in pairs]
     for name, masks in variants(result["masks"][kept], values, boxes, meta).items():
-        if name == "t=+0.0":
+        if name == DEPLOYED:
             tally.extent_preds.append({"boxes": mask_box(masks, boxes), "scores": scores, "labels": labels})
         record = {"rles": encode_masks(masks), "scores": scores, "labels": labels}
         tally.add(name, record, [pair_stats(masks[p], true[g]) for p, g in pairs])

@@ -144,6 +144,10 @@ def boxes_to_original(boxes_xyxy, meta: Letterbox):
 
 
 MASK_CHUNK = 16  # masks resampled at once: bounds the float memory to 16 original-size maps
+# A pixel belongs to a mask above this logit (probability 0.27), not 0: the mask loss leaves a trained
+# model's logits on an object's own outermost pixels below 0, so at 0 every mask is drawn inside its object
+# (benchmarks/mask_quality.py measures the edge logits and the threshold sweep).
+MASK_LOGIT_THRESHOLD = -1.0
 
 
 def resample_logits(mask_logits, meta: Letterbox):
@@ -187,9 +191,9 @@ def box_interiors(boxes_xyxy, height: int, width: int, device=None):
     return inside_y[:, :, None] & inside_x[:, None, :]
 
 
-def masks_to_original(mask_logits, meta: Letterbox, threshold: float = 0.0, boxes_xyxy=None):
+def masks_to_original(mask_logits, meta: Letterbox, threshold: float = MASK_LOGIT_THRESHOLD, boxes_xyxy=None):
     """Mask logits (K, h, w) over the whole network input -> bool masks (K, orig_h, orig_w) of the
-    original image: resample_logits(...) > threshold (0 = probability 0.5).
+    original image: resample_logits(...) > threshold (MASK_LOGIT_THRESHOLD; 0 = probability 0.5).
 
     boxes_xyxy (K, 4) in original pixels (boxes_to_original's): pixels outside each mask's own box are
     cleared (a query's stray blobs elsewhere in the image are not its object). Takes numpy or torch,

@@ -427,11 +427,3 @@ def save_run_config(cfg: DictConfig, path: Path) -> Path:
     return atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def label_names(cfg: DictConfig) -> list[str]:
-    """Class names ordered by id; ids must be 0..N-1."""
-    mapping = {int(k): str(v) for k, v in cfg.label_to_name.items()}
-    if sorted(mapping) != list(range(len(mapping))):
-        raise ValueError(
-            f"label_to_name ids must be 0..{len(mapping) - 1} without gaps, got {sorted(mapping)}"
-        )
-    return [mapping[i] for i in range(len(mapping))]

@@ -310,3 +310,13 @@ def rule_for(key: str) -> Rule | None:
         (rule for pattern, rule in RULES.items() if "*" in pattern and fnmatch.fnmatchcase(key, pattern)),
         None,
     )
+
+
+def label_names(cfg) -> list[str]:
+    """Class names of cfg.label_to_name ordered by id; ids must be 0..N-1."""
+    mapping = {int(k): str(v) for k, v in cfg.label_to_name.items()}
+    if sorted(mapping) != list(range(len(mapping))):
+        raise ValueError(
+            f"label_to_name ids must be 0..{len(mapping) - 1} without gaps, got {sorted(mapping)}"
+        )
+    return [mapping[i] for i in range(len(mapping))]

@@ -13,7 +13,7 @@ import numpy as np
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
-from src.common.config import label_names
+from src.common.config_rules import label_names
 from src.common.images import image_size
 from src.dl.artifacts import slicing_enabled
 from src.etl.splits import load_labels, read_split

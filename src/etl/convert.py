@@ -38,7 +38,8 @@ import pandas as pd
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
-from src.common.config import label_names, stage_main
+from src.common.config import stage_main
+from src.common.config_rules import label_names
 from src.common.images import IMAGE_EXTS, image_size, list_images
 from src.common.io import atomic_write_json, atomic_write_text
 from src.etl.coco_segmentation import Outlines, coco_annotation

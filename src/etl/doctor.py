@@ -22,7 +22,7 @@ import pandas as pd
 from loguru import logger
 from omegaconf import DictConfig
 
-from src.common.config import label_names
+from src.common.config_rules import label_names
 from src.common.images import IMAGE_EXTS, ImageReadError, list_images, parallel_map, read_image_rgb
 from src.common.io import atomic_write_csv, atomic_write_json
 from src.etl.data_quality import segmentation_summary, write_quality_reports

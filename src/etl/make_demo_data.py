@@ -28,7 +28,8 @@ import numpy as np
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
-from src.common.config import label_names, stage_main
+from src.common.config import stage_main
+from src.common.config_rules import label_names
 from src.common.images import parallel_map
 from src.common.io import atomic_write, atomic_write_json
 from src.common.video import VideoOutput

@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from src.common.config import label_names
-from src.common.config_rules import LEGACY_VARIANT_ARCH
+from src.common.config_rules import LEGACY_VARIANT_ARCH, label_names
 from src.common.errors import ConfigError
 from src.models.archs import check_arch, default_queries, display_name
 

@@ -81,7 +81,7 @@ def make_checkpoint(cfg, thresholds: dict | None = None, task: str = "detect") -
     model.use_one_class=true; task="segment": a segmentation model (mask branch, "task" in its meta)."""
     from omegaconf import OmegaConf
 
-    from src.common.config import label_names
+    from src.common.config_rules import label_names
     from src.models.checkpoint import RunCheckpoint, save_run_checkpoint
     from src.models.spec import ModelSpec
 

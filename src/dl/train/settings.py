@@ -16,7 +16,7 @@ from pathlib import Path
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
-from src.common.config import label_names
+from src.common.config_rules import label_names
 from src.common.errors import ConfigError
 from src.models.family import LossSettings
 

@@ -8,6 +8,7 @@ a dependency.
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -242,3 +243,10 @@ def test_the_check_sees_stage_imports_and_lazy_cycles(tmp_path):
         ("src.etl.user", "src.etl.script"): "src/etl/user.py:5",
     }
     assert import_cycles(import_graph(fake)) == [["src.etl.a", "src.etl.b", "src.etl.c"]]
+
+
+def test_models_and_runtime_import_without_the_config_stack():
+    """A model or the runtime used from another program must not pull in Hydra / OmegaConf."""
+    code = "import sys, src.models, src.runtime; print(sorted({'hydra', 'omegaconf'} & set(sys.modules)))"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=SRC.parent)
+    assert found.stdout.strip() == "[]", found.stdout + found.stderr

@@ -135,7 +135,7 @@ class Trainer(EpochLoop):
         return negatives
 
     def _build_model(self) -> None:
-        from src.models.denoising import set_denoising_negatives
+        from src.models.denoising import set_denoising_negatives, set_denoising_queries
 
         self.spec = self.spec.with_arch_overrides(self._arch_overrides())
         losses = LossSettings(
@@ -169,6 +169,7 @@ class Trainer(EpochLoop):
         )
         # False-positive control (train.dn_negatives, bg_loss_weight, cls_loss); all off = the official loss.
         negatives = self.tc.dn_negatives
+        set_denoising_queries(self.model, int(self.tc.num_denoising))
         set_denoising_negatives(self.model, int(negatives.num), float(negatives.iou_thresh))
         self.criterion = criterion.to(self.device)
         self.backbone_frozen = False

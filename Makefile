@@ -55,6 +55,14 @@ demo: setup
 	$(PY) -m src.dl.export $(ARGS)
 	$(PY) -m src.dl.bench $(ARGS)
 	$(PY) -m src.dl.infer $(ARGS)
+	@echo ""
+	@echo "make demo is done. Where to look next (exp_name=demo; another exp_name in ARGS: output/<exp_name>/):"
+	@echo "  output/demo/                     the experiment: metrics.csv (val/test mAP), curves.png, best.pt, exports, bench.csv"
+	@echo "  output/demo/infer/demo/images/   the annotated pictures (videos/: the demo videos; crops/, labels/)"
+	@echo "  make demo-ui                     the web demo on this model: http://127.0.0.1:7860"
+	@echo "  your own data: data/my_set/images + labels (YOLO txt), class names in config.yaml (label_to_name), then"
+	@echo "    make split ARGS=\"data_path=data/my_set\" && make train ARGS=\"data_path=data/my_set exp_name=my_run\""
+	@echo "    (README.md: Your own data in five commands)"
 
 # The same pipeline for instance segmentation: the demo shapes written as YOLO-seg polygons into their own
 # data folder, a segmentation D-FINE-N trained with the demo recipe, exported with its mask output,

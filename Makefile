@@ -4,13 +4,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+FONTS := $(VENV)/.fonts
 ARGS ?=
 NPROC ?= 2 # processes for `make train-ddp` (GPUs on a CUDA box)
 
 .PHONY: setup browser test lint benchmark demo preprocess check split convert demo-data train train-ddp export \
         bench infer check_errors test_batching ov_int8 demo-ui demo-seg
 
-setup: $(STAMP)
+setup: $(STAMP) $(FONTS)
 
 # torch first (the CPU wheel here, the CUDA build on a GPU machine), then the rest, so nothing pulls a
 # second torch.
@@ -23,6 +24,15 @@ $(STAMP): requirements.txt
 	# second OpenCV that would overwrite the headless cv2 above; the metrics only need numpy and scipy.
 	$(PY) -m pip install -q --no-deps "trackeval>=1.3,<2"
 	touch $(STAMP)
+
+# Debian's fonts-droid-fallback draws CJK class names on pictures (DejaVu Sans, from matplotlib, covers Latin,
+# Greek, Cyrillic...). Tried once; without root/apt such names are drawn as boxes and the log names the characters.
+$(FONTS): | $(STAMP)
+	@[ -f /usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf ] || { [ "$$(id -u)" = 0 ] && \
+	  command -v apt-get >/dev/null 2>&1 && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install \
+	  -y -qq --no-install-recommends fonts-droid-fallback >/dev/null; } || \
+	  echo "fonts-droid-fallback not installed: CJK class names are drawn as boxes on pictures"
+	@touch $@
 
 # Debian's chromium drives the Gradio UI test through Playwright (never `playwright install`).
 # Without root/apt it is skipped and the browser test says so.

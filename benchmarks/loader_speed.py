@@ -20,10 +20,12 @@ from torch.utils.data import DataLoader
 
 def loader_img_per_s(cfg, epochs: int) -> tuple[float, float]:
     """(seconds to build the datasets, including the cache; img/s over the epochs after the first)."""
-    from src.dl.train.dataset import build_collate, build_datasets
+    from src.dl.train.dataset import build_collate
+    from src.dl.train.settings import DataSettings
+    from src.dl.train.setup import datasets_of
 
     started = time.perf_counter()
-    dataset = build_datasets(cfg, log=False)["train"]
+    dataset = datasets_of(cfg, log=False)["train"]
     build_s = time.perf_counter() - started
     images, elapsed = 0, 0.0
     for epoch in range(epochs + 1):
@@ -33,7 +35,7 @@ def loader_img_per_s(cfg, epochs: int) -> tuple[float, float]:
             batch_size=int(cfg.train.batch_size),
             shuffle=True,
             num_workers=int(cfg.train.num_workers),
-            collate_fn=build_collate(cfg, train=True),
+            collate_fn=build_collate(DataSettings.from_config(cfg), train=True),
         )
         started = time.perf_counter()
         count = sum(len(batch[0]) for batch in loader)

@@ -85,8 +85,9 @@ def train(name: str, data: Path, out: Path, img_size: int, epochs: int) -> int:
 
 def score(out: Path, data: Path) -> dict:
     from src.common.config import load_config
+    from src.dl.split_samples import load_split_samples
     from src.runtime import load_model
-    from src.runtime.evaluate import evaluate_detector, load_split_samples
+    from src.runtime.evaluate import evaluate_detector
     from src.runtime.slicing import SlicedDetector
 
     cfg = load_config([f"data_path={data}"])

@@ -1,7 +1,9 @@
 """Training speed: the full loop (data, augmentation, step, validation, checkpoints) against the bare model step.
 
     python -m benchmarks.train_speed                          # D-FINE-n, 320 px, batch 8, the CPU, train.amp=auto
+    python -m benchmarks.train_speed --profile                # + where the timed epoch's time went
     python -m benchmarks.train_speed --images 96 --epochs 2 --device cuda
+    python -m benchmarks.train_speed --under-load             # 1 vs 2 threads beside a busy process
 
 1. Bare step: the real train step (forward, float32 loss, backward, clip, AdamW) in fp32 on one synthetic
    batch, no data loading — the model's own speed on this machine (equal to the official D-FINE step, see
@@ -9,8 +11,12 @@
 2. Full loop: `python -m src.dl.train` on a synthetic demo data set (made in a temporary folder) with the
    config's defaults (mosaic, workers, threads, precision), timed from history.csv's epoch_time_s (training +
    validation + last.pt).
-Prints loop img/s, bare fp32 img/s, their ratio (issue 15's target: >= 1.4 on a CPU with native bf16), the
+Prints loop img/s, bare fp32 img/s, their ratio (the target: >= 1.4 on a CPU with native bf16), the
 precision chosen and peak RSS (this process; the loader workers separately).
+--profile: the timed epoch split into loader wait, host to device (+ channels_last), forward, loss, the
+matcher (inside the loss), backward, optimizer, EMA, logging, checkpoint and validation (src/dl/train/profile.py).
+--under-load: the bare fp32 step in fresh processes at 1 and 2 threads while another process keeps a core
+busy, with OpenMP's default spin-wait and with the wait policy of src/common/threads.py.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ from pathlib import Path
 import torch
 
 from src.common.hardware import Precision, apply_channels_last, choose_precision
+from src.common.threads import WAIT_POLICY
 from src.dl.train import clip_and_step, compute_loss
 from src.dl.train.optim import build_optimizer
-from src.dl.train.trainer_utils import maybe_compile, seed_everything
+from src.dl.train.rng import seed_everything
+from src.dl.train.speed import maybe_compile
 
 NUM_CLASSES = 4
 
@@ -109,12 +117,14 @@ def make_data(root: Path, images: int) -> Path:
     return data
 
 
-def full_loop(root: Path, data: Path, args) -> dict:
-    """The training stage on `data`; img/s of the last epoch (the first one also pays worker start-up)."""
+def full_loop(root: Path, data: Path, args, timer=None) -> dict:
+    """The training stage on `data`; img/s of the last epoch (the first one also pays worker start-up).
+    timer: a SectionTimer that ends up holding the last epoch's sections."""
     import pandas as pd
 
     from src.common.config import load_config
     from src.dl.train import run
+    from src.dl.train.profile import NO_TIMER
 
     overrides = [
         f"data_path={data}",
@@ -134,15 +144,97 @@ def full_loop(root: Path, data: Path, args) -> dict:
         *([f"train.num_workers={args.workers}"] if args.workers is not None else []),
     ]
     cfg = load_config(overrides)
-    run(cfg)
+
+    def last_epoch_only(epoch: int) -> None:
+        if timer is not None and epoch == args.epochs - 1:
+            timer.reset()
+
+    run(cfg, [{"on_epoch_start": last_epoch_only}], timer=timer or NO_TIMER)
     history = pd.read_csv(root / "output" / "speed" / "history.csv")
     last = history.iloc[-1]
     train_images = len(pd.read_csv(data / "train.csv")) // args.batch * args.batch
     return {
+        "loop_epoch_s": float(last["epoch_time_s"]),
+        "loop_images": train_images,
         "loop_img_per_s": train_images / float(last["epoch_time_s"]),
         "train_only_img_per_s": train_images / float(last["train_time_s"]),
         "validation_share": 1 - float(last["train_time_s"]) / float(last["epoch_time_s"]),
     }
+
+
+# The loop's sections in the order a batch meets them; the matcher runs inside the loss.
+SECTIONS = (
+    "loader wait", "host to device", "forward", "loss", "matcher", "backward", "optimizer", "ema", "logging",
+    "checkpoint", "validation",
+)  # fmt: skip
+
+
+def profile_lines(totals: dict[str, float], epoch_s: float, images: int) -> list[str]:
+    """One line per section: seconds, share of the epoch, ms per training image; the loss without the
+    matcher's share; what no section covers as "other"."""
+    seconds = {name: totals.get(name, 0.0) for name in SECTIONS}
+    seconds["loss"] -= seconds["matcher"]
+    seconds["other"] = max(epoch_s - sum(seconds.values()), 0.0)
+    return [
+        f"  {('loss (without matcher)' if name == 'loss' else name):<24}{value:8.2f} s {value / epoch_s:7.1%} "
+        f"{1000 * value / images:8.1f} ms/img"
+        for name, value in seconds.items()
+    ]
+
+
+# OpenMP waits compared by --under-load: libgomp's / libiomp's defaults (what torch had before
+# src/common/threads.py), no spinning at all, and src/common/threads.py's short spin.
+WAITS = {
+    "default spin": {"GOMP_SPINCOUNT": "300000", "KMP_BLOCKTIME": "200"},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"},
+    "threads.py": dict(WAIT_POLICY),
+}
+
+
+def bare_step_in_process(threads: int, wait: dict[str, str], args) -> float:
+    """fp32 bare-step img/s of a fresh process (OpenMP reads its wait policy when torch loads)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in {"OMP_WAIT_POLICY", *WAIT_POLICY}} | wait
+    command = [
+        sys.executable, "-m", "benchmarks.train_speed", "--skip-loop", "--amp", "off", "--bare-threads",
+        str(threads), "--model", args.model, "--img-size", str(args.img_size), "--batch", str(args.batch),
+        "--steps", str(args.steps), "--warmup", str(args.warmup),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return float(re.search(r"fp32 ([0-9.]+) img/s", done.stdout).group(1))
+
+
+def under_load(args) -> dict:
+    """1 and 2 threads, each OpenMP wait, while --competitors busy processes run; median img/s of
+    --repeats interleaved runs."""
+    import os
+    import statistics
+    import subprocess
+    import sys
+
+    settings = [(1, "threads.py")] + [(2, name) for name in WAITS]
+    runs: dict[str, list[float]] = {f"{n} thread(s), {name}": [] for n, name in settings}
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.competitors)]
+    try:
+        for _ in range(args.repeats):
+            for threads, name in settings:
+                runs[f"{threads} thread(s), {name}"].append(bare_step_in_process(threads, WAITS[name], args))
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    result = {key: statistics.median(values) for key, values in runs.items()}
+    print(
+        f"bare fp32 step, D-FINE-{args.model} {args.img_size}px batch {args.batch}, beside {args.competitors} "
+        f"busy process(es), load average {os.getloadavg()[0]:.1f}; median of {args.repeats}:"
+    )
+    for key, values in runs.items():
+        print(f"  {key:<32}{result[key]:6.2f} img/s  ({', '.join(f'{v:.2f}' for v in values)})")
+    return result
 
 
 def peak_rss_gib() -> tuple[float, float]:
@@ -166,12 +258,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--amp", default="auto")
     parser.add_argument("--cache", default="off", help="train.cache for the loop: off | ram | disk")
     parser.add_argument("--threads", type=int, default=None, help="train.threads (default: automatic)")
-    parser.add_argument("--workers", type=int, default=None, help="train.num_workers (default: config.yaml's)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="train.num_workers (default: config.yaml's)"
+    )
     parser.add_argument("--bare-threads", type=int, default=None, help="bare step threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-loop", action="store_true", help="bare steps only")
     parser.add_argument("--compile", action="store_true", help="also time the bare step under torch.compile")
+    parser.add_argument("--profile", action="store_true", help="split the timed loop epoch into its sections")
+    parser.add_argument("--under-load", action="store_true", help="1 vs 2 threads beside a busy process")
+    parser.add_argument("--repeats", type=int, default=3, help="--under-load: runs of each setting")
+    parser.add_argument("--competitors", type=int, default=1, help="--under-load: busy processes beside it")
     args = parser.parse_args(argv)
+    if args.under_load:
+        return under_load(args)
     device = torch.device(args.device)
     if args.bare_threads:
         torch.set_num_threads(args.bare_threads)
@@ -207,9 +307,12 @@ def main(argv: list[str] | None = None) -> dict:
             flush=True,
         )
     if not args.skip_loop:
+        from src.dl.train.profile import SectionTimer
+
+        timer = SectionTimer(device) if args.profile else None
         with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
             data = make_data(Path(tmp), args.images)
-            result.update(full_loop(Path(tmp), data, args))
+            result.update(full_loop(Path(tmp), data, args, timer))
         # A shared machine's load drifts: the bare step again after the loop, the ratio against their mean.
         torch.set_num_threads(threads)  # the loop set train.threads
         again = bare_step(
@@ -228,6 +331,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"loop / bare fp32 step = {result['ratio_loop_to_bare_fp32']:.2f}x",
             flush=True,
         )
+        if timer is not None:
+            result["profile_s"] = dict(timer.totals)
+            print(f"last epoch ({result['loop_epoch_s']:.1f} s, {result['loop_images']} training images):")
+            print(
+                "\n".join(profile_lines(timer.totals, result["loop_epoch_s"], result["loop_images"])),
+                flush=True,
+            )
     result["peak_rss_gib"], result["peak_rss_workers_gib"] = peak_rss_gib()
     print(
         f"{result['precision']}; peak RSS {result['peak_rss_gib']:.2f} GiB "

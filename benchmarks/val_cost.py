@@ -47,18 +47,16 @@ def timed(work, repeats: int) -> float:
 def measure(cfg, train_steps: int | None, repeats: int) -> dict:
     """Seconds: one training epoch (scaled from train_steps batches if given), the val pass, the negatives
     passes."""
-    from src.dl.train.trainer import Trainer
-    from src.dl.train.trainer_utils import setup_distributed
+    from src.dl.train import build_trainer
+    from src.dl.train.distributed import setup_distributed
 
-    trainer = Trainer(cfg, setup_distributed(str(cfg.device)))
+    trainer = build_trainer(cfg, setup_distributed(str(cfg.device)))
     trainer.exp.root.mkdir(parents=True, exist_ok=True)
     full_batches = trainer.batches_in_epoch(0)
-    trainer.tc.max_steps_per_epoch = 1
-    trainer.train_one_epoch(0)  # warm-up: first-call costs, not an epoch's
+    trainer.train_batches(0, n_batches=1)  # warm-up: first-call costs, not an epoch's
     steps = min(train_steps or full_batches, full_batches)
-    trainer.tc.max_steps_per_epoch = steps
     trainer.state.batch = 0
-    train_s = timed(lambda: trainer.train_one_epoch(1), 1) * full_batches / steps
+    train_s = timed(lambda: trainer.train_batches(1, n_batches=steps), 1) * full_batches / steps
     model, evaluator = trainer.eval_model(), trainer.evaluator
     return {
         "train_epoch_s": train_s,
@@ -66,7 +64,7 @@ def measure(cfg, train_steps: int | None, repeats: int) -> dict:
         "negatives_subset_s": timed(lambda: evaluator.negatives_metrics(model, subsample=True), repeats),
         "negatives_all_s": timed(lambda: evaluator.negatives_metrics(model), repeats),
         "validated_epochs": [e + 1 for e in range(int(cfg.train.epochs)) if evaluator.validates(e)],
-        "negatives": len(evaluator.negatives),
+        "negatives": len(trainer.data.negatives),
     }
 
 

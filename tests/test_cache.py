@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from src.common.errors import ConfigError
 from src.dl.train import cache as cache_module
-from src.dl.train.dataset import build_datasets
-from tests.test_dataset import config, data_root  # noqa: F401 - pytest fixture
+from src.dl.train.setup import datasets_of
+from tests.helpers.train_data import dataset_config as config
+from tests.helpers.train_data import make_dataset_images
 
 
-def _datasets(data_root, mode: str, *overrides: str):  # noqa: F811
+@pytest.fixture
+def data_root(tmp_path) -> Path:
+    """The five images of tests/helpers/train_data.py with their labels and split CSVs."""
+    return make_dataset_images(tmp_path / "data")
+
+
+def _datasets(data_root, mode: str, *overrides: str):
     cfg = config(
         data_root, f"train.cache={mode}", f"train.cache_dir={data_root.parent / 'cache'}", *overrides
     )
-    return build_datasets(cfg, log=False)
+    return datasets_of(cfg, log=False)
 
 
 def _all_samples(dataset, epoch: int = 0):
@@ -33,7 +42,7 @@ def _assert_same(samples, expected):
 
 
 @pytest.mark.parametrize("keep_ratio", [True, False])
-def test_cached_val_samples_equal_uncached_ones_bit_for_bit(data_root, keep_ratio):  # noqa: F811
+def test_cached_val_samples_equal_uncached_ones_bit_for_bit(data_root, keep_ratio):
     ratio = f"model.keep_ratio={keep_ratio}"
     expected = _all_samples(_datasets(data_root, "off", ratio)["val"])
     for mode in ("ram", "disk"):
@@ -42,7 +51,7 @@ def test_cached_val_samples_equal_uncached_ones_bit_for_bit(data_root, keep_rati
         _assert_same(_all_samples(datasets["val"]), expected)
 
 
-def test_cached_mosaics_equal_uncached_ones(data_root):  # noqa: F811
+def test_cached_mosaics_equal_uncached_ones(data_root):
     mosaic = ("train.mosaic.prob=1.0", "train.epochs=5")
     expected = _all_samples(_datasets(data_root, "off", *mosaic)["train"], epoch=1)
     samples = _all_samples(_datasets(data_root, "ram", *mosaic)["train"], epoch=1)
@@ -50,7 +59,7 @@ def test_cached_mosaics_equal_uncached_ones(data_root):  # noqa: F811
     _assert_same(samples, expected)
 
 
-def test_disk_cache_is_reused_and_misses_an_edited_image(data_root, monkeypatch):  # noqa: F811
+def test_disk_cache_is_reused_and_misses_an_edited_image(data_root, monkeypatch):
     _datasets(data_root, "disk")
     files = sorted((data_root.parent / "cache").rglob("*.npy"))
     assert len(files) == 5  # train and val list the same 5 images: one file each
@@ -64,7 +73,7 @@ def test_disk_cache_is_reused_and_misses_an_edited_image(data_root, monkeypatch)
     assert len(sorted((data_root.parent / "cache").rglob("*.npy"))) == 6
 
 
-def test_a_cache_that_does_not_fit_is_refused_before_decoding(data_root, monkeypatch):  # noqa: F811
+def test_a_cache_that_does_not_fit_is_refused_before_decoding(data_root, monkeypatch):
     monkeypatch.setattr(cache_module, "ram_available_bytes", lambda: 10_000)
     monkeypatch.setattr(cache_module, "read_image_rgb", lambda path: pytest.fail("decoded before refusing"))
     with pytest.raises(

@@ -8,7 +8,7 @@ from loguru import logger
 from torch import nn
 
 from src.common.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
-from src.dl.train.trainer_utils import maybe_compile
+from src.dl.train.speed import maybe_compile
 from src.models.denoising import (
     _jitter_boxes,
     get_contrastive_denoising_training_group,

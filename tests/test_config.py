@@ -32,7 +32,7 @@ def test_config_yaml_defaults_validate():
     [
         ("train.epochs=0", "train.epochs must be an int >= 1, got 0"),
         ("train.batch_size=0", "train.batch_size must be an int >= 1, got 0"),
-        ("model.num_queries=0", "model.num_queries must be an int >= 1, got 0"),
+        ("model.num_queries=0", "model.num_queries must be an int >= 1 or null, got 0"),
         ("model.img_size=abc", "model.img_size must be [h, w] (or one int for a square) of"),
         ("model.img_size=abc", 'multiples of 32, got "abc"'),
         ("model.img_size=[250,256]", "positive multiples of 32, got [250, 256]"),
@@ -183,15 +183,56 @@ def test_the_key_check_leaves_hydra_flags_and_keys_alone():
 def test_a_later_stage_takes_the_trained_values_without_a_word_when_nothing_was_passed(tmp_path):
     from loguru import logger
 
-    from src.common.config import save_run_config, with_saved_model_keys
+    from src.common.config import save_run_config
+    from src.common.experiment import Experiment, stage_config
 
     where = [f"output_dir={tmp_path}", "exp_name=run"]
-    save_run_config(load_config([*where, "model.num_queries=30", "label_to_name={0: cat, 1: dog}"]))
+    trained = load_config([*where, "model.num_queries=30", "label_to_name={0: cat, 1: dog}"])
+    save_run_config(trained, Experiment.of(trained).file("config"))
     messages: list[str] = []
     sink = logger.add(messages.append, level="DEBUG")
     try:
-        cfg = with_saved_model_keys(load_config(where))
+        cfg = stage_config(load_config(where))
     finally:
         logger.remove(sink)
     assert cfg.model.num_queries == 30 and list(cfg.label_to_name.values()) == ["cat", "dog"]
-    assert not [m for m in messages if "trained experiment" in m]
+    assert messages == []
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("label_to_name={0: a, 1: square, 1: sq2}", "label_to_name={0: a, 1: square, 1: sq2}: key 1 given twice"),
+        ("label_to_name={0: café, 1: b}", "must be quoted in an override, e.g. \"label_to_name={0: 'café', 1: b}\""),
+        ("label_to_name.0=日本", "must be quoted in an override, e.g. \"label_to_name.0='日本'\""),
+        ("label_to_name=[a,b]", "label_to_name must be a map of ids 0..N-1 (no gaps) to distinct non-empty names, got"),
+        ("train.mosaic=0.5", "train.mosaic must be a map of prob, no_mosaic_epochs, scale"),
+        ("foo", "'foo' is not an override: write key=value"),
+    ],
+)  # fmt: skip
+def test_an_override_hydra_cannot_take_is_one_line_naming_the_fix(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config([override])
+    assert message in str(error.value) and len(str(error.value).splitlines()) == 1
+
+
+def test_quoted_non_ascii_names_are_taken():
+    cfg = load_config(["label_to_name={0: 'café', 1: '日本'}"])
+    assert list(cfg.label_to_name.values()) == ["café", "日本"]
+
+
+def test_config_yaml_with_a_key_twice_is_refused_with_its_line(tmp_path):
+    text = (ROOT / "config.yaml").read_text().replace("  3: star\n", "  3: star\n  1: star2\n")
+    (tmp_path / "config.yaml").write_text(text)
+    line = text.splitlines().index("  1: star2") + 1
+    with pytest.raises(ConfigError, match=rf"config.yaml:{line}: label_to_name.1 is given twice \(first on line"):
+        load_config([], config_dir=tmp_path)
+
+
+def test_overrides_hydra_cannot_take_stop_the_stage_with_exit_2_and_no_traceback(tmp_path):
+    bad = ["foo", "label_to_name={0: café}", "label_to_name=[a,b]", "label_to_name={0: a, 0: b}"]
+    command = [sys.executable, "-m", "src.etl.split", *bad, f"data_path={tmp_path}"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    output = (done.stdout + done.stderr).strip()
+    assert done.returncode == 2 and "Traceback" not in output and "HYDRA_FULL_ERROR" not in output, output
+    assert len(output.splitlines()) == len(bad)  # one line per problem

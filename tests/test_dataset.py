@@ -6,69 +6,25 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
-from src.common.config import load_config
 from src.common.network_input import network_boxes_to_original_xyxy
 from src.dl.train.dataset import (
-    DetectionDataset,
     build_collate,
-    build_datasets,
     collate_fn,
     save_all_debug_images,
     tensor_to_image,
 )
-
-COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]  # one per class id
-
-# name -> (height, width, [(class, x1, y1, x2, y2) in pixels])
-IMAGES = {
-    "wide.png": (60, 120, [(0, 10, 10, 50, 40), (2, 70, 20, 110, 55)]),
-    "tall.png": (130, 50, [(1, 5, 20, 45, 70)]),
-    "square.png": (80, 80, [(3, 20, 20, 60, 60), (0, 0, 0, 15, 15)]),
-    "odd.png": (37, 101, [(2, 30, 5, 90, 30)]),
-    "empty.png": (70, 90, []),  # background only
-}
-
-
-def make_data(root: Path) -> Path:
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    for name, (height, width, objects) in IMAGES.items():
-        image = np.zeros((height, width, 3), np.uint8)
-        lines = []
-        for cls, x1, y1, x2, y2 in objects:
-            image[y1:y2, x1:x2] = COLORS[cls]
-            cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
-            lines.append(f"{cls} {cx:.6f} {cy:.6f} {(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f}\n")
-        Image.fromarray(image).save(root / "images" / name)
-        if objects:
-            (root / "labels" / f"{Path(name).stem}.txt").write_text("".join(lines))
-    names = list(IMAGES)
-    for split, chosen in {"train": names, "val": names, "test": names[:2]}.items():
-        pd.DataFrame({"image": chosen}).to_csv(root / f"{split}.csv", index=False)
-    return root
+from src.dl.train.settings import DataSettings
+from src.dl.train.setup import datasets_of, split_dataset
+from tests.helpers.train_data import COLORS, IMAGES, make_dataset_images
+from tests.helpers.train_data import dataset_config as config
 
 
 @pytest.fixture
 def data_root(tmp_path) -> Path:
-    return make_data(tmp_path / "data")
-
-
-def config(data_root: Path, *overrides: str):
-    no_augs = [f"train.augs.{k}=0" for k in ("left_right_flip", "rotation_p", "brightness_contrast", "gamma")]
-    no_augs += [f"train.augs.{k}=0" for k in ("blur", "noise", "to_gray")]
-    return load_config(
-        [
-            f"data_path={data_root}",
-            f"output_dir={data_root.parent / 'out'}",
-            "model.img_size=[64,96]",
-            "train.mosaic.prob=0",
-            *no_augs,
-            *overrides,
-        ]
-    )
+    """The five images of tests/helpers/train_data.py with their labels and split CSVs."""
+    return make_dataset_images(tmp_path / "data")
 
 
 def pixel_boxes(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +54,7 @@ def assert_boxes_cover_colours(image: torch.Tensor, target: dict, tolerance: flo
 
 @pytest.mark.parametrize("keep_ratio", [True, False])
 def test_eval_samples_map_labels_exactly(data_root, keep_ratio):
-    dataset = DetectionDataset(config(data_root, f"model.keep_ratio={keep_ratio}"), "val")
+    dataset = split_dataset(config(data_root, f"model.keep_ratio={keep_ratio}"), "val")
     assert len(dataset) == len(IMAGES) and not dataset.train
     for position, name in enumerate(IMAGES):
         image, target = dataset[position]
@@ -118,14 +74,14 @@ def test_eval_samples_map_labels_exactly(data_root, keep_ratio):
 
 
 def test_background_sample_has_empty_targets(data_root):
-    dataset = DetectionDataset(config(data_root), "val")
+    dataset = split_dataset(config(data_root), "val")
     _, target = dataset[list(IMAGES).index("empty.png")]
     assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
     assert target["labels"].dtype == torch.int64
 
 
 def test_use_one_class(data_root):
-    dataset = DetectionDataset(config(data_root, "model.use_one_class=true"), "val")
+    dataset = split_dataset(config(data_root, "model.use_one_class=true"), "val")
     assert dataset.class_names == ["object"]
     labels = torch.cat([dataset[i][1]["labels"] for i in range(len(dataset))])
     assert labels.unique().tolist() == [0]
@@ -141,7 +97,7 @@ def test_training_samples_with_mosaic_and_augs_stay_consistent(data_root, keep_r
         "train.augs.up_down_flip=0.5",
         "train.augs.rotate_90=0.5",
     )
-    dataset = DetectionDataset(cfg, "train")
+    dataset = split_dataset(cfg, "train")
     dataset.set_epoch(0)
     mosaics = 0
     for epoch in range(3):
@@ -159,7 +115,7 @@ def test_training_samples_with_mosaic_and_augs_stay_consistent(data_root, keep_r
 
 def test_training_samples_are_reproducible_per_epoch(data_root):
     cfg = config(data_root, "train.mosaic.prob=0.5", "train.augs.left_right_flip=0.5", "train.augs.noise=0.5")
-    first, second = DetectionDataset(cfg, "train"), DetectionDataset(cfg, "train")
+    first, second = split_dataset(cfg, "train"), split_dataset(cfg, "train")
     first.set_epoch(1)
     second.set_epoch(1)
     for position in range(len(first)):
@@ -176,7 +132,7 @@ def test_set_epoch_closes_mosaic_and_ignores_background(data_root):
         "train.mosaic.no_mosaic_epochs=3",
         "train.ignore_background_epochs=2",
     )
-    dataset = DetectionDataset(cfg, "train")
+    dataset = split_dataset(cfg, "train")
     dataset.set_epoch(0)
     assert len(dataset) == len(IMAGES) - 1  # the background image is left out...
     assert all(dataset[p][1]["mosaic"] for p in range(len(dataset)))
@@ -188,7 +144,7 @@ def test_set_epoch_closes_mosaic_and_ignores_background(data_root):
     dataset.set_epoch(7)  # the last 3 epochs: no mosaic
     assert not dataset.mosaic_enabled
     assert not any(dataset[p][1]["mosaic"] for p in range(len(dataset)))
-    val = DetectionDataset(cfg, "val")
+    val = split_dataset(cfg, "val")
     val.set_epoch(0)
     assert len(val) == len(IMAGES) and not val.mosaic_enabled  # evaluation never drops or mixes images
 
@@ -197,9 +153,14 @@ def test_loader_batches_multiscale_and_workers_see_the_epoch(data_root):
     cfg = config(
         data_root, "train.multiscale_prob=1.0", "train.ignore_background_epochs=1", "train.batch_size=2"
     )
-    dataset = DetectionDataset(cfg, "train")
+    dataset = split_dataset(cfg, "train")
     dataset.set_epoch(0)
-    loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=build_collate(cfg, train=True))
+    loader = DataLoader(
+        dataset,
+        batch_size=2,
+        num_workers=2,
+        collate_fn=build_collate(DataSettings.from_config(cfg), train=True),
+    )
     batches = list(loader)
     assert sum(len(targets) for _, targets in batches) == len(IMAGES) - 1
     for images, targets in batches:
@@ -207,14 +168,14 @@ def test_loader_batches_multiscale_and_workers_see_the_epoch(data_root):
         assert (height, width) != (64, 96) and height % 32 == 0 and width % 32 == 0
         assert width - 96 == height - 64
         assert isinstance(targets, list) and all("boxes" in t for t in targets)
-    assert build_collate(cfg, train=False) is collate_fn
+    assert build_collate(DataSettings.from_config(cfg), train=False) is collate_fn
     images, targets = collate_fn([dataset[0], dataset[1]])
     assert images.shape == (2, 3, 64, 96) and len(targets) == 2
 
 
 def test_build_datasets_and_debug_images(data_root, tmp_path):
     cfg = config(data_root, "train.mosaic.prob=0.5")
-    datasets = build_datasets(cfg, exclude=["odd.png"])
+    datasets = datasets_of(cfg, exclude=["odd.png"])
     assert set(datasets) == {"train", "val", "test"}
     assert len(datasets["train"]) == len(IMAGES) - 1 and len(datasets["test"]) == 2
     saved = save_all_debug_images(datasets, tmp_path / "exp", n=3)
@@ -225,16 +186,16 @@ def test_build_datasets_and_debug_images(data_root, tmp_path):
 
 def test_empty_test_split_is_left_out(data_root):
     pd.DataFrame({"image": []}).to_csv(data_root / "test.csv", index=False)
-    assert set(build_datasets(config(data_root), log=False)) == {"train", "val"}
+    assert set(datasets_of(config(data_root), log=False)) == {"train", "val"}
 
 
 def test_clear_errors(data_root):
     (data_root / "labels" / "tall.txt").write_text("1 0.5 0.5 0.2\n")
     with pytest.raises(ValueError, match=r"tall\.txt:1"):
-        DetectionDataset(config(data_root), "val")
+        split_dataset(config(data_root), "val")
     (data_root / "val.csv").unlink()
     with pytest.raises(FileNotFoundError, match="val.csv"):
-        DetectionDataset(config(data_root), "val")
+        split_dataset(config(data_root), "val")
     pd.DataFrame({"file": ["a.png"]}).to_csv(data_root / "train.csv", index=False)
     with pytest.raises(ValueError, match="column named 'image'"):
-        DetectionDataset(config(data_root), "train")
+        split_dataset(config(data_root), "train")

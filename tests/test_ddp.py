@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from src.common.config import ROOT
-from tests.test_train import make_detection_data, train_overrides
+from tests.helpers.train_data import make_detection_data, train_overrides
 
 
 def test_torchrun_two_cpu_processes(tmp_path):

@@ -16,9 +16,11 @@ from torch import nn
 
 from src.common.config import load_config
 from src.dl.train.augment import mix_up
-from src.dl.train.dataset import DetectionDataset, build_collate
+from src.dl.train.dataset import build_collate
 from src.dl.train.optim import FlatCosineLR, build_flat_cosine, build_lr_scheduler, build_optimizer, group_lrs
-from tests.test_train import assert_same_weights, make_detection_data, train_config
+from src.dl.train.settings import DataSettings
+from src.dl.train.setup import split_dataset
+from tests.helpers.train_data import assert_same_weights, make_detection_data, train_config
 
 BASE_LR, BACKBONE_LR = 1e-2, 1e-4
 
@@ -102,13 +104,20 @@ def test_flat_cosine_state_round_trips_through_a_weights_only_checkpoint():
 
 
 def test_train_scheduler_key_picks_the_schedule():
-    train = OmegaConf.create({"scheduler": "onecycle", "warmup_pct": 0.1})
-    assert isinstance(build_lr_scheduler(_optimizer(), train, [5, 5]), torch.optim.lr_scheduler.OneCycleLR)
-    train = load_config(["train.scheduler=flat_cosine", "train.no_aug_epochs=1"]).train
-    scheduler = build_lr_scheduler(_optimizer(), train, [5, 5, 5, 5])
+    from dataclasses import replace
+
+    from src.dl.train.settings import TrainSettings
+
+    def schedule(*overrides: str):
+        return TrainSettings.from_config(load_config(list(overrides))).optim.schedule
+
+    onecycle = schedule("train.scheduler=onecycle")
+    assert isinstance(build_lr_scheduler(_optimizer(), onecycle, [5, 5]), torch.optim.lr_scheduler.OneCycleLR)
+    flat = schedule("train.scheduler=flat_cosine", "train.no_aug_epochs=1")
+    scheduler = build_lr_scheduler(_optimizer(), flat, [5, 5, 5, 5])
     assert isinstance(scheduler, FlatCosineLR) and (scheduler.flat_end, scheduler.decay_end) == (10, 15)
     with pytest.raises(ValueError, match="train.scheduler"):
-        build_lr_scheduler(_optimizer(), OmegaConf.create({"scheduler": "step"}), [5])
+        build_lr_scheduler(_optimizer(), replace(onecycle, name="step"), [5])
 
 
 # ---------------------------------------------------------------- mixup transform
@@ -154,7 +163,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 def _dataset(tmp_path, data_dir, *overrides):
     cfg = train_config(tmp_path, data_dir, "train.epochs=6", *overrides)
-    return DetectionDataset(cfg, "train"), cfg
+    return split_dataset(cfg, "train"), cfg
 
 
 def test_mixup_only_inside_its_epochs_and_reproducible(tmp_path, data_dir):
@@ -172,7 +181,7 @@ def test_mixup_only_inside_its_epochs_and_reproducible(tmp_path, data_dir):
     image, target = dataset[2]
     again_image, again_target = dataset[2]  # same (seed, epoch, index): same partner, ratio and boxes
     assert torch.equal(image, again_image) and torch.equal(target["boxes"], again_target["boxes"])
-    alone = DetectionDataset(_dataset(tmp_path, data_dir, "train.mosaic.prob=0")[1], "train", train=False)
+    alone = split_dataset(_dataset(tmp_path, data_dir, "train.mosaic.prob=0")[1], "train", train=False)
     assert len(target["boxes"]) > len(alone[2][1]["boxes"])  # its own boxes and the partner's
 
 
@@ -187,8 +196,8 @@ def test_no_aug_epochs_switch_off_every_augmentation(tmp_path, data_dir):
         tmp_path, data_dir, "train.no_aug_epochs=2", "train.mosaic.prob=1.0", "train.mosaic.no_mosaic_epochs=0",
         "train.mixup.prob=1.0", "train.mixup.epochs=[0,null]", "train.multiscale_prob=1.0", *every_aug,
     )  # fmt: skip
-    plain = DetectionDataset(cfg, "train", train=False)
-    collate = build_collate(cfg, train=True)
+    plain = split_dataset(cfg, "train", train=False)
+    collate = build_collate(DataSettings.from_config(cfg), train=True)
 
     dataset.set_epoch(3)  # the last epoch with augmentation
     collate.set_epoch(3)

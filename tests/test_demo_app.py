@@ -18,7 +18,7 @@ import torch
 
 from src.common.config import ROOT, load_config
 from src.common.images import read_image_rgb
-from src.common.io import atomic_torch_save, atomic_write_json
+from src.common.io import atomic_write_json
 from src.demo.app import (
     TABLE_COLUMNS,
     DemoApp,
@@ -75,13 +75,14 @@ def tiny(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("demo")
     torch.manual_seed(0)
     from src.models import build_model
+    from src.models.checkpoint import RunCheckpoint, save_run_checkpoint
+    from src.models.spec import ModelSpec
 
+    spec = ModelSpec("dfine", "n", (IMG_SIZE, IMG_SIZE), tuple(CLASSES), num_queries=NUM_QUERIES)
     model = build_model("n", len(CLASSES), img_size=(IMG_SIZE, IMG_SIZE), num_queries=NUM_QUERIES)
-    meta = {"model_name": "n", "variant": "dfine", "num_classes": len(CLASSES), "class_names": CLASSES,
-            "img_size": [IMG_SIZE, IMG_SIZE], "keep_ratio": False, "num_queries": NUM_QUERIES,
-            "thresholds": {"conf_thresh": 0.5}}  # fmt: skip
-    checkpoint = atomic_torch_save(
-        root / "output" / "tiny" / "best.pt", {"model": model.state_dict(), "ema": None, "meta": meta}
+    checkpoint = save_run_checkpoint(
+        root / "output" / "tiny" / "best.pt",
+        RunCheckpoint(spec, model.state_dict(), config={}, thresholds={"conf_thresh": 0.5}),
     )
     image = scene(root / "inputs" / "scene.jpg", seed=3)
     scores = load_model(checkpoint, device="cpu")(image, conf=0.0).scores
@@ -93,9 +94,9 @@ def tiny(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def tiny_segment(tmp_path_factory) -> dict:
     """output/tiny/best.pt of a segmentation model (D-FINE-n + mask branch, the deterministic weights of
-    tests/deploy_data.py: every query scores above the default threshold; most have a mask) and a PNG scene
+    tests/helpers/deploy_data.py: every query scores above the default threshold; most have a mask) and a PNG scene
     (lossless: the test compares the page's picture pixel by pixel)."""
-    from tests.deploy_data import deploy_config, make_checkpoint
+    from tests.helpers.deploy_data import deploy_config, make_checkpoint
 
     root = tmp_path_factory.mktemp("demo_seg")
     cfg = deploy_config(root, "model.task=segment", "demo_ui.num_examples=1")
@@ -240,6 +241,20 @@ def test_detect_handler_reports_problems_instead_of_raising(tiny, tmp_path):
     assert {Path(p).name for p in tracked.downloads} >= {"clip.txt", "clip.csv"}
 
 
+def test_predict_video_cut_midway_says_so(tiny, tmp_path):
+    """A video whose middle is damaged decodes only its first frames: the page's notes say how many of the
+    frames its container announces could not be read."""
+    detector = load_model(tiny["checkpoint"], device="cpu")
+    clip = bytearray(write_clip(tmp_path / "clip.mp4", frames=40).read_bytes())
+    frames_end = clip.find(b"moov")  # the frame data first, the index with the frame count last
+    clip[frames_end // 3 : frames_end // 2] = bytes(frames_end // 2 - frames_end // 3)
+    (tmp_path / "cut.mp4").write_bytes(clip)
+    results = predict_video(detector, tmp_path / "cut.mp4", 0.0, None, tmp_path / "out")
+    frames = json.loads(Path(results.downloads[1]).read_text())["frames"]
+    assert 0 < len(frames) < 40
+    assert any(f"{40 - len(frames)} of its 40 frames could not be read" in note for note in results.notes)
+
+
 def test_predict_video_tracks_objects(tiny, tmp_path):
     """Tracking (dl.infer's ByteTrack): ids in the table, the json and the MOT/CSV files; the frames show
     "#id" tags; hidden classes are neither tracked nor shown."""
@@ -278,7 +293,7 @@ def test_build_app_settings(tiny):
     cfg = demo_cfg(tiny["root"], "demo_ui.queue_size=3", "demo_ui.concurrency=1")
     demo = build_app(cfg)
     assert demo.analytics_enabled is False
-    assert demo._queue.max_size == 3 and demo._queue.default_concurrency_limit == 1
+    assert queued_before_full(demo) == 3  # demo_ui.queue_size
     by_id = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     assert by_id["model"].value == str(tiny["checkpoint"])  # the experiment's model is preselected
     assert by_id["conf"].value == round(tiny["default_conf"], 2)  # ... with its own threshold
@@ -290,12 +305,26 @@ def test_build_app_settings(tiny):
     assert "cannot load" in info.value and "nowhere/model.onnx" in info.value  # the page still opens
 
 
+def queued_before_full(demo, tries: int = 10) -> int:
+    """How many requests the page's queue takes before it answers 503 ("queue is full"), over HTTP. The
+    app is not started, so nothing leaves the queue while the test fills it."""
+    from fastapi.testclient import TestClient
+
+    client = TestClient(demo.app)
+    for taken in range(tries):
+        body = {"data": [None], "fn_index": 0, "session_hash": f"session{taken}"}
+        answer = client.post("/gradio_api/queue/join", json=body)
+        if answer.status_code == 503:
+            return taken
+        assert answer.status_code == 200, answer.text
+    return tries
+
+
 def test_segment_model_masks_on_images_and_videos(tiny_segment, tmp_path):
     """A segmentation model: masks drawn under the boxes (images, video frames, tracked frames), polygons
     in the labels and predictions.json."""
-    from src.demo.video import FrameDetector
-    from src.dl.infer import draw
-    from src.runtime.tracking import TrackerSettings
+    from src.runtime.outputs import draw
+    from src.runtime.tracking import TrackerSettings, VideoTracks, annotated_frames
 
     detector = load_model(tiny_segment["checkpoint"], device="cpu")
     image = read_image_rgb(tiny_segment["image"])
@@ -315,9 +344,10 @@ def test_segment_model_masks_on_images_and_videos(tiny_segment, tmp_path):
     assert "instance masks" in describe_model(detector)
 
     settings = TrackerSettings.from_config(load_config([]).infer.tracker)
-    thresholds = class_thresholds(detector)
+    thresholds = detector.thresholds()
     for tracker in (None, settings):
-        frame = FrameDetector(detector, thresholds, tracker, tmp_path / "tracks" / "clip")(0, image)
+        tracks = None if tracker is None else VideoTracks(tracker, thresholds, detector.class_names, None)
+        (frame,) = annotated_frames(detector, [(0, image)], thresholds, tracks)
         if tracker is not None:
             assert (frame.track_ids >= 1).all()  # first frame: every confident detection gets an id
         plain = draw(image, replace(dets, masks=None), detector.class_names)
@@ -400,7 +430,7 @@ def test_browser_shows_masks(tiny_segment):
     browser_or_skip()
     import httpx
 
-    from src.dl.infer import draw
+    from src.runtime.outputs import draw
 
     detector = load_model(tiny_segment["checkpoint"], device="cpu")
     image = read_image_rgb(tiny_segment["image"])

@@ -14,9 +14,10 @@ import cv2
 import pandas as pd
 import pytest
 
-from src.common.config import ROOT, exp_dir, load_config
+from src.common.config import ROOT, load_config
 from src.common.errors import StaleArtifactError
-from tests.deploy_data import deploy_config, make_checkpoint, make_data
+from src.common.experiment import exp_dir
+from tests.helpers.deploy_data import deploy_config, make_checkpoint, make_data
 
 DATA_CLASSES = "{0: circle, 1: square, 2: star}"  # what the demo generator draws (3 classes)
 OWN_CLASSES = "{0: disc, 1: block, 2: spike}"  # the experiment's own names for the same ids
@@ -137,7 +138,7 @@ def copy_experiment(root: Path, folder: Path, exp: str):
 
 def test_stale_export_refused_with_re_export_message(root, exported, tmp_path):
     from src.dl import bench
-    from src.runtime import best_artifact, load_model
+    from src.dl.artifacts import best_artifact, load_artifact
 
     cfg = copy_experiment(root, exported, "stale")
     onnx_path = exp_dir(cfg) / "model.onnx"
@@ -148,12 +149,12 @@ def test_stale_export_refused_with_re_export_message(root, exported, tmp_path):
 
     make_checkpoint(cfg, {"conf_thresh": 0.25, "f1": 0.0, "per_class": {}})  # retrained: a new best.pt
     with pytest.raises(StaleArtifactError, match="re-export"):
-        load_model(onnx_path)
+        load_artifact(onnx_path)
     with pytest.raises(StaleArtifactError, match="re-export"):
         best_artifact(exp_dir(cfg), "cpu")
     with pytest.raises(bench.BenchFailed, match="re-export"):
         bench.run(later(root, "stale", "bench.backends=[onnx]"))
-    assert load_model(elsewhere).backend == "onnx"  # a file outside the experiment is not checked
+    assert load_artifact(elsewhere).backend == "onnx"  # a file outside the experiment is not checked
 
 
 def test_bench_with_every_backend_broken_keeps_the_table_and_fails(root, exported):

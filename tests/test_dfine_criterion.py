@@ -8,9 +8,7 @@ against the official criterion's value (D-FINE: VFL; DEIM: MAL).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,39 +16,22 @@ from src.models import build_criterion, build_model
 from src.models.criterion import union_of_matches
 from src.models.denoising import get_contrastive_denoising_training_group
 from src.models.matcher import HungarianMatcher
-from tests.detinit import deterministic_state_dict
-
-FIXTURES = Path(__file__).parent / "fixtures" / "parity"
-
-
-def _parity_targets() -> list[dict[str, torch.Tensor]]:
-    raw = json.loads((FIXTURES / "targets.json").read_text())
-    return [
-        {
-            "labels": torch.tensor(t["labels"], dtype=torch.int64),
-            "boxes": torch.tensor(t["boxes_cxcywh"], dtype=torch.float64),
-        }
-        for t in raw
-    ]
+from tests.parity_data import (
+    FIXTURES,
+    assert_losses_match,
+    parity_input,
+    parity_targets,
+    prepare_parity_model,
+)
 
 
 def _parity_train_outputs(size: str, variant: str) -> dict:
     """The parity procedure up to the train-mode forward (denoising off)."""
     prefix, folder = ("dfine", FIXTURES) if variant == "dfine" else ("deim", FIXTURES / "deim")
     model = build_model(size, 80, img_size=(640, 640), variant=variant, num_denoising=0)
-    state = model.state_dict()
-    skip = {k for k in state if k.endswith("anchors") or k.endswith("valid_mask")}
-    model.load_state_dict(deterministic_state_dict(state, skip))
-    model.double()
-    bn_stats = np.load(folder / f"{prefix}_{size}_bn_stats.npz")
-    state = model.state_dict()
+    prepare_parity_model(model, folder / f"{prefix}_{size}_bn_stats.npz").train()
     with torch.no_grad():
-        for key in bn_stats.files:
-            state[key].copy_(torch.from_numpy(bn_stats[key]))
-    images = torch.from_numpy(np.load(FIXTURES / "input_uint8.npy")).double() / 255
-    model.train()
-    with torch.no_grad():
-        return model(images, _parity_targets())
+        return model(parity_input(), parity_targets())
 
 
 SLOW = pytest.mark.slow
@@ -72,12 +53,10 @@ PARITY_CASES = [
 def test_loss_parity_with_official_criterion(variant, size):
     outputs = _parity_train_outputs(size, variant)
     cls_loss = "vfl" if variant == "dfine" else "mal"
-    losses = build_criterion(size, 80, cls_loss=cls_loss)(outputs, _parity_targets())
+    losses = build_criterion(size, 80, cls_loss=cls_loss)(outputs, parity_targets())
     folder = FIXTURES if variant == "dfine" else FIXTURES / "deim"
     expected = json.loads((folder / f"{variant}_{size}_losses.json").read_text())
-    assert sorted(losses) == sorted(expected)
-    for key, value in expected.items():
-        assert losses[key].item() == pytest.approx(value, rel=1e-6, abs=0), key
+    assert_losses_match({k: v.item() for k, v in losses.items()}, expected)
 
 
 # --- denoising ---------------------------------------------------------------------------------------

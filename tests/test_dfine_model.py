@@ -10,85 +10,43 @@ from __future__ import annotations
 
 import json
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from src.models import build_model, build_postprocessor, get_size
-from src.models.dfine.encoder import ConvNormLayer, VGGBlock
 from src.models.dfine.sizes import arch_overrides_from_state_dict
-from tests.detinit import deterministic_state_dict
-
-FIXTURES = Path(__file__).parent / "fixtures" / "parity"
-SIZES = ["n", "s", "m", "l", "x"]
-ORIG_SIZES_WH = torch.tensor([[640, 480], [1280, 720]])
-# The fixtures' postprocessor ran with the COCO config's remap_mscoco_category: labels 0..79 -> COCO ids.
-COCO_IDS = np.array(
-    [
-        *range(1, 12),
-        *range(13, 26),
-        27,
-        28,
-        *range(31, 45),
-        *range(46, 66),
-        67,
-        70,
-        *range(72, 83),
-        *range(84, 91),
-    ]
+from src.models.hybrid_encoder import VGGBlock
+from src.models.layers import ConvNormLayer
+from tests.parity_data import (
+    FIXTURES,
+    ORIG_SIZES_WH,
+    assert_outputs_match,
+    assert_postprocessing_matches,
+    parity_input,
+    parity_targets,
+    prepare_parity_model,
 )
 
-# Tolerances (absolute, on sigmoid probabilities and normalised boxes).
-# Our model reproduces the official code run on this machine bit for bit (max diff 0.0 for every size and
-# both variants, eval and train, checked while writing it). The fixtures were produced on another machine,
-# and the official code itself, run here, is off from its own fixtures by up to ~1e-5 on probabilities and
-# ~1e-6 on boxes (x is the worst). That is float32 platform noise: anchors (float32 `log`) and position
-# embeddings (float32 sin/cos) are float32 even in a float64 model, and moving a few anchor logits by one
-# float32 ulp here shifts the outputs by exactly this much. So: a loose bound on the worst entry, and a
-# tight one on the median entry; a real implementation difference (another op, activation, query order)
-# moves outputs by 1e-3 or more.
-PROB_TOL, PROB_MEDIAN_TOL = 5e-5, 1e-6
-BOX_TOL, BOX_MEDIAN_TOL = 5e-6, 1e-7
+SIZES = ["n", "s", "m", "l", "x"]
 
 
 def _fixture_prefix(variant: str) -> str:
     return "deim/deim" if variant == "deim" else "dfine"
 
 
-def _targets(dtype=torch.float64) -> list[dict[str, torch.Tensor]]:
-    raw = json.loads((FIXTURES / "targets.json").read_text())
-    return [
-        {
-            "labels": torch.tensor(t["labels"], dtype=torch.int64),
-            "boxes": torch.tensor(t["boxes_cxcywh"], dtype=dtype),
-        }
-        for t in raw
-    ]
-
-
-def _input() -> torch.Tensor:
-    return torch.from_numpy(np.load(FIXTURES / "input_uint8.npy").astype(np.float64) / 255.0)
-
-
 def parity_model(size: str, variant: str = "dfine") -> torch.nn.Module:
     """Our model prepared exactly as the parity procedure says."""
     model = build_model(size, 80, img_size=(640, 640), variant=variant)
-    state = model.state_dict()
-    skip = {k for k in state if k.endswith("anchors") or k.endswith("valid_mask")}
-    model.load_state_dict(deterministic_state_dict(state, skip))
-    model.double()
-    stats = np.load(FIXTURES / f"{_fixture_prefix(variant)}_{size}_bn_stats.npz")
-    model.load_state_dict({**model.state_dict(), **{k: torch.from_numpy(stats[k]) for k in stats.files}})
-    return model
+    return prepare_parity_model(model, FIXTURES / f"{_fixture_prefix(variant)}_{size}_bn_stats.npz")
 
 
 @cache
 def parity_run(size: str, variant: str) -> dict[str, np.ndarray]:
     """Eval, postprocessor and train outputs of the parity procedure (computed once per size)."""
     model = parity_model(size, variant)
-    images = _input()
+    images = parity_input()
     model.eval()
     with torch.no_grad():
         out = model(images)
@@ -103,56 +61,18 @@ def parity_run(size: str, variant: str) -> dict[str, np.ndarray]:
     model.train()
     model.decoder.num_denoising = 0
     with torch.no_grad():
-        out = model(images, _targets())
+        out = model(images, parity_targets())
     result["train_pred_logits"] = out["pred_logits"].numpy()
     result["train_pred_boxes"] = out["pred_boxes"].numpy()
     result["train_keys"] = np.array(sorted(out))
     return result
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-x))
-
-
-def _assert_close(name: str, ours: np.ndarray, expected: np.ndarray, tol: float, median_tol: float) -> None:
-    assert ours.shape == expected.shape, f"{name}: shape {ours.shape} != {expected.shape}"
-    diff = np.abs(ours - expected)
-    assert diff.max() <= tol, f"{name}: max abs diff {diff.max():.3e} > {tol:.0e}"
-    assert np.median(diff) <= median_tol, f"{name}: median abs diff {np.median(diff):.3e} > {median_tol:.0e}"
-
-
 def _check_parity(size: str, variant: str) -> None:
     ours = parity_run(size, variant)
     expected = np.load(FIXTURES / f"{_fixture_prefix(variant)}_{size}_expected.npz")
-    for mode in ("eval", "train"):
-        _assert_close(
-            f"{mode} probs",
-            _sigmoid(ours[f"{mode}_pred_logits"]),
-            _sigmoid(expected[f"{mode}_pred_logits"]),
-            PROB_TOL,
-            PROB_MEDIAN_TOL,
-        )
-        _assert_close(
-            f"{mode} boxes",
-            ours[f"{mode}_pred_boxes"],
-            expected[f"{mode}_pred_boxes"],
-            BOX_TOL,
-            BOX_MEDIAN_TOL,
-        )
-    # Postprocessor on the official raw outputs reproduces the official postprocessor exactly ...
-    official_raw = {k: torch.from_numpy(expected[f"eval_{k}"]) for k in ("pred_logits", "pred_boxes")}
-    post = build_postprocessor(80)(official_raw, ORIG_SIZES_WH)
-    labels = torch.stack([p["labels"] for p in post]).numpy()
-    np.testing.assert_array_equal(COCO_IDS[labels], expected["post_labels"])
-    for key in ("scores", "boxes"):
-        np.testing.assert_allclose(
-            torch.stack([p[key] for p in post]).numpy(),
-            expected[f"post_{key}_xyxy" if key == "boxes" else f"post_{key}"],
-            rtol=1e-12,
-            atol=1e-12,
-        )
-    # ... and on ours gives the same ranked scores (labels of near-tied scores may swap places).
-    _assert_close("post scores", ours["post_scores"], expected["post_scores"], PROB_TOL, PROB_MEDIAN_TOL)
+    assert_outputs_match(ours, expected)
+    assert_postprocessing_matches(build_postprocessor(80), expected, ours["post_scores"])
 
 
 # The smallest size in the default run; every size with `-m slow`.
@@ -204,7 +124,7 @@ def test_state_dict_matches_manifest(variant, manifest):
 
 def test_deploy_keeps_eval_outputs():
     model = parity_model("n").eval()
-    images = _input()[:1]
+    images = parity_input()[:1]
     with torch.no_grad():
         before = model(images)
         model.deploy()

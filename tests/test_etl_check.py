@@ -13,7 +13,8 @@ import pytest
 
 from src.common.config import ROOT
 from src.etl import check
-from src.etl.check import DatasetError, check_dataset
+from src.etl.data_quality import segmentation_summary
+from src.etl.doctor import DatasetError, check_dataset
 from tests.etl_data import etl_config, make_dataset, save_image
 
 GOOD = "0 0.5 0.5 0.2 0.2\n3 0.25 0.25 0.1 0.1\n"
@@ -208,7 +209,7 @@ def test_segmentation_counts_per_split_and_box_only_warning(tmp_path, caplog_log
     report = check_dataset(cfg)
     assert report.is_segmentation and sorted(report.box_only_images) == ["boxes.jpg", "mixed.jpg"]
     assert report.summary()["polygons"] == 9 and report.summary()["box_only_objects"] == 2
-    text = check.segmentation_summary(cfg, report)
+    text = segmentation_summary(cfg, report)
     assert text.splitlines() == [
         "segmentation data set: 9 polygons, 2 box-only objects in 6 files",
         "  train: 6 polygons, 1 box-only objects in 4 files",
@@ -223,5 +224,5 @@ def test_detection_data_set_has_no_segmentation_summary(tmp_path, caplog_loguru)
     data = good_dataset(tmp_path / "data")
     cfg = etl_config(tmp_path, data)
     report = check_dataset(cfg)
-    assert not report.is_segmentation and check.segmentation_summary(cfg, report) is None
+    assert not report.is_segmentation and segmentation_summary(cfg, report) is None
     assert "segmentation" not in caplog_loguru.text

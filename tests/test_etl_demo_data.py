@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from src.etl import make_demo_data
-from src.etl.check import check_dataset
+from src.etl.doctor import check_dataset
 from src.etl.labels import read_yolo_labels
 from tests.etl_data import etl_config
 

@@ -1,5 +1,6 @@
-"""Near-duplicates (issue 16): planted copies found and kept in one split; the doctor's CSV and contact
-sheets; an existing leaking split refused, then fixed by moving whole groups; small-object numbers."""
+"""Near-duplicates: planted copies found and kept in one split, unrelated look-alikes not paired, groups
+that do not chain; the doctor's CSV and contact sheets; an existing leaking split refused, then fixed by
+moving whole groups, and refused by training; small-object numbers."""
 
 from __future__ import annotations
 
@@ -10,15 +11,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks.near_duplicates import planted_copy, scene
 from src.common.errors import UserError
 from src.etl import split
-from src.etl.check import check_dataset
 from src.etl.data_quality import BOX_SIZES_CSV, BOX_SIZES_PNG, CONTACT_SHEETS_DIR, NEAR_DUPLICATES_CSV
-from src.etl.near_duplicates import fingerprint, near_duplicate_groups
+from src.etl.doctor import check_dataset
+from src.etl.near_duplicates import (
+    Fingerprint,
+    NearDuplicateSettings,
+    candidate_pairs,
+    fingerprint,
+    near_duplicate_groups,
+)
 from tests.etl_data import etl_config
+from tests.helpers.near_duplicate_data import planted_copy, scene
 
 SCENES = 16
+SETTINGS = NearDuplicateSettings(26, 0.6, 0.86)  # config.yaml's check.near_duplicate_*
 COPIES = {0: "copy_of_00.jpg", 5: "copy_of_05.jpg", 9: "copy_of_09.jpg"}
 
 
@@ -62,6 +70,11 @@ def test_planted_copies_found_and_split_together(tmp_path, planted):
     home = {name: s for s, names in splits.items() for name in names}
     for group in expected_groups():
         assert home[group[0]] == home[group[1]], group
+    # the doctor's list, written before the split existed, names each member's split now that it does
+    frame = pd.read_csv(tmp_path / "report" / NEAR_DUPLICATES_CSV, keep_default_na=False)
+    assert sorted(frame["image"]) == sorted(n for g in expected_groups() for n in g)
+    assert dict(zip(frame["image"], frame["split"])) == {n: home[n] for n in frame["image"]}
+    assert not frame["leak"].any()
 
 
 def test_doctor_reports_leaks_with_csv_and_contact_sheets(tmp_path, planted):
@@ -108,16 +121,63 @@ def test_existing_leaking_split_refused_then_fixed(tmp_path, planted):
     assert pd.read_csv(splits_dir / "test.csv")["image"].tolist() == []
 
 
+def test_training_on_a_leaking_split_is_refused_unless_allowed(tmp_path, planted):
+    from src.dl.train import run as train
+
+    splits_dir = tmp_path / "splits"
+    names = sorted(p.name for p in (planted / "images").iterdir())
+    write_split(splits_dir, {n: "train" for n in names} | {"copy_of_05.jpg": "val", "scene_03.jpg": "val"})
+    tiny = (
+        f"splits_dir={splits_dir}", "exp_name=leaky", "model.img_size=[64,64]", "model.num_queries=10", "train.epochs=1",
+        "train.max_steps_per_epoch=1", "train.batch_size=2", "train.num_workers=0", "train.debug_images=0",
+        "train.eval_images=0", "train.use_ema=false",
+    )  # fmt: skip
+    with pytest.raises(UserError, match=r"leaks: 1 group.*copy_of_05.jpg \(val\).*split.fix_leaks=true"):
+        train(etl_config(tmp_path, planted, *tiny))
+    assert not (tmp_path / "output" / "leaky").exists()
+    summary = train(etl_config(tmp_path, planted, *tiny, "train.allow_leaks=true"))
+    assert Path(summary["exp_dir"], "best.pt").is_file()
+
+
 def test_zero_one_and_very_different_sizes():
-    assert near_duplicate_groups([], [], 22, 0.8) == []
+    assert near_duplicate_groups([], [], SETTINGS) == []
     one = fingerprint(np.zeros((5, 3000, 3), np.uint8))
-    assert near_duplicate_groups(["a"], [one], 22, 0.8) == []
+    assert near_duplicate_groups(["a"], [one], SETTINGS) == []
     big = scene(1, size=(1080, 1920))
     small = cv2.resize(big, (96, 54), interpolation=cv2.INTER_AREA)
     prints = [fingerprint(big), None, fingerprint(small), fingerprint(scene(2, size=(40, 900)))]
-    assert near_duplicate_groups(["big", "unreadable", "small", "other"], prints, 22, 0.8) == [
+    assert near_duplicate_groups(["big", "unreadable", "small", "other"], prints, SETTINGS) == [
         ["big", "small"]
     ]
+
+
+def test_unrelated_smooth_backgrounds_are_not_paired_but_their_copies_are():
+    """Smooth gradients under weak blotches share hash and coarse thumbnail by chance (two such pairs here pass
+    the candidate test even at its stricter settings); their details tell them apart, a copy's do not."""
+    rng = np.random.default_rng(3)
+    images = [scene(i, seed=4, size=(120, 160), kind="smooth") for i in range(40)]
+    images += [planted_copy(images[i], rng) for i in (4, 11, 20)]
+    prints = [fingerprint(image) for image in images]
+    look_alikes = {(i, j) for i, j, _, _ in candidate_pairs(prints, 22, 0.8)}
+    assert {(4, 35), (11, 33)} <= look_alikes
+    assert near_duplicate_groups(list(range(len(prints))), prints, SETTINGS) == [[4, 40], [11, 41], [20, 42]]
+
+
+def crafted(thumb: np.ndarray) -> Fingerprint:
+    """A fingerprint with the given coarse thumbnail (and its own mirror image), one hash and one detail."""
+    thumb = (thumb / np.linalg.norm(thumb)).astype(np.float32)
+    detail = np.random.default_rng(0).normal(0, 1, (32, 32, 3)).astype(np.float16)
+    return Fingerprint((0, 0), np.stack([thumb, thumb]), detail)
+
+
+def test_a_group_takes_an_image_only_when_it_is_close_to_every_member():
+    """a ~ b and b ~ c (coarse correlation 0.71, details alike) but a and c are unrelated (0): the most
+    similar pair groups, the third image stays out instead of chaining a to c through b."""
+    a, c = np.eye(768)[0], np.eye(768)[1]
+    prints = [crafted(a), crafted(a + c), crafted(c), crafted(a + 0.8 * c)]
+    groups = near_duplicate_groups(["a", "b", "c", "b2"], prints, SETTINGS)
+    assert groups == [["a", "b", "b2"]]  # b2 is close to a (0.78), b (0.99); c only to b and b2
+    assert near_duplicate_groups(["a", "b", "c"], prints[:3], SETTINGS) in ([["a", "b"]], [["b", "c"]])
 
 
 def test_box_size_report_numbers(tmp_path, caplog_loguru):

@@ -15,7 +15,7 @@ from PIL import Image
 from src.common.errors import UserError
 from src.common.io import atomic_write_csv, atomic_write_json, atomic_write_text
 from src.etl import preprocess, split
-from src.etl.check import DatasetError, check_dataset
+from src.etl.doctor import DatasetError, check_dataset
 from tests.etl_data import etl_config, make_dataset, save_image
 
 THREE_CLASSES = ["~label_to_name", "+label_to_name={0: a, 1: b, 2: c}"]

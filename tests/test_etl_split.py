@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from src.etl import split
-from src.etl.check import DatasetError
+from src.etl.doctor import DatasetError
 from tests.etl_data import etl_config, make_dataset
 
 

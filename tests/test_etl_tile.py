@@ -3,6 +3,7 @@ tiles of one image kept in one split."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -10,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from src.common.errors import UserError
 from src.etl import split, tile
 from src.etl.labels import read_yolo_labels
 from src.etl.tiling import tile_starts, tile_windows
@@ -112,6 +114,65 @@ def test_split_of_a_tiled_set_keeps_tiles_of_one_image_together(tmp_path, large)
     assert len(homes) == 1
 
 
+@pytest.fixture()
+def three_large(tmp_path) -> Path:
+    """Three 1000x600 images with objects everywhere: enough sources for a split to spread them."""
+    root = tmp_path / "many"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    boxes = object_boxes()
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2 / WIDTH, (boxes[:, 1] + boxes[:, 3]) / 2 / HEIGHT
+    lines = [f"0 {a:.6f} {b:.6f} {OBJECT / WIDTH:.6f} {OBJECT / HEIGHT:.6f}" for a, b in zip(cx, cy)]
+    for i in range(3):
+        image = np.random.default_rng(i).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+        cv2.imwrite(str(root / "images" / f"src{i}.jpg"), image)
+        (root / "labels" / f"src{i}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_a_retile_replaces_exactly_its_own_tiles_and_split_refuses_orphans(tmp_path, three_large, caplog_loguru):
+    out = tmp_path / "tiles"
+    first = tile.run(tile_config(tmp_path, three_large, f"tile.out={out}", "tile.background_rate=1"))
+    (out / "images" / "mine.jpg").write_bytes((out / "images" / first["tile"][0]).read_bytes())  # a user's
+    (out / "notes.txt").write_text("mine")
+    second = tile.run(
+        tile_config(
+            tmp_path, three_large, f"tile.out={out}", "tile.background_rate=1", "tile.overwrite=true",
+            "tile.size=[160,160]",
+        )
+    )  # fmt: skip
+    assert set(first["tile"]) - set(second["tile"])  # other windows: most earlier tiles are stale
+    images = {p.name for p in (out / "images").iterdir()}
+    assert images == set(second["tile"]) | {"mine.jpg"}  # the earlier tiles are gone, the user's file stays
+    assert {p.stem for p in (out / "labels").iterdir()} == {Path(n).stem for n in second["tile"]}
+    assert (out / "notes.txt").read_text() == "mine" and not (out / ".tiling-staging").exists()
+    assert "mine.jpg" in caplog_loguru.text and "not tiles of this run" in caplog_loguru.text
+
+    cfg = etl_config(tmp_path, out, "split.train=0.34", "split.val=0.33", "split.test=0.33", f"splits_dir={out}")
+    with pytest.raises(UserError, match=r"1 image\(s\) in .* not listed in .*tiles.csv \(e.g. mine.jpg\)"):
+        split.run(cfg)
+    (out / "images" / "mine.jpg").unlink()
+    splits = split.run(cfg)
+    home = {n: s for s, names in splits.items() for n in names}
+    assert set(home) == set(second["tile"])
+    for source, group in second.groupby("source"):
+        assert len({home[n] for n in group["tile"]}) == 1, source  # tiles of one image in one split
+
+
+def test_a_stopped_retile_is_refused_by_split_and_cleaned_by_the_next_run(tmp_path, large):
+    out = tmp_path / "tiles"
+    config = tile_config(tmp_path, large, f"tile.out={out}", "tile.background_rate=1", "tile.overwrite=true")
+    tiles = tile.run(config)
+    # as a run stopped while swapping tiles in leaves it: a half-written new tile beside the old ones
+    (out / "images" / "big__x9_y9.jpg").write_bytes(b"half")
+    (out / "tiles.replacing.json").write_text(json.dumps({"previous": [], "new": ["big__x9_y9.jpg"]}))
+    with pytest.raises(UserError, match="re-tiling was stopped"):
+        split.run(etl_config(tmp_path, out, "check.skip_bad=true"))
+    again = tile.run(config)
+    assert {p.name for p in (out / "images").iterdir()} == set(again["tile"]) == set(tiles["tile"])
+    assert not (out / "tiles.replacing.json").exists()
+
+
 def test_tile_starts():
     assert tile_starts(100, 256, 0.2) == [0]
     assert tile_starts(256, 256, 0.2) == [0]
@@ -196,8 +257,7 @@ def test_polygons_are_clipped_to_each_tile(tmp_path, one_supersampling):
 
 
 def test_evaluation_of_a_tiled_experiment_reads_the_full_images(tmp_path, large):
-    from src.runtime.evaluate import load_split_samples
-    from src.runtime.slicing import full_image_config
+    from src.dl.split_samples import full_image_config, load_split_samples
 
     pd.DataFrame({"image": ["small.jpg"]}).to_csv(large / "train.csv", index=False)
     pd.DataFrame({"image": ["big.jpg"]}).to_csv(large / "val.csv", index=False)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from src.common.errors import ExperimentError
-from tests.test_train import CLASSES, make_detection_data, train_config, train_overrides
+from tests.helpers.train_data import CLASSES, make_detection_data, train_config, train_overrides
 
 TINY = ("train.max_steps_per_epoch=1", "train.debug_images=1", "train.eval_images=1")
 

@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from src.common.config import exp_dir, load_config
+from src.common.config import load_config
+from src.common.experiment import exp_dir
 from src.common.images import read_image_rgb
 from src.runtime import Detections, available_backends, load_model
-from tests.deploy_data import CLASS_NAMES, deploy_config, make_checkpoint, make_data
+from tests.helpers.deploy_data import CLASS_NAMES, deploy_config, make_checkpoint, make_data
 
 
 @pytest.fixture(scope="module")

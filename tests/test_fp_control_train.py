@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from src.dl.train.negatives import clean_rate_key, fppi_key
-from tests.test_train import assert_same_weights, make_detection_data, train_config
+from src.dl.train.false_positives import clean_rate_key, fppi_key
+from tests.helpers.train_data import assert_same_weights, make_detection_data, train_config
 
 LOW = 0.001  # below the initial class prior (0.01): every query counts, so FPPI = num_queries
 NUM_QUERIES = 10  # train_overrides' model.num_queries
@@ -99,21 +99,23 @@ def test_final_metrics_have_a_negatives_row(trained):
 
 
 def test_options_reach_the_model_and_criterion(tmp_path, data_dir):
-    from src.dl.train import Trainer
-    from src.dl.train.trainer_utils import DistContext
+    from src.dl.train import Trainer, build_trainer
+    from src.dl.train.distributed import DistContext
 
     def trainer(*overrides: str) -> Trainer:
         cfg = _fp_config(tmp_path, data_dir, "train.overwrite=true", *overrides)
         Path(cfg.output_dir, cfg.exp_name).mkdir(parents=True, exist_ok=True)
-        return Trainer(cfg, DistContext())
+        return build_trainer(cfg, DistContext())
 
     on = trainer(
         "train.dn_negatives.num=7", "train.dn_negatives.iou_thresh=0.2", "train.bg_loss_weight=3.0",
         "train.fppi_tolerance=0.1", "train.conf_thresh=0.4",
     )  # fmt: skip
     assert (on.model.decoder.num_dn_negatives, on.model.decoder.dn_negative_iou_thresh) == (7, 0.2)
-    assert on.criterion.cls_loss == "vfl" and on.criterion.bg_loss_weight == 3.0  # auto: vfl for dfine
-    assert len(on.negatives) == 3
+    assert (
+        on.parts.criterion.cls_loss == "vfl" and on.parts.criterion.bg_loss_weight == 3.0
+    )  # auto: vfl for dfine
+    assert len(on.data.negatives) == 3
 
     # fppi_tolerance: the decision score (mAP_50 + f1 by default) within 0.1 of the best -> lower FPPI wins
     key = fppi_key(0.4)
@@ -126,8 +128,10 @@ def test_options_reach_the_model_and_criterion(tmp_path, data_dir):
     assert not on.evaluator.beats_best(on.state, {key: 1.0}, 0.95)
 
     off = trainer("model.variant=deim", "train.negatives_path=null")
-    assert off.model.decoder.num_dn_negatives == 0 and off.negatives == []
-    assert off.criterion.cls_loss == "mal" and off.criterion.bg_loss_weight == 1.0  # auto: mal for deim
+    assert off.model.decoder.num_dn_negatives == 0 and off.data.negatives == []
+    assert (
+        off.parts.criterion.cls_loss == "mal" and off.parts.criterion.bg_loss_weight == 1.0
+    )  # auto: mal for deim
     off.state.best_score = 0.0  # no tolerance: the plain higher decision score
     assert not off.evaluator.beats_best(off.state, {}, -1.0) and off.evaluator.beats_best(off.state, {}, 0.5)
     with pytest.raises(ValueError, match="train.cls_loss"):

@@ -159,3 +159,72 @@ def test_torch_inference_threads_are_lowered_on_a_loaded_machine(monkeypatch):
         assert torch.get_num_threads() == 1  # never raised again
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- threads under load
+
+
+def test_openmp_waits_briefly_then_sleeps_and_the_user_value_wins(monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from src.common.config import ROOT
+    from src.common.threads import WAIT_POLICY, set_openmp_wait_policy
+
+    for name in WAIT_POLICY:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KMP_BLOCKTIME", "5")
+    assert set_openmp_wait_policy() == {"GOMP_SPINCOUNT": WAIT_POLICY["GOMP_SPINCOUNT"], "KMP_BLOCKTIME": "5"}
+    # every entry point (`python -m src...`) has it before anything imports torch
+    code = "import sys, os, src; print(os.environ['GOMP_SPINCOUNT'], 'torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_POLICY}
+    shown = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert shown.stdout.split() == [WAIT_POLICY["GOMP_SPINCOUNT"], "False"], shown.stderr
+
+
+def test_threads_are_re_decided_from_measured_throughput(warnings_logged):
+    from src.dl.train.speed import ThreadTuner, thread_ladder
+
+    assert thread_ladder(2) == [1, 2] and thread_ladder(14) == [1, 3, 7, 14]
+    messages: list[str] = []
+    sink = logger.add(lambda message: messages.append(str(message)), level="INFO")
+    set_to: list[int] = []
+    tuner = ThreadTuner(start=2, most=2, set_threads=set_to.append)
+    loaded = {1: 4.0, 2: 2.0}  # another job holds a core: 2 threads wait on it
+    idle = {1: 4.0, 2: 5.0}
+    try:
+        counts = []
+        for epoch in range(15):
+            rates = loaded if epoch < 10 else idle  # a fake throughput source: img/s per thread count
+            tuner.after_epoch(epoch, rates[tuner.current])
+            counts.append(tuner.current)
+    finally:
+        logger.remove(sink)
+    # epoch 0 warms up; 1 measures 2 threads; 2 tries 1 thread, faster: kept; 5 checks 2 again, slower: back;
+    # the load goes away at 10; 13 checks 2 again (less often now), faster: kept
+    assert counts == [2, 1, 1, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 2, 2]
+    assert set_to == [1, 2, 1, 2]
+    logged = [m.split(" - ", 1)[1].strip() for m in messages if "torch threads" in m]
+    assert logged == [
+        "torch threads 2 -> 1: measuring it for one epoch (2 thread(s): 2.00 img/s)",
+        "torch threads 1 kept: 4.00 img/s against 2.00 at 2 thread(s)",
+        "torch threads 1 -> 2: measuring it for one epoch (1 thread(s): 4.00 img/s)",
+        "torch threads 2 -> 1: 4.00 img/s against 2.00 at 2 thread(s)",
+        "torch threads 1 -> 2: measuring it for one epoch (1 thread(s): 4.00 img/s)",
+        "torch threads 2 kept: 5.00 img/s against 4.00 at 1 thread(s)",
+    ]
+    # a count never set by hand only: the automatic choice is the one re-decided
+    start, tuner = setup_speed_tuner(threads=3)
+    assert tuner is None and start == 3
+
+
+def setup_speed_tuner(threads):
+    from src.dl.train.speed import setup_speed
+
+    before = torch.get_num_threads()
+    try:
+        _, tuner = setup_speed(threads, 0, "off", CPU)
+        return torch.get_num_threads(), tuner
+    finally:
+        torch.set_num_threads(before)

@@ -10,7 +10,7 @@ import pytest
 from src.common.images import read_image_rgb
 from src.runtime import BackendUnavailable, Detections, available_backends, backend_for, load_model
 from src.runtime.meta import ModelMeta, meta_from_checkpoint
-from tests.deploy_data import CLASS_NAMES, experiment  # noqa: F401  (module fixture)
+from tests.helpers.deploy_data import CLASS_NAMES, experiment  # noqa: F401  (module fixture)
 
 
 def test_meta_json_round_trip_keeps_unknown_keys():

@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from src.dl.train.negatives import (
+from src.dl.train.false_positives import (
     check_negatives_disjoint,
     clean_rate_key,
-    configured_thresholds,
     detector_scores,
     evaluate_negatives,
+    evenly_spaced,
     fppi_key,
     negative_metrics,
     predict_negative_scores,
     prefer_lower_fppi,
 )
-from tests.deploy_data import deploy_config, make_checkpoint, make_data, tiny_model
+from tests.helpers.deploy_data import deploy_config, make_checkpoint, make_data, tiny_model
 
 
 def _write_image(path: Path, value: int, size: tuple[int, int] = (40, 30)) -> Path:
@@ -53,16 +53,23 @@ def test_negative_metrics_by_hand():
     # a score exactly at the threshold counts (the same >= as the detector's thresholds)
     assert negative_metrics([np.array([0.5])], (0.5,))[fppi_key(0.5)] == 1
     with pytest.raises(ValueError, match="no images"):
-        negative_metrics([])
+        negative_metrics([], (0.5,))
 
 
-def test_configured_thresholds_add_conf_thresh():
+def test_measured_thresholds_come_from_the_config_with_conf_thresh_added():
     from src.common.config import load_config
+    from src.dl.train.settings import TrainSettings
 
-    cfg = load_config(["train.negatives_thresholds=[0.7,0.3]", "train.conf_thresh=0.45"])
-    assert configured_thresholds(cfg) == [0.3, 0.45, 0.7]
-    cfg = load_config(["train.negatives_thresholds=[0.5]", "train.conf_thresh=0.5"])
-    assert configured_thresholds(cfg) == [0.5]  # the FPPI that fppi_tolerance compares, once
+    def thresholds(*overrides: str) -> tuple[float, ...]:
+        return TrainSettings.from_config(load_config(list(overrides))).evaluation.negatives_thresholds
+
+    assert thresholds("train.negatives_thresholds=[0.7,0.3]", "train.conf_thresh=0.45") == (0.3, 0.45, 0.7)
+    # the FPPI that fppi_tolerance compares, once
+    assert thresholds("train.negatives_thresholds=[0.5]", "train.conf_thresh=0.5") == (0.5,)
+    # the defaults are config.yaml's, not the code's
+    defaults = load_config([]).train
+    expected = sorted({*defaults.negatives_thresholds, defaults.conf_thresh})
+    assert thresholds() == tuple(expected)
 
 
 def test_prefer_lower_fppi():
@@ -132,6 +139,7 @@ def experiment(tmp_path_factory):
     return cfg, make_checkpoint(cfg)
 
 
+@pytest.mark.usefixtures("one_torch_thread")  # one kernel choice: the two passes must agree bit for bit
 def test_torch_model_and_detector_agree(experiment):
     from src.etl.splits import read_split
     from src.models import build_postprocessor
@@ -158,18 +166,20 @@ def test_torch_model_and_detector_agree(experiment):
         assert len(ours) == len(theirs) == decoder.num_queries
         np.testing.assert_allclose(np.sort(ours), np.sort(theirs), atol=1e-4)
 
-    middle = float(np.median(np.concatenate(from_model)))
+    # between two scores, not on one: a 1e-7 difference between two runs must not move a score across it
+    scores = np.unique(np.concatenate(from_model))
+    middle = float(scores[len(scores) // 2 - 1 : len(scores) // 2 + 1].mean())
     thresholds = (0.001, middle, 0.999)
     metrics = evaluate_negatives(model, negatives, thresholds, **torch_args)
-    assert metrics == negative_metrics(from_model, thresholds)
+    assert metrics == pytest.approx(negative_metrics(from_model, thresholds), abs=1e-6)
     assert metrics[fppi_key(0.001)] == decoder.num_queries and metrics[fppi_key(0.999)] == 0
     assert 0 < metrics[fppi_key(middle)] < decoder.num_queries
     assert metrics[clean_rate_key(0.999)] == 1 and metrics[clean_rate_key(0.001)] == 0
     assert set(evaluate_negatives(detector, negatives, thresholds)) == set(metrics)
     with pytest.raises(ValueError, match="postprocessor"):
-        evaluate_negatives(model, negatives)
+        evaluate_negatives(model, negatives, thresholds)
     with pytest.raises(ValueError, match="no images"):
-        evaluate_negatives(model, [])
+        evaluate_negatives(model, [], thresholds)
 
 
 def test_stage_writes_metrics(experiment):
@@ -184,8 +194,6 @@ def test_stage_writes_metrics(experiment):
 
 
 def test_evenly_spaced_negatives_are_a_fixed_spread_subset():
-    from src.dl.train.negatives import evenly_spaced
-
     paths = [Path(f"n{i:02d}.jpg") for i in range(10)]
     assert evenly_spaced(paths, None) == paths and evenly_spaced(paths, 10) == paths
     subset = evenly_spaced(paths, 4)

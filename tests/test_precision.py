@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from src.common.config import exp_dir
-from src.common.experiment import Experiment
+from src.common.experiment import Experiment, exp_dir
+from src.dl.artifacts import best_artifact, load_artifact
 from src.dl.parity import compare_detections
 from src.dl.precision import BY_NAME, choose
-from src.runtime import Detections, best_artifact, load_model
-from tests.deploy_data import deploy_config, make_checkpoint, make_data
+from src.runtime import Detections, load_model
+from tests.helpers.deploy_data import deploy_config, make_checkpoint, make_data
 
 RULE = OmegaConf.create({"map50_drop": 0.005, "mean_iou": 0.99})
 
@@ -107,10 +107,10 @@ def test_export_chooses_records_and_uses_a_precision_on_this_machine(exported):
     assert choice["name"] == min(holding, key=lambda n: parity[n]["latency_ms_median"])
     experiment = Experiment.of(cfg)
     assert experiment.deployment()["name"] == choice["name"] and choice["reason"]
-    # used when no precision is given: best_artifact and load_model of the folder
+    # used when no precision is given: best_artifact and load_artifact of the folder
     chosen_file = experiment.artifact(choice["artifact"])
     assert best_artifact(exp_dir(cfg), "cpu") == chosen_file
-    detector = load_model(exp_dir(cfg), device="cpu")
+    detector = load_artifact(exp_dir(cfg), device="cpu")
     assert detector.runner.backend == load_model(chosen_file).runner.backend
     if choice["precision"]:  # OpenVINO: runs at the chosen inference precision, not its f32 default
         assert detector.runner.precision == choice["precision"]

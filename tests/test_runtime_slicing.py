@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from src.common.config import load_config
+from src.dl.artifacts import sliced_if_configured
 from src.metrics.masks import mask_iou
 from src.runtime.detector import Detector
 from src.runtime.meta import ModelMeta
-from src.runtime.slicing import SlicedDetector, merge_detections, sliced_if_configured
+from src.runtime.slicing import SlicedDetector, merge_detections
 
 NET = (256, 256)  # network input (h, w)
 

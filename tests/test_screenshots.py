@@ -11,7 +11,7 @@ import pytest
 
 from src.common.config import load_config
 from src.demo.screenshots import CHROMIUM, write_pictures
-from tests.deploy_data import deploy_config, make_checkpoint, make_data, make_video
+from tests.helpers.deploy_data import deploy_config, make_checkpoint, make_data, make_video
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from src.common.config import exp_dir
+from src.common.experiment import exp_dir
 from src.common.masks import polygon_to_mask
 from src.dl.precision import choose
 from src.metrics.masks import mask_iou
 from src.runtime import Detections, load_model
 from src.runtime.meta import OUTPUT_NAMES, SEGMENT_OUTPUT_NAMES
-from tests.deploy_data import deploy_config, make_checkpoint, make_data
+from tests.helpers.deploy_data import deploy_config, make_checkpoint, make_data
 
 EXPORTS = ("model.onnx", "model_fp32.xml")
 

@@ -1,6 +1,6 @@
 """Segmentation through the evaluation and infer stages: infer draws masks, writes YOLO-seg polygons and
 instance-id PNGs; bench reports mask mAP; check_errors matches by mask IoU; tracking keeps masks. On a tiny
-segmentation checkpoint (deterministic weights, tests/deploy_data.py) over demo data whose labels the test
+segmentation checkpoint (deterministic weights, tests/helpers/deploy_data.py) over demo data whose labels the test
 turns into polygons, plus hand-made detections where the numbers must be exact."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.common.config import exp_dir
+from src.common.experiment import exp_dir
 from src.common.masks import polygon_to_mask
 from src.etl.labels import parse_yolo_text, read_yolo_labels
 from src.runtime.detector import Detections
 from src.runtime.evaluate import LabelledImage
-from tests.deploy_data import CLASS_NAMES, deploy_config, make_checkpoint, make_data, make_video
+from tests.helpers.deploy_data import CLASS_NAMES, deploy_config, make_checkpoint, make_data, make_video
 
 LOW_CONF = "0.2"  # the deterministic weights score every query ~0.75: every image gets detections
 
@@ -176,7 +176,7 @@ def test_check_errors_matches_by_mask_iou():
 
 
 def test_yolo_text_polygons_box_fallback_and_detect_lines():
-    from src.dl.infer import yolo_text
+    from src.runtime.outputs import yolo_text
 
     boxes = np.array([[10, 20, 50, 60], [0, 0, 8, 8]], np.float32)
     dets = Detections(
@@ -196,7 +196,7 @@ def test_yolo_text_polygons_box_fallback_and_detect_lines():
 
 
 def test_instance_id_image_higher_score_wins_and_uint16():
-    from src.dl.infer import instance_id_image
+    from src.runtime.outputs import instance_id_image
 
     first, second = _rect(20, 30, 0, 0, 10, 10), _rect(20, 30, 5, 5, 20, 15)
     dets = Detections(
@@ -230,11 +230,11 @@ def test_tracking_keeps_masks_of_confident_detections():
         np.array([[40, 40, 60, 60], [5, 60, 15, 70]], np.float32), np.array([0.9, 0.3], np.float32),
         np.array([0, 1]), ["a", "b"], (80, 80), masks,
     )  # fmt: skip
-    confident = tracks.confident(dets)
-    assert len(confident) == 1 and (confident.masks == masks[:1]).all()
     frame = tracks.frame(0, np.zeros((80, 80, 3), np.uint8), dets)
-    assert frame[50, 50].any()  # inside the tracked box: only its filled mask colours it
-    assert not frame[65, 10].any()  # the low-score detection only continues tracks: not drawn
+    assert len(frame.dets) == 1 and (frame.dets.masks == masks[:1]).all()  # the confident one reported
+    assert frame.track_ids.tolist() == [1]
+    assert frame.picture[50, 50].any()  # inside the tracked box: only its filled mask colours it
+    assert not frame.picture[65, 10].any()  # the low-score detection only continues tracks: not drawn
 
 
 def test_mask_scores_against_polygons_box_lines_left_out():
@@ -295,9 +295,10 @@ def test_evaluation_of_a_perfect_segmentation_model_scores_mask_map_one(seg_proj
     a plain resize and a letterbox."""
     from dataclasses import replace
 
+    from src.dl.split_samples import load_split_samples
     from src.runtime import load_model
     from src.runtime.detector import Detector
-    from src.runtime.evaluate import evaluate_detector, load_split_samples
+    from src.runtime.evaluate import evaluate_detector
 
     root, checkpoint = seg_project
     samples = [s for s in load_split_samples(seg_config(root), "val") if len(s.labels)]

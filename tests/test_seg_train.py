@@ -25,8 +25,8 @@ from src.dl.train.augment import (
     mix_up,
     random_affine,
 )
-from src.dl.train.dataset import DetectionDataset
 from src.dl.train.evaluation import check_decision_metrics
+from src.dl.train.setup import split_dataset
 from src.models.checkpoint import load_run_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
@@ -189,6 +189,7 @@ def overrides(tmp_path: Path, data: Path, *extra: str) -> list[str]:
         "train.ema_warmups=2",
         "train.mask_loss.points=64",
         "check.find_duplicates=false",
+        "train.allow_leaks=true",  # one diamond on dark noise: train_2 and val_0 are near-duplicates
         *extra,
     ]
 
@@ -200,7 +201,7 @@ def seg_data(tmp_path_factory) -> Path:
 
 def test_segmentation_targets_carry_masks_that_fit_their_boxes(tmp_path, seg_data):
     cfg = load_config(overrides(tmp_path, seg_data, "train.mosaic.prob=1.0", "train.augs.rotation_p=1.0"))
-    train = DetectionDataset(cfg, "train")
+    train = split_dataset(cfg, "train")
     for position in range(len(train)):
         image, target = train[position]
         masks = target["masks"]
@@ -212,7 +213,7 @@ def test_segmentation_targets_carry_masks_that_fit_their_boxes(tmp_path, seg_dat
             xyxy = np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1) * 64
             assert present.all() and np.abs(xyxy - fitted).max() < 1e-3
     for keep_ratio in ("true", "false"):  # plain samples: polygons drawn straight at the network input
-        val = DetectionDataset(
+        val = split_dataset(
             load_config(overrides(tmp_path, seg_data, f"model.keep_ratio={keep_ratio}")), "val"
         )
         for position in range(len(val)):
@@ -223,19 +224,19 @@ def test_segmentation_targets_carry_masks_that_fit_their_boxes(tmp_path, seg_dat
             xyxy = np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1) * 64
             assert present.all() and np.abs(xyxy - fitted).max() <= 1.0
     # A detection run of the same data rasterises nothing.
-    detect = DetectionDataset(load_config(overrides(tmp_path, seg_data, "model.task=detect")), "train")
+    detect = split_dataset(load_config(overrides(tmp_path, seg_data, "model.task=detect")), "train")
     assert "masks" not in detect[0][1] and detect.load_sample(0).masks is None
 
 
 def test_box_only_labels_are_refused_unless_allowed(tmp_path):
     data = make_polygon_data(tmp_path / "mixed", {"train": 3, "val": 1}, box_line_in="train_1.jpg")
     with pytest.raises(UserError, match=r"train_1\.txt.*train\.allow_box_only=true"):
-        DetectionDataset(load_config(overrides(tmp_path, data)), "train")
+        split_dataset(load_config(overrides(tmp_path, data)), "train")
     cfg = load_config(overrides(tmp_path, data, "train.allow_box_only=true", "train.mosaic.prob=1.0"))
-    _, target = DetectionDataset(cfg, "train", train=False)[1]
+    _, target = split_dataset(cfg, "train", train=False)[1]
     assert target["has_mask"].tolist()[-1] is False and target["has_mask"][:-1].all()
     assert not target["masks"][-1].any()  # the box-only object: an empty mask, no mask loss
-    augmented = DetectionDataset(cfg, "train")  # mosaics: the box-only object keeps its box (no mask to fit)
+    augmented = split_dataset(cfg, "train")  # mosaics: the box-only object keeps its box (no mask to fit)
     flags = torch.cat([augmented[i][1]["has_mask"] for i in range(len(augmented))])
     assert not flags.all() and flags.any()
 

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.common.config import exp_dir
+from src.common.experiment import exp_dir
 from src.runtime.detector import Detections
 from src.runtime.evaluate import LabelledImage
-from tests.deploy_data import CLASS_NAMES, deploy_config, make_checkpoint, make_data, make_video
+from tests.helpers.deploy_data import CLASS_NAMES, deploy_config, make_checkpoint, make_data, make_video
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_infer_one_file_with_torch(project):
 
 
 def test_crop_box_padding_pixels_or_fraction():
-    from src.dl.infer import crop_box
+    from src.runtime.outputs import crop_box
 
     box = np.array([10.0, 20.0, 30.0, 60.0])
     assert crop_box(box, 100, 100, 5) == (5, 15, 35, 65)

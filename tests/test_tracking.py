@@ -8,33 +8,23 @@ import csv
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from benchmarks.tracking import SETTINGS, count_crossings, detections_of, make_scene, run_tracker
-from src.common.config import load_config
-from src.common.video import (
-    VideoReadError,
-    display_name,
-    open_video,
-    parse_source,
-    source_name,
-    stop_on_ctrl_c,
-)
+from src.common.video import VideoReadError, display_name, open_video, parse_source, source_name
 from src.runtime.detector import Detections
-from src.runtime.tracking import (
-    CSV_COLUMNS,
-    Tracker,
-    TrackerSettings,
-    VideoTracks,
+from src.runtime.tracking import CSV_COLUMNS, Tracker, VideoTracks
+from tests.helpers.moving_squares import (
+    NAMES,
+    SETTINGS,
+    THRESHOLDS,
+    moving_squares,
+    track_to_files,
+    write_video,
 )
-
-NAMES = ["circle", "square", "triangle", "star"]
-THRESHOLDS = np.full(len(NAMES), 0.5, np.float32)
 
 
 def dets_of(boxes, scores, labels, size=(240, 320)) -> Detections:
@@ -45,11 +35,6 @@ def dets_of(boxes, scores, labels, size=(240, 320)) -> Detections:
 
 def box_at(x: float, y: float, side: float = 40) -> list[float]:
     return [x, y, x + side, y + side]
-
-
-def test_config_defaults_are_the_benchmark_settings():
-    assert TrackerSettings.from_config(load_config([]).infer.tracker) == SETTINGS
-    assert load_config([]).infer.track is False
 
 
 def test_ids_kept_through_a_crossing_with_occlusion():
@@ -87,22 +72,6 @@ def test_new_tracks_need_confirmation_and_false_positives_get_no_id():
     assert low_only.tolist() == [-1]
 
 
-def test_synthetic_video_ids_stable_scored_by_trackeval():
-    """A short run of the benchmark: crossing shapes with noise, misses and false positives."""
-    pytest.importorskip("trackeval")
-    from benchmarks.tracking import score
-
-    scene = make_scene(frames=120, objects=6, seed=3)
-    assert count_crossings(scene) >= 2
-    tracked, times = run_tracker(scene, seed=3)
-    result = score(scene, tracked)
-    assert result["IDF1"] >= 0.9
-    assert result["IDSW_per_100"] <= 2
-    assert (
-        np.median(times[:, 1]) < 20
-    )  # generous on a loaded CI machine; the benchmark reports the real figure
-
-
 def test_majority_vote_class_and_csv_final_class(tmp_path):
     classes = [2, 2, 1, 2, 3, 2, 2, 1, 2, 2]  # mostly triangle, with wrong classes mixed in
     with VideoTracks(SETTINGS, THRESHOLDS, NAMES, tmp_path / "tracks" / "clip") as tracks:
@@ -131,16 +100,6 @@ def test_mot_txt_and_csv_format(tmp_path):
     assert not list(tmp_path.glob("tracks/.*"))  # no temp file left
 
 
-def write_video(path: Path, frames: list[np.ndarray], fps: float = 10.0) -> Path:
-    height, width = frames[0].shape[:2]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    for frame in frames:
-        writer.write(frame)
-    writer.release()
-    return path
-
-
 def count_frames(path: Path) -> int:
     capture = cv2.VideoCapture(str(path))
     count = 0
@@ -150,47 +109,18 @@ def count_frames(path: Path) -> int:
     return count
 
 
-def track_to_files(source, out: Path, scene, stop_at: int | None = None, pace: float = 0.0) -> int:
-    """The live-input loop of video inference with the scene's boxes as the detector: read frames, track,
-    draw, write the annotated video and the track files; Ctrl-C before frame `stop_at`. pace: seconds
-    per frame (a live camera's rate), each frame index printed. Returns the number of frames written."""
-    rng = np.random.default_rng(0)
-    written = 0
-    with (
-        open_video(source, display_name(source)) as video,
-        VideoTracks(SETTINGS, THRESHOLDS, NAMES, out / "clip") as tracks,
-    ):
-        writer = cv2.VideoWriter(
-            str(out / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), video.fps, video.size
-        )
-        try:
-            with stop_on_ctrl_c(video.name):
-                for index, frame_rgb in video.frames():
-                    if index == stop_at:
-                        # What Python's SIGINT handler raises. Not a real signal in the shared test process:
-                        # after the training/export tests one killed it with SIGSEGV (see the subprocess test).
-                        raise KeyboardInterrupt
-                    annotated = tracks.frame(index, frame_rgb, detections_of(scene, index, rng))
-                    writer.write(np.ascontiguousarray(annotated[..., ::-1]))
-                    written += 1
-                    if pace:
-                        print(f"frame {index}", flush=True)
-                        time.sleep(pace)
-        finally:
-            writer.release()
-    return written
-
-
 @pytest.mark.parametrize("as_url", [False, True], ids=["file", "stream url"])
 @pytest.mark.parametrize("stop_at", [None, 12], ids=["end of input", "ctrl-c"])
 def test_stream_end_or_ctrl_c_keeps_playable_outputs(tmp_path, stop_at, as_url):
     """A real video file read as a file or as a live stream (file:// URL: the end of the file is a stream
     that stops sending, retried then ended)."""
-    scene = make_scene(frames=30, objects=3, seed=1, size=(160, 120), keep_frames=True)
-    source = write_video(tmp_path / "stream.mp4", scene.frames)
+    squares = moving_squares(frames=30, seed=1)
+    source = write_video(tmp_path / "stream.mp4", squares.frames)
     out = tmp_path / "out"
     out.mkdir()
-    written = track_to_files(parse_source(f"file://{source}" if as_url else str(source)), out, scene, stop_at)
+    written = track_to_files(
+        parse_source(f"file://{source}" if as_url else str(source)), out, squares, stop_at
+    )
     expected = 30 if stop_at is None else stop_at
     assert written == expected
     assert count_frames(out / "clip.mp4") == expected  # playable, every processed frame in it
@@ -202,18 +132,16 @@ def test_stream_end_or_ctrl_c_keeps_playable_outputs(tmp_path, stop_at, as_url):
 CHILD = """
 import sys
 from pathlib import Path
-from benchmarks.tracking import make_scene
 from src.common.video import parse_source
-from tests.test_tracking import track_to_files
-scene = make_scene(frames=60, objects=3, seed=1, size=(160, 120))
-print("written", track_to_files(parse_source(sys.argv[1]), Path(sys.argv[2]), scene, pace=0.05), flush=True)
+from tests.helpers.moving_squares import moving_squares, track_to_files
+squares = moving_squares(frames=60, seed=1)
+print("written", track_to_files(parse_source(sys.argv[1]), Path(sys.argv[2]), squares, pace=0.05), flush=True)
 """
 
 
 def test_real_ctrl_c_on_a_live_input_keeps_playable_outputs(tmp_path):
     """A real SIGINT sent to a process reading a stream (file:// URL) at a camera's pace."""
-    scene = make_scene(frames=60, objects=3, seed=1, size=(160, 120), keep_frames=True)
-    source = write_video(tmp_path / "stream.mp4", scene.frames)
+    source = write_video(tmp_path / "stream.mp4", moving_squares(frames=60, seed=1).frames)
     out = tmp_path / "out"
     out.mkdir()
     root = Path(__file__).resolve().parents[1]
@@ -258,17 +186,16 @@ def test_sources_and_output_names():
 # ------------------------------------------------------------------ through the infer stage (a real model)
 @pytest.fixture(scope="module")
 def tiny_experiment(tmp_path_factory):
-    """A tiny D-FINE checkpoint (deterministic weights) and a 24-frame video of moving shapes."""
-    from tests.deploy_data import deploy_config, make_checkpoint
+    """A tiny D-FINE checkpoint (deterministic weights) and a 24-frame video of moving squares."""
+    from tests.helpers.deploy_data import deploy_config, make_checkpoint
 
     root = tmp_path_factory.mktemp("track_infer")
     make_checkpoint(deploy_config(root))
-    scene = make_scene(frames=24, objects=3, seed=2, size=(160, 120), keep_frames=True)
-    return root, write_video(root / "media" / "clip.mp4", scene.frames, fps=10.0)
+    return root, write_video(root / "media" / "clip.mp4", moving_squares(frames=24, seed=2).frames, fps=10.0)
 
 
 def infer_config(root: Path, source: str, *overrides: str):
-    from tests.deploy_data import deploy_config
+    from tests.helpers.deploy_data import deploy_config
 
     model = root / "output" / "tiny" / "best.pt"
     return deploy_config(root, f"infer.input={source}", f"infer.model_path={model}", *overrides)

@@ -15,16 +15,19 @@ import torch
 from torch import nn
 
 from src.common.config import load_config
+from src.dl.train.core import to_float32
 from src.dl.train.ema import ModelEMA
+from src.dl.train.history import loss_kind, sum_loss_kinds
 from src.dl.train.optim import build_optimizer, build_param_groups, build_scheduler, group_lrs
-from src.dl.train.trainer_utils import (
-    EpochShuffleSampler,
-    ShardSampler,
-    loss_kind,
-    rng_state,
-    set_rng_state,
-    sum_loss_kinds,
-    to_float32,
+from src.dl.train.rng import rng_state, set_rng_state
+from src.dl.train.samplers import EpochShuffleSampler, ShardSampler
+from tests.helpers.train_data import (
+    CLASSES,
+    assert_same_weights,
+    draw_objects,
+    make_detection_data,
+    train_config,
+    train_overrides,
 )
 
 
@@ -47,15 +50,6 @@ class TinyDetector(nn.Module):
 
 def _group_of(groups: list[dict], param: nn.Parameter) -> dict:
     return next(g for g in groups if any(p is param for p in g["params"]))
-
-
-def assert_same_weights(a: dict, b: dict, ema: bool = True) -> None:
-    """Two last.pt checkpoints hold bit-identical model (and, with `ema`, EMA) weights."""
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    if ema:
-        for key, value in a["ema"]["module"].items():
-            assert torch.equal(value, b["ema"]["module"][key]), key
 
 
 def test_param_groups_split_backbone_and_no_decay():
@@ -173,75 +167,7 @@ def test_to_float32_nested():
 # Real D-FINE-n on a tiny synthetic data set (64 px inputs, 10 queries), 1-3 optimizer steps per epoch.
 
 
-CLASSES = ("circle", "square", "triangle", "star")
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
-
-
-def _draw_objects(
-    rng: np.random.Generator, width: int, height: int, count: int
-) -> tuple[np.ndarray, list[str]]:
-    image = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
-    lines = []
-    for _ in range(count):
-        w, h = (int(v) for v in rng.integers(12, max(14, min(width, height) // 2), size=2))
-        x, y = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
-        class_id = int(rng.integers(0, len(CLASSES)))
-        color = tuple(int(c) for c in rng.integers(120, 256, size=3))
-        cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), color, thickness=-1)
-        lines.append(
-            f"{class_id} {(x + w / 2) / width:.6f} {(y + h / 2) / height:.6f} {(w - 1) / width:.6f} {(h - 1) / height:.6f}"
-        )
-    return image, lines
-
-
-def make_detection_data(root: Path, splits: dict[str, int], backgrounds: tuple[str, ...] = ()) -> Path:
-    """root/images + root/labels + train/val/test CSVs. Names in `backgrounds` get no objects."""
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "labels").mkdir(parents=True, exist_ok=True)
-    for split, count in splits.items():
-        names = []
-        for index in range(count):
-            name = f"{split}_{index}.jpg"
-            width, height = int(rng.integers(80, 140)), int(rng.integers(80, 140))
-            objects = 0 if name in backgrounds else int(rng.integers(1, 4))
-            image, lines = _draw_objects(rng, width, height, objects)
-            cv2.imwrite(str(root / "images" / name), image)
-            if lines:
-                (root / "labels" / f"{Path(name).stem}.txt").write_text("\n".join(lines) + "\n")
-            names.append(name)
-        pd.DataFrame({"image": names}).to_csv(root / f"{split}.csv", index=False)
-    return root
-
-
-def train_overrides(tmp_path: Path, data: Path, *overrides: str) -> list[str]:
-    """Command-line overrides for a tiny, fast run (also used by the torchrun test)."""
-    return [
-        f"data_path={data}",
-        f"output_dir={tmp_path / 'output'}",
-        "exp_name=run",
-        "device=cpu",
-        "model.name=n",
-        "model.img_size=[64,64]",
-        "model.num_queries=10",
-        "train.epochs=1",
-        "train.batch_size=2",
-        "train.num_workers=0",
-        "train.max_steps_per_epoch=2",
-        "train.debug_images=2",
-        "train.eval_images=2",
-        "train.checkpoint_every_minutes=0",
-        "train.ema_warmups=2",
-        "train.eval_every=1",  # the tests judge every epoch (config.yaml validates every 2nd)
-        "check.find_duplicates=false",
-        *overrides,
-    ]
-
-
-def train_config(tmp_path: Path, data: Path, *overrides: str):
-    return load_config(train_overrides(tmp_path, data, *overrides))
 
 
 @pytest.fixture(scope="module")
@@ -250,26 +176,44 @@ def data_dir(tmp_path_factory) -> Path:
     return make_detection_data(root, {"train": 8, "val": 2, "test": 1}, backgrounds=("train_3.jpg",))
 
 
-def _run(cfg):
+def _run(cfg, listeners=()):
     from src.dl.train import run
 
-    return run(cfg)
+    return run(cfg, listeners)
+
+
+class EventRecorder:
+    """A listener of every training event: the names in the order they fired, and each one's arguments."""
+
+    def __init__(self) -> None:
+        self.fired: list[tuple[str, tuple]] = []
+
+    def handlers(self) -> dict:
+        from src.dl.train.events import EVENTS
+
+        return {name: (lambda *args, name=name: self.fired.append((name, args))) for name in EVENTS}
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.fired]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
-    """One full run (2 epochs, mosaic, EMA, background-ignoring epoch) shared by the checks below."""
+    """One full run (2 epochs, mosaic, EMA, background-ignoring epoch) shared by the checks below, with
+    config.yaml's loggers (csv, tensorboard) and an event recorder."""
     tmp = tmp_path_factory.mktemp("trained")
     cfg = train_config(
         tmp, data_dir, "train.epochs=2", "train.mosaic.prob=1.0", "train.mosaic.no_mosaic_epochs=1",
         "train.ignore_background_epochs=1",
     )  # fmt: skip
-    summary = _run(cfg)
-    return summary, Path(summary["exp_dir"])
+    recorder = EventRecorder()
+    summary = _run(cfg, [recorder.handlers()])
+    return summary, Path(summary["exp_dir"]), recorder
 
 
 def test_run_writes_a_complete_experiment_folder(trained):
-    summary, folder = trained
+    summary, folder, _ = trained
     for name in ("config.yaml", "train_log.txt", "history.csv", "curves.png", "last.pt", "best.pt",
                  "metrics.csv", "per_class.csv", "thresholds.json"):  # fmt: skip
         assert (folder / name).is_file(), name
@@ -308,8 +252,40 @@ def test_run_writes_a_complete_experiment_folder(trained):
     assert "epoch 2:" in log and "thresholds (picked on val)" in log
 
 
+def test_events_fire_in_order_and_checkpoints_follow_their_state(trained):
+    _, folder, recorder = trained
+    per_epoch = ["on_epoch_start", "on_eval_end", "on_save_state", "on_epoch_end"]
+    assert [name for name in recorder.names if name != "on_checkpoint"] == [
+        "on_train_start", *per_epoch, *per_epoch, "on_train_end", "on_save_state", "on_teardown",
+    ]  # fmt: skip
+    names = recorder.names
+    # last.pt is written right after its state is gathered: at each epoch's end and once finished
+    assert [names[i + 1] for i, name in enumerate(names) if name == "on_save_state"] == ["on_checkpoint"] * 3
+    written = [Path(args[0]).name for name, args in recorder.fired if name == "on_checkpoint"]
+    assert written.count("last.pt") == 3 and "best.pt" in written
+    rows = [args[0] for name, args in recorder.fired if name == "on_epoch_end"]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    final = next(args for name, args in recorder.fired if name == "on_train_end")
+    assert set(final[0]) == {"val", "test"} and final[1] == 4  # {split: metrics}, optimizer steps
+
+
+def test_tensorboard_logger_writes_the_history_as_scalars(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, folder, _ = trained
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss_vfl", "train/lr_backbone", "val/mAP_50", "final/test/mAP_50"} <= tags
+    history = pd.read_csv(folder / "history.csv")
+    loss = events.Scalars("train/loss")
+    assert [point.step for point in loss] == [2, 4]  # optimizer steps at each epoch's end
+    np.testing.assert_allclose([point.value for point in loss], history["loss"], rtol=1e-6)
+    np.testing.assert_allclose([p.value for p in events.Scalars("val/mAP_50")], history["mAP_50"], rtol=1e-6)
+
+
 def test_best_checkpoint_is_self_describing(trained):
-    _, folder = trained
+    _, folder, _ = trained
     best = torch.load(folder / "best.pt", map_location="cpu", weights_only=False)
     meta = best["meta"]
     assert meta["model_name"] == "n" and meta["arch"] == "dfine" and meta["num_classes"] == 4
@@ -345,7 +321,7 @@ def _has_load_pretrained() -> bool:
 
 @pytest.mark.skipif(not _has_load_pretrained(), reason="src.models.load_pretrained has not landed yet")
 def test_fine_tune_from_own_checkpoint_keep_ratio_accumulation_no_ema(tmp_path, data_dir, trained):
-    _, folder = trained
+    _, folder, _ = trained
     cfg = train_config(
         tmp_path, data_dir, f"train.pretrained_model_path={folder / 'best.pt'}", "model.keep_ratio=true",
         "train.mosaic.prob=0", "train.accumulation_steps=2", "train.max_steps_per_epoch=3", "train.use_ema=false",
@@ -451,7 +427,7 @@ def test_background_only_batches_bf16_autocast_on_cpu_and_offline_wandb(tmp_path
     data = make_detection_data(
         tmp_path / "data", {"train": 2, "val": 2}, backgrounds=("train_0.jpg", "train_1.jpg")
     )
-    cfg = train_config(tmp_path, data, "train.amp=bf16", "train.mosaic.prob=0", "train.use_wandb=true")
+    cfg = train_config(tmp_path, data, "train.amp=bf16", "train.mosaic.prob=0", "train.loggers=[csv,wandb]")
     summary = _run(cfg)
     history = pd.read_csv(Path(summary["exp_dir"]) / "history.csv")
     assert np.isfinite(history["loss"]).all()
@@ -470,7 +446,7 @@ def test_one_class_without_val_or_test_split(tmp_path):
 
 
 def test_doctor_rejects_bad_labels_and_skip_bad_trains_without_them(tmp_path):
-    from src.etl.check import DatasetError
+    from src.etl.doctor import DatasetError
 
     data = make_detection_data(tmp_path / "data", {"train": 3, "val": 2})
     (data / "labels" / "train_1.txt").write_text("0 0.5 0.5 0.2\n")  # a field missing: fatal, skippable
@@ -483,51 +459,57 @@ def test_doctor_rejects_bad_labels_and_skip_bad_trains_without_them(tmp_path):
 
 
 def test_non_finite_losses_stop_the_run_with_a_clear_message(tmp_path, data_dir):
-    from src.dl.train import Trainer, TrainingDiverged
-    from src.dl.train.trainer_utils import DistContext
+    from src.dl.train import TrainingDiverged, build_trainer
+    from src.dl.train.distributed import DistContext
 
     cfg = train_config(tmp_path, data_dir, "train.max_bad_steps=2", "train.max_steps_per_epoch=3")
     Path(cfg.output_dir, cfg.exp_name).mkdir(parents=True)
-    trainer = Trainer(cfg, DistContext())
-    criterion = trainer.criterion
+    trainer = build_trainer(cfg, DistContext())
+    criterion = trainer.runner.criterion
 
     def exploding(outputs, targets):  # fault injection around the real criterion
         return {k: v * math.inf for k, v in criterion(outputs, targets).items()}
 
-    trainer.criterion = exploding
-    trainer.criterion.train = lambda: None
+    trainer.runner.criterion = exploding
     with pytest.raises(TrainingDiverged, match="train.max_bad_steps=2"):
         trainer.fit()
     assert trainer.state.global_step == 0
 
 
-def test_frozen_backbone_does_not_move(tmp_path, data_dir):
-    from src.dl.train import Trainer
-    from src.dl.train.trainer_utils import DistContext
+def test_frozen_backbone_does_not_move_and_the_loop_is_profiled(tmp_path, data_dir):
+    from src.dl.train import build_trainer
+    from src.dl.train.distributed import DistContext
+    from src.dl.train.profile import SectionTimer
 
     cfg = train_config(tmp_path, data_dir, "train.max_steps_per_epoch=1", "train.freeze_backbone_epochs=1")
     Path(cfg.output_dir, cfg.exp_name).mkdir(parents=True)
-    trainer = Trainer(cfg, DistContext())
+    timer = SectionTimer()
+    trainer = build_trainer(cfg, DistContext(), timer=timer)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    trainer._set_backbone_frozen(True)
-    trainer.train_one_epoch(0)
+    trainer.train_batches(0)  # epoch 0 < freeze_backbone_epochs: frozen
     after = trainer.model.state_dict()
     backbone = [k for k in before if k.startswith("backbone.")]
     assert all(torch.equal(before[k], after[k]) for k in backbone)  # weights and BN statistics
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
-    trainer._set_backbone_frozen(False)
+    trainer.set_backbone_frozen(False)
     assert all(p.requires_grad for p in trainer.model.backbone.parameters())
+    # benchmarks.train_speed --profile: where one batch's time went
+    sections = {"loader wait", "host to device", "forward", "loss", "matcher", "backward", "optimizer", "ema"}
+    assert sections <= set(timer.totals) and all(timer.totals[name] > 0 for name in sections)
+    # the matcher runs inside the loss: the final layer, every earlier one, the pre box, the encoder
+    decoder_layers = trainer.model.decoder.num_layers
+    assert timer.counts["matcher"] == decoder_layers + 2 and timer.totals["matcher"] < timer.totals["loss"]
 
 
-# ---------------------------------------------------------------- cheaper validation (issue 15)
+# ---------------------------------------------------------------- cheaper validation
 
 
 def test_validated_epochs_follow_eval_every_the_last_epoch_and_the_no_aug_tail():
-    from src.dl.train.evaluation import is_validated
+    from src.dl.train.settings import TrainSettings
 
     def validated(*overrides: str) -> list[int]:
-        tc = load_config(["train.epochs=10", *overrides]).train
-        return [epoch + 1 for epoch in range(10) if is_validated(epoch, tc)]
+        settings = TrainSettings.from_config(load_config(["train.epochs=10", *overrides])).evaluation
+        return [epoch + 1 for epoch in range(10) if settings.validates(epoch)]
 
     assert validated("train.eval_every=1") == list(range(1, 11))
     assert validated("train.eval_every=3") == [3, 6, 9, 10]
@@ -540,7 +522,7 @@ def test_eval_every_skips_validation_and_negatives_are_subsampled_while_training
     rng = np.random.default_rng(1)
     (data / "negatives").mkdir()
     for index in range(3):  # background-only images no split lists
-        cv2.imwrite(str(data / "negatives" / f"neg_{index}.jpg"), _draw_objects(rng, 90, 70, 0)[0])
+        cv2.imwrite(str(data / "negatives" / f"neg_{index}.jpg"), draw_objects(rng, 90, 70, 0)[0])
     cfg = train_config(
         tmp_path, data, "train.epochs=4", "train.eval_every=3", "train.max_steps_per_epoch=1",
         "train.mosaic.prob=0", "train.negatives_max_images=2",

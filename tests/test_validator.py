@@ -223,18 +223,20 @@ def test_predict_batches_with_the_real_model(tmp_path):
         pytest.skip("the model package is not complete yet")
     from torch.utils.data import DataLoader
 
-    from src.dl.train.dataset import DetectionDataset, collate_fn
+    from src.dl.train.dataset import collate_fn
+    from src.dl.train.setup import split_dataset
     from src.metrics.records import predict_batches
-    from tests.test_dataset import IMAGES, config, make_data
+    from tests.helpers.train_data import IMAGES, make_dataset_images
+    from tests.helpers.train_data import dataset_config as config
 
     torch.manual_seed(0)
     cfg = config(
-        make_data(tmp_path / "data"),
+        make_dataset_images(tmp_path / "data"),
         "model.img_size=[64,64]",
         "model.keep_ratio=true",
         "model.num_queries=20",
     )
-    dataset = DetectionDataset(cfg, "val")
+    dataset = split_dataset(cfg, "val")
     model = d_fine.build_model("n", 4, img_size=(64, 64), variant="dfine", num_queries=20).eval()
     postprocessor = d_fine.build_postprocessor(4, num_top_queries=20).eval()
     loader = DataLoader(dataset, batch_size=2, collate_fn=collate_fn)

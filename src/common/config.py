@@ -1,4 +1,4 @@
-"""One Hydra config for every stage: entry helper, validation, experiment folder, and the run's saved config.
+"""One Hydra config for every stage: entry helper, validation, and the run's saved config.
 
 Every stage module has `run(cfg)` (called by tests) and `main = stage_main(run)` (the CLI):
     python -m src.etl.split split.val=0.2
@@ -32,6 +32,7 @@ from src.common.config_rules import (
     rule_for,
 )
 from src.common.errors import ConfigError, UserError
+from src.common.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root, where config.yaml lives
 CONFIG_NAME = "config"
@@ -44,6 +45,7 @@ def load_config(overrides: Sequence[str] = (), config_dir: Path | None = None) -
 
     defaults = default_config(config_dir)
     overrides, unknown = check_overrides(overrides, defaults)
+    unknown = [*repeated_yaml_keys(config_dir), *unknown]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir or ROOT), version_base=None):
         cfg = compose(config_name=CONFIG_NAME, overrides=overrides)
@@ -70,7 +72,7 @@ def stage_main(run: Callable[[DictConfig], object]) -> Callable[[], None]:
     @functools.wraps(run)
     def main() -> None:
         sys.argv[1:], found = check_overrides(sys.argv[1:])
-        unknown[:] = found
+        unknown[:] = [*repeated_yaml_keys(), *found]
         _main()
 
     return main
@@ -92,6 +94,29 @@ def default_config(config_dir: Path | None = None) -> DictConfig:
     for key in ("defaults", "hydra"):
         cfg.pop(key, None)
     return cfg
+
+
+def repeated_yaml_keys(config_dir: Path | None = None) -> list[str]:
+    """A key config.yaml gives twice in one map (YAML would keep the last one silently), as problem lines."""
+    import yaml
+
+    path = Path(config_dir or ROOT) / f"{CONFIG_NAME}.yaml"
+    problems: list[str] = []
+
+    def walk(node, prefix: str) -> None:
+        first: dict[str, int] = {}
+        for key_node, value_node in node.value if isinstance(node, yaml.MappingNode) else ():
+            line = key_node.start_mark.line + 1
+            if key_node.value in first:
+                problems.append(
+                    f"{path}:{line}: {prefix}{key_node.value} is given twice (first on line "
+                    f"{first[key_node.value]}); give each key once"
+                )
+            first.setdefault(key_node.value, line)
+            walk(value_node, f"{prefix}{key_node.value}.")
+
+    walk(yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader), "")
+    return problems
 
 
 def complete_with_defaults(saved: DictConfig | dict) -> DictConfig:
@@ -282,65 +307,124 @@ def _open_map_of(key: str) -> str | None:
 
 # `key=value`, `+key=value`, `++key=value`, `~key[=value]`; group overrides (a/b=c) and flags are Hydra's
 _OVERRIDE = re.compile(r"(?P<prefix>~|\+\+|\+)?(?P<key>[A-Za-z_][\w.\-]*)(?P<rest>=.*)?", re.DOTALL)
+# Hydra's flags that take the next argument as their value (`--cfg job`, `-cn other`)
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp", "--config-name",
+                     "-cn", "--config-dir", "-cd", "--experimental-rerun"}  # fmt: skip
 
 
 def check_overrides(
     overrides: Sequence[str], defaults: DictConfig | None = None
 ) -> tuple[list[str], list[str]]:
-    """Check command-line overrides' keys before Hydra does: (the overrides Hydra should get, problems).
+    """Check command-line overrides before Hydra does: (the overrides Hydra should get, problems).
 
-    An unknown key is left out, its problem naming the closest known key. A new entry of an open map
-    (label_to_name.4=dog) needs no `+`; a whole-map override of label_to_name replaces config.yaml's map
-    (Hydra would merge the two).
+    An unknown key is left out, its problem naming the closest known key; so is an argument Hydra could not
+    parse (no `=`, unquoted non-ASCII text), a map key given a list or a value, and a map written with one
+    key twice. A new entry of an open map (label_to_name.4=dog) needs no `+`; a whole-map override of
+    label_to_name replaces config.yaml's map (Hydra would merge the two).
     """
     default = OmegaConf.to_container(defaults if defaults is not None else default_config(), resolve=False)
     known = _known_keys(default)
     out, problems = [], []
-    for arg in overrides:
+    for arg, is_flag in _tell_flags(overrides):
         match = _OVERRIDE.fullmatch(arg)
-        is_override = match is not None and (match["rest"] or match["prefix"] == "~")
-        if not is_override or match["key"].split(".")[0] == "hydra":  # flags (--cfg job), Hydra's keys
+        if is_flag or (match and match["key"].split(".")[0] == "hydra"):  # flags (--cfg job), Hydra's keys
             out.append(arg)
             continue
-        prefix, key, rest = match["prefix"] or "", match["key"], match["rest"] or ""
-        if _open_map_of(key):  # an entry, new or not (the map may have been replaced just before)
-            out.append(arg if prefix else f"++{arg}")
-        elif key in known:
-            replace = key in REPLACED_MAPS and not prefix and rest.lstrip("=").startswith("{")
+        problem = _syntax_problem(arg) or (_value_problem(arg, default) if match else None)
+        if problem:
+            problems.append(problem)
+        elif match is None or not (match["rest"] or match["prefix"] == "~"):
+            out.append(arg)  # a group override (hydra/job_logging=none)
+        elif _open_map_of(match["key"]):  # an entry, new or not (the map may have been replaced just before)
+            out.append(arg if match["prefix"] else f"++{arg}")
+        elif match["key"] in known:
+            key, rest = match["key"], match["rest"] or ""
+            replace = key in REPLACED_MAPS and not match["prefix"] and rest.lstrip("=").startswith("{")
             out += [f"~{key}", f"+{arg}"] if replace else [arg]
         else:
-            problems.append(unknown_key_message(key, known))
+            problems.append(unknown_key_message(match["key"], known))
     return out, problems
+
+
+def _tell_flags(args: Sequence[str]) -> list[tuple[str, bool]]:
+    """(arg, is a Hydra flag or a flag's value) for each command-line argument."""
+    marked, after_flag = [], False
+    for arg in args:
+        is_flag = arg.startswith("-") or (after_flag and "=" not in arg)
+        marked.append((arg, is_flag))
+        after_flag = arg.split("=")[0] in _FLAGS_WITH_VALUE and "=" not in arg
+    return marked
+
+
+def _syntax_problem(arg: str) -> str | None:
+    """What Hydra's override grammar would stop on, as one line with the fix (None: it parses)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if "=" not in arg and not arg.startswith("~"):
+        return f"{arg!r} is not an override: write key=value (e.g. train.epochs=10)"
+    try:
+        OverridesParser.create().parse_overrides([arg])
+    except HydraException:
+        key, _, value = arg.partition("=")
+        if not value.isascii():
+            quoted = re.sub(r"[^\s,:{}\[\]()='\"]*[^\x00-\x7f][^\s,:{}\[\]()='\"]*", r"'\g<0>'", value)
+            return f"{arg}: text with non-ASCII letters must be quoted in an override, e.g. \"{key}={quoted}\""
+        return f"{arg}: not a valid override (quote a value with spaces or special characters: key='a b')"
+    return None
+
+
+def _value_problem(arg: str, default: dict) -> str | None:
+    """A map key given something else (Hydra would stop merging it), or a map written with a key twice."""
+    key, _, text = arg.lstrip("+~").partition("=")
+    expected = _default_at(default, key) if not arg.startswith("~") else None
+    if isinstance(expected, dict) and not text.strip().startswith("{") and text.strip() != "null":
+        rule = rule_for(key)
+        allowed = rule.allowed if rule else f"a map of {', '.join(map(str, expected))}"
+        return f"{key} must be {allowed}, got {text.strip()}"
+    twice = _repeated_keys(text)
+    if twice:
+        return f"{key}={text}: key {', '.join(twice)} given twice; give each key once (the last would silently win)"
+    return None
+
+
+def _default_at(default: dict, key: str):
+    """config.yaml's value at a dotted key (None where there is none)."""
+    node = default
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _repeated_keys(text: str) -> list[str]:
+    """Keys written more than once at the top level of a `{k: v, ...}` override value."""
+    text = text.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        return []
+    keys, depth, quote, entry = [], 0, "", ""
+    for char in text[1:-1] + ",":
+        if quote or char in "'\"":
+            quote = "" if char == quote else quote or char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            keys.append(entry.split(":", 1)[0].strip().strip("'\""))
+            entry = ""
+            continue
+        entry += char
+    return sorted({k for k in keys if k and keys.count(k) > 1})
 
 
 # ---------------------------------------------------------------------------------------------- saved config
 
 
-def exp_dir(cfg: DictConfig) -> Path:
-    """output_dir/exp_name, exp_name checked to be a plain folder name (src.common.experiment owns it)."""
-    from src.common.experiment import Experiment
-
-    return Experiment.of(cfg).root
-
-
-def saved_config_path(cfg: DictConfig) -> Path:
-    return exp_dir(cfg) / "config.yaml"
-
-
-def save_run_config(cfg: DictConfig, path: Path | None = None) -> Path:
-    """Write the resolved config into the experiment folder (atomically)."""
-    from src.common.io import atomic_write_text
-
-    path = path or saved_config_path(cfg)
-    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
-    return path
-
-
-def with_saved_model_keys(cfg: DictConfig) -> DictConfig:
-    """Deprecated: use src.common.experiment.stage_config (this alias goes when no stage calls it)."""
-    from src.common.experiment import stage_config
-
-    return stage_config(cfg)
+def save_run_config(cfg: DictConfig, path: Path) -> Path:
+    """Write the resolved config (atomically): an experiment's copy is Experiment.file("config")."""
+    return atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def label_names(cfg: DictConfig) -> list[str]:

@@ -159,7 +159,7 @@ RULES: dict[str, Rule] = {
     "model.img_size": Rule(
         "[h, w] (or one int for a square) of positive multiples of 32", _img_size, typed=True
     ),
-    "model.num_queries": at_least(1),
+    "model.num_queries": at_least(1, nullable=True, kind="int"),
     "model.task": one_of("detect", "segment"),
     # ------------------------------------------------------------ etl
     "preprocess.jpg_quality": between(1, 100),
@@ -179,6 +179,7 @@ RULES: dict[str, Rule] = {
     "demo_data.clutter": pair("[min, max] ints >= 0", lambda v: _int(v) and v >= 0),
     "check.near_duplicate_distance": between(0, 64),
     "check.near_duplicate_similarity": between(-1, 1),
+    "check.near_duplicate_detail": between(-1, 1),
     "check.small_object_px": at_least(0, kind="float"),
     "check.small_object_share": PROBABILITY,
     "tile.size": Rule(

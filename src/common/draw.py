@@ -6,14 +6,17 @@ modify the image they are given. Colours are RGB tuples.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
+from loguru import logger
 
 from src.common.io import atomic_write
+from src.common.network_input import PAD_VALUE, letterbox_or_resize
 
 GT_COLOR = (0, 200, 0)  # green
 PRED_COLOR = (230, 40, 40)  # red
@@ -64,12 +67,12 @@ def label_text(label: int, score: float | None = None, class_names: Sequence[str
 def _put_label(image: np.ndarray, text: str, x1: int, y1: int, color, line_width: int) -> None:
     """Text on a filled box above the box's top-left corner (inside the image when at the top edge)."""
     font_scale = max(0.35, line_width / 3)
+    if not text.isascii():  # OpenCV's Hershey fonts have ASCII only: anything else would be drawn as "?"
+        _put_unicode_label(image, text, x1, y1, color, font_scale)
+        return
     thickness = max(1, line_width - 1)
     (text_w, text_h), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
-    top = y1 - text_h - baseline - 2
-    if top < 0:
-        top = y1 + 1
-    x1 = min(max(0, x1), max(0, image.shape[1] - text_w - 2))
+    x1, top = _label_corner(image, x1, y1, text_w, text_h + baseline)
     cv2.rectangle(image, (x1, top), (x1 + text_w + 2, top + text_h + baseline + 2), color, -1)
     cv2.putText(
         image,
@@ -81,6 +84,98 @@ def _put_label(image: np.ndarray, text: str, x1: int, y1: int, color, line_width
         thickness,
         cv2.LINE_AA,
     )
+
+
+def _label_corner(image: np.ndarray, x1: int, y1: int, text_w: int, text_h: int) -> tuple[int, int]:
+    """Top-left corner of a text_w x text_h label over (x1, y1): above it, below when at the top edge, and
+    inside the image's width."""
+    top = y1 - text_h - 2
+    if top < 0:
+        top = y1 + 1
+    return min(max(0, x1), max(0, image.shape[1] - text_w - 2)), top
+
+
+# Fonts for label text beyond ASCII, tried in order for each character. DejaVu Sans
+# (Latin, Greek, Cyrillic, Hebrew, Arabic...) comes with matplotlib when Debian's fonts-dejavu-core is absent;
+# CJK needs Debian's fonts-droid-fallback (`make setup` installs it where it can) or one of the others.
+UNICODE_FONTS = (
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+)
+HERSHEY_TO_POINTS = 30  # a TrueType size drawing capitals as tall as Hershey simplex at scale 1 (22 px)
+
+
+@functools.cache
+def _font_files() -> tuple[Path, ...]:
+    import matplotlib
+
+    bundled = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    return tuple(p for p in (*map(Path, UNICODE_FONTS), bundled) if p.is_file())
+
+
+@functools.cache
+def _characters(path: Path) -> frozenset[int]:
+    """Code points a font file has glyphs for (the first font of a collection)."""
+    from fontTools.ttLib import TTFont
+
+    with TTFont(path, fontNumber=0, lazy=True) as font:
+        return frozenset(font.getBestCmap())
+
+
+@functools.cache
+def font_for(char: str) -> Path | None:
+    """The first font file with a glyph for char (None: no font has it, said once per character)."""
+    found = next((path for path in _font_files() if ord(char) in _characters(path)), None)
+    if found is None and not char.isspace():
+        logger.warning(
+            f"no installed font has {char!r} (U+{ord(char):04X}), drawn as a box in labels: install "
+            "fonts-droid-fallback (CJK) or another font that has it (`make setup`)"
+        )
+    return found
+
+
+def font_runs(text: str) -> list[tuple[Path | None, str]]:
+    """text cut into runs of characters that one font draws (a space joins the run before it)."""
+    runs: list[tuple[Path | None, str]] = []
+    for char in text:
+        path = runs[-1][0] if runs and char.isspace() else font_for(char)
+        if runs and runs[-1][0] == path:
+            runs[-1] = (path, runs[-1][1] + char)
+        else:
+            runs.append((path, char))
+    return runs
+
+
+@functools.cache
+def _truetype(path: Path | None, size: int):
+    from PIL import ImageFont
+
+    return ImageFont.truetype(str(path), size) if path else ImageFont.load_default(size)
+
+
+def _put_unicode_label(image: np.ndarray, text: str, x1: int, y1: int, color, font_scale: float) -> None:
+    """_put_label's box and text drawn with TrueType fonts (PIL) that have the text's characters, each run
+    of characters in the first font that has them, on one baseline."""
+    from PIL import Image, ImageDraw
+
+    size = max(8, round(HERSHEY_TO_POINTS * font_scale))
+    runs = [(_truetype(path, size), part) for path, part in font_runs(text)]
+    boxes = [font.getbbox(part, anchor="ls") for font, part in runs]  # (left, top, right, bottom) to the baseline
+    ascent, descent = max(-b[1] for b in boxes), max(b[3] for b in boxes)
+    text_w = round(sum(font.getlength(part) for font, part in runs))
+    x1, top = _label_corner(image, x1, y1, text_w, ascent + descent)
+    x2, y2 = min(x1 + text_w + 2, image.shape[1]), min(top + ascent + descent + 2, image.shape[0])
+    if x2 <= x1 or y2 <= top:
+        return
+    cv2.rectangle(image, (x1, top), (x2, y2), color, -1)
+    patch = Image.fromarray(np.ascontiguousarray(image[top:y2, x1:x2]))
+    pen, draw = 1.0, ImageDraw.Draw(patch)
+    for font, part in runs:
+        draw.text((pen, 1 + ascent), part, font=font, fill=TEXT_COLOR, anchor="ls")
+        pen += font.getlength(part)
+    image[top:y2, x1:x2] = np.asarray(patch)
 
 
 def draw_detections(
@@ -171,8 +266,6 @@ def tile_images(
 ) -> np.ndarray:
     """Put images in a grid (row-major). tile_size (w, h): every tile is letterboxed to it; default: the
     largest image's size. Empty cells are grey."""
-    from src.common.network_input import PAD_VALUE, letterbox_or_resize
-
     if not images:
         raise ValueError("tile_images needs at least one image")
     cols = cols or math.ceil(math.sqrt(len(images)))

@@ -24,6 +24,7 @@ from pathlib import Path
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
+from src.common.config import default_config
 from src.common.errors import ConfigError, ExperimentError, StaleArtifactError
 from src.common.io import atomic_write_json, read_json
 
@@ -36,6 +37,7 @@ FILES = {
     "log": "train_log.txt",
     "history": "history.csv",
     "curves": "curves.png",
+    "tensorboard": "tensorboard",
     "last": "last.pt",
     "best": "best.pt",
     "metrics": "metrics.csv",
@@ -251,6 +253,11 @@ class Experiment:
         os.replace(backup, self.root)
 
 
+def exp_dir(cfg: DictConfig) -> Path:
+    """output_dir/exp_name, exp_name checked to be a plain folder name."""
+    return Experiment.of(cfg).root
+
+
 # ---------------------------------------------------------------------------------------------- stage config
 
 
@@ -277,8 +284,6 @@ def stage_config(cfg: DictConfig, defaults: DictConfig | None = None) -> DictCon
     with another value is refused (ConfigError naming the key and both values). data_path/splits_dir given
     with another value are allowed (evaluating on another data set) and logged.
     """
-    from src.common.config import default_config
-
     exp = Experiment.of(cfg)
     saved_path = exp.file("config")
     if not saved_path.exists():

@@ -5,9 +5,9 @@
     threads, why = resolve_threads(cfg.train.threads, cfg.train.num_workers)  # 1 on a loaded 2-core machine
     torch.set_num_threads(threads)                        # (None: OMP_NUM_THREADS is set, keep it)
 
-Training precision follows the hardware (issue 15): a CPU with native bf16 (AVX512-BF16 or AMX) runs bf16
-autocast + channels_last about 1.3x faster than fp32 with the same loss curve, while a CPU without it
-emulates bf16 in oneDNN and runs ~1.8x slower. GPUs: bf16 where supported (Ampere+), else fp16 + GradScaler.
+Training precision follows the hardware: a CPU with native bf16 (AVX512-BF16 or AMX) runs bf16 autocast +
+channels_last faster than fp32 with the same loss curve, while a CPU without it emulates bf16 in oneDNN and
+runs slower than fp32 (docs/benchmarks.md). GPUs: bf16 where supported (Ampere+), else fp16 + GradScaler.
 """
 
 from __future__ import annotations
@@ -148,8 +148,7 @@ def busy_cpus() -> float:
 
 
 # On a machine with up to this many CPUs the model step is the bottleneck and the loader workers need only a
-# fraction of a core (2-core Xeon with AMX, idle: 2 threads + 2 workers 5.26 img/s, 1 thread 4.61); above it
-# the workers keep cores of their own.
+# fraction of a core, so the step takes every core; above it the workers keep cores of their own.
 SMALL_MACHINE_CPUS = 4
 
 
@@ -163,10 +162,9 @@ def resolve_threads(
     """torch intra-op threads for one training process and the reason, for the log.
 
     A number is taken as given. null: this process's share of the CPUs (all of them on a small machine, else
-    minus its loader workers), capped by the CPUs the machine's load leaves free, at least 1. On a loaded
-    2-core machine that is 1 thread: OpenMP threads waiting on a busy core made a 2-thread step several times
-    slower than a 1-thread one (README, training speed). None (leave torch's setting) when null and
-    OMP_NUM_THREADS is set: the user (or torchrun) chose already.
+    minus its loader workers), capped by the CPUs the machine's load leaves free, at least 1: a start that
+    training re-decides from measured throughput (src/dl/train/speed.py). None (leave torch's setting) when
+    null and OMP_NUM_THREADS is set: the user (or torchrun) chose already.
     """
     if threads is not None:
         if int(threads) < 1:
@@ -176,10 +174,17 @@ def resolve_threads(
         return None, "OMP_NUM_THREADS"
     cpus = cpu_count() if cpus is None else cpus
     busy = busy_cpus() if busy is None else busy
-    share = max(cpus // max(processes, 1), 1)
-    wanted = share if cpus <= SMALL_MACHINE_CPUS else max(share - int(num_workers), 1)
+    wanted = thread_share(num_workers, processes, cpus)
     free = max(int(cpus - round(busy)) // max(processes, 1), 1)
     return min(wanted, free), f"automatic: {cpus} CPU(s), load average {busy:.1f}"
+
+
+def thread_share(num_workers: int, processes: int = 1, cpus: int | None = None) -> int:
+    """The most torch threads one training process should use: its share of the CPUs (all of them on a
+    small machine, else minus its loader workers), at least 1."""
+    cpus = cpu_count() if cpus is None else cpus
+    share = max(cpus // max(processes, 1), 1)
+    return share if cpus <= SMALL_MACHINE_CPUS else max(share - int(num_workers), 1)
 
 
 # ---------------------------------------------------------------------------------------------- memory, disk

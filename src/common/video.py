@@ -5,6 +5,7 @@
         for index, frame_rgb in video.frames(cap=None):   # one frame in memory at a time
             writer.write(annotate(frame_rgb))
         writer.finish()                                   # temp files renamed to their final names
+        video.missing_frames(index + 1)                   # > 0: the video is cut or corrupt midway
 
 Writers write to temp names beside the final files (cv2 picks the container from the suffix), so a
 half-written video never takes a final name; abort() removes the temp files.
@@ -27,6 +28,10 @@ import numpy as np
 from loguru import logger
 
 DEFAULT_FPS = 25.0  # when the container does not say
+# A container's frame count is an estimate for some formats (from its duration and fps): fewer frames read
+# than it says is a cut or corrupt video only past this slack (frames, or a share of the count if larger).
+FRAME_COUNT_SLACK = 2
+FRAME_COUNT_SLACK_SHARE = 0.01
 
 
 class VideoReadError(ValueError):
@@ -53,6 +58,15 @@ class VideoInput:
                 return
             yield index, np.ascontiguousarray(frame[..., ::-1])
             index += 1
+
+    def missing_frames(self, read: int) -> int:
+        """How many of the frames the container announces were not read (0 within the slack, or when it
+        announces none: a live input). A decoder stops quietly at a corrupt frame: this is how it shows."""
+        if self.total is None:
+            return 0
+        missing = self.total - read
+        slack = max(FRAME_COUNT_SLACK, FRAME_COUNT_SLACK_SHARE * self.total)
+        return missing if missing > slack else 0
 
     def close(self) -> None:
         self.capture.release()

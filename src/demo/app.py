@@ -58,8 +58,8 @@ from src.demo.processing import TABLE_COLUMNS as TABLE_COLUMNS
 from src.demo.processing import class_thresholds as class_thresholds
 from src.demo.processing import find_models as find_models
 from src.demo.video import VideoLimits, predict_video
+from src.dl.artifacts import sliced_if_configured
 from src.runtime import Detector
-from src.runtime.slicing import sliced_if_configured
 from src.runtime.tracking import TrackerSettings
 
 # ---------------------------------------------------------------- the app

@@ -19,13 +19,14 @@ import pandas as pd
 from loguru import logger
 from omegaconf import DictConfig
 
-from src.common.draw import draw_masks, draw_tracks, save_image_rgb
+from src.common.draw import save_image_rgb
 from src.common.errors import ExperimentError
 from src.common.experiment import ARTIFACTS, Experiment
 from src.common.images import IMAGE_EXTS, ImageReadError, is_image, read_image_rgb
-from src.common.io import atomic_write, atomic_write_json
-from src.dl.infer import WRITABLE_EXTS, draw, yolo_text
-from src.runtime import Detections, Detector, best_artifact, load_model
+from src.common.io import atomic_write, atomic_write_json, atomic_write_text
+from src.dl.artifacts import best_artifact, load_artifact
+from src.runtime import Detections, Detector
+from src.runtime.outputs import OutputNames, draw, yolo_text
 
 TABLE_COLUMNS = ["file", "frame", "track_id", "class_id", "class_name", "score", "x1", "y1", "x2", "y2"]
 OPTIONAL_COLUMNS = ("frame", "track_id")  # shown only when a row has one (video frames; tracked videos)
@@ -67,7 +68,8 @@ def default_model(cfg: DictConfig) -> str | None:
 
 
 class ModelCache:
-    """Loaded Detectors by path; keeps the `size` most recently used (each holds a whole model)."""
+    """Loaded Detectors by path (src/dl/artifacts.py: a stale export of an experiment is refused); keeps the
+    `size` most recently used (each holds a whole model)."""
 
     def __init__(
         self,
@@ -87,7 +89,7 @@ class ModelCache:
             if key in self._models:
                 self._models[key] = self._models.pop(key)  # most recently used goes last
                 return self._models[key]
-            detector = self.wrap(load_model(key, device=self.device, precision=self.precision))
+            detector = self.wrap(load_artifact(key, device=self.device, precision=self.precision))
             logger.info(f"demo: loaded {detector}")
             self._models[key] = detector
             while len(self._models) > self.size:
@@ -167,14 +169,18 @@ def file_path(item: Any) -> Path:
     raise TypeError(f"not a file: {item!r}")
 
 
-def unique_stem(name: str, used: set[str]) -> str:
-    """`name`, or name_2, name_3... when two uploads share a file name."""
-    stem, n = name, 1
-    while stem in used:
-        n += 1
-        stem = f"{name}_{n}"
-    used.add(stem)
-    return stem
+def unique_names(names: Sequence[str]) -> list[str]:
+    """The uploads' file names, made distinct: a second a.jpg becomes a_2.jpg (a_3.jpg, ... when taken)."""
+    used: set[str] = set()
+    unique = []
+    for name in names:
+        path, candidate, n = Path(name), name, 1
+        while candidate in used:
+            n += 1
+            candidate = f"{path.stem}_{n}{path.suffix}"
+        used.add(candidate)
+        unique.append(candidate)
+    return unique
 
 
 def table_rows(
@@ -212,22 +218,6 @@ def join_tables(*tables: pd.DataFrame) -> pd.DataFrame:
     return table[present].fillna({column: "" for column in OPTIONAL_COLUMNS if column in table})
 
 
-def annotate(
-    image: np.ndarray,
-    dets: Detections,
-    class_names: Sequence[str],
-    track_ids: np.ndarray | None = None,
-    track_labels: np.ndarray | None = None,
-) -> np.ndarray:
-    """The picture shown: instance masks first (segmentation models), then the boxes on top; with
-    track_ids (N,) the tags read "#id class score" (class: the track's majority vote, `track_labels`)
-    and each track keeps one colour, its mask's too."""
-    if track_ids is None:
-        return draw(image, dets, list(class_names))  # as dl.infer draws
-    picture = image if dets.masks is None else draw_masks(image, dets.masks, track_ids)  # colour by id
-    return draw_tracks(picture, dets.boxes, track_ids, track_labels, dets.scores, class_names)
-
-
 def readable_error(err: Exception, path: Path, name: str) -> str:
     """The reader's message with the upload's temp path replaced by the name the user knows."""
     message = str(err).replace(str(path), name)
@@ -251,28 +241,15 @@ def predict_images(
     """
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="dfine_demo_"))
     thresholds = class_thresholds(detector, conf, classes)
-    results, rows, entries, used = Results(), [], [], set()
+    paths = [file_path(item) for item in files]
+    names = unique_names([path.name for path in paths])
+    output_names = OutputNames(names)
+    results, rows, entries = Results(), [], []
     annotated_files, label_files = [], []
-    for item in files:
-        path = file_path(item)
-        if max_images is not None and len(entries) >= max_images:
-            results.problems.append(f"{path.name}: skipped, at most {max_images} images per request")
-            continue
-        if not is_image(path):
-            results.problems.append(f"{path.name}: not a supported image ({', '.join(sorted(IMAGE_EXTS))})")
-            continue
-        try:
-            image = read_image_rgb(path)
-        except (ImageReadError, OSError, ValueError) as err:
-            results.problems.append(readable_error(err, path, path.name))
-            continue
-        dets = detector.predict([image], thresholds)[0]
-        stem = unique_stem(path.stem, used)
-        suffix = path.suffix.lower() if path.suffix.lower() in WRITABLE_EXTS else ".jpg"
-        picture = annotate(image, dets, detector.class_names)
-        annotated = save_image_rgb(out / "images" / f"{stem}{suffix}", picture)
-        label_file = out / "labels" / f"{stem}.txt"
-        atomic_write(label_file, lambda tmp, d=dets: tmp.write_text(yolo_text(d, label_scores)))
+    usable = usable_images(paths, names, max_images, results.problems)
+    for (path, name), image, dets in detector.stream(usable, thresholds):
+        annotated = save_image_rgb(out / output_names.drawing(name), draw(image, dets, detector.class_names))
+        label_file = atomic_write_text(out / output_names.label(name), yolo_text(dets, label_scores))
         annotated_files.append(annotated)
         label_files.append(label_file)
         masks = " with masks" if dets.masks is not None else ""
@@ -288,6 +265,28 @@ def predict_images(
     bundle = write_zip(out / "predictions.zip", out, [predictions, *annotated_files, *label_files])
     results.downloads = [str(p) for p in (bundle, predictions, *annotated_files, *label_files)]
     return results
+
+
+def usable_images(
+    paths: Sequence[Path], names: Sequence[str], max_images: int | None, problems: list[str]
+) -> Iterator[tuple[tuple[Path, str], np.ndarray]]:
+    """((upload, its unique name), RGB image) for each upload that is a readable image, up to max_images;
+    the others get a line in `problems`."""
+    taken = 0
+    for path, name in zip(paths, names, strict=True):
+        if max_images is not None and taken >= max_images:
+            problems.append(f"{path.name}: skipped, at most {max_images} images per request")
+            continue
+        if not is_image(path):
+            problems.append(f"{path.name}: not a supported image ({', '.join(sorted(IMAGE_EXTS))})")
+            continue
+        try:
+            image = read_image_rgb(path)
+        except (ImageReadError, OSError, ValueError) as err:
+            problems.append(readable_error(err, path, path.name))
+            continue
+        taken += 1
+        yield (path, name), image
 
 
 def model_summary(detector: Detector, thresholds: dict[int, float]) -> dict[str, Any]:

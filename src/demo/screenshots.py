@@ -21,7 +21,6 @@ Run it from the project folder so that the page shows paths relative to it.
 from __future__ import annotations
 
 import socket
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -137,7 +136,7 @@ def served_page(cfg, app=None) -> Iterator[DemoPage]:
 def test_images(cfg, count: int) -> list[Path]:
     """The first `count` test-split images with at least one object (the model never trained on them); the
     data folder's first images when there is no test split."""
-    from src.runtime.evaluate import load_split_samples
+    from src.dl.split_samples import load_split_samples
 
     samples = [s for s in load_split_samples(cfg, "test") if len(s.labels)]
     if samples:
@@ -168,23 +167,24 @@ def take_screenshots(cfg, out_dir: Path, images: Sequence[Path]) -> list[Path]:
 
 def tracking_frame(cfg, detector, out: Path) -> Path | None:
     """The middle frame of the data's first video, annotated as `make infer infer.track=true` draws it."""
+    import numpy as np
+
     from src.common.video import open_video
     from src.demo.processing import class_thresholds
-    from src.demo.video import FrameDetector
-    from src.runtime.tracking.bytetrack import TrackerSettings
+    from src.runtime.tracking import TrackerSettings, VideoTracks, annotated_frames
 
     videos = list_videos(Path(cfg.data_path) / "videos")
     if not videos:
         logger.warning(f"no video in {Path(cfg.data_path) / 'videos'}: no tracking picture")
         return None
-    tracker = TrackerSettings.from_config(cfg.infer.tracker)
-    with tempfile.TemporaryDirectory() as tracks, open_video(videos[0]) as video:
-        frames = FrameDetector(detector, class_thresholds(detector, None, None), tracker, Path(tracks) / "t")
+    per_class = class_thresholds(detector, None, None)
+    thresholds = np.array([per_class[i] for i in range(len(detector.class_names))], np.float32)  # (C,)
+    settings = TrackerSettings.from_config(cfg.infer.tracker)
+    with open_video(videos[0]) as video, VideoTracks(settings, thresholds, detector.class_names, None) as tracks:
         wanted = max((video.total or 2) // 2, 1)
         picture = None
-        for index, image in video.frames(wanted + 1):
-            picture = frames(index, image).picture
-        frames.files()
+        for frame in annotated_frames(detector, video.frames(wanted + 1), thresholds, tracks):
+            picture = frame.picture
     return save_png(out, picture)
 
 
@@ -192,7 +192,7 @@ def segmentation_picture(cfg, out: Path, seg_exp_name: str) -> Path | None:
     """The `make demo-seg` model on the first test image of its data, masks under the boxes."""
     from src.common.config import load_config
     from src.common.experiment import stage_config
-    from src.demo.processing import annotate
+    from src.runtime.outputs import draw
 
     overrides = [f"exp_name={seg_exp_name}", f"output_dir={cfg.output_dir}", f"device={cfg.device}"]
     try:
@@ -202,7 +202,7 @@ def segmentation_picture(cfg, out: Path, seg_exp_name: str) -> Path | None:
         logger.warning(f"no segmentation picture ({err}): run `make demo-seg` first")
         return None
     image = read_image_rgb(test_images(seg_cfg, 1)[0])
-    return save_png(out, annotate(image, detector.predict([image])[0], detector.class_names))
+    return save_png(out, draw(image, detector.predict([image])[0], detector.class_names))
 
 
 def training_curves(cfg, out: Path) -> Path | None:
@@ -222,7 +222,7 @@ def save_png(path: Path, image_rgb) -> Path:
 
 
 def load_experiment_model(cfg, model_path: str | None = None):
-    from src.runtime.evaluate import load_experiment_model as load
+    from src.dl.artifacts import load_experiment_model as load
 
     return load(cfg, model_path)
 

@@ -11,8 +11,9 @@ conf_tuned, plus its per-class ones; what infer applies) and
 (src/metrics/validator.py). Writes output/<exp>/bench.csv and annotated images per backend
 (bench/<backend>/: ground truth green, predictions red; masks too for a segmentation model).
 
-A backend that fails is reported with its file and the reason; when every backend fails the stage exits
-non-zero and the previous bench.csv is kept.
+A backend that fails (a stale export, a damaged file...) is a row whose note says "failed:" with the file
+and the reason, and it is never `chosen`; when every backend fails the stage exits non-zero and the previous
+bench.csv is kept. The pictures of a backend replace only the ones bench wrote before (src/dl/stage_outputs.py).
 """
 
 from __future__ import annotations
@@ -29,18 +30,14 @@ from src.common.draw import draw_gt_vs_pred, save_image_rgb
 from src.common.errors import UserError
 from src.common.experiment import ARTIFACTS, Experiment, stage_config
 from src.common.io import atomic_write_csv
+from src.dl.artifacts import load_artifact, sliced_if_configured
 from src.dl.precision import candidates
+from src.dl.split_samples import full_image_config, load_split_samples
+from src.dl.stage_outputs import StagedOutputs
 from src.metrics.masks import MASK_COLUMNS
-from src.runtime import available_backends, load_model
-from src.runtime.evaluate import (
-    EvalResult,
-    LabelledImage,
-    evaluate_detector,
-    filter_detections,
-    load_split_samples,
-    score,
-)
-from src.runtime.slicing import full_image_config, sliced_if_configured
+from src.runtime import available_backends
+from src.runtime.evaluate import EvalResult, LabelledImage, evaluate_detector, score
+from src.runtime.outputs import OutputNames
 
 PR_KEYS = ("precision", "recall", "f1")
 COLUMNS = [
@@ -92,21 +89,25 @@ def artifacts_to_bench(cfg: DictConfig) -> tuple[dict[str, tuple[Path, str | Non
 
 
 def save_pictures(result: EvalResult, out_dir: Path, thresholds, class_names: list[str], n: int) -> None:
-    for index, sample in enumerate(result.samples[:n]):
-        dets = filter_detections(result.with_masks(index), thresholds)
+    """Ground truth and predictions of the first n samples, one picture each, named after the image's path
+    (src/runtime/outputs.py: two images of the same name in different folders keep apart)."""
+    shown = result.samples[:n]
+    names, root = OutputNames.of_files(sample.path for sample in shown)
+    for index, sample in enumerate(shown):
+        dets = result.with_masks(index).filter(thresholds)
         image = sample.read_image()
         gt_masks = sample.masks(*image.shape[:2])[sample.has_mask] if dets.masks is not None else None
         picture = draw_gt_vs_pred(
             image, sample.boxes, sample.labels, dets.boxes, dets.labels, dets.scores, class_names,
             gt_masks=gt_masks, pred_masks=dets.masks,
         )  # fmt: skip
-        save_image_rgb(out_dir / f"{sample.path.stem}.jpg", picture)
+        save_image_rgb(out_dir / names.in_folder(".", sample.path.relative_to(root), ".jpg"), picture)
 
 
 def bench_one(
     cfg: DictConfig, variant: str, path: Path, precision: str | None, samples: list[LabelledImage]
 ) -> dict[str, Any]:
-    detector = sliced_if_configured(load_model(path, device=str(cfg.device), precision=precision), cfg)
+    detector = sliced_if_configured(load_artifact(path, device=str(cfg.device), precision=precision), cfg)
     result = evaluate_detector(detector, samples, warmup=int(cfg.bench.warmup), desc=f"bench {variant}")
     # P/R/F1 where the model is deployed (its saved global + per-class thresholds, what infer applies) and
     # at train.conf_thresh, what training's metrics.csv reports them at.
@@ -114,10 +115,10 @@ def bench_one(
     conf_eval = float(cfg.train.conf_thresh)
     at_eval = score(result.detections, result.samples, detector.class_names, conf_eval)
     if cfg.bench.save_images:
-        pictures = Experiment.of(cfg).file("bench_images") / variant
-        save_pictures(
-            result, pictures, detector.thresholds(), detector.class_names, int(cfg.bench.save_images)
-        )
+        with StagedOutputs(Experiment.of(cfg).file("bench_images") / variant, "bench") as pictures:
+            shown = int(cfg.bench.save_images)
+            save_pictures(result, pictures.path, detector.thresholds(), detector.class_names, shown)
+            pictures.commit()
     return {
         "backend": variant,
         "device": str(detector.runner.device),
@@ -147,6 +148,16 @@ def format_table(frame: pd.DataFrame) -> str:
     return "\n".join([shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"), *notes])
 
 
+def mark_chosen(rows: list[dict[str, Any]], deployment: dict) -> None:
+    """`chosen` on the measured row of the deployment export recorded (its reason in `note`); a row that
+    failed or was skipped keeps its own note and is never chosen."""
+    for row in rows:
+        measured = "note" not in row
+        row["chosen"] = measured and row["backend"] == deployment.get("name")
+        if row["chosen"]:
+            row["note"] = f"chosen by export: {deployment.get('reason')}"
+
+
 def run(cfg: DictConfig) -> pd.DataFrame:
     cfg = stage_config(cfg)
     experiment = Experiment.of(cfg)
@@ -168,11 +179,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
             f"bench: every backend failed, {experiment.file('bench')} left as it was: " + "; ".join(failures)
         )
     rows += [{"backend": name, "note": f"skipped: {reason}"} for name, reason in skipped.items()]
-    chosen = experiment.deployment()
-    for row in rows:
-        row["chosen"] = row["backend"] == chosen.get("name")
-        if row["chosen"]:
-            row["note"] = f"chosen by export: {chosen.get('reason')}"
+    mark_chosen(rows, experiment.deployment())
     frame = pd.DataFrame(rows, columns=bench_columns(rows))
     atomic_write_csv(experiment.file("bench"), frame)
     print(f"\nBenchmark on the {split} split ({len(samples)} images), batch 1:\n{format_table(frame)}\n")

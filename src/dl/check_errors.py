@@ -8,6 +8,9 @@ once with all its errors: FN ground truth in green, FP predictions in red (with 
 thin grey. output/<exp>/check_errors/errors.csv lists every FP/FN worst first: a confident FP (often an
 unlabelled object) or a FN nothing overlaps (often a wrong or stray label) comes before borderline cases.
 
+Pictures are named after the image's path (src/runtime/outputs.py: images of the same name in different
+folders keep apart); a run replaces only the files check_errors wrote before (src/dl/stage_outputs.py).
+
 A segmentation model is matched by mask IoU (an object labelled by a box line, without a polygon, by box
 IoU), best_iou is that IoU, and the pictures fill the FN ground-truth masks green and the FP masks red.
 """
@@ -19,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from faster_coco_eval.core import mask as mask_utils
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -26,11 +30,16 @@ from tqdm import tqdm
 from src.common.config import stage_main
 from src.common.draw import GT_COLOR, PRED_COLOR, draw_detections, draw_masks, save_image_rgb
 from src.common.experiment import Experiment, stage_config
-from src.common.images import ImageReadError
 from src.common.io import atomic_write_csv
-from src.runtime.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections
-from src.runtime.evaluate import LabelledImage, load_experiment_model, load_split_samples
-from src.runtime.slicing import full_image_config
+from src.dl.artifacts import load_experiment_model
+from src.dl.split_samples import full_image_config, load_split_samples
+from src.dl.stage_outputs import StagedOutputs
+from src.metrics import matching
+from src.metrics.masks import encode_masks
+from src.metrics.matching import greedy_match, score_order
+from src.runtime.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections, read_each
+from src.runtime.evaluate import LabelledImage
+from src.runtime.outputs import OutputNames
 
 CONTEXT_COLOR = (160, 160, 160)
 COLUMNS = [
@@ -44,8 +53,6 @@ def find_errors(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(FP mask over predictions, FN mask over GT, IoU matrix preds x GT) with the validator's matching:
     each prediction, best score first, takes the unmatched GT of its class with the highest IoU."""
-    from src.metrics.matching import greedy_match, score_order
-
     iou = iou_matrix(dets, sample)
     same_class = dets.labels[:, None] == sample.labels[None, :]
     matched_gt, _ = greedy_match(iou, score_order(dets.scores), same_class, iou_thresh)
@@ -57,8 +64,6 @@ def find_errors(
 def iou_matrix(dets: Detections, sample: LabelledImage) -> np.ndarray:
     """(N, M) IoU of predictions with ground truth: of boxes, or of masks for a segmentation model's
     predictions and the GT objects labelled by a polygon (box-line objects keep box IoU)."""
-    from src.metrics import matching
-
     iou = matching.iou_matrix(dets.boxes.astype(np.float64), sample.boxes)
     has_mask = sample.has_mask
     if dets.masks is None or not has_mask.any() or not len(dets):
@@ -69,10 +74,6 @@ def iou_matrix(dets: Detections, sample: LabelledImage) -> np.ndarray:
 
 def mask_iou_matrix(masks_a: np.ndarray, masks_b: np.ndarray) -> np.ndarray:
     """(A, B) IoU of bool masks (A, H, W) x (B, H, W), computed on their COCO RLEs (cheap for big images)."""
-    from faster_coco_eval.core import mask as mask_utils
-
-    from src.metrics.masks import encode_masks
-
     if len(masks_a) == 0 or len(masks_b) == 0:
         return np.zeros((len(masks_a), len(masks_b)))
     iou = mask_utils.iou(encode_masks(masks_a), encode_masks(masks_b), [0] * len(masks_b))
@@ -142,7 +143,10 @@ def draw_errors(
     )
 
 
-def check_split(cfg: DictConfig, detector, split: str, out_dir: Path) -> tuple[list[dict], int]:
+def check_split(
+    cfg: DictConfig, detector, split: str, staging: Path, out_dir: Path
+) -> tuple[list[dict], int]:
+    """Errors of one split: pictures written under staging/<split>/, rows naming them at out_dir/<split>/."""
     samples = load_split_samples(cfg, split, limit=cfg.check_errors.max_images)
     if not samples:
         logger.info(f"check_errors: no {split} split, skipped")
@@ -150,21 +154,18 @@ def check_split(cfg: DictConfig, detector, split: str, out_dir: Path) -> tuple[l
     conf = cfg.check_errors.conf
     conf = OmegaConf.to_container(conf) if OmegaConf.is_config(conf) else conf
     iou_thresh = float(cfg.check_errors.iou_thresh)
+    names, root = OutputNames.of_files(sample.path for sample in samples)
     rows, pictures = [], 0
-    for sample in tqdm(samples, desc=f"check {split}", dynamic_ncols=True):
-        try:
-            image = sample.read_image()
-        except (ImageReadError, OSError) as err:
-            logger.warning(f"skipped unreadable image: {err}")
-            continue
-        dets = detector.predict([image], conf)[0]
+    progress = tqdm(samples, desc=f"check {split}", dynamic_ncols=True)
+    readable = read_each(progress, lambda sample: sample.read_image())
+    for sample, image, dets in detector.stream(readable, conf):
         fp, fn, iou = find_errors(dets, sample, iou_thresh)
         if not (fp.any() or fn.any()):
             continue
-        picture_path = out_dir / split / f"{sample.path.stem}.jpg"
-        save_image_rgb(picture_path, draw_errors(image, dets, sample, fp, fn, detector.class_names))
+        name = names.in_folder(split, sample.path.relative_to(root), ".jpg")
+        save_image_rgb(staging / name, draw_errors(image, dets, sample, fp, fn, detector.class_names))
         pictures += 1
-        rows += error_rows(dets, sample, fp, fn, iou, detector.class_names, str(picture_path))
+        rows += error_rows(dets, sample, fp, fn, iou, detector.class_names, str(out_dir / name))
     logger.info(f"check_errors {split}: {pictures}/{len(samples)} images with errors")
     return rows, pictures
 
@@ -176,14 +177,16 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     out_dir = Experiment.of(cfg).file("check_errors")
     rows: list[dict[str, Any]] = []
     images_cfg = full_image_config(cfg)  # trained on tiles: the full images (cfg's keys, resolved)
-    for split in options.splits:
-        rows += check_split(images_cfg, detector, str(split), out_dir)[0]
-    frame = pd.DataFrame(rows, columns=COLUMNS)
-    if len(frame):
-        frame = frame.sort_values(
-            ["severity", "kind"], ascending=[False, True], kind="stable", ignore_index=True
-        )
-    atomic_write_csv(out_dir / "errors.csv", for_csv(frame))
+    with StagedOutputs(out_dir, "check_errors") as staging:
+        for split in options.splits:
+            rows += check_split(images_cfg, detector, str(split), staging.path, out_dir)[0]
+        frame = pd.DataFrame(rows, columns=COLUMNS)
+        if len(frame):
+            frame = frame.sort_values(
+                ["severity", "kind"], ascending=[False, True], kind="stable", ignore_index=True
+            )
+        atomic_write_csv(staging.path / "errors.csv", for_csv(frame))
+        staging.commit()
     counts = frame.groupby(["split", "kind"]).size().to_dict() if len(frame) else {}
     logger.info(f"check_errors: {len(frame)} errors {counts} -> {out_dir / 'errors.csv'}")
     return frame

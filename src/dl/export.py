@@ -279,7 +279,7 @@ def probe_batches(cfg: DictConfig, meta: ModelMeta) -> tuple[list[np.ndarray], s
     """Real images of the experiment's splits (val, else test, else train) at every batch size the graph
     must serve, and where they came from; ([], reason) when the data set has none."""
     from src.common.network_input import preprocess_images
-    from src.runtime.evaluate import load_split_samples
+    from src.dl.split_samples import load_split_samples
 
     sizes = (
         [1, 2, int(cfg.export.max_batch_size)]

@@ -37,9 +37,11 @@ from src.common.errors import UserError
 from src.common.experiment import Experiment, stage_config
 from src.common.io import atomic_write_json
 from src.common.network_input import preprocess_images
-from src.runtime import ensure_fresh, load_model
+from src.dl.artifacts import ensure_fresh
+from src.dl.split_samples import load_split_samples
+from src.runtime import load_model
 from src.runtime.detector import Detector
-from src.runtime.evaluate import LabelledImage, evaluate_detector, load_split_samples
+from src.runtime.evaluate import LabelledImage, evaluate_detector
 from src.runtime.meta import INPUT_NAMES, ModelMeta, read_openvino_meta, write_openvino_meta
 
 # What `float_decoding` keeps in float, as regexes on OpenVINO op names (they keep the torch module path of

@@ -85,7 +85,6 @@ def compare_detections(
     only the paired detections' are decoded.
     """
     from src.metrics.masks import mask_iou
-    from src.runtime.evaluate import detection_thresholds
 
     box_devs, score_devs, ious, mask_ious = [], [], [], []
     counts = dict.fromkeys(PARITY_COUNTS, 0)
@@ -94,7 +93,7 @@ def compare_detections(
         ref_partner = pair_detections(ref, cand, iou_thresh)  # (R,) index into cand, -1: none
         cand_partner = np.full(len(cand), -1)  # (C,) the inverse pairing
         cand_partner[ref_partner[ref_partner >= 0]] = np.where(ref_partner >= 0)[0]
-        ref_conf, cand_conf = detection_thresholds(ref, conf), detection_thresholds(cand, conf)
+        ref_conf, cand_conf = ref.held_to(conf), cand.held_to(conf)
         ref_kept, cand_kept = ref.scores >= ref_conf, cand.scores >= cand_conf
         # Is each detection's counterpart kept? (a pair has one class, hence one threshold)
         ref_other_kept = counterpart_scores(ref_partner, cand.scores) >= ref_conf
@@ -189,7 +188,8 @@ def parity_report(
 ) -> dict[str, Any]:
     """Run every deployment (name -> (file, runtime precision)) and the torch model on val images: drift,
     mean IoU of paired boxes, mAP50 and latency (median, one image at a time after warm-up) per deployment."""
-    from src.runtime.evaluate import evaluate_detector, load_split_samples
+    from src.dl.split_samples import load_split_samples
+    from src.runtime.evaluate import evaluate_detector
 
     samples = load_split_samples(cfg, "val", limit=int(cfg.export.parity_images))
     if not samples:

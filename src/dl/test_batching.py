@@ -10,6 +10,7 @@ Writes output/<exp>/test_batching.csv and test_batching.png.
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
@@ -21,8 +22,8 @@ from omegaconf import DictConfig
 from src.common.config import stage_main
 from src.common.experiment import Experiment, stage_config
 from src.common.io import atomic_write, atomic_write_csv
+from src.dl.artifacts import load_experiment_model
 from src.runtime.detector import Detector
-from src.runtime.evaluate import load_experiment_model
 
 OOM_MARKERS = ("out of memory", "failed to allocate", "bad_alloc", "cannot allocate", "outofmemory")
 
@@ -32,8 +33,6 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def free_memory() -> None:
-    import gc
-
     import torch
 
     gc.collect()

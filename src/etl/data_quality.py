@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,12 +20,10 @@ from omegaconf import DictConfig
 
 from src.common.draw import save_image_rgb
 from src.common.io import atomic_write, atomic_write_csv
+from src.etl.doctor_report import ImageRecord, Report
 from src.etl.labels import LABEL_EXT, images_dir
 from src.etl.near_duplicates import contact_sheet, leaking_groups
 from src.etl.splits import SPLIT_NAMES, split_membership
-
-if TYPE_CHECKING:
-    from src.etl.check import ImageRecord, Report
 
 NEAR_DUPLICATES_CSV = "near_duplicates.csv"
 CONTACT_SHEETS_DIR = "near_duplicates"

@@ -21,6 +21,7 @@ from typing import Literal
 import numpy as np
 
 from src.common.io import atomic_write_text
+from src.common.yolo_lines import format_yolo_lines
 
 Severity = Literal["fatal", "warning"]
 FATAL: Severity = "fatal"
@@ -281,25 +282,6 @@ def read_yolo_labels(path: str | Path, num_classes: int | None, clip_tolerance: 
     except OSError as err:
         return _empty(path, [Problem(str(path), None, FATAL, f"cannot read: {err}")], exists=True)
     return parse_yolo_text(text, path, num_classes, clip_tolerance)
-
-
-def format_yolo_lines(
-    class_ids: Iterable[int],
-    boxes: Iterable[Sequence[float]],
-    polygons: Sequence[np.ndarray | None] | None = None,
-) -> str:
-    """YOLO txt text for normalised cxcywh boxes (6 decimals: sub-pixel even for 10k-pixel images); an
-    object with a polygon (normalised (K, 2)) is written as a YOLO-seg polygon line instead of its box."""
-    class_ids, boxes = list(class_ids), list(boxes)
-    polygons = list(polygons) if polygons is not None else [None] * len(class_ids)
-    lines = []
-    for c, b, polygon in zip(class_ids, boxes, polygons, strict=True):
-        if polygon is None:
-            coords = (float(b[0]), float(b[1]), float(b[2]), float(b[3]))
-        else:
-            coords = np.asarray(polygon, np.float64).reshape(-1).tolist()
-        lines.append(" ".join([str(int(c)), *(f"{v:.6f}" for v in coords)]))
-    return "".join(line + "\n" for line in lines)
 
 
 def write_yolo_labels(

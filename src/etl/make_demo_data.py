@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.common.config import label_names, stage_main
 from src.common.images import parallel_map
 from src.common.io import atomic_write, atomic_write_json
+from src.common.video import VideoOutput
 from src.etl.labels import images_dir, labels_dir, write_yolo_labels
 from src.etl.polygons import clip_polygon_to_rect
 
@@ -355,25 +356,21 @@ def make_video(index: int, out: Path, dc: DictConfig, classes: list[str]) -> lis
     )
     velocity = rng.uniform(-4, 4, (len(shapes), 2))
     path = out / "videos" / f"demo_{index:02d}.mp4"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # VideoWriter picks the container from the extension, so the temp name ends in .mp4 too; renamed when done.
-    tmp = path.with_name(f".{path.stem}.tmp.mp4")
-    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), VIDEO_FPS, (width, height))
-    if not writer.isOpened():
-        raise RuntimeError(f"OpenCV cannot write mp4v video {tmp}")
+    video = VideoOutput([(path, "mp4v")], VIDEO_FPS, (width, height))
     try:
         for _ in range(VIDEO_FPS * VIDEO_SECONDS):
-            frame = background.copy()
+            frame = background.copy()  # (H, W, 3) BGR, as every picture here
             for shape, v in zip(shapes, velocity, strict=True):
                 x1, y1, x2, y2 = shape.xyxy()
                 v[0] *= -1 if (x1 + v[0] < 0 or x2 + v[0] > width) else 1
                 v[1] *= -1 if (y1 + v[1] < 0 or y2 + v[1] > height) else 1
                 shape.points = shape.points + (v if shape.kind != "circle" else np.stack([v, np.zeros(2)]))
                 draw_shape(frame, shape, outline=1)
-            writer.write(frame)
-    finally:
-        writer.release()
-    os.replace(tmp, path)
+            video.write(frame[..., ::-1])
+    except BaseException:
+        video.abort()
+        raise
+    video.finish()
     return [f"videos/{path.name}"]
 
 

@@ -1,22 +1,30 @@
-"""Near-duplicate images: perceptual hash (imagehash's DCT pHash) + a band-pass thumbnail check, grouped.
+"""Near-duplicate images: candidates by perceptual hash + a coarse colour thumbnail, each confirmed by an
+aligned detail thumbnail, grouped without chaining.
 
-Re-encoded, resized, slightly cropped or brightened copies and neighbouring video frames look alike at low
-resolution. Two images are a pair when BOTH hold (a mirrored copy counts too: every image is also
-fingerprinted mirrored):
+Re-encoded, resized, slightly cropped, brightened or mirrored copies and neighbouring video frames look alike
+at low resolution. A pair of images is a candidate when BOTH hold (a mirrored copy counts too: every image is
+also fingerprinted mirrored):
 - their 64-bit pHashes differ in at most `max_distance` bits (cheap, from the maintained imagehash library);
-- the correlation of their band-pass colour thumbnails (central 80%, difference of Gaussians at 32x32, kept
-  as 16x16x3) is at least `min_similarity`. pHash alone could not reach the target on planted copies: its
-  grey low frequencies are shared by unrelated scenes of one kind, and a 10% crop moves it as far; a grey
-  thumbnail still paired 2% of unrelated scenes, colour none (benchmarks/near_duplicates.py).
-Pairs chain into groups (frames of one video become one group). split keeps every group in one split; the
+- the correlation of their coarse band-pass colour thumbnails (central 80%, difference of Gaussians at 32x32,
+  kept as 16x16x3) is at least `min_similarity`.
+A candidate is a near-duplicate pair when the finer detail agrees too: a 32x32 colour thumbnail of the whole
+image, its linear gradient removed and band-passed (sigmas 1 and 6 px), is searched for the other's central
+85% over crop scales of 90-100% per side and every shift; the best correlation must reach `min_detail`.
+Unrelated images of one kind (smooth gradient backgrounds, one texture generator) can share the coarse
+picture, hash and thumbnail alike; their details do not line up (benchmarks/near_duplicates.py).
+Groups grow from pairs, most similar first, but two groups join only when every image of one is a candidate
+of every image of the other: an image close to one member and unlike the rest stays out (no chains). Frames of
+one video, which share their background, still form one group. split keeps every group in one split; the
 doctor lists groups inside a split and across splits (leaks) with a contact sheet per group.
 
-Memory: 2 hashes + 2 thumbnails (6 KB) per image. All pairs' pHashes are compared in chunks of CHUNK rows;
-thumbnails only for the pairs whose pHashes are close.
+Memory: 2 hashes, 2 coarse thumbnails (6 KB) and one detail thumbnail (6 KB) per image. The pHashes of all
+pairs are compared in chunks of CHUNK rows; thumbnails only for pairs whose pHashes are close, and details only
+for candidates that would join two groups.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +32,30 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-PRE_SIZE = 128  # grey thumbnail the pHash is computed from: area-averaging a full image down is fast
-THUMB = 32  # side of the band-pass thumbnail
-STORED = 16  # side of the thumbnail kept per image
-CENTRAL = 0.8  # share of each side the thumbnail covers: the borders are what a crop removes
-BAND = (2.0, 8.0)  # Gaussian sigmas (thumbnail pixels) of the band pass: no pixel noise, no global gradient
+from src.common.draw import put_title, tile_images
+from src.common.images import ImageReadError, read_image_rgb
+from src.common.network_input import letterbox_or_resize
+
+PRE_SIZE = 128  # thumbnail every feature is computed from: area-averaging a full image down is fast
+THUMB = 32  # side of the coarse band-pass thumbnail
+STORED = 16  # side of the coarse thumbnail kept per image
+CENTRAL = 0.8  # share of each side the coarse thumbnail covers: the borders are what a crop removes
+BAND = (2.0, 8.0)  # Gaussian sigmas (thumbnail pixels) of the coarse band pass: no pixel noise, no gradient
+DETAIL = 32  # side of the detail thumbnail (the whole image)
+DETAIL_BAND = (1.0, 6.0)  # its band pass: strokes, shapes and edges, not the noise JPEG and resizing change
+CROP_SCALES = (1.0, 0.95, 0.9)  # share of a side a copy may keep: one side of a pair is searched at each
+TEMPLATE = 0.85  # share of each side of one detail thumbnail searched in the other
 CHUNK = 256  # rows compared at once: CHUNK x N pHash distances
 PAIR_BATCH = 2048  # thumbnail pairs correlated at once (3 x 6 MB)
 
 NO_SPLIT = ""
+
+
+@dataclass(frozen=True)
+class NearDuplicateSettings:
+    max_distance: int  # pHash bits
+    min_similarity: float  # coarse band-pass thumbnail correlation
+    min_detail: float  # aligned detail thumbnail correlation
 
 
 @dataclass
@@ -41,6 +64,7 @@ class Fingerprint:
 
     hashes: tuple[int, int]  # pHash of the image, of the mirrored image (64-bit)
     thumbs: np.ndarray  # (2, STORED * STORED * 3) float32 unit-norm band-pass thumbnails: plain, mirrored
+    detail: np.ndarray  # (DETAIL, DETAIL, 3) float16 band-passed detail thumbnail, gradient removed
 
 
 def fingerprint(rgb: np.ndarray) -> Fingerprint:
@@ -50,7 +74,9 @@ def fingerprint(rgb: np.ndarray) -> Fingerprint:
     mirrored = np.ascontiguousarray(small[:, ::-1])
     mirrored_rgb = np.ascontiguousarray(small_rgb[:, ::-1])
     return Fingerprint(
-        (_phash(small), _phash(mirrored)), np.stack([_band_pass(small_rgb), _band_pass(mirrored_rgb)])
+        (_phash(small), _phash(mirrored)),
+        np.stack([_band_pass(small_rgb), _band_pass(mirrored_rgb)]),
+        _detail(small_rgb),
     )
 
 
@@ -74,20 +100,73 @@ def _band_pass(rgb: np.ndarray) -> np.ndarray:
     return (thumb / (np.linalg.norm(thumb) + 1e-6)).reshape(-1)
 
 
-def close_pairs(
-    prints: Sequence[Fingerprint], max_distance: int, min_similarity: float
-) -> Iterator[tuple[int, int, int, float]]:
-    """(i, j, pHash distance, thumbnail similarity) with i < j for every near-duplicate pair."""
-    if len(prints) < 2:
+def _detail(rgb: np.ndarray) -> np.ndarray:
+    """(PRE_SIZE, PRE_SIZE, 3) uint8 -> (DETAIL, DETAIL, 3) float16 band-passed, its linear gradient removed.
+
+    A gradient's band pass is not zero at the borders (the blur reflects the ramp there): left in, it would
+    make unrelated images with a similar gradient correlate."""
+    thumb = cv2.resize(rgb, (DETAIL, DETAIL), interpolation=cv2.INTER_AREA).astype(np.float32)
+    ys, xs = np.mgrid[0:DETAIL, 0:DETAIL].astype(np.float32) / DETAIL
+    plane = np.stack([xs.ravel(), ys.ravel(), np.ones(DETAIL * DETAIL, np.float32)], axis=1)  # (D*D, 3)
+    flat = thumb.reshape(-1, 3)
+    coefficients, *_ = np.linalg.lstsq(plane, flat, rcond=None)  # (3, 3): x, y, 1 per channel
+    thumb = (flat - plane @ coefficients).reshape(DETAIL, DETAIL, 3)
+    thumb = cv2.GaussianBlur(thumb, (0, 0), DETAIL_BAND[0]) - cv2.GaussianBlur(thumb, (0, 0), DETAIL_BAND[1])
+    return thumb.astype(np.float16)
+
+
+@dataclass
+class _Stacked:
+    """Every fingerprint's hashes and coarse thumbnails as arrays, for tests of many pairs at once."""
+
+    plain: np.ndarray  # (N,) uint64 pHashes
+    mirrored: np.ndarray  # (N,) uint64 pHashes of the mirrored images
+    thumbs: np.ndarray  # (N, T) float32 coarse thumbnails
+    thumbs_mirrored: np.ndarray  # (N, T)
+
+    @classmethod
+    def of(cls, prints: Sequence[Fingerprint]) -> _Stacked:
+        return cls(
+            np.array([p.hashes[0] for p in prints], np.uint64),
+            np.array([p.hashes[1] for p in prints], np.uint64),
+            np.stack([p.thumbs[0] for p in prints]) if prints else np.zeros((0, 0), np.float32),
+            np.stack([p.thumbs[1] for p in prints]) if prints else np.zeros((0, 0), np.float32),
+        )
+
+    def all_candidates(
+        self, left: list[int], right: list[int], max_distance: int, min_similarity: float
+    ) -> bool:
+        """Whether every (left, right) pair is a candidate: pHashes first, thumbnails only when those pass, in
+        blocks of CHUNK rows, stopping at the first pair that is not."""
+        cols = np.asarray(right)
+        for start in range(0, len(left), CHUNK):
+            rows = np.asarray(left[start : start + CHUNK])
+            plain = np.bitwise_count(self.plain[rows, None] ^ self.plain[None, cols])  # (R, C)
+            mirrored = np.bitwise_count(self.plain[rows, None] ^ self.mirrored[None, cols])
+            if (np.minimum(plain, mirrored) > max_distance).any():
+                return False
+            left_thumbs = self.thumbs[rows]  # (R, T)
+            similarity = np.maximum(
+                left_thumbs @ self.thumbs[cols].T, left_thumbs @ self.thumbs_mirrored[cols].T
+            )
+            if (similarity < min_similarity).any():
+                return False
+        return True
+
+
+def candidate_pairs(
+    prints: Sequence[Fingerprint] | _Stacked, max_distance: int, min_similarity: float
+) -> Iterator[tuple[int, int, float, bool]]:
+    """(i, j, coarse similarity, mirrored) with i < j for every candidate pair, CHUNK rows of i at a time."""
+    stacked = prints if isinstance(prints, _Stacked) else _Stacked.of(prints)
+    if len(stacked.plain) < 2:
         return
-    plain = np.array([p.hashes[0] for p in prints], np.uint64)  # (N,)
-    mirrored = np.array([p.hashes[1] for p in prints], np.uint64)
-    thumbs = np.stack([p.thumbs[0] for p in prints])  # (N, T)
-    thumbs_mirrored = np.stack([p.thumbs[1] for p in prints])
+    plain, mirrored = stacked.plain, stacked.mirrored  # (N,)
+    thumbs, thumbs_mirrored = stacked.thumbs, stacked.thumbs_mirrored  # (N, T)
     # Buffers reused for every chunk: allocating CHUNK x N arrays each time cost 10x the arithmetic (page faults).
-    xor = np.empty((CHUNK, len(prints)), np.uint64)
-    distance, mirrored_distance = np.empty((2, CHUNK, len(prints)), np.uint8)
-    for start in range(0, len(prints), CHUNK):
+    xor = np.empty((CHUNK, len(plain)), np.uint64)
+    distance, mirrored_distance = np.empty((2, CHUNK, len(plain)), np.uint8)
+    for start in range(0, len(plain), CHUNK):
         rows_here = len(plain[start : start + CHUNK])
         x, d, dm = xor[:rows_here], distance[:rows_here], mirrored_distance[:rows_here]  # (C, N)
         np.bitwise_count(np.bitwise_xor(plain[start : start + CHUNK, None], plain[None, :], out=x), out=d)
@@ -96,23 +175,92 @@ def close_pairs(
         rows, cols = np.nonzero(d <= max_distance)
         upper = cols > rows + start
         rows, cols = rows[upper], cols[upper]
-        similarity = _similarities(thumbs, thumbs_mirrored, rows + start, cols)
-        for r, c, sim in zip(rows.tolist(), cols.tolist(), similarity.tolist(), strict=True):
+        similarity, flipped = _similarities(thumbs, thumbs_mirrored, rows + start, cols)
+        for r, c, sim, flip in zip(
+            rows.tolist(), cols.tolist(), similarity.tolist(), flipped.tolist(), strict=True
+        ):
             if sim >= min_similarity:
-                yield r + start, c, int(d[r, c]), float(sim)
+                yield r + start, c, float(sim), bool(flip)
 
 
-def _similarities(thumbs: np.ndarray, mirrored: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Correlation (mirror included) of the thumbnail pairs (rows[k], cols[k]) that passed the pHash test:
-    only those are computed (few in most data sets), in batches of PAIR_BATCH to bound memory."""
-    out = np.empty(len(rows), np.float32)
+def _similarities(
+    thumbs: np.ndarray, mirrored: np.ndarray, rows: np.ndarray, cols: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Correlation (mirror included) of the thumbnail pairs (rows[k], cols[k]) that passed the pHash test, and
+    whether the mirrored one matched better: only those are computed (few in most data sets), in batches of
+    PAIR_BATCH to bound memory."""
+    out, flipped = np.empty(len(rows), np.float32), np.empty(len(rows), bool)
     for start in range(0, len(rows), PAIR_BATCH):
         r, c = rows[start : start + PAIR_BATCH], cols[start : start + PAIR_BATCH]
         left = thumbs[r]  # (P, T)
-        out[start : start + PAIR_BATCH] = np.maximum(
-            np.einsum("pt,pt->p", left, thumbs[c]), np.einsum("pt,pt->p", left, mirrored[c])
-        )
-    return out
+        plain, mirror = np.einsum("pt,pt->p", left, thumbs[c]), np.einsum("pt,pt->p", left, mirrored[c])
+        out[start : start + PAIR_BATCH] = np.maximum(plain, mirror)
+        flipped[start : start + PAIR_BATCH] = mirror > plain
+    return out, flipped
+
+
+def detail_similarity(a: Fingerprint, b: Fingerprint, mirrored: bool) -> float:
+    """The best correlation of one detail thumbnail's central part inside the other (either way round, b
+    mirrored when it is the mirror image), over crop scales and shifts."""
+    first, second = a.detail.astype(np.float32), b.detail.astype(np.float32)
+    if mirrored:
+        second = np.ascontiguousarray(second[:, ::-1])
+    return max(_best_match(first, second), _best_match(second, first))
+
+
+def _best_match(image: np.ndarray, other: np.ndarray) -> float:
+    """other's central TEMPLATE share searched in image enlarged as if other were a crop keeping a share
+    (CROP_SCALES) of each side of it, at every shift. Both (DETAIL, DETAIL, 3) float32."""
+    margin = round(DETAIL * (1 - TEMPLATE) / 2)
+    template = other[margin : DETAIL - margin, margin : DETAIL - margin]
+    best = -1.0
+    for keep_x in CROP_SCALES:
+        for keep_y in CROP_SCALES:
+            size = (round(DETAIL / keep_x), round(DETAIL / keep_y))
+            zoomed = (
+                cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+                if size != image.shape[1::-1]
+                else image
+            )
+            best = max(best, float(cv2.matchTemplate(zoomed, template, cv2.TM_CCOEFF_NORMED).max()))
+    return best
+
+
+def near_duplicate_pairs(
+    prints: Sequence[Fingerprint], settings: NearDuplicateSettings
+) -> Iterator[tuple[int, int, float]]:
+    """(i, j, detail similarity) of every near-duplicate pair: candidates whose details agree (all of them
+    verified: benchmarks; the doctor's grouping verifies only the candidates it needs)."""
+    for i, j, _, mirrored in candidate_pairs(prints, settings.max_distance, settings.min_similarity):
+        detail = detail_similarity(prints[i], prints[j], mirrored)
+        if detail >= settings.min_detail:
+            yield i, j, detail
+
+
+def group_without_chaining(prints: Sequence[Fingerprint], settings: NearDuplicateSettings) -> list[list[int]]:
+    """Groups (sorted indices, more than one member) grown from near-duplicate pairs, the most similar
+    candidates of each chunk of rows first: two groups join only when every image of one is a candidate of
+    every image of the other."""
+    group_of = list(range(len(prints)))
+    members: dict[int, list[int]] = {i: [i] for i in range(len(prints))}
+    stacked = _Stacked.of(prints)
+    candidates = candidate_pairs(stacked, settings.max_distance, settings.min_similarity)
+    for _, pairs in itertools.groupby(candidates, key=lambda pair: pair[0] // CHUNK):  # one chunk at a time
+        for i, j, _, mirrored in sorted(pairs, key=lambda pair: -pair[2]):
+            a, b = group_of[i], group_of[j]
+            if a == b:
+                continue
+            if not stacked.all_candidates(
+                members[a], members[b], settings.max_distance, settings.min_similarity
+            ):
+                continue
+            if detail_similarity(prints[i], prints[j], mirrored) < settings.min_detail:
+                continue
+            keep, gone = (a, b) if len(members[a]) >= len(members[b]) else (b, a)
+            for k in members.pop(gone):
+                group_of[k] = keep
+                members[keep].append(k)
+    return sorted(sorted(group) for group in members.values() if len(group) > 1)
 
 
 def group_pairs(count: int, pairs: Sequence[tuple[int, int]]) -> list[list[int]]:
@@ -135,13 +283,21 @@ def group_pairs(count: int, pairs: Sequence[tuple[int, int]]) -> list[list[int]]
     return sorted(group for group in members.values() if len(group) > 1)
 
 
+def merge_groups(*group_lists: list[list[str]]) -> list[list[str]]:
+    """Groups sharing an image become one (an exact copy of a near-duplicate joins its group)."""
+    names = sorted({name for groups in group_lists for group in groups for name in group})
+    index = {name: i for i, name in enumerate(names)}
+    pairs = [(index[g[0]], index[n]) for groups in group_lists for g in groups for n in g[1:]]
+    return [[names[i] for i in group] for group in group_pairs(len(names), pairs)]
+
+
 def near_duplicate_groups(
-    names: Sequence[str], prints: Sequence[Fingerprint | None], max_distance: int, min_similarity: float
+    names: Sequence[str], prints: Sequence[Fingerprint | None], settings: NearDuplicateSettings
 ) -> list[list[str]]:
     """Groups of image names that are near-duplicates (None: an image without a fingerprint, left out)."""
     index = [i for i, p in enumerate(prints) if p is not None]
-    pairs = [(i, j) for i, j, _, _ in close_pairs([prints[i] for i in index], max_distance, min_similarity)]
-    return [[names[index[k]] for k in group] for group in group_pairs(len(index), pairs)]
+    groups = group_without_chaining([prints[i] for i in index], settings)
+    return [[names[index[k]] for k in group] for group in groups]
 
 
 def leaking_groups(groups: list[list[str]], split_of: dict[str, str]) -> list[list[str]]:
@@ -158,10 +314,6 @@ def home_split(group: list[str], split_of: dict[str, str], order: Sequence[str])
 
 def contact_sheet(paths: Sequence[Path], captions: Sequence[str], thumb: int = 256) -> np.ndarray:
     """One picture of a group: every member letterboxed to thumb x thumb with its caption, in a grid."""
-    from src.common.draw import put_title, tile_images
-    from src.common.images import ImageReadError, read_image_rgb
-    from src.common.network_input import letterbox_or_resize
-
     tiles = []
     for path, caption in zip(paths, captions, strict=True):
         try:

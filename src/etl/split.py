@@ -26,10 +26,11 @@ from omegaconf import DictConfig
 from src.common.config import stage_main
 from src.common.errors import UserError
 from src.common.io import atomic_write_csv
-from src.etl.check import Report, check_dataset
-from src.etl.near_duplicates import group_pairs, home_split, leaking_groups
+from src.etl.data_quality import write_near_duplicates
+from src.etl.doctor import Report, check_dataset, keep_together_groups
+from src.etl.near_duplicates import home_split, leaking_groups
 from src.etl.splits import split_membership
-from src.etl.tile import tile_groups
+from src.etl.tiling import TILES_CSV, interrupted_replacement, orphan_images
 
 SPLITS = ("train", "val", "test")
 BACKGROUND_GROUP = -1
@@ -93,14 +94,6 @@ def assign_splits(
     return assignment
 
 
-def merge_groups(*group_lists: list[list[str]]) -> list[list[str]]:
-    """Groups sharing an image become one (an exact copy of a near-duplicate joins its group)."""
-    names = sorted({name for groups in group_lists for group in groups for name in group})
-    index = {name: i for i, name in enumerate(names)}
-    pairs = [(index[g[0]], index[n]) for groups in group_lists for g in groups for n in g[1:]]
-    return [[names[i] for i in group] for group in group_pairs(len(names), pairs)]
-
-
 def keep_duplicates_together(assignment: dict[str, int], duplicate_groups: list[list[str]]) -> None:
     """Move every copy of an image into the split of its first copy (by name): no train/val leakage."""
     for group in duplicate_groups:
@@ -153,11 +146,31 @@ def write_splits(cfg: DictConfig, report: Report, splits: dict[str, list[str]]) 
     known = [n for n in sum(splits.values(), []) if n in report.usable_images]
     table = split_table(report, {k: [n for n in v if n in set(known)] for k, v in splits.items()})
     logger.info(f"splits written to {out_dir}/{{train,val,test}}.csv\n{table.to_string(index=False)}")
+    # The doctor wrote near_duplicates.csv before this split existed: its split column now has values.
+    write_near_duplicates(cfg, report, Path(cfg.check.report_dir))
+
+
+def refuse_orphan_tiles(cfg: DictConfig, report: Report) -> None:
+    """A tiled data set whose images/ holds images its tiles.csv does not list (their source image is
+    unknown, so they could not be kept with their neighbours), or whose re-tiling was stopped: refused."""
+    data = Path(cfg.data_path)
+    if interrupted_replacement(data):
+        raise UserError(
+            f"{data}: a re-tiling was stopped half-way; run `make tile` again (tile.overwrite=true)"
+        )
+    orphans = orphan_images(data, report.usable_images)
+    if orphans:
+        raise UserError(
+            f"{len(orphans)} image(s) in {data / 'images'} are not listed in {data / TILES_CSV} (e.g. "
+            f"{', '.join(orphans[:3])}): their source image is unknown, so split cannot keep them with the other "
+            "tiles of that image. Move them out of images/, or re-tile (tile.overwrite=true replaces its own tiles)"
+        )
 
 
 def run(cfg: DictConfig) -> dict[str, list[str]]:
     report = check_dataset(cfg)
-    together = merge_groups(report.duplicate_groups, report.near_duplicate_groups, tile_groups(cfg.data_path))
+    refuse_orphan_tiles(cfg, report)
+    together = keep_together_groups(report, cfg.data_path)
     fixed = fix_existing_leaks(cfg, together)
     if fixed is not None:
         write_splits(cfg, report, fixed)

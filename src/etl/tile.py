@@ -17,11 +17,14 @@ Writes <out>/images, <out>/labels, <out>/tiles.csv (tile, source, x0, y0, x1, y1
 (the full images' data_path and splits_dir: bench and check_errors score on them). When data_path has a
 split, each tile goes to its source image's split (<out>/train.csv ...), so tiles of one image never land in
 train and val; without one, `make split data_path=<out>` keeps the tiles of one image together (tiles.csv).
+A re-run with tile.overwrite=true replaces exactly the tiles tiles.csv lists (files it did not write stay,
+with a warning: split refuses a tiled set holding images tiles.csv does not list).
 Infer on full images with sliced inference (slicing.enabled, src/runtime/slicing.py).
 """
 
 from __future__ import annotations
 
+import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +37,9 @@ from omegaconf import DictConfig
 from src.common.config import stage_main
 from src.common.draw import save_image_rgb
 from src.common.errors import UserError
-from src.common.images import parallel_map, read_image_rgb
+from src.common.images import list_images, parallel_map, read_image_rgb
 from src.common.io import atomic_write_csv, atomic_write_json
-from src.etl.check import check_dataset
+from src.etl.doctor import check_dataset
 from src.etl.labels import (
     images_dir,
     label_path_for,
@@ -47,13 +50,16 @@ from src.etl.labels import (
 )
 from src.etl.polygons import clip_polygon_to_rect
 from src.etl.splits import SPLIT_NAMES, split_membership
-from src.etl.tiling import boxes_in_window, tile_windows
-
-TILES_CSV = "tiles.csv"
-# {"data_path", "splits_dir"} of the full images the tiles were cut from: bench and check_errors score a
-# model trained on tiles on those full images (sliced), in the same split.
-TILED_FROM = "tiled_from.json"
-TILE_COLUMNS = ["tile", "source", "x0", "y0", "x1", "y1", "boxes"]
+from src.etl.tiling import (
+    TILE_COLUMNS,
+    TILED_FROM,
+    boxes_in_window,
+    orphan_images,
+    replace_tiles,
+    staging_folder,
+    tile_name,
+    tile_windows,
+)
 
 
 @dataclass(frozen=True)
@@ -64,10 +70,6 @@ class TileSettings:
     background_rate: float
     seed: int
     jpg_quality: int
-
-
-def tile_name(source: str, window: np.ndarray) -> str:
-    return f"{Path(source).stem}__x{int(window[0])}_y{int(window[1])}.jpg"
 
 
 def objects_in_window(
@@ -173,13 +175,17 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     data = Path(cfg.data_path)
     sources = [images_dir(data) / name for name in report.usable_images]
     num_classes = len(report.class_names)
+    staging = staging_folder(out)
 
     def one(source: Path) -> list[dict]:
-        return tile_image(source, label_path_for(source, labels_dir(data)), num_classes, out, settings)
+        return tile_image(source, label_path_for(source, labels_dir(data)), num_classes, staging, settings)
 
-    rows = [row for rows in parallel_map(one, sources, int(cfg.tile.workers), "tiling") for row in rows]
-    tiles = pd.DataFrame(rows, columns=TILE_COLUMNS)
-    atomic_write_csv(out / TILES_CSV, tiles)
+    try:
+        rows = [row for rows in parallel_map(one, sources, int(cfg.tile.workers), "tiling") for row in rows]
+        tiles = pd.DataFrame(rows, columns=TILE_COLUMNS)
+        removed = replace_tiles(out, staging, tiles)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     atomic_write_json(
         out / TILED_FROM,
         {"data_path": str(data.resolve()), "splits_dir": str(Path(cfg.splits_dir).resolve())},
@@ -190,18 +196,21 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         f"{len(tiles)} tiles of {settings.size[1]}x{settings.size[0]} (overlap {settings.overlap:g}) from "
         f"{len(sources)} images in {out}: {int(tiles['boxes'].sum())} objects, {background} background tiles "
         f"(kept at rate {settings.background_rate:g})"
+        + (f"; {removed} earlier tile(s) removed" if removed else "")
     )
+    warn_about_orphans(out)
     return tiles
 
 
-def tile_groups(data_path: str | Path) -> list[list[str]]:
-    """Tiles of one source image (from <data_path>/tiles.csv; [] for a data set that is not tiled)."""
-    path = Path(data_path) / TILES_CSV
-    if not path.exists():
-        return []
-    tiles = pd.read_csv(path, dtype={"tile": str, "source": str}, keep_default_na=False)
-    groups = tiles.groupby("source")["tile"].apply(sorted).tolist()
-    return [g for g in groups if len(g) > 1]
+def warn_about_orphans(out: Path) -> None:
+    """Images in <out>/images that tiling did not write (kept: not ours to delete); split refuses them."""
+    present = [p.name for p in list_images(images_dir(out))]
+    orphans = orphan_images(out, present)
+    if orphans:
+        logger.warning(
+            f"{len(orphans)} file(s) in {images_dir(out)} are not tiles of this run (not in its tiles.csv), e.g. "
+            f"{', '.join(orphans[:3])}: left as they are; `make split` refuses this folder until they are moved out"
+        )
 
 
 main = stage_main(run)

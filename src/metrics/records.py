@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from src.common.network_input import boxes_to_original, network_boxes_to_original_xyxy
 from src.metrics.masks import ground_truth_masks, prediction_masks
@@ -98,8 +99,6 @@ def predict_batches(
 ) -> tuple[list[dict], list[dict]]:
     """Run an (eval-mode) model over a loader of DetectionDataset batches -> (preds, gts) per image in
     original pixels, unfiltered (the postprocessor's top-k)."""
-    from tqdm import tqdm
-
     device = torch.device(device)
     preds, gts = [], []
     for images, targets in tqdm(

@@ -10,11 +10,20 @@ from __future__ import annotations
 from src.common.errors import ConfigError
 
 DFINE_SIZES = ("n", "s", "m", "l", "x")
+DETR_SIZES = ("r50", "r101", "r50_dc5", "r101_dc5")  # ResNet-50/101, plain or DC5 (dilated last stage)
+RTDETR_SIZES = ("r18", "r34", "r50m", "r50", "r101")  # ResNet-vd depth; r50m: R50 with a half-width encoder
 
 ARCH_SIZES: dict[str, tuple[str, ...]] = {
     "dfine": DFINE_SIZES,  # D-FINE (HGNetv2, FDR decoder)
     "deim_dfine": DFINE_SIZES,  # DEIM-D-FINE: D-FINE trained DEIM's way, SiLU decoder
+    "detr": DETR_SIZES,  # DETR (ResNet, encoder-decoder transformer, softmax classes + "no object")
+    "rtdetrv2": RTDETR_SIZES,  # RT-DETRv2 (ResNet-vd, CSP hybrid encoder, deformable decoder)
+    "deim_rtdetrv2": RTDETR_SIZES,  # DEIM-RT-DETRv2: trained DEIM's way, SiLU decoder, trainable norms
 }
+
+# model.num_queries: null takes the arch's own query count (the official configs').
+DEFAULT_QUERIES = {"detr": 100}
+OFFICIAL_QUERIES = 300
 
 ARCH_TITLES = {
     "dfine": "D-FINE",
@@ -35,6 +44,10 @@ def check_arch(arch: str, size: str) -> None:
         raise ConfigError(
             f"model.name={size!r} is not a size of model.arch={arch}; choose one of {' | '.join(ARCH_SIZES[arch])}"
         )
+
+
+def default_queries(arch: str) -> int:
+    return DEFAULT_QUERIES.get(arch, OFFICIAL_QUERIES)
 
 
 def display_name(arch: str, size: str) -> str:

@@ -14,11 +14,13 @@ from torch import nn
 
 from src.common.errors import ConfigError
 from src.models.archs import ARCH_TITLES
+from src.models.detr.family import DETR_FAMILY
 from src.models.dfine.family import DFINE_FAMILY
 from src.models.family import Family, LossSettings
+from src.models.rtdetr.family import RTDETR_FAMILY
 from src.models.spec import ModelSpec
 
-FAMILIES: tuple[Family, ...] = (DFINE_FAMILY,)
+FAMILIES: tuple[Family, ...] = (DFINE_FAMILY, RTDETR_FAMILY, DETR_FAMILY)
 _FAMILY_OF_ARCH = {arch: family for family in FAMILIES for arch in family.archs}
 
 

@@ -23,7 +23,9 @@ matcher reads "pred_masks" from the outputs and "masks" / "has_mask" from the ta
 
 Matching: classification terms use each head's own Hungarian matching; box and distribution terms use
 the GO-LSD "union set" (each query's most frequent target across all heads' matchings), normalised by
-its size. Denoising queries are matched by construction (query k of a group <-> its ground truth).
+its size; with use_union_set=False (RT-DETRv2, DEIM-RT-DETRv2) every term uses its head's own matching,
+normalised by the number of ground-truth boxes. Denoising queries are matched by construction (query k
+of a group <-> its ground truth).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from src.common.boxes import paired_box_iou, paired_generalized_box_iou
 from src.models.dfine.fdr import bbox2distance
 from src.models.mask_loss import MaskLossSettings, mask_losses
 from src.models.matcher import HungarianMatcher, MatchIndices, corners
+from src.models.outputs import DetectorOutputs
 
 # The official D-FINE COCO recipe (configs/dfine/include/dfine_hgnetv2.yml); DEIM swaps vfl for mal.
 DEFAULT_LOSS_WEIGHTS = {"vfl": 1.0, "mal": 1.0, "bbox": 5.0, "giou": 2.0, "fgl": 0.15, "ddf": 1.5}
@@ -112,9 +115,11 @@ class DFineCriterion(nn.Module):
         ddf_temperature: float = DDF_TEMPERATURE,
         bg_loss_weight: float = 1.0,
         mask_loss: MaskLossSettings | None = None,
+        use_union_set: bool = True,
     ):
         super().__init__()
         self.mask_loss = mask_loss  # None: a detection criterion
+        self.use_union_set = use_union_set  # False: box terms on each head's own matching (RT-DETRv2)
         if cls_loss not in CLS_LOSS_GAMMA:
             raise ValueError(f"cls_loss must be one of {sorted(CLS_LOSS_GAMMA)}, got {cls_loss!r}")
         if not bg_loss_weight >= 0:
@@ -126,8 +131,10 @@ class DFineCriterion(nn.Module):
         self.gamma = CLS_LOSS_GAMMA[cls_loss] if gamma is None else gamma
         self.reg_max, self.ddf_temperature = reg_max, ddf_temperature
 
-    def forward(self, outputs: dict, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """outputs: the D-FINE decoder's training dict; targets: per image "labels" (n,) int64 and
+    def forward(
+        self, outputs: DetectorOutputs, targets: list[dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """outputs: the model's training outputs (src/models/outputs.py); targets: per image "labels" (n,) int64 and
         "boxes" (n, 4) normalised cxcywh; for masks also "masks" (n, H, W) at the input size and optionally
         "has_mask" (n,) bool (src/models/mask_loss.py). Returns weighted loss terms; their sum is the training loss."""
         self._check_labels(outputs, targets)
@@ -140,7 +147,8 @@ class DFineCriterion(nn.Module):
         match = self.matcher(outputs, targets)
         layer_matches = [self.matcher(out, targets) for out in layers]
         encoder_matches = [self.matcher(out, targets) for out in encoder]
-        go_match = union_of_matches([match, *layer_matches, *encoder_matches]) if layers else match
+        union = self.use_union_set and layers
+        go_match = union_of_matches([match, *layer_matches, *encoder_matches]) if union else match
         num_boxes = max(sum(len(t["labels"]) for t in targets), 1)
         num_go = max(sum(len(q) for q, _ in go_match), 1)
 
@@ -154,18 +162,29 @@ class DFineCriterion(nn.Module):
         )
         state = {"fdr": fdr, "ddf_balance": ddf_balance, "fgl_targets": None}
 
-        losses = self._head(outputs, targets, match, num_boxes, go_match, num_go, state, "")
+        def box_match(own: MatchIndices) -> tuple[MatchIndices, int]:
+            """The matching (and its normaliser) of a head's box and distribution terms."""
+            return (go_match, num_go) if self.use_union_set else (own, num_boxes)
+
+        losses = self._head(outputs, targets, match, num_boxes, *box_match(match), state, "")
         for i, out in enumerate(outputs.get("aux_outputs", [])):
             losses |= self._head(
-                out, targets, layer_matches[i], num_boxes, go_match, num_go, state, f"_aux_{i}"
+                out, targets, layer_matches[i], num_boxes, *box_match(layer_matches[i]), state, f"_aux_{i}"
             )
         if "pre_outputs" in outputs:
             pre = outputs["pre_outputs"]
-            losses |= self._head(pre, targets, layer_matches[-1], num_boxes, go_match, num_go, state, "_pre")
+            pre_match = layer_matches[-1]
+            losses |= self._head(pre, targets, pre_match, num_boxes, *box_match(pre_match), state, "_pre")
         enc_targets = self._encoder_targets(outputs, targets)
         for i, out in enumerate(encoder):
             losses |= self._head(
-                out, enc_targets, encoder_matches[i], num_boxes, go_match, num_go, state, f"_enc_{i}"
+                out,
+                enc_targets,
+                encoder_matches[i],
+                num_boxes,
+                *box_match(encoder_matches[i]),
+                state,
+                f"_enc_{i}",
             )
         losses |= self._denoising_losses(outputs, targets, num_boxes, state)
         if "pred_masks" in outputs:
@@ -352,6 +371,7 @@ def build_criterion(
     reg_max: int = 32,
     bg_loss_weight: float = 1.0,
     mask_loss: dict | None = None,
+    use_union_set: bool = True,
 ) -> DFineCriterion:
     """The official D-FINE criterion (cls_loss="vfl") or DEIM's (cls_loss="mal", gamma 1.5).
 
@@ -361,7 +381,8 @@ def build_criterion(
     bg_loss_weight: extra weight on the classification loss of background queries (1.0 = official).
     mask_loss: train.mask_loss (bce, dice, points, oversample_ratio, importance_sample_ratio,
     matcher_cost = the matcher's mask cost weight, 0 = box-only matching) for a segmentation model; None
-    for a detector.
+    for a detector. use_union_set: box terms on the GO-LSD union of all heads' matchings (D-FINE, DEIM)
+    or on each head's own (False: RT-DETRv2's criterion).
     """
     weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
     costs = {**DEFAULT_MATCHER_COSTS, **(matcher_costs or {})}
@@ -380,6 +401,7 @@ def build_criterion(
         reg_max=reg_max,
         bg_loss_weight=bg_loss_weight,
         mask_loss=None if mask_settings is None else MaskLossSettings(**mask_settings),
+        use_union_set=use_union_set,
     )
     criterion.model_name = model_name
     return criterion

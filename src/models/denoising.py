@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from src.common.boxes import box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
+from src.common.errors import ConfigError
 from src.models.layers import inverse_sigmoid
 
 # Background negatives: box sides (fractions of the image side) and candidates drawn per kept box.
@@ -268,6 +269,10 @@ def set_denoising_negatives(model: nn.Module, num: int, iou_thresh: float = 0.3)
         raise ValueError(
             f"denoising negatives: need num >= 0 and 0 <= iou_thresh <= 1, got {num}, {iou_thresh}"
         )
+    if not hasattr(decoder, "num_denoising"):  # a family without a denoising branch (DETR)
+        if num > 0:
+            raise ConfigError("train.dn_negatives.num > 0 needs a denoising branch, which this model has not")
+        return
     if num > 0 and decoder.num_denoising <= 0:
         raise ValueError(
             "denoising negatives need the denoising branch: build the model with num_denoising > 0"
@@ -277,9 +282,9 @@ def set_denoising_negatives(model: nn.Module, num: int, iou_thresh: float = 0.3)
 
 
 def set_denoising_queries(model: nn.Module, num: int) -> None:
-    """How many contrastive denoising queries a D-FINE model (or its decoder) trains with per batch (0 =
-    the branch off; the official recipe: 100). num // (most boxes of one image in the batch) groups, at
-    least one, each a positive and a negative copy of every box.
+    """How many contrastive denoising queries a D-FINE / RT-DETRv2 model (or its decoder) trains with per
+    batch (0 = the branch off; the official recipe: 100). num // (most boxes of one image in the batch)
+    groups, at least one, each a positive and a negative copy of every box.
 
     A plain attribute, not a weight: the denoising class embedding stays in the model (and its checkpoints)
     whatever the number, so a model trained with any value loads anywhere.
@@ -287,6 +292,19 @@ def set_denoising_queries(model: nn.Module, num: int) -> None:
     decoder = getattr(getattr(model, "module", model), "decoder", model)  # DDP -> DFINE -> decoder
     if num < 0:
         raise ValueError(f"denoising queries: need num >= 0, got {num}")
+    if not hasattr(decoder, "num_denoising"):  # a family without a denoising branch (DETR): nothing to set
+        return
     if num > 0 and getattr(decoder, "denoising_class_embed", None) is None:
         raise ValueError("denoising queries need a model built with its denoising branch (num_denoising > 0)")
     decoder.num_denoising = int(num)
+
+
+def split_denoising(
+    x: torch.Tensor, dn_meta: dict, dim: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Split decoder outputs along the query axis `dim` into (denoising groups, background negatives or
+    None, matching queries), the layout of `get_contrastive_denoising_training_group`."""
+    num_dn, num_queries = dn_meta["dn_num_split"]
+    negatives = dn_meta["dn_num_negatives"]
+    groups, negative, matching = torch.split(x, [num_dn - negatives, negatives, num_queries], dim=dim)
+    return groups, negative if negatives else None, matching

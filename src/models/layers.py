@@ -1,4 +1,4 @@
-"""Small building blocks every family shares: activations, the MLP head, logit helpers.
+"""Small building blocks every family shares: activations, the MLP head, logit helpers, conv + norm.
 
 Parameter names follow the reference implementations so their checkpoints load directly.
 """
@@ -45,3 +45,59 @@ class MLP(nn.Module):
         for layer in self.layers[:-1]:
             x = self.act(layer(x))
         return self.layers[-1](x)
+
+
+def fold_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel and bias of one conv equivalent to conv -> BN (eval statistics)."""
+    std = (norm.running_var + norm.eps).sqrt()
+    kernel = conv.weight * (norm.weight / std).reshape(-1, 1, 1, 1)
+    bias = norm.bias - norm.running_mean * norm.weight / std
+    if conv.bias is not None:
+        bias = bias + conv.bias * norm.weight / std
+    return kernel, bias
+
+
+class ConvNormLayer(nn.Module):
+    """Conv -> BN -> activation; `convert_to_deploy()` folds the BN into the conv (`conv_bn_fused`)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        padding: int | None = None,
+        bias: bool = False,
+        act: str | None = None,
+    ):
+        super().__init__()
+        padding = (kernel_size - 1) // 2 if padding is None else padding
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding=padding, groups=groups, bias=bias
+        )
+        self.norm = nn.BatchNorm2d(out_channels)
+        self.act = activation_layer(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "conv_bn_fused"):
+            return self.act(self.conv_bn_fused(x))
+        return self.act(self.norm(self.conv(x)))
+
+    def convert_to_deploy(self) -> None:
+        if hasattr(self, "conv_bn_fused"):
+            return
+        conv = self.conv
+        fused = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            padding=conv.padding,
+            groups=conv.groups,
+            bias=True,
+        ).to(conv.weight)
+        kernel, bias = fold_batch_norm(conv, self.norm)
+        fused.weight.data, fused.bias.data = kernel.detach(), bias.detach()
+        self.conv_bn_fused = fused
+        del self.conv, self.norm

@@ -1,8 +1,10 @@
-"""One-to-one Hungarian matching of predictions to ground truth, as D-FINE trains with it.
+"""One-to-one Hungarian matching of predictions to ground truth, as D-FINE and DETR train with it.
 
 The cost of giving ground-truth j to query i is
-    cost_class * focal_cost(p_i[label_j]) + cost_bbox * L1(box_i, box_j) + cost_giou * -GIoU(box_i, box_j)
-and scipy's linear_sum_assignment picks the cheapest one-to-one assignment per image.
+    cost_class * class_cost(i, label_j) + cost_bbox * L1(box_i, box_j) + cost_giou * -GIoU(box_i, box_j)
+and scipy's linear_sum_assignment picks the cheapest one-to-one assignment per image. The class cost is
+D-FINE's focal-flavoured one on sigmoid scores (class_cost="focal"), or DETR's -softmax probability of the
+target class over classes + "no object" (class_cost="softmax").
 
 Segmentation models can add a mask cost (cost_mask > 0, train.mask_loss.matcher_cost), Mask2Former's:
     cost_mask * (BCE(mask_i, mask_j) + dice(mask_i, mask_j))
@@ -13,6 +15,7 @@ stay box-only. Objects without a mask ("has_mask" False) get mask cost 0.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -25,6 +28,7 @@ MatchIndices = list[tuple[torch.Tensor, torch.Tensor]]  # per image: (query indi
 # Mask2Former samples 12544 points for its matcher; matching needs ranks, not a loss value, and the cost
 # is (Q x n) pairs per image: 1024 points keep it cheap (capped at the mask-logit pixel count).
 MATCHER_POINTS = 1024
+CLASS_COSTS = ("focal", "softmax")
 
 
 def corners(boxes: torch.Tensor) -> torch.Tensor:
@@ -42,8 +46,12 @@ class HungarianMatcher(nn.Module):
         alpha: float = 0.25,
         gamma: float = 2.0,
         cost_mask: float = 0.0,
+        class_cost: str = "focal",
     ):
         super().__init__()
+        if class_cost not in CLASS_COSTS:
+            raise ValueError(f"HungarianMatcher: class_cost must be one of {CLASS_COSTS}, got {class_cost!r}")
+        self.class_cost = class_cost
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError(
                 "HungarianMatcher: at least one of cost_class, cost_bbox, cost_giou must be non-zero"
@@ -62,37 +70,43 @@ class HungarianMatcher(nn.Module):
         "boxes" (n, 4) cxcywh. With cost_mask > 0 and "pred_masks" (B, Q, h, w) in outputs, also "masks"
         (n, H, W) and optionally "has_mask" (n,) bool. Returns per image (query idx, target idx), min(Q, n)
         pairs, on the logits' device."""
-        device = outputs["pred_logits"].device
-        use_masks = self.cost_mask > 0 and "pred_masks" in outputs
-        indices = []
-        for image, (logits, boxes, target) in enumerate(
-            zip(outputs["pred_logits"], outputs["pred_boxes"], targets)
-        ):
-            if len(target["labels"]) == 0:
-                empty = torch.zeros(0, dtype=torch.int64, device=device)
-                indices.append((empty, empty.clone()))
-                continue
-            cost = self.cost_matrix(logits, boxes, target["labels"], target["boxes"])  # (Q, n)
-            if use_masks and "masks" in target:
-                cost = cost + self.cost_mask * mask_cost(outputs["pred_masks"][image], target)
-            rows, cols = linear_sum_assignment(torch.nan_to_num(cost, nan=1.0).cpu().numpy())
-            indices.append(
-                (
-                    torch.as_tensor(rows, dtype=torch.int64, device=device),
-                    torch.as_tensor(cols, dtype=torch.int64, device=device),
-                )
-            )
-        return indices
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]  # (B, Q, C), (B, Q, 4)
+        device, (batch, queries) = logits.device, logits.shape[:2]
+        sizes = [len(target["labels"]) for target in targets]
+        if sum(sizes) == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=device)
+            return [(empty, empty.clone()) for _ in targets]
+        # Every query against every object of the batch at once (one cost call instead of one per image);
+        # image i's block is its own queries' rows and its own objects' columns.
+        labels = torch.cat([target["labels"] for target in targets])
+        target_boxes = torch.cat([target["boxes"] for target in targets])
+        cost = self.cost_matrix(logits.flatten(0, 1), boxes.flatten(0, 1), labels, target_boxes)
+        blocks = list(cost.view(batch, queries, -1).split(sizes, dim=-1))  # per image (B, Q, n_i)
+        blocks = [block[image] for image, block in enumerate(blocks)]  # (Q, n_i)
+        if self.cost_mask > 0 and "pred_masks" in outputs:
+            for image, target in enumerate(targets):
+                if sizes[image] and "masks" in target:
+                    mask = mask_cost(outputs["pred_masks"][image], target)
+                    blocks[image] = blocks[image] + self.cost_mask * mask
+        on_host = torch.cat([torch.nan_to_num(b, nan=1.0).flatten() for b in blocks]).cpu().numpy()
+        offsets = np.cumsum([0] + [queries * n for n in sizes])
+        return [
+            _assign(on_host[start:end].reshape(queries, n), device)
+            for start, end, n in zip(offsets[:-1], offsets[1:], sizes)
+        ]
 
     def cost_matrix(
         self, logits: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, target_boxes: torch.Tensor
     ) -> torch.Tensor:
-        """logits (Q, C), boxes (Q, 4), labels (n,), target_boxes (n, 4) -> cost (Q, n)."""
-        prob = logits.sigmoid()[:, labels]  # (Q, n)
-        # Focal-loss flavoured class cost: how much cheaper the positive focal term is than the negative one.
-        negative = (1 - self.alpha) * (prob**self.gamma) * (-(1 - prob + 1e-8).log())
-        positive = self.alpha * ((1 - prob) ** self.gamma) * (-(prob + 1e-8).log())
-        cost_class = positive - negative
+        """logits (Q, C) (softmax: C = classes + 1), boxes (Q, 4), labels (n,), target_boxes (n, 4) -> (Q, n)."""
+        if self.class_cost == "softmax":
+            cost_class = -logits.softmax(-1)[:, labels]  # (Q, n)
+        else:
+            prob = logits.sigmoid()[:, labels]  # (Q, n)
+            # Focal-loss flavoured: how much cheaper the positive focal term is than the negative one.
+            negative = (1 - self.alpha) * (prob**self.gamma) * (-(1 - prob + 1e-8).log())
+            positive = self.alpha * ((1 - prob) ** self.gamma) * (-(prob + 1e-8).log())
+            cost_class = positive - negative
         cost_bbox = torch.cdist(boxes, target_boxes.to(boxes.dtype), p=1)
         cost_giou = -generalized_box_iou(corners(boxes), corners(target_boxes.to(boxes.dtype)))
         return self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
@@ -114,3 +128,17 @@ def mask_cost(pred_masks: torch.Tensor, target: dict[str, torch.Tensor]) -> torc
     if "has_mask" in target:  # box-only objects: matched on boxes and class alone
         cost = cost * target["has_mask"].to(cost.device, cost.dtype)[None, :]
     return cost.to(pred_masks.dtype)
+
+
+def _assign(cost: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cheapest one-to-one (query, object) pairs of one image's cost (Q, n): scipy for n > 1; with one
+    object the cheapest query, with none nothing (the same pairs scipy gives, without calling it)."""
+    if cost.shape[1] <= 1:
+        rows = np.argmin(cost, axis=0) if cost.shape[1] else np.zeros(0, np.int64)
+        cols = np.arange(cost.shape[1])
+    else:
+        rows, cols = linear_sum_assignment(cost)
+    return (
+        torch.as_tensor(rows, dtype=torch.int64, device=device),
+        torch.as_tensor(cols, dtype=torch.int64, device=device),
+    )

@@ -13,6 +13,7 @@ some of the user's class names are COCO names, those classes start from the COCO
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,8 +40,20 @@ COCO_CLASSES = (
     "scissors", "teddy bear", "hair drier", "toothbrush",
 )  # fmt: skip  # the 80 COCO detection classes in the official label order (category ids ascending)
 
+# COCO category id of each of COCO_CLASSES: DETR's official files index their class rows by these ids.
+COCO_CATEGORY_IDS = (
+    *range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70, *range(72, 83),
+    *range(84, 91),
+)  # fmt: skip
+# DETR's class head: one row per class, then "no object" (the last row). Official COCO files have 92 rows
+# (category ids 0..90, the unused ones empty, + "no object"); a file trained on COCO's 80 classes in order
+# has 81.
+DETR_CLASS_HEAD = "class_embed."
+DETR_COCO_ID_ROWS = 92
+
 # Key fragments whose tensor shape follows the model's configuration rather than its architecture.
-CLASS_DEPENDENT = ("score_head", "denoising_class_embed")  # rows = classes (+1 padding row for the embedding)
+# rows = classes (+1 padding row for D-FINE's denoising embedding, +1 "no object" row for DETR's class_embed)
+CLASS_DEPENDENT = ("score_head", "class_embed")
 QUERY_DEPENDENT = ("tgt_embed", "query_embed")  # learned query content, rows = queries
 IMAGE_SIZE_DEPENDENT = ("anchors", "valid_mask")  # buffers precomputed for the export image size
 
@@ -57,11 +70,15 @@ class LoadReport:
     meta: dict = field(default_factory=dict)
     arch: str | None = None  # the model.arch checkpoint_arch recognises; None: cannot tell
     arch_reason: str = ""
+    key_prefix: str = ""  # a backbone-only file: the model prefix its keys were read under
+    no_object_row: bool = False  # DETR's class head re-initialised but its "no object" row kept
 
     def __str__(self) -> str:
         total = len(self.loaded) + len(self.reinitialised) + len(self.missing)
         lines = [f"loaded {len(self.loaded)}/{total} tensors from {self.source} ({self.weights} weights)"]
         lines.append(f"arch: {self.arch or 'unknown'} ({self.arch_reason})")
+        if self.key_prefix:
+            lines.append(f"a backbone-only file: its keys were read under {self.key_prefix!r}")
         if self.reinitialised:
             lines.append(
                 f"re-initialised (shape follows classes, queries or image size): {_short(self.reinitialised)}"
@@ -69,6 +86,8 @@ class LoadReport:
         if self.class_rows_from_coco:
             pairs = ", ".join(f"{ours}<-{coco}" for ours, coco in self.class_rows_from_coco.items())
             lines.append(f"classes started from COCO rows: {pairs}")
+        if self.no_object_row:
+            lines.append("the class head's no-object row was kept from the checkpoint")
         fresh_masks = [key for key in self.missing if key.startswith("mask_head.")]
         if fresh_masks:  # a detection checkpoint in a segmentation model
             lines.append(f"mask branch not in the checkpoint: it starts fresh ({len(fresh_masks)} tensors)")
@@ -126,6 +145,9 @@ def pretrained_mismatch(path_or_state: str | Path | Mapping, spec: ModelSpec) ->
             "checkpoint"
         )
     sizes = fitting_sizes(checkpoint.state, spec)
+    recorded = checkpoint.meta.get("model_name")  # ours say it (DETR's r50 and r50_dc5 share every tensor)
+    if recorded in sizes and checkpoint_arch(checkpoint)[0] == spec.arch:
+        sizes = [recorded]
     if sizes and spec.size not in sizes:
         return (
             f"{checkpoint.source} holds {' or '.join(display_name(spec.arch, s) for s in sizes)} weights, but "
@@ -136,8 +158,10 @@ def pretrained_mismatch(path_or_state: str | Path | Mapping, spec: ModelSpec) ->
 
 
 def fitting_sizes(state: Mapping[str, torch.Tensor], spec: ModelSpec) -> list[str]:
-    """The sizes of spec.arch whose architecture has the checkpoint's tensor shapes (built on the meta
-    device: no memory, no weights), ignoring the keys that follow classes, queries or image size."""
+    """The sizes of spec.arch whose architecture has the checkpoint's tensors (built on the meta device: no
+    memory, no weights): the same names with the same shapes, ignoring the keys that follow classes,
+    queries or image size, BatchNorm counters and a mask branch. Names count too: a smaller size's tensors
+    can all lie inside a bigger one with the same shapes (ResNet-18 / 34 blocks, decoder layers)."""
     overrides = family_of(spec.arch).arch_overrides(state)
     fitting = []
     for size in ARCH_SIZES[spec.arch]:
@@ -145,9 +169,23 @@ def fitting_sizes(state: Mapping[str, torch.Tensor], spec: ModelSpec) -> list[st
         with torch.device("meta"):
             own = build(candidate).model.state_dict()
         shared = [key for key in state if key in own and not _depends_on_config(key)]
-        if shared and all(tuple(state[key].shape) == tuple(own[key].shape) for key in shared):
+        # Both ways: a deeper backbone holds every key of a shallower one (ResNet-101 vs -50) with equal shapes.
+        same_keys = _architecture_keys(state) == _architecture_keys(own)
+        if shared and same_keys and all(tuple(state[key].shape) == tuple(own[key].shape) for key in shared):
             fitting.append(size)
     return fitting
+
+
+def _architecture_keys(state: Mapping[str, torch.Tensor]) -> set[str]:
+    """The keys that make an architecture: not those following classes / queries / image size, the mask
+    branch (candidates are built as detectors) or BatchNorm step counters."""
+    return {
+        key
+        for key in state
+        if not _depends_on_config(key)
+        and not key.startswith("mask_head.")
+        and not key.endswith("num_batches_tracked")
+    }
 
 
 def load_pretrained(
@@ -163,8 +201,10 @@ def load_pretrained(
     own = model.state_dict()
     report = LoadReport(source=checkpoint.source, weights=checkpoint.weights, meta=checkpoint.meta)
     report.arch, report.arch_reason = checkpoint_arch(checkpoint)
+    report.key_prefix = backbone_file_prefix(checkpoint, own)
+    state = {report.key_prefix + key: tensor for key, tensor in checkpoint.state.items()}
     to_load, mismatched = {}, []
-    for key, tensor in checkpoint.state.items():
+    for key, tensor in state.items():
         if key not in own:
             report.unexpected.append(key)
         elif tensor.shape == own[key].shape:
@@ -174,19 +214,51 @@ def load_pretrained(
             report.reinitialised.append(key)
         else:
             mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(own[key].shape)}")
-    report.missing = [k for k in own if k not in checkpoint.state]
-    _check_architecture(checkpoint, mismatched, report, len(own))
+    report.missing = [k for k in own if k not in state]
+    if not report.key_prefix:
+        _check_architecture(checkpoint, mismatched, report, len(own))
 
-    class_rows = _coco_rows(class_names, checkpoint.state, report)
+    class_rows = _coco_rows(class_names, state, report)
     with torch.no_grad():
         for key, tensor in to_load.items():
             own[key].copy_(tensor.to(own[key].dtype))
         for key in report.reinitialised:
             if class_rows and any(part in key for part in CLASS_DEPENDENT):
                 for ours, coco in class_rows:
-                    own[key][ours] = checkpoint.state[key][coco].to(own[key].dtype)
+                    own[key][ours] = state[key][coco].to(own[key].dtype)
+            if key.startswith(DETR_CLASS_HEAD):  # "no object" does not depend on which classes there are
+                own[key][-1] = state[key][-1].to(own[key].dtype)
+                report.no_object_row = True
     logger.info(f"pretrained weights: {report}")
     return report
+
+
+def backbone_file_prefix(checkpoint: Checkpoint, own: Mapping[str, torch.Tensor]) -> str:
+    """'' for a detector's checkpoint. For a backbone-only file (torchvision's ResNet: conv1.weight,
+    layer1.0...; HGNetv2's stage-1 file) the model prefix its keys live under (backbone.0.body. in DETR),
+    found from the names themselves. The backbone must be all there and nothing of another depth may be
+    left over (a ResNet-101 file holds every ResNet-50 tensor): otherwise one line says what is wrong."""
+    state = checkpoint.state
+    if any(key in own for key in state):
+        return ""
+    prefixes = Counter(key[: -len(name)] for name in state for key in own if key.endswith("." + name))
+    if not prefixes:
+        return ""
+    prefix, found = prefixes.most_common(1)[0]
+    body = {key[len(prefix) :] for key in own if key.startswith(prefix)}
+    parts = {key.split(".")[0] for key in body}  # conv1, bn1, layer1, ...: what the backbone is made of
+    missing = sorted(body - set(state))
+    extra = sorted(
+        k
+        for k in state
+        if k not in body and k.split(".")[0] in parts and not k.endswith("num_batches_tracked")
+    )
+    if found < len(body) // 2 or missing or extra:
+        raise ValueError(
+            f"{checkpoint.source} is a backbone file that does not fit this model's backbone ({prefix}*): "
+            f"{len(missing)} of its tensors missing, {len(extra)} of another depth (e.g. {(missing + extra)[:3]})"
+        )
+    return prefix
 
 
 def _depends_on_config(key: str) -> bool:
@@ -229,17 +301,28 @@ def _coco_rows(class_names, state: dict[str, torch.Tensor], report: LoadReport) 
         if isinstance(class_names, Mapping)
         else list(class_names)
     )
-    heads = [v for k, v in state.items() if "score_head" in k and k.endswith("bias")]
-    checkpoint_classes = int(heads[0].shape[0]) if heads else 0
-    if checkpoint_classes != len(COCO_CLASSES):
-        logger.info(
-            f"checkpoint has {checkpoint_classes} classes, not COCO's 80: no class rows copied by name"
-        )
+    coco_rows = _checkpoint_coco_rows(state)
+    if coco_rows is None:
+        logger.info("the checkpoint's class heads are not COCO's 80 classes: no class rows copied by name")
         return []
     rows = []
     for ours, name in enumerate(names):
         coco = _COCO_INDEX.get(normalise_class_name(name))
         if coco is not None:
-            rows.append((ours, coco))
+            rows.append((ours, coco_rows[coco]))
             report.class_rows_from_coco[str(name)] = COCO_CLASSES[coco]
     return rows
+
+
+def _checkpoint_coco_rows(state: Mapping[str, torch.Tensor]) -> Sequence[int] | None:
+    """The row of each of COCO_CLASSES in the checkpoint's class heads, or None when they are not COCO's:
+    D-FINE's score heads have the 80 classes in order; DETR's class_embed has them in order + "no object"
+    (81 rows) or, in the official files, at their COCO category ids + "no object" (92 rows)."""
+    for key, value in state.items():
+        if "score_head" in key and key.endswith("bias"):
+            return range(len(COCO_CLASSES)) if len(value) == len(COCO_CLASSES) else None
+        if key == DETR_CLASS_HEAD + "bias":
+            if len(value) == DETR_COCO_ID_ROWS:
+                return COCO_CATEGORY_IDS
+            return range(len(COCO_CLASSES)) if len(value) == len(COCO_CLASSES) + 1 else None
+    return None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from src.common.config_rules import LEGACY_VARIANT_ARCH
 from src.common.errors import ConfigError
-from src.models.archs import check_arch, display_name
+from src.models.archs import check_arch, default_queries, display_name
 
 ONE_CLASS_NAME = "object"  # the single class of a model.use_one_class model
 TASKS = ("detect", "segment")  # model.task: "segment" adds the mask branch (src/models/mask_head.py)
@@ -22,6 +22,9 @@ TASKS = ("detect", "segment")  # model.task: "segment" adds the mask branch (src
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """What a detector is: enough to build it (src.models.build), to write its checkpoint meta and to read
+    one back. Frozen and checked on creation, so a spec that exists is a buildable one."""
+
     arch: str  # dfine | deim_dfine | rtdetrv2 | ... (src/models/archs.py)
     size: str  # model.name: one of the arch's sizes (n..x for D-FINE, r18.. for RT-DETRv2, r50.. for DETR)
     img_size: tuple[int, int]  # network input (h, w), multiples of 32
@@ -84,7 +87,9 @@ class ModelSpec:
             size=str(model.name),
             img_size=_pair(model.img_size),
             data_class_names=tuple(names),
-            num_queries=int(model.num_queries),
+            num_queries=int(
+                default_queries(str(model.arch)) if model.num_queries is None else model.num_queries
+            ),
             keep_ratio=bool(model.keep_ratio),
             use_one_class=bool(model.use_one_class),
             task=str(model.task),

@@ -10,14 +10,16 @@ of the top-K queries) becomes, for the kept detections only, bool masks of the o
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
+from loguru import logger
 
-from src.common.images import read_image_rgb
+from src.common.images import ImageReadError, read_image_rgb
+from src.common.masks import mask_to_polygon
 from src.common.network_input import Letterbox, boxes_to_original, masks_in_boxes, preprocess_images
 from src.runtime.backend import Outputs
 from src.runtime.meta import ModelMeta
@@ -32,6 +34,9 @@ class Runner(Protocol):
 
     def __call__(self, images: np.ndarray, sizes: np.ndarray) -> Outputs: ...
 
+
+Key = TypeVar("Key")  # what a stream's caller tells its items apart by: a path, a frame index, a sample
+Result = TypeVar("Result")
 
 # Decimals written to JSON/CSV: boxes in pixels (1/100 px is far below any model's precision), scores,
 # normalised polygon coordinates (1e-5: a tenth of a pixel on a 10 000 px image).
@@ -62,6 +67,23 @@ class Detections:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def held_to(self, conf: float | np.ndarray) -> np.ndarray:
+        """(N,) the threshold each detection is held to: conf is one float or per-class thresholds (C,)."""
+        per_class = np.asarray(conf, np.float32)
+        return per_class[self.labels] if per_class.ndim else np.full(len(self), float(per_class), np.float32)
+
+    def filter(self, conf: float | np.ndarray) -> Detections:
+        """The detections scoring >= conf (one float or per-class thresholds (C,)), masks included."""
+        return self.select(self.scores >= self.held_to(conf))
+
+    def select(self, keep: np.ndarray) -> Detections:
+        """A subset (keep: (N,) bool or indices, in the order given), masks included when present."""
+        index = np.flatnonzero(keep) if np.asarray(keep).dtype == bool else np.asarray(keep, np.int64)
+        return Detections(
+            self.boxes[index], self.scores[index], self.labels[index], [self.names[i] for i in index],
+            self.image_size, None if self.masks is None else self.masks[index],
+        )  # fmt: skip
+
     def to_dict(self) -> dict[str, Any]:
         """Plain lists (JSON-ready): boxes rounded to BOX_DECIMALS, scores to SCORE_DECIMALS (the arrays
         themselves are untouched). A segmentation model's detections add "polygons": per detection its
@@ -75,8 +97,6 @@ class Detections:
             "image_size": list(self.image_size),
         }
         if self.masks is not None:
-            from src.common.masks import mask_to_polygon
-
             polygons = (mask_to_polygon(mask) for mask in self.masks)
             out["polygons"] = [None if p is None else rounded(p, POLYGON_DECIMALS) for p in polygons]
         return out
@@ -93,7 +113,9 @@ class Detector:
     Arrays are RGB by default (what `read_image_rgb` returns); pass bgr=True for OpenCV frames
     (cv2.imread / VideoCapture). Paths are always read correctly (as RGB).
     conf: None -> the artifact's thresholds (global + per-class, from training); a float -> one threshold
-          for every class; a dict {class name or id: threshold} -> changes only those classes.
+          for every class; a dict {class name or id: threshold} -> changes only those classes; an array
+          (num_classes,) -> every class's threshold (np.inf: the class is never reported).
+    Streams (folders, videos): `detector.stream(items)` (see `batched_predictions`).
     """
 
     def __init__(self, runner: Runner, conf: float | dict | None = None):
@@ -123,7 +145,7 @@ class Detector:
             1, getattr(self.runner, "max_batch_size", self.meta.max_batch_size)
         )
 
-    def thresholds(self, conf: float | dict | None = None) -> np.ndarray:
+    def thresholds(self, conf: float | dict | np.ndarray | None = None) -> np.ndarray:
         """Per-class thresholds (num_classes,) that a call with `conf` applies."""
         if conf is None:
             conf = self.default_conf
@@ -148,17 +170,32 @@ class Detector:
     def predict(
         self,
         images_rgb: Sequence[np.ndarray],
-        conf: float | dict | None = None,
+        conf: float | dict | np.ndarray | None = None,
         batch_size: int | None = None,
+        masks: bool = True,
     ) -> list[Detections]:
         """RGB uint8 images -> one Detections per image, sent to the backend in chunks of `batch_size`
-        (default `max_batch`)."""
+        (default `max_batch`). masks=False: a segmentation model's detections come without masks (making
+        full-size masks is the costly part of its post-processing)."""
         thresholds = self.thresholds(conf)
         results: list[Detections] = []
         for chunk in iter_chunks(images_rgb, batch_size or self.max_batch):
             outputs, letterboxes = self.raw(chunk)
+            outputs = outputs if masks else outputs[:3]
             results += [self.select(outputs, i, lb, thresholds) for i, lb in enumerate(letterboxes)]
         return results
+
+    def stream(
+        self,
+        items: Iterable[tuple[Key, np.ndarray]],
+        conf: float | dict | np.ndarray | None = None,
+        masks: bool = True,
+    ) -> Iterator[tuple[Key, np.ndarray, Detections]]:
+        """(key, RGB image) pairs of any length (a folder's files, a video's frames) -> (key, image, its
+        Detections), predicted `max_batch` at a time: memory holds one batch, whatever the stream's length."""
+        return batched_predictions(
+            items, lambda images: self.predict(images, conf, masks=masks), self.max_batch
+        )
 
     def raw(self, images_rgb: Sequence[np.ndarray]) -> tuple[Outputs, list[Letterbox]]:
         """The backend's top-K outputs (boxes in network pixels) for up to `max_batch` RGB images."""
@@ -251,3 +288,45 @@ def _to_rgb(image: np.ndarray, bgr: bool) -> np.ndarray:
 def iter_chunks(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def batched_predictions(
+    items: Iterable[tuple[Key, np.ndarray]],
+    predict: Callable[[list[np.ndarray]], list[Result]],
+    batch_size: int,
+) -> Iterator[tuple[Key, np.ndarray, Result]]:
+    """The runtime's one prediction loop: (key, image) pairs gathered into batches of `batch_size`, each
+    batch given to `predict` (images -> one result per image), every pair yielded again with its result, in
+    order. Infer (files and frames), evaluation and the demo all run through it."""
+    batch: list[tuple[Key, np.ndarray]] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= batch_size:
+            yield from _with_results(batch, predict)
+            batch = []
+    if batch:
+        yield from _with_results(batch, predict)
+
+
+def _with_results(batch: list[tuple[Key, np.ndarray]], predict) -> Iterator[tuple[Key, np.ndarray, Result]]:
+    results = predict([image for _, image in batch])
+    for (key, image), result in zip(batch, results, strict=True):
+        yield key, image, result
+
+
+def read_each(
+    items: Iterable[Key],
+    read: Callable[[Key], np.ndarray] = read_image_rgb,
+    on_error: Callable[[Key, Exception], None] | None = None,
+) -> Iterator[tuple[Key, np.ndarray]]:
+    """(item, decoded image) for every item that `read` can decode; an unreadable one is logged, handed to
+    `on_error` (e.g. a run's "failed" list) and skipped."""
+    for item in items:
+        try:
+            image = read(item)
+        except (ImageReadError, OSError, ValueError) as err:
+            logger.warning(f"skipped unreadable image: {err}")
+            if on_error is not None:
+                on_error(item, err)
+            continue
+        yield item, image

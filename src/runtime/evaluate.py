@@ -1,6 +1,6 @@
-"""Run any Detector over a split and score it with src/metrics/validator.py (export parity, bench, check_errors,
-ov_int8 all use this one loop). Ground truth comes from the split CSVs and YOLO labels (src/etl/splits.py);
-a model trained with model.use_one_class=true is scored against every box as its one class.
+"""Run any Detector over labelled images and score it with src/metrics/validator.py (export parity, bench,
+ov_int8 and the benchmarks use this). The labelled images come from the caller: the stages read a split's
+(src/dl/split_samples.py, where a model.use_one_class model's ground truth becomes its one class).
 
 A segmentation model (its Detections carry masks) is also scored by COCO mask mAP (src/metrics/masks.py)
 against the polygons of the labels, rasterised at the original image size (src/common/masks.py); objects
@@ -19,12 +19,20 @@ from typing import Any
 
 import numpy as np
 from loguru import logger
-from omegaconf import DictConfig
 from tqdm import tqdm
 
-from src.common.images import ImageReadError, image_size, read_image_rgb
+from src.common.images import read_image_rgb
 from src.common.masks import polygons_has_mask, polygons_to_masks
-from src.runtime.detector import Detections, Detector
+from src.metrics.masks import (
+    MAX_MASKS,
+    MIN_MASK_SCORE,
+    decode_rles,
+    encode_masks,
+    ground_truth_masks,
+    mask_map,
+)
+from src.metrics.validator import evaluate
+from src.runtime.detector import Detections, Detector, batched_predictions, read_each
 
 
 @dataclass
@@ -56,30 +64,6 @@ class LabelledImage:
         return polygons_to_masks(self.polygons or [None] * len(self.labels), height, width)
 
 
-def load_split_samples(cfg: DictConfig, split: str, limit: int | None = None) -> list[LabelledImage]:
-    """Images and labels of <splits_dir>/<split>.csv ([] when the split file is missing or empty).
-
-    With model.use_one_class every ground-truth box gets class 0, the one class such a model predicts.
-    """
-    from src.common.config import label_names
-    from src.etl.splits import load_labels, read_split
-
-    paths = read_split(cfg, split)
-    if not paths:
-        return []
-    if limit is not None and limit > 0:
-        paths = paths[:limit]
-    labels = load_labels(paths, Path(cfg.data_path), len(label_names(cfg)))
-    samples = []
-    for index, (path, boxes, ids, polygons) in enumerate(zip(paths, *labels, strict=True)):
-        width, height = image_size(path) if len(ids) else (1, 1)  # header only; no decode
-        cx, cy, w, h = (np.asarray(boxes, np.float64).reshape(-1, 4) * [width, height, width, height]).T
-        xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
-        ids = np.zeros(len(ids), np.int64) if cfg.model.use_one_class else np.asarray(ids, np.int64)
-        samples.append(LabelledImage(path, xyxy, ids, split, index, list(polygons)))
-    return samples
-
-
 @dataclass
 class EvalResult:
     detections: list[Detections]  # per sample, every top-K detection with score >= the evaluation's min_conf
@@ -94,7 +78,7 @@ class EvalResult:
 
     def above(self, conf: float | np.ndarray) -> list[Detections]:
         """Detections filtered at a threshold (float, or per-class array); no masks (see with_masks)."""
-        return [filter_detections(d, conf) for d in self.detections]
+        return [dets.filter(conf) for dets in self.detections]
 
     def with_masks(self, index: int) -> Detections:
         """Sample `index`'s detections with their (N, H, W) bool masks decoded (a segmentation model)."""
@@ -125,8 +109,6 @@ def score(
     iou_thresh: float = 0.5,
 ) -> dict[str, float]:
     """Validator metrics of per-image detections against their samples' ground truth (P/R/F1 at conf)."""
-    from src.metrics.validator import evaluate
-
     preds, gts = [], []
     for dets, sample in zip(detections, samples, strict=True):
         height, width = dets.image_size
@@ -137,30 +119,8 @@ def score(
     return evaluate(preds, gts, list(class_names), conf_thresh=conf, iou_thresh=iou_thresh).metrics
 
 
-def detection_thresholds(dets: Detections, conf: float | np.ndarray) -> np.ndarray:
-    """(N,) the threshold each detection is held to: conf is one float or per-class thresholds (C,)."""
-    thresholds = np.asarray(conf, np.float32)
-    return thresholds[dets.labels] if thresholds.ndim else np.full(len(dets), float(thresholds), np.float32)
-
-
-def filter_detections(dets: Detections, conf: float | np.ndarray) -> Detections:
-    """The detections scoring >= conf (one float or per-class thresholds (C,)), masks included."""
-    return select_detections(dets, dets.scores >= detection_thresholds(dets, conf))
-
-
-def select_detections(dets: Detections, keep: np.ndarray) -> Detections:
-    """A subset of one image's detections (keep: (N,) bool or indices), masks included when present."""
-    index = np.flatnonzero(keep) if np.asarray(keep).dtype == bool else np.asarray(keep, np.int64)
-    return Detections(
-        dets.boxes[index], dets.scores[index], dets.labels[index], [dets.names[i] for i in index],
-        dets.image_size, None if dets.masks is None else dets.masks[index],
-    )  # fmt: skip
-
-
 def decode_masks(rles: list[dict], image_size: tuple[int, int]) -> np.ndarray:
     """One image's COCO RLEs (EvalResult.mask_rles[i]) -> (N, H, W) bool; image_size (h, w)."""
-    from src.metrics.masks import decode_rles
-
     return decode_rles(rles, *image_size)
 
 
@@ -174,8 +134,6 @@ def mask_scores(
     image's masked_count first detections against the samples' polygons, as training's validation scores
     them; {} when no sample has a polygon (nothing to score). Both sides go in as RLEs: one image's dense
     ground-truth masks exist only while they are encoded."""
-    from src.metrics.masks import ground_truth_masks, mask_map
-
     if not any(s.has_mask.any() for s in samples):
         logger.info("mask mAP not computed: no ground-truth polygons in these labels (box lines only)")
         return {}
@@ -192,10 +150,8 @@ def mask_scores(
 def masked_count(dets: Detections) -> int:
     """How many of an image's detections (sorted by score) an evaluation gives a mask, as training's
     validation does (metrics.masks): the MAX_MASKS best (COCO mAP reads 100 per image and class) that score
-    >= MIN_MASK_SCORE. Full-size masks are what cost: on one core of a 2-core AMD EPYC, 300 masks of a
-    640x480 image took 1.2-1.6 s to resample (network_input.masks_to_original) + 0.6-0.8 s to RLE-encode."""
-    from src.metrics.masks import MAX_MASKS, MIN_MASK_SCORE
-
+    >= MIN_MASK_SCORE. Full-size masks are what cost (resampling, then RLE-encoding): every top-K query's
+    would take far longer than the prediction itself."""
     return int(min(MAX_MASKS, np.count_nonzero(dets.scores >= MIN_MASK_SCORE)))
 
 
@@ -211,8 +167,6 @@ def predict_for_evaluation(
     are selected from the same outputs untimed, the first masked_count of them with their masks, the rest
     with empty ones (mask mAP leaves them out: see mask_scores).
     """
-    from src.metrics.masks import MAX_MASKS, MIN_MASK_SCORE, encode_masks
-
     if detector.meta.task != "segment" or type(detector).predict is not Detector.predict:
         (dets,), ms = detector.timed([image], conf=min_conf)
         if dets.masks is None:
@@ -242,7 +196,8 @@ def evaluate_detector(
     iou_thresh: float = 0.5,
     images: Sequence[np.ndarray] | None = None,
 ) -> EvalResult:
-    """Predict every sample one image at a time (timed: decode excluded) and compute the metrics.
+    """Predict every sample one image at a time (timed: decode excluded; batch 1 is what a deployed model's
+    latency means) and compute the metrics. Unreadable images are skipped and listed in `failed`.
 
     mAP uses every top-K detection (>= min_conf, as COCO evaluation expects); P/R/F1 are at `conf`
     (default: the artifact's global threshold). images: the samples' pictures already decoded (optional).
@@ -250,17 +205,22 @@ def evaluate_detector(
     conf = float(detector.meta.conf_thresh if conf is None else conf)
     if warmup:
         detector.warmup(warmup)
-    detections, latencies, kept, failed, mask_rles = [], [], [], [], []
-    for index, sample in enumerate(
-        tqdm(samples, desc=desc or f"eval {detector.backend}", leave=False, dynamic_ncols=True)
-    ):
-        try:
-            image = images[index] if images is not None else sample.read_image()
-        except (ImageReadError, OSError) as err:
-            logger.warning(f"skipped: {err}")
-            failed.append(str(sample.path))
-            continue
-        dets, rles, ms = predict_for_evaluation(detector, image, min_conf)
+    failed: list[str] = []
+
+    def read(item: tuple[int, LabelledImage]) -> np.ndarray:
+        index, sample = item
+        return images[index] if images is not None else sample.read_image()
+
+    readable = read_each(
+        enumerate(tqdm(samples, desc=desc or f"eval {detector.backend}", leave=False, dynamic_ncols=True)),
+        read, lambda item, _err: failed.append(str(item[1].path)),
+    )  # fmt: skip
+
+    def one_image(batch: list[np.ndarray]) -> list[tuple[Detections, list[dict] | None, float]]:
+        return [predict_for_evaluation(detector, batch[0], min_conf)]
+
+    detections, latencies, kept, mask_rles = [], [], [], []
+    for (_, sample), _, (dets, rles, ms) in batched_predictions(readable, one_image, batch_size=1):
         if rles is not None:
             mask_rles.append(rles)
         detections.append(dets)
@@ -272,27 +232,8 @@ def evaluate_detector(
     return EvalResult(detections, kept, metrics, latencies, conf, failed, mask_rles or None)
 
 
-def load_experiment_model(
-    cfg: DictConfig,
-    model_path: str | None = None,
-    precision: str | None = None,
-    conf: float | dict | None = None,
-) -> Detector:
-    """A stage's model: `model_path` when given, else the experiment's best artifact for cfg.device."""
-    from omegaconf import OmegaConf
-
-    from src.common.errors import UserError
-    from src.common.experiment import Experiment
-    from src.runtime import best_artifact, load_model
-    from src.runtime.slicing import sliced_if_configured
-
-    if OmegaConf.is_config(conf):  # {class: threshold} from the command line / config.yaml
-        conf = OmegaConf.to_container(conf)
-    try:
-        path = Path(model_path) if model_path else best_artifact(Experiment.of(cfg).root, str(cfg.device))
-        detector = load_model(path, device=str(cfg.device), precision=precision, conf=conf)
-        detector = sliced_if_configured(detector, cfg)  # slicing.enabled (auto: trained on tiles)
-    except FileNotFoundError as err:  # nothing trained / exported, or a mistyped model_path: one line
-        raise UserError(str(err)) from err
-    logger.info(f"model: {detector}")
-    return detector
+def unthresholded_scores(detector: Detector, image_paths: Sequence[str | Path]) -> list[np.ndarray]:
+    """Per readable image, the scores of all its top-K detections (no threshold, no masks made), through
+    the runtime's prediction loop: what false-positive statistics on background images are computed from."""
+    readable = read_each(image_paths)
+    return [dets.scores for _, _, dets in detector.stream(readable, conf=0.0, masks=False)]

@@ -14,8 +14,12 @@ from typing import Any
 import numpy as np
 
 from src.common.config_rules import LEGACY_VARIANT_ARCH
+from src.common.io import atomic_write_text
 
 META_KEY = "dfine_meta"
+# The thresholds training writes beside a checkpoint (the experiment's FILES["thresholds"]); they take
+# precedence over the ones inside the checkpoint.
+THRESHOLDS_FILE = "thresholds.json"
 META_VERSION = 1
 DEFAULT_CONF = 0.5
 
@@ -76,8 +80,13 @@ class ModelMeta:
         """Per-class score thresholds (num_classes,): `conf` overrides the stored ones.
 
         conf: None -> stored defaults (global + per-class); float -> that value for every class;
-        dict {class name or id: value} -> those classes changed, the others keep the stored defaults.
+        dict {class name or id: value} -> those classes changed, the others keep the stored defaults;
+        array (num_classes,) -> taken as it is.
         """
+        if isinstance(conf, np.ndarray) and conf.ndim == 1:
+            if len(conf) != self.num_classes:
+                raise ValueError(f"{len(conf)} thresholds for {self.num_classes} classes")
+            return conf.astype(np.float32)
         if conf is not None and not isinstance(conf, dict):
             return np.full(self.num_classes, float(conf), np.float32)
         out = np.array([self.class_thresholds.get(n, self.conf_thresh) for n in self.class_names], np.float32)
@@ -208,8 +217,6 @@ def sidecar_path(engine_path: str | Path) -> Path:
 
 
 def write_sidecar(engine_path: str | Path, meta: ModelMeta) -> Path:
-    from src.common.io import atomic_write_text
-
     return atomic_write_text(
         sidecar_path(engine_path), json.dumps(asdict(meta), indent=2, default=str) + "\n"
     )

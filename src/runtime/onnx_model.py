@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 from loguru import logger
 
-from src.runtime.backend import BackendUnavailable, Outputs, wants_cuda
+from src.common.device import onnx_providers
+from src.runtime.backend import BackendUnavailable, Outputs
 from src.runtime.meta import INPUT_NAMES, ModelMeta, read_onnx_meta_map
 
 
@@ -27,16 +28,10 @@ class OnnxRunner:
                 f"{path}: ONNX graphs run in the precision they were exported in; ignoring {precision}"
             )
         self.path = Path(path)
-        available = ort.get_available_providers()
-        providers = ["CPUExecutionProvider"]
-        if wants_cuda(device):
-            if "CUDAExecutionProvider" in available:
-                providers.insert(0, "CUDAExecutionProvider")
-            elif device != "auto":
-                raise BackendUnavailable(
-                    "onnx",
-                    f"device={device} asked, but onnxruntime has no CUDA provider (pip install onnxruntime-gpu)",
-                )
+        try:
+            providers = onnx_providers(device, ort.get_available_providers())
+        except ValueError as err:
+            raise BackendUnavailable("onnx", str(err)) from err
         options = ort.SessionOptions()
         options.log_severity_level = (
             3  # errors only: shape-inference warnings of fused postprocessing are noise

@@ -7,13 +7,17 @@ bf16 on CPUs that have it (and f16 on GPUs), which changes accuracy silently.
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import tempfile
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 from loguru import logger
 
-from src.runtime.backend import BackendUnavailable, Outputs
+from src.common.device import openvino_device
+from src.runtime.backend import ArtifactError, BackendUnavailable, Outputs
 from src.runtime.meta import INPUT_NAMES, ModelMeta, read_openvino_meta
 
 # our names -> OpenVINO's element type names for INFERENCE_PRECISION_HINT
@@ -40,13 +44,6 @@ def precision_unavailable(precision: str, device: str = "cpu") -> str | None:
     )
 
 
-def openvino_device(device: str) -> str:
-    """Our device names -> OpenVINO's: auto/cpu -> CPU; gpu / GPU.1 / NPU / AUTO pass through (upper case)."""
-    if device in ("auto", "cpu") or str(device).startswith("cuda"):
-        return "CPU"  # OpenVINO has no CUDA plugin; an NVIDIA box runs IR on its CPU
-    return str(device).upper()
-
-
 @cache
 def shared_core():
     """The process's one ov.Core. Each Core builds its own CPU plugin, and each plugin swaps the calling
@@ -70,6 +67,7 @@ class OpenVinoRunner:
         precision = precision or "f32"
         if precision not in PRECISIONS:
             raise ValueError(f"OpenVINO precision must be one of f32|f16|bf16, got {precision!r}")
+        check_weights_file(self.path)
         model = core.read_model(str(self.path))
         self.meta: ModelMeta = read_openvino_meta(model, self.path)
         # A port may carry several tensor names (OpenVINO merges names when it folds a no-op Cast).
@@ -116,6 +114,23 @@ class OpenVinoRunner:
         return labels.astype(np.int64), *rest
 
 
+# Every constant of an IR's .xml points into its .bin: <data ... offset="N" size="M" />
+WEIGHTS_RANGE = re.compile(r'offset="(\d+)"\s+size="(\d+)"')
+
+
+def check_weights_file(xml_path: Path) -> None:
+    """ArtifactError naming the .bin when it is missing or shorter than the graph's constants need (a copy
+    or download cut short): OpenVINO's own message names neither file."""
+    bin_path = xml_path.with_suffix(".bin")
+    if not bin_path.is_file():
+        raise ArtifactError(bin_path, f"the weights of {xml_path.name} are missing")
+    ranges = WEIGHTS_RANGE.findall(xml_path.read_text(encoding="utf-8", errors="replace"))
+    needed = max((int(offset) + int(size) for offset, size in ranges), default=0)
+    found = bin_path.stat().st_size
+    if found < needed:
+        raise ArtifactError(bin_path, f"{found} bytes, {xml_path.name} needs {needed}: the file is cut short")
+
+
 def _type_name(value) -> str:
     return value.to_string() if hasattr(value, "to_string") else str(value)
 
@@ -128,9 +143,6 @@ def save_ir(model, path: str | Path, compress_to_fp16: bool) -> Path:
     reader finds the old pair, no .xml at all (a clear "not found"), or the new pair: never an .xml beside
     a .bin of another model.
     """
-    import shutil
-    import tempfile
-
     import openvino as ov
 
     path = Path(path)

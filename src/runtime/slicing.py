@@ -16,23 +16,19 @@ place, a merged detection's mask is the union of the masks merged into it (nmm; 
 
 sahi's own slicing was not used: the sahi wheel requires opencv-python (this project allows only the
 headless build, both at once break each other), shapely, fire and requests; the slicing and merging here are
-~100 lines on the shared tile geometry (src/etl/tiling.py).
+~100 lines on the windows the tiling stage cuts too (src/common/windows.py). Stages wrap their model
+when the config asks for it (src/dl/artifacts.py: sliced_if_configured).
 Each slice goes through the backend at the model's input size, so latency grows with the number of slices:
 a 1920x1080 image at 640 px with 0.2 overlap is 4x3 = 12 slices + 1.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
-from loguru import logger
-from omegaconf import DictConfig
 
-from src.etl.tile import TILED_FROM, TILES_CSV
-from src.etl.tiling import tile_windows
+from src.common.windows import tile_windows
 from src.runtime.detector import Detections, Detector
 
 METRICS = ("ios", "iou")
@@ -80,15 +76,16 @@ class SlicedDetector(Detector):
     def predict(
         self,
         images_rgb: Sequence[np.ndarray],
-        conf: float | dict | None = None,
+        conf: float | dict | np.ndarray | None = None,
         batch_size: int | None = None,
+        masks: bool = True,
     ) -> list[Detections]:
         results = []
         for image in images_rgb:
             height, width = image.shape[:2]
             windows = self.windows(width, height)
             crops = [image[y0:y1, x0:x1] for x0, y0, x1, y1 in windows]
-            per_crop = super().predict(crops, conf, batch_size)
+            per_crop = super().predict(crops, conf, batch_size, masks)
             results.append(self._merge(per_crop, windows, (height, width)))
         return results
 
@@ -170,9 +167,9 @@ def merge_groups(
     """merge_detections' work: (merged boxes (K, 4) sorted by score, per merged detection the input indices
     merged into it, its own first; nms: only its own, the matched ones are dropped).
 
-    Why grow_min_score: evaluation keeps every top-K detection down to score ~0, and under nmm a true small
-    object absorbed the low-score boxes around it and grew out of its IoU (1920x1080, 8-24 px objects, model
-    trained on tiles: mAP50 0.015 with nmm vs 0.345 with nms; benchmarks/small_objects.py)."""
+    Why grow_min_score: evaluation keeps every top-K detection down to a score near 0, and under nmm a true
+    small object would absorb the low-score boxes around it and grow out of its overlap with the object
+    (benchmarks/small_objects.py measures the difference)."""
     order = np.argsort(-scores, kind="stable")
     boxes, labels, sorted_scores = boxes[order], labels[order], scores[order]
     grows = sorted_scores >= grow_min_score
@@ -202,49 +199,3 @@ def merge_groups(
         kept_boxes.append(box)
         groups.append(order[members])
     return np.array(kept_boxes, np.float32).reshape(-1, 4), groups
-
-
-def trained_on_tiles(data_path: str | Path) -> bool:
-    return (Path(data_path) / TILES_CSV).exists()
-
-
-def slicing_enabled(cfg: DictConfig) -> bool:
-    """slicing.enabled true, or auto and the experiment's data set is tiled (cfg.data_path: the experiment's,
-    see src/common/experiment.py)."""
-    enabled = cfg.slicing.enabled
-    return trained_on_tiles(cfg.data_path) if str(enabled) == "auto" else bool(enabled)
-
-
-def full_image_config(cfg: DictConfig) -> DictConfig:
-    """The config to read evaluation images with: for sliced inference on an experiment trained on tiles,
-    the full images the tiles were cut from (their data_path and split, from the tiled set's
-    tiled_from.json), so bench and check_errors score what sliced inference is for; otherwise cfg."""
-    from omegaconf import OmegaConf
-
-    link = Path(cfg.data_path) / TILED_FROM
-    if not (slicing_enabled(cfg) and link.exists()):  # only a tiled set has the link
-        return cfg
-    source = json.loads(link.read_text(encoding="utf-8"))
-    if not Path(source["data_path"]).is_dir():
-        logger.warning(f"{link}: the full images at {source['data_path']} are gone; scoring the tiles")
-        return cfg
-    full = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    full.data_path, full.splits_dir = source["data_path"], source["splits_dir"]
-    logger.info(f"trained on tiles: scoring sliced inference on the full images of {source['data_path']}")
-    return full
-
-
-def sliced_if_configured(detector: Detector, cfg: DictConfig) -> Detector:
-    """The stages' one line: wrap the loaded detector when slicing_enabled(cfg)."""
-    if not slicing_enabled(cfg):
-        return detector
-    s = cfg.slicing
-    return SlicedDetector(
-        detector,
-        float(s.overlap),
-        bool(s.full_image),
-        str(s.match_metric),
-        float(s.match_threshold),
-        str(s.merge),
-        grow_min_score=None if s.grow_min_score is None else float(s.grow_min_score),
-    )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from src.common.device import cuda_device
 from src.runtime.backend import BackendUnavailable, Outputs
 from src.runtime.meta import INPUT_NAMES, ModelMeta, read_sidecar
 
@@ -38,9 +39,10 @@ class TensorRtRunner:
 
         self.path = Path(path)
         self.meta: ModelMeta = read_sidecar(self.path)
-        self.device = torch.device("cuda" if device in ("auto", "cpu") else device)
-        if device == "cpu":
-            raise BackendUnavailable("tensorrt", "TensorRT engines run on a CUDA GPU only, not device=cpu")
+        try:
+            self.device = cuda_device(device, "TensorRT")
+        except ValueError as err:
+            raise BackendUnavailable("tensorrt", str(err)) from err
         self.trt_logger = trt.Logger(trt.Logger.WARNING)
         with torch.cuda.device(self.device):
             self.engine = trt.Runtime(self.trt_logger).deserialize_cuda_engine(self.path.read_bytes())

@@ -12,10 +12,12 @@ import torch
 from loguru import logger
 from torch import nn
 
-from src.common.experiment import FILES
+from src.common.device import resolve_device
 from src.common.hardware import resolve_threads
-from src.runtime.backend import Outputs, torch_device
-from src.runtime.meta import SEGMENT_OUTPUT_NAMES, ModelMeta, meta_from_checkpoint
+from src.models import build, spec_from_checkpoint
+from src.models.checkpoint import read_checkpoint
+from src.runtime.backend import Outputs
+from src.runtime.meta import SEGMENT_OUTPUT_NAMES, THRESHOLDS_FILE, ModelMeta, meta_from_checkpoint
 
 TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
 TORCH_CHUNK = 8
@@ -44,8 +46,6 @@ class DeployModel(nn.Module):
 
 def read_project_checkpoint(path: str | Path):
     """src.models.checkpoint.read_checkpoint (EMA preferred), insisting on our "meta" (classes, input size)."""
-    from src.models.checkpoint import read_checkpoint
-
     checkpoint = read_checkpoint(path)
     if not checkpoint.meta.get("class_names") and "num_classes" not in checkpoint.meta:
         raise ValueError(
@@ -57,15 +57,13 @@ def read_project_checkpoint(path: str | Path):
 
 def checkpoint_meta(path: str | Path, meta: dict[str, Any]) -> ModelMeta:
     """The checkpoint's ModelMeta; thresholds.json beside it (written after training) takes precedence."""
-    thresholds_file = Path(path).with_name(FILES["thresholds"])
+    thresholds_file = Path(path).with_name(THRESHOLDS_FILE)
     thresholds = json.loads(thresholds_file.read_text(encoding="utf-8")) if thresholds_file.exists() else None
     return meta_from_checkpoint(meta, thresholds)
 
 
 def build_deploy_model(path: str | Path) -> tuple[DeployModel, ModelMeta]:
     """(fused eval model on CPU, fp32; its metadata) from one of our checkpoints."""
-    from src.models import build, spec_from_checkpoint
-
     checkpoint = read_project_checkpoint(path)
     meta = checkpoint_meta(path, checkpoint.meta)
     # the trainer's own build; the architecture read off the weights (fine-tuned from released files)
@@ -74,15 +72,13 @@ def build_deploy_model(path: str | Path) -> tuple[DeployModel, ModelMeta]:
     try:
         model.load_state_dict(checkpoint.state)  # strict: our own checkpoint must match its architecture
     except RuntimeError as err:
-        raise ValueError(
-            f"{path}: weights do not fit {spec.display_name}: {err}"
-        ) from err
+        raise ValueError(f"{path}: weights do not fit {spec.display_name}: {err}") from err
     return DeployModel(model, postprocessor).eval(), meta
 
 
 def limit_threads_to_free_cpus() -> None:
-    """Lower torch's intra-op threads to the CPUs the machine's load leaves free (never raises them): on a
-    2-core machine busy with other jobs, 2-thread inference took 1.5 s per image against 0.04 s with 1."""
+    """Lower torch's intra-op threads to the CPUs the machine's load leaves free (never raises them): threads
+    waiting for a busy core slow every image down far more than one thread fewer does."""
     free, why = resolve_threads(None, num_workers=0)  # None: OMP_NUM_THREADS is set, the user's choice
     if free is not None and free < torch.get_num_threads():
         logger.info(f"torch inference: {free} thread(s) instead of {torch.get_num_threads()} ({why})")
@@ -97,7 +93,7 @@ class TorchRunner:
         self.precision = precision or "fp32"
         if self.precision not in TORCH_PRECISIONS:
             raise ValueError(f"torch precision must be one of {TORCH_PRECISIONS}, got {precision!r}")
-        self.device = torch.device(torch_device(device))
+        self.device = resolve_device(device)
         if self.precision == "fp16" and self.device.type == "cpu":
             logger.warning(
                 "fp16 is slow or unsupported on CPU; running fp32 (use bf16 for reduced precision)"

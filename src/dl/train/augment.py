@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import cv2
 import numpy as np
-from omegaconf import DictConfig
 
 from src.common.network_input import (
     PAD_VALUE,
@@ -140,7 +139,7 @@ def fit_boxes_to_masks(sample: Sample) -> Sample:
 # ---------------------------------------------------------------- albumentations
 
 
-def build_augmentations(augs: DictConfig | dict, seed: int | None = None):
+def build_augmentations(augs: Mapping, seed: int | None = None):
     """albumentations Compose for training (None when every probability is 0).
 
     Boxes are pascal_voc (xyxy pixels), clipped to the image; labels travel in `class_labels`.
@@ -250,7 +249,8 @@ class MosaicParams:
     min_area_ratio: float = 0.1  # ... and those keeping less than this share of their (scaled) area
 
     @classmethod
-    def from_cfg(cls, mosaic: DictConfig | dict) -> MosaicParams:
+    def from_mapping(cls, mosaic: Mapping) -> MosaicParams:
+        """From train.mosaic's keys (the stage hands them over as a plain dict)."""
         return cls(
             scale=tuple(float(s) for s in mosaic["scale"]),
             degrees=float(mosaic["degrees"]),

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from src.dl.train.trainer_utils import to_float32
+from src.dl.train.profile import NO_TIMER
 
 
 class TrainingAborted(RuntimeError):
@@ -46,16 +46,33 @@ def compute_loss(
     images: torch.Tensor,
     targets: list[dict],
     amp_dtype: torch.dtype | None,
+    timer=NO_TIMER,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Train-mode forward (under autocast when amp_dtype is set) and the loss terms, computed in float32.
 
     images (B, 3, H, W). The matching costs and log-probabilities of the criterion are precision-sensitive,
-    so the outputs are cast back to float32 before it, as the official engine does.
+    so the outputs are cast back to float32 before it, as the official engine does. timer: a
+    src.dl.train.profile.SectionTimer to split the time into "forward" and "loss".
     """
-    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    with (
+        timer.section("forward"),
+        torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
+    ):
         outputs = model(images, targets)
-    loss_dict = criterion(to_float32(outputs), targets)
-    return sum(loss_dict.values()), loss_dict
+    with timer.section("loss"):
+        loss_dict = criterion(to_float32(outputs), targets)
+        return sum(loss_dict.values()), loss_dict
+
+
+def to_float32(obj):
+    """Cast every floating tensor in nested dicts/lists to float32 (the loss is computed outside autocast)."""
+    if torch.is_tensor(obj):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {key: to_float32(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_float32(value) for value in obj)
+    return obj
 
 
 def clip_and_step(

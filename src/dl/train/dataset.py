@@ -1,9 +1,10 @@
 """Training / evaluation data: split CSVs + YOLO labels -> network-input tensors and targets.
 
-    datasets = build_datasets(cfg, exclude=doctor_report.excluded_images)   # {"train", "val"[, "test"]}
+    settings = DataSettings.from_config(cfg)                   # the stage reads the config (settings.py)
+    datasets = build_datasets(settings, {"train": paths, "val": ...})   # split -> image paths (setup.py)
     for epoch in range(epochs):
         datasets["train"].set_epoch(epoch)   # mosaic/mixup windows, no-aug tail, background-ignoring (len)
-        loader = DataLoader(datasets["train"], sampler=..., collate_fn=build_collate(cfg, train=True), ...)
+        loader = DataLoader(datasets["train"], sampler=..., collate_fn=build_collate(settings, train=True))
         for images, targets in loader:       # images (B, 3, h, w) float in [0, 1]; targets: list of dicts
             ...
 
@@ -27,17 +28,15 @@ import math
 import random
 import zlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from loguru import logger
-from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from src.common.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
-from src.common.config import label_names
 from src.common.draw import draw_detections, draw_masks, save_image_rgb
 from src.common.errors import UserError
 from src.common.hardware import cpu_count
@@ -69,8 +68,9 @@ from src.dl.train.cache import (
     fit_image,
     from_original,
 )
+from src.dl.train.settings import DataSettings
 from src.etl.labels import label_path_for, labels_dir
-from src.etl.splits import load_labels, read_split, split_csv_path
+from src.etl.splits import load_labels
 
 MULTISCALE_STEPS = (-2, -1, 1, 2)  # multiscale batch sizes: img_size + k * 32 on both sides
 
@@ -122,41 +122,35 @@ class DetectionDataset(Dataset):
     epochs, and a final stretch of epochs without any augmentation (train.no_aug_epochs, as in DEIM)."""
 
     def __init__(
-        self, cfg: DictConfig, split: str, train: bool | None = None, exclude: Iterable[str] = ()
+        self, settings: DataSettings, split: str, image_paths: Sequence[Path], train: bool | None = None
     ) -> None:
-        image_paths = read_split(cfg, split, exclude)
-        if image_paths is None:
-            raise FileNotFoundError(f"{split_csv_path(cfg, split)} not found: run `make split` first")
+        """image_paths: the split's images (src/dl/train/setup.py reads them from its CSV); train: augment
+        (default: split == "train")."""
         self.split = split
         self.train = split == "train" if train is None else train
-        self.img_size = (int(cfg.model.img_size[0]), int(cfg.model.img_size[1]))  # (h, w)
-        self.keep_ratio = bool(cfg.model.keep_ratio)
-        self.use_one_class = bool(cfg.model.use_one_class)
-        self.label_names = label_names(cfg)
+        self.img_size, self.keep_ratio = settings.img_size, settings.keep_ratio  # (h, w)
+        self.use_one_class = settings.use_one_class
+        self.label_names = list(settings.label_names)
         self.class_names = ["object"] if self.use_one_class else self.label_names
-        self.seed = int(cfg.seed)
-        self.image_paths = image_paths
+        self.seed = settings.seed
+        self.image_paths = list(image_paths)
         self.boxes, self.class_ids, self.polygons = load_labels(
-            image_paths, Path(cfg.data_path), len(self.label_names), float(cfg.check.clip_tolerance)
+            self.image_paths, settings.data_path, len(self.label_names), settings.clip_tolerance
         )
-        self.segment = cfg.model.task == "segment"  # masks from the polygons; detection rasterises nothing
+        self.segment = settings.segment  # masks from the polygons; detection rasterises nothing
         if self.segment:
             check_box_only(
-                image_paths, self.polygons, Path(cfg.data_path), split, bool(cfg.train.allow_box_only)
+                self.image_paths, self.polygons, settings.data_path, split, settings.allow_box_only
             )
-
-        train_cfg = cfg.train
-        self.transform = build_augmentations(train_cfg.augs) if self.train else None
-        self.mosaic_prob = float(train_cfg.mosaic.prob) if self.train else 0.0
-        self.mosaic_params = MosaicParams.from_cfg(train_cfg.mosaic)
-        self.mosaic_until_epoch = int(train_cfg.epochs) - int(train_cfg.mosaic.no_mosaic_epochs)
-        # the validated config has every key (an older run's saved config: complete_with_defaults)
-        self.no_aug_epochs = int(train_cfg.no_aug_epochs)
-        self.aug_until_epoch = augmented_until(train_cfg)
-        mixup = train_cfg.mixup
-        self.mixup_prob = float(mixup.prob) if self.train else 0.0
-        self.mixup_epochs = mixup_window(mixup.epochs)
-        self.ignore_background_epochs = int(train_cfg.ignore_background_epochs)
+        self.transform = build_augmentations(settings.augs) if self.train else None
+        self.mosaic_prob = float(settings.mosaic["prob"]) if self.train else 0.0
+        self.mosaic_params = MosaicParams.from_mapping(settings.mosaic)
+        self.mosaic_until_epoch = settings.epochs - int(settings.mosaic["no_mosaic_epochs"])
+        self.no_aug_epochs = settings.no_aug_epochs
+        self.aug_until_epoch = settings.augmented_until
+        self.mixup_prob = settings.mixup_prob if self.train else 0.0
+        self.mixup_epochs = mixup_window(settings.mixup_epochs)
+        self.ignore_background_epochs = settings.ignore_background_epochs
         self.epoch = 0
         self.augment = self.train  # False: plain samples (evaluation, or the no-aug epochs)
         self.mosaic_enabled = self.mosaic_prob > 0
@@ -362,18 +356,11 @@ class TrainCollate:
         return images, targets
 
 
-def build_collate(cfg: DictConfig, train: bool):
-    """The collate for a loader: training batches get multiscale (train.multiscale_prob), others not."""
-    if not train or float(cfg.train.multiscale_prob) <= 0:
+def build_collate(settings: DataSettings, train: bool):
+    """The training collate (multiscale when train.multiscale_prob > 0) or the plain one."""
+    if not train or settings.multiscale_prob <= 0:
         return collate_fn
-    img_size = (int(cfg.model.img_size[0]), int(cfg.model.img_size[1]))
-    return TrainCollate(img_size, float(cfg.train.multiscale_prob), augmented_until(cfg.train))
-
-
-def augmented_until(train_cfg: DictConfig) -> int:
-    """The first (0-based) epoch of the train.no_aug_epochs tail: augmentation of every kind (dataset and
-    collate) stops there."""
-    return int(train_cfg.epochs) - int(train_cfg.no_aug_epochs)
+    return TrainCollate(settings.img_size, settings.multiscale_prob, settings.augmented_until)
 
 
 def _log_split_stats(datasets: dict[str, DetectionDataset]) -> None:
@@ -386,32 +373,28 @@ def _log_split_stats(datasets: dict[str, DetectionDataset]) -> None:
 
 
 def build_datasets(
-    cfg: DictConfig, exclude: Iterable[str] = (), log: bool = True
+    settings: DataSettings, split_paths: Mapping[str, Sequence[Path]], log: bool = True
 ) -> dict[str, DetectionDataset]:
-    """{"train", "val"[, "test"]} datasets from the split CSVs; test only when test.csv exists and is not empty.
-
-    exclude: image names (relative to <data_path>/images, as the dataset doctor reports them) to leave out.
-    """
-    datasets = {split: DetectionDataset(cfg, split, exclude=exclude) for split in ("train", "val")}
-    if read_split(cfg, "test"):
-        datasets["test"] = DetectionDataset(cfg, "test", exclude=exclude)
+    """{"train", "val"[, "test"]} datasets of the splits' image paths (a test split without images: none)."""
+    datasets = {split: DetectionDataset(settings, split, split_paths[split]) for split in ("train", "val")}
+    if split_paths.get("test"):
+        datasets["test"] = DetectionDataset(settings, "test", split_paths["test"])
     if log:
         _log_split_stats(datasets)
-    attach_caches(cfg, [datasets["train"], datasets["val"]])
+    attach_caches(settings, [datasets["train"], datasets["val"]])
     return datasets
 
 
-def attach_caches(cfg: DictConfig, datasets: list[DetectionDataset]) -> None:
+def attach_caches(settings: DataSettings, datasets: list[DetectionDataset]) -> None:
     """train.cache for the splits read every epoch (train, val): refused before decoding anything when the
     images would not fit, then filled (the test split is read once at the end: not cached)."""
-    mode = cache_mode(cfg.train.cache)
+    mode = cache_mode(settings.cache)
     if mode == "off":
         return
-    img_size = (int(cfg.model.img_size[0]), int(cfg.model.img_size[1]))
-    check_cache_fits(mode, sum(len(ds.image_paths) for ds in datasets), img_size)
+    check_cache_fits(mode, sum(len(ds.image_paths) for ds in datasets), settings.img_size)
     for dataset in datasets:
         dataset.cache = build_image_cache(
-            dataset.image_paths, img_size, dataset.keep_ratio, mode, Path(cfg.train.cache_dir), cpu_count()
+            dataset.image_paths, settings.img_size, settings.keep_ratio, mode, settings.cache_dir, cpu_count()
         )
 
 

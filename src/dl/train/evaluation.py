@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from loguru import logger
-from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -19,21 +18,23 @@ from src.common.errors import ConfigError
 from src.common.experiment import Experiment
 from src.common.io import atomic_write_csv, atomic_write_json
 from src.dl.train.core import TrainState
-from src.dl.train.trainer_utils import DistContext, ShardSampler, all_gather_objects
+from src.dl.train.distributed import DistContext, all_gather_objects
+from src.dl.train.false_positives import (
+    describe,
+    evaluate_negatives,
+    evenly_spaced,
+    fppi_key,
+    prefer_lower_fppi,
+)
+from src.dl.train.samplers import ShardSampler
+from src.dl.train.settings import EvalSettings
 from src.models.spec import ModelSpec
-
-
-def is_validated(epoch: int, train_cfg: DictConfig) -> bool:
-    """Is `epoch` (0-based) validated? Every train.eval_every-th, the last one, and the no_aug_epochs tail
-    (the model changes fastest there, and best.pt usually comes from it)."""
-    tc = train_cfg
-    return (epoch + 1) % int(tc.eval_every) == 0 or epoch >= int(tc.epochs) - max(int(tc.no_aug_epochs), 1)
 
 
 class Evaluator:
     def __init__(
         self,
-        cfg: DictConfig,
+        settings: EvalSettings,
         ctx: DistContext,
         spec: ModelSpec,
         exp: Experiment,
@@ -43,11 +44,13 @@ class Evaluator:
         negatives: list[Path],
         amp_dtype: torch.dtype | None,
     ) -> None:
-        self.cfg, self.tc, self.ctx, self.spec, self.exp = cfg, cfg.train, ctx, spec, exp
+        """datasets: {"val": ..., "test": ...} (others ignored); collate: the evaluation collate;
+        negatives: the held-out background images (checked disjoint from the splits; [] = none)."""
+        self.settings, self.ctx, self.spec, self.exp = settings, ctx, spec, exp
         self.postprocessor, self.datasets, self.collate = postprocessor, datasets, collate
         self.negatives, self.amp_dtype = negatives, amp_dtype
         self.device = ctx.device
-        self.conf_thresh, self.iou_thresh = float(self.tc.conf_thresh), float(self.tc.iou_thresh)
+        self.conf_thresh, self.iou_thresh = settings.conf_thresh, settings.iou_thresh
 
     # ------------------------------------------------------------------ predictions
 
@@ -57,12 +60,12 @@ class Evaluator:
             return None
         return DataLoader(
             dataset,
-            batch_size=int(self.tc.batch_size),
+            batch_size=self.settings.batch_size,
             sampler=ShardSampler(len(dataset), self.ctx.rank, self.ctx.world_size),
-            num_workers=int(self.tc.num_workers),
+            num_workers=self.settings.num_workers,
             collate_fn=self.collate,
             pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(int(self.cfg.seed)),
+            generator=torch.Generator().manual_seed(self.settings.seed),
         )
 
     @torch.no_grad()
@@ -98,7 +101,7 @@ class Evaluator:
         evaluation = evaluate(preds, gts, names, self.conf_thresh, self.iou_thresh)
         pictures = self.exp.file("eval_preds") / split
         shutil.rmtree(pictures, ignore_errors=True)  # only this eval's pictures
-        save_eval_images(preds, gts, pictures, names, self.conf_thresh, int(self.tc.eval_images))
+        save_eval_images(preds, gts, pictures, names, self.conf_thresh, self.settings.eval_images)
         if plots:
             evaluation.save(self.exp.file("plots") / split)
         return evaluation
@@ -107,23 +110,22 @@ class Evaluator:
         """FPPI, clean-image rate and max score of `model` on the negatives folder ({} without one).
 
         subsample: only train.negatives_max_images of them (the same ones every epoch; scoring them all
-        each epoch cost more than the val split)."""
+        each epoch can cost more than the val split)."""
         if not self.negatives:
             return {}
-        from src.dl.train.negatives import configured_thresholds, evaluate_negatives, evenly_spaced
-
-        images = evenly_spaced(self.negatives, self.tc.negatives_max_images) if subsample else self.negatives
+        settings = self.settings
+        images = evenly_spaced(self.negatives, settings.negatives_max_images) if subsample else self.negatives
         return evaluate_negatives(
-            model, images, configured_thresholds(self.cfg), postprocessor=self.postprocessor,
+            model, images, settings.negatives_thresholds, postprocessor=self.postprocessor,
             img_size=self.spec.img_size, keep_ratio=self.spec.keep_ratio, device=self.device,
-            batch_size=int(self.tc.batch_size), num_workers=int(self.tc.num_workers),
+            batch_size=settings.batch_size, num_workers=settings.num_workers,
             amp_dtype=self.amp_dtype, show_progress=self.ctx.is_main,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ which epoch is best
 
     def validates(self, epoch: int) -> bool:
-        return is_validated(epoch, self.tc)
+        return self.settings.validates(epoch)
 
     def judge_epoch(self, state: TrainState, epoch: int, evaluation, negatives: dict) -> dict:
         """This epoch's metrics (val + negatives), thresholds, and whether they beat the best so far."""
@@ -137,8 +139,6 @@ class Evaluator:
             thresholds, score = evaluation.thresholds, self.decision_score(metrics)
             improved = self.beats_best(state, metrics, score)
         if metrics:
-            from src.dl.train.negatives import describe
-
             best = "new best" if improved else f"best: epoch {state.best_epoch + 1}"
             parts = [self.describe(metrics), f"negatives: {describe(negatives)}" if negatives else ""]
             logger.info(f"epoch {epoch + 1}: {'; '.join(p for p in parts if p)} ({best})")
@@ -157,26 +157,26 @@ class Evaluator:
     def beats_best(self, state: TrainState, metrics: dict, score: float) -> bool:
         """Higher decision score wins; with train.fppi_tolerance, within that band of the best score the
         lower FPPI at conf_thresh wins (prefer_lower_fppi; the band hangs from the highest score seen)."""
-        tolerance = self.tc.fppi_tolerance
+        tolerance = self.settings.fppi_tolerance
         if tolerance is None:
             return score > state.best_score
-        from src.dl.train.negatives import fppi_key, prefer_lower_fppi
-
         best = {**state.best_metrics, "decision_score": state.best_score} if state.best_epoch >= 0 else None
         return prefer_lower_fppi(
-            {**metrics, "decision_score": score}, best, float(tolerance), fppi_key(self.conf_thresh),
+            {**metrics, "decision_score": score}, best, tolerance, fppi_key(self.conf_thresh),
             map_key="decision_score", peak_map=state.peak_score,
         )  # fmt: skip
 
     def decision_score(self, metrics: dict) -> float:
-        names = list(self.tc.decision_metrics)
+        names = list(self.settings.decision_metrics)
         missing = [n for n in names if n not in metrics]
         if missing:
             raise KeyError(f"train.decision_metrics {missing} are not computed; available: {sorted(metrics)}")
         return float(sum(float(metrics[n]) for n in names))
 
     def describe(self, metrics: dict) -> str:
-        shown = dict.fromkeys([*self.tc.decision_metrics, "mAP_50_95", "mask_mAP_50", "precision", "recall"])
+        shown = dict.fromkeys(
+            [*self.settings.decision_metrics, "mAP_50_95", "mask_mAP_50", "precision", "recall"]
+        )
         return ", ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics)
 
     # ------------------------------------------------------------------ after training
@@ -186,8 +186,6 @@ class Evaluator:
 
         Returns (thresholds, {split: metrics} of the splits that have images)."""
         import pandas as pd
-
-        from src.dl.train.negatives import describe
 
         done = {split: r for split, r in results.items() if r is not None}
         rows = [{"split": split, **r.metrics} for split, r in done.items()]

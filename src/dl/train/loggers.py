@@ -1,56 +1,91 @@
-"""Training callbacks (rank 0): history.csv + curves.png, and optional Weights & Biases.
+"""Training loggers, chosen by train.loggers and attached through the event table (src/dl/train/events.py).
 
-The Trainer calls every callback's `on_checkpoint(path)` after writing best.pt / last.pt, `on_epoch_end(row,
-state)` after each epoch, `on_final(results, step)`
-with the final evaluation ({split: metrics}), and `close()` when the run ends, however it ends.
+    csv          history.csv (one row per epoch: every loss kind, LR per group, val metrics, times) + curves.png
+    tensorboard  the same numbers as TensorBoard scalars in <exp>/tensorboard/ (`tensorboard --logdir output`)
+    wandb        Weights & Biases (offline unless WANDB_MODE=online); a resumed run continues its W&B run
+
+Each logger gives its handlers as a table, `handlers()`; none of them can stop training except csv, whose
+history is part of the run's results.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from loguru import logger
-from omegaconf import DictConfig, OmegaConf
 
 from src.common.experiment import Experiment
 from src.dl.train.core import TrainState
-from src.dl.train.trainer_utils import plot_curves, write_history
-
-CURVE_METRICS = ("mAP_50", "mAP_50_95", "mask_mAP_50", "mask_mAP_50_95", "precision", "recall", "f1")
+from src.dl.train.history import CURVE_METRICS, plot_curves, write_history
 
 
-class Callback:
-    def on_checkpoint(self, path: Path) -> None:
-        """best.pt or last.pt was just written."""
-
-    def on_epoch_end(self, row: dict, state: TrainState) -> None:
-        pass
-
-    def on_final(self, results: dict[str, dict], step: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+def scalars(values: Mapping) -> dict[str, float]:
+    """The numeric entries of a history row or metrics dict (bools and text left out)."""
+    return {
+        key: float(value)
+        for key, value in values.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
 
 
-class HistoryLogger(Callback):
-    """Per epoch: every loss term, LR per group, val metrics and times in history.csv; curves in curves.png."""
+class CsvLogger:
+    """history.csv and curves.png, rewritten after every epoch (atomic writes)."""
 
     def __init__(self, exp: Experiment) -> None:
-        self.exp = exp
+        self.history_path, self.curves_path = exp.file("history"), exp.file("curves")
 
-    def on_epoch_end(self, row: dict, state: TrainState) -> None:
-        write_history(state.history, self.exp.file("history"))
-        plot_curves(state.history, self.exp.file("curves"), CURVE_METRICS)
+    def handlers(self) -> dict[str, Callable]:
+        return {"on_epoch_end": self.epoch_end}
+
+    def epoch_end(self, row: dict, state: TrainState) -> None:
+        write_history(state.history, self.history_path)
+        plot_curves(state.history, self.curves_path, CURVE_METRICS)
 
 
-class WandbLogger(Callback):
-    """Optional Weights & Biases logging; any wandb failure turns it off with a warning, never stops training."""
+class TensorBoardLogger:
+    """Scalars per optimizer step: each epoch's row under train/ (losses, LRs, times) and val/ (metrics), and
+    best.pt's final metrics under final/<split>/."""
 
-    def __init__(self, cfg: DictConfig, exp: Experiment, resume_id: str | None = None) -> None:
+    def __init__(self, log_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def handlers(self) -> dict[str, Callable]:
+        return {
+            "on_epoch_end": self.epoch_end,
+            "on_train_end": self.train_end,
+            "on_teardown": self.close,
+        }
+
+    def epoch_end(self, row: dict, state: TrainState) -> None:
+        for key, value in scalars(row).items():
+            if key != "epoch":
+                section = "train" if key.startswith(("loss", "lr_")) or key.endswith("_time_s") else "val"
+                self.writer.add_scalar(f"{section}/{key}", value, global_step=state.global_step)
+        self.writer.flush()
+
+    def train_end(self, results: dict[str, dict], step: int) -> None:
+        for split, metrics in results.items():
+            for key, value in scalars(metrics).items():
+                self.writer.add_scalar(f"final/{split}/{key}", value, global_step=step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbLogger:
+    """Optional Weights & Biases logging; any wandb failure turns it off with a warning, never stops training.
+
+    Its run id is saved in last.pt ("wandb_id"), so a resumed training run continues the same W&B run."""
+
+    def __init__(self, project: str, name: str, folder: Path, config: dict, resume_id: str | None) -> None:
         self.run = None
+        self.resume_id = resume_id
         # offline.py defaults WANDB_MODE to "disabled" for every entry point; a user asking for W&B gets
         # offline logs unless WANDB_MODE=online says otherwise.
         mode = "online" if os.environ.get("WANDB_MODE") == "online" else "offline"
@@ -58,20 +93,19 @@ class WandbLogger(Callback):
             import wandb
 
             self.run = wandb.init(
-                project=str(cfg.train.wandb_project),
-                name=exp.name,
-                dir=str(exp.root),
-                config=OmegaConf.to_container(cfg, resolve=True),
-                mode=mode,
-                id=resume_id,
+                project=project, name=name, dir=str(folder), config=config, mode=mode, id=resume_id,
                 resume="allow" if resume_id else None,
-            )
+            )  # fmt: skip
         except Exception as err:  # noqa: BLE001 - W&B must never stop training
             logger.warning(f"W&B disabled: wandb.init failed ({err})")
 
-    @property
-    def run_id(self) -> str | None:
-        return getattr(self.run, "id", None)
+    def handlers(self) -> dict[str, Callable]:
+        return {
+            "on_epoch_end": self.epoch_end,
+            "on_save_state": self.save_state,
+            "on_train_end": self.train_end,
+            "on_teardown": self.close,
+        }
 
     def log(self, values: dict, step: int) -> None:
         if self.run is None:
@@ -82,12 +116,15 @@ class WandbLogger(Callback):
             logger.warning(f"W&B disabled: logging failed ({err})")
             self.run = None
 
-    def on_epoch_end(self, row: dict, state: TrainState) -> None:
-        self.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=state.global_step)
+    def epoch_end(self, row: dict, state: TrainState) -> None:
+        self.log(scalars(row), step=state.global_step)
 
-    def on_final(self, results: dict[str, dict], step: int) -> None:
+    def save_state(self, training: dict) -> None:
+        training["wandb_id"] = getattr(self.run, "id", None) or self.resume_id
+
+    def train_end(self, results: dict[str, dict], step: int) -> None:
         for split, metrics in results.items():
-            self.log({f"final/{split}/{k}": float(v) for k, v in metrics.items()}, step=step)
+            self.log({f"final/{split}/{k}": v for k, v in scalars(metrics).items()}, step=step)
 
     def close(self) -> None:
         if self.run is None:
@@ -95,3 +132,16 @@ class WandbLogger(Callback):
         with contextlib.suppress(Exception):
             self.run.finish()
         self.run = None
+
+
+def build_loggers(
+    names: Sequence[str], exp: Experiment, project: str, config: dict, resumed: Mapping | None = None
+) -> list:
+    """The loggers train.loggers names, in that order. resumed: last.pt's training state of a resumed run."""
+    resumed = resumed or {}
+    makers = {
+        "csv": lambda: CsvLogger(exp),
+        "tensorboard": lambda: TensorBoardLogger(exp.file("tensorboard")),
+        "wandb": lambda: WandbLogger(project, exp.name, exp.root, config, resumed.get("wandb_id")),
+    }
+    return [makers[name]() for name in names]

@@ -9,10 +9,12 @@ module type, so every norm layer is covered whatever it is called.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+
+from src.dl.train.settings import ScheduleSettings
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 GROUP_NAMES = ("backbone", "backbone_no_decay", "rest", "rest_no_decay")
@@ -177,37 +179,21 @@ SCHEDULERS = ("onecycle", "flat_cosine")
 
 
 def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, train_cfg: Mapping, steps_per_epoch: Sequence[int]
+    optimizer: torch.optim.Optimizer, schedule: ScheduleSettings, steps_per_epoch: Sequence[int]
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """The schedule `train.scheduler` names, stepped once per optimizer step (train_cfg: the `train` section)."""
-    name = str(train_cfg["scheduler"])
-    if name == "onecycle":
-        return build_scheduler(optimizer, sum(steps_per_epoch), float(train_cfg["warmup_pct"]))
-    if name == "flat_cosine":
-        options = train_cfg["flat_cosine"]
-        flat_epochs = options["flat_epochs"]
+    """The schedule `train.scheduler` names, stepped once per optimizer step."""
+    if schedule.name == "onecycle":
+        return build_scheduler(optimizer, sum(steps_per_epoch), schedule.warmup_pct)
+    if schedule.name == "flat_cosine":
         return build_flat_cosine(
             optimizer,
             steps_per_epoch,
-            warmup_steps=int(options["warmup_steps"]),
-            flat_epochs=None if flat_epochs is None else int(flat_epochs),
-            no_aug_epochs=int(train_cfg["no_aug_epochs"]),
-            min_lr_ratio=float(options["min_lr_ratio"]),
+            warmup_steps=schedule.warmup_steps,
+            flat_epochs=schedule.flat_epochs,
+            no_aug_epochs=schedule.no_aug_epochs,
+            min_lr_ratio=schedule.min_lr_ratio,
         )
-    raise ValueError(f"train.scheduler must be one of {list(SCHEDULERS)}, got {name!r}")
-
-
-def train_lrs(cfg) -> tuple[float, float]:
-    """(base_lr, backbone_lr) for the model size from train.lrs."""
-    name = str(cfg.model.name)
-    if name not in cfg.train.lrs:
-        from src.common.errors import ConfigError
-
-        raise ConfigError(
-            f"train.lrs has no entry for model.name={name}; add train.lrs.{name}.{{base_lr,backbone_lr}}"
-        )
-    lrs = cfg.train.lrs[name]
-    return float(lrs.base_lr), float(lrs.backbone_lr)
+    raise ValueError(f"train.scheduler must be one of {list(SCHEDULERS)}, got {schedule.name!r}")
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -5,27 +5,36 @@
     python -m src.dl.train exp_name=my_run train.resume=true                      # continue after a stop
 
 Order: exp_name checked (nothing written before) -> resume config from last.pt -> every check on config and
-data (Trainer(): doctor, datasets, negatives, model) -> only then the folder: a previous run is moved aside
-(train.overwrite=true; put back if this run fails before its first checkpoint), leftovers of a run that
-failed before any checkpoint are replaced -> config.yaml, manifest, train_log.txt -> fit.
+data (setup.build_trainer: pretrained file, doctor, datasets, negatives, model) -> only then the folder
+(folder.py): a previous run is moved aside (train.overwrite=true; put back if this run fails or is stopped
+before its first checkpoint, Ctrl-C and SIGTERM included), leftovers of a run that failed before any
+checkpoint are replaced -> config.yaml, manifest, train_log.txt -> loggers attached -> fit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
-from src.common.config import complete_with_defaults, save_run_config, stage_main
+from src.common.config import complete_with_defaults, stage_main
 from src.common.errors import ExperimentError, UserError
-from src.common.experiment import FILES, Experiment
+from src.common.experiment import Experiment
 from src.dl.train.core import TrainingAborted, TrainState
-from src.dl.train.loggers import Callback, WandbLogger
-from src.dl.train.trainer import Trainer, on_main
-from src.dl.train.trainer_utils import cleanup_distributed, remove_sink_safely, setup_distributed
-from src.models.checkpoint import load_run_checkpoint, shared_checkpoint_reads
+from src.dl.train.distributed import DistContext, cleanup_distributed, on_main, setup_distributed
+from src.dl.train.folder import old_run_note, prepare_folder, put_back, refuse_taken_folder
+from src.dl.train.loggers import build_loggers
+from src.dl.train.profile import NO_TIMER
+from src.dl.train.setup import build_trainer
+from src.dl.train.trainer import Trainer
+from src.models.checkpoint import RunCheckpoint, load_run_checkpoint, shared_checkpoint_reads
 
 # Keys a resumed run may change (they do not change the result); everything else comes from last.pt.
 RESUME_RUNTIME_KEYS = (
@@ -37,12 +46,11 @@ RESUME_RUNTIME_KEYS = (
     "train.cache",
     "train.cache_dir",
     "train.use_wandb",
+    "train.loggers",
     "train.abort_after_steps",
     "train.checkpoint_every_steps",
     "train.checkpoint_every_minutes",
 )
-# What a run writes before its first checkpoint: replaced when a retry finds them without a checkpoint.
-LEFTOVER_KEYS = ("config", "manifest", "log", "history", "curves", "debug_images", "eval_preds", "plots")
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -81,8 +89,40 @@ def follow_pretrained_arch(cfg: DictConfig) -> tuple[str, str] | None:
     return note
 
 
-def resume_point(cfg: DictConfig, exp: Experiment) -> tuple[DictConfig, TrainState]:
-    """(the interrupted run's config with today's RESUME_RUNTIME_KEYS, where it stopped) from last.pt.
+def check_pretrained_file(path: str) -> None:
+    """train.pretrained_model_path must be a readable checkpoint: a missing or unreadable file is refused in
+    one line naming it and what to do (an official release file name says where to get it)."""
+    from src.models.checkpoint import read_checkpoint
+    from src.models.dfine.weights import DEIM_DRIVE_LINKS, DFINE_RELEASE_FILES, DFINE_RELEASE_URL
+
+    file = Path(path)
+    if not file.is_file():
+        official = {name: DFINE_RELEASE_URL + name for name in DFINE_RELEASE_FILES.values()}
+        official |= {
+            f"deim_dfine_hgnetv2_{size}_{data}.pth": link for (size, data), link in DEIM_DRIVE_LINKS.items()
+        }
+        where = official.get(file.name)
+        get_it = (
+            f"it is an official release file: download {where} and save it as {file}"
+            if where
+            else "point it at an existing checkpoint (best.pt / last.pt or a released .pth)"
+        )
+        raise UserError(
+            f"train.pretrained_model_path: {file} does not exist; {get_it}, "
+            "or train from scratch with train.pretrained_model_path=null"
+        )
+    try:
+        read_checkpoint(file)  # kept by shared_checkpoint_reads for the reads that follow
+    except (ValueError, OSError, RuntimeError, EOFError) as err:
+        reason = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"train.pretrained_model_path: {file} is not a usable checkpoint ({reason[:200]}); the file may be "
+            "cut or corrupt: download or copy it again, or pick another file"
+        ) from err
+
+
+def resume_point(cfg: DictConfig, exp: Experiment) -> tuple[DictConfig, RunCheckpoint]:
+    """(the interrupted run's config with today's RESUME_RUNTIME_KEYS, its last.pt).
 
     A config saved before a key existed gets config.yaml's default for it."""
     last = exp.file("last")
@@ -91,9 +131,8 @@ def resume_point(cfg: DictConfig, exp: Experiment) -> tuple[DictConfig, TrainSta
             f"train.resume=true but {last} does not exist; start a new run without train.resume "
             "(or pick the exp_name of the interrupted run)"
         )
-    checkpoint = load_run_checkpoint(last, mmap=True)
-    state = TrainState(**checkpoint.training["state"])
-    return config_for_resume(cfg, complete_with_defaults(checkpoint.config)), state
+    checkpoint = load_run_checkpoint(last)
+    return config_for_resume(cfg, complete_with_defaults(checkpoint.config)), checkpoint
 
 
 def is_finished(cfg: DictConfig, exp: Experiment, state: TrainState) -> bool:
@@ -134,72 +173,6 @@ def _changed_keys(now: dict, then: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-# ---------------------------------------------------------------------------------------------- the folder
-
-
-def refuse_taken_folder(cfg: DictConfig, exp: Experiment) -> None:
-    """A folder with a checkpoint is a run: only train.overwrite or train.resume may use it."""
-    if exp.has_checkpoint() and not cfg.train.overwrite and not cfg.train.resume:
-        raise ExperimentError(
-            f"experiment folder {exp.root} already holds a run. Pick a new exp_name, continue it with "
-            "train.resume=true, or replace it with train.overwrite=true (the old run is moved aside, not deleted)"
-        )
-
-
-def prepare_folder(cfg: DictConfig, exp: Experiment) -> Path | None:
-    """Make exp.root ready for this run (rank 0, after every check passed); returns where a replaced run was
-    moved (None: nothing replaced). Writes config.yaml and the manifest of a new run."""
-    if cfg.train.resume:
-        return None
-    refuse_taken_folder(cfg, exp)
-    backup = None
-    if exp.has_checkpoint():  # train.overwrite=true
-        backup = exp.move_aside()
-        logger.warning(
-            f"train.overwrite=true: the previous run is moved to {backup} (put back if this run fails before "
-            "its first checkpoint)"
-        )
-    elif exp.holds_anything():
-        _replace_leftovers(exp)
-    exp.root.mkdir(parents=True, exist_ok=True)
-    save_run_config(cfg, exp.file("config"))
-    from src.etl.splits import split_csv_path
-
-    exp.record_training(cfg, {split: split_csv_path(cfg, split) for split in ("train", "val", "test")})
-    return backup
-
-
-def _replace_leftovers(exp: Experiment) -> None:
-    """Files of an earlier run that failed before any checkpoint: nothing there is worth keeping."""
-    import shutil
-
-    removed = []
-    for key in LEFTOVER_KEYS:
-        path = exp.file(key)
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        else:
-            continue
-        removed.append(FILES[key])
-    if removed:
-        logger.info(f"{exp.root}: replacing the files of an earlier run that ended before any checkpoint")
-
-
-class OldRunNote(Callback):
-    """Once the new run has a checkpoint, say where the run it replaced is kept."""
-
-    def __init__(self, backup: Path) -> None:
-        self.backup = backup
-        self.said = False
-
-    def on_checkpoint(self, path: Path) -> None:
-        if not self.said:
-            self.said = True
-            logger.info(f"the previous run is kept in {self.backup} (remove it yourself when happy)")
-
-
 class SetupLog:
     """Log lines of the setup, kept in memory until the experiment folder may be written."""
 
@@ -219,69 +192,143 @@ class SetupLog:
         remove_sink_safely(self.sink)
 
 
+def remove_sink_safely(sink_id: int | None) -> None:
+    if sink_id is None:
+        return
+    with contextlib.suppress(ValueError):  # already removed
+        logger.remove(sink_id)
+
+
+# ---------------------------------------------------------------------------------------------- stopping
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the main thread is (like KeyboardInterrupt for SIGINT): the run unwinds through
+    its cleanup, so a replaced run is put back. A BaseException, so no `except Exception` swallows it."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """Within the block, SIGTERM raises Terminated in the main thread instead of killing the process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+STOP_REASONS = {KeyboardInterrupt: "interrupted (Ctrl-C)", Terminated: "terminated (SIGTERM)"}
+
+
+def _stopped_line(err: BaseException, exp: Experiment, resumable: bool, restored: str | None) -> str:
+    """One line for a run stopped from outside (or by train.abort_after_steps)."""
+    why = next((text for kind, text in STOP_REASONS.items() if isinstance(err, kind)), str(err))
+    parts = [f"training {why}"]
+    if resumable:
+        parts.append(f"continue with: python -m src.dl.train exp_name={exp.name} train.resume=true")
+    if restored:
+        parts.append(restored)
+    return "; ".join(parts)
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 
 
-def run(cfg: DictConfig) -> dict:
-    """Train as cfg says (under torchrun: this process's share); returns a summary (exp_dir, best metrics)."""
+@dataclass
+class _Held:
+    """What a run holds while it runs, released however it ends."""
+
+    setup_log: SetupLog | None = None
+    sink: int | None = None  # the train_log.txt sink
+    trainer: Trainer | None = None
+    backup: Path | None = None  # where train.overwrite moved the previous run
+
+
+def run(cfg: DictConfig, listeners: Sequence[Mapping[str, Callable]] = (), timer=NO_TIMER) -> dict:
+    """Train as cfg says (under torchrun: this process's share); returns a summary (exp_dir, best metrics).
+    listeners: more event handler tables (src/dl/train/events.py) beside the loggers, e.g. a benchmark's;
+    timer: a profile.SectionTimer that splits the loop's time (benchmarks.train_speed --profile)."""
     exp = Experiment.of(cfg)  # exp_name is a plain folder name, or nothing is done at all
     ctx = setup_distributed(str(cfg.device))
-    setup_log = sink = trainer = backup = None
-    failed = True
+    held = _Held()
     try:
-        if not ctx.is_main:
-            logger.remove()  # other ranks: warnings and errors only (rank 0 tells the story)
-            logger.add(sys.stderr, level="WARNING")
-        if cfg.train.resume:
-            cfg, state = resume_point(cfg, exp)
-            if is_finished(cfg, exp, state):
-                failed = False
-                return _finished(exp, state)
-        refuse_taken_folder(cfg, exp)
-        with shared_checkpoint_reads():  # the pretrained file is read once for arch, architecture, weights
-            arch_note = follow_pretrained_arch(cfg)  # before the config is saved and the model built
-            OmegaConf.update(cfg, "train.ddp", ctx.distributed, force_add=True)
-            setup_log = SetupLog() if ctx.is_main else None
-            trainer = Trainer(cfg, ctx)  # every check on config and data; writes nothing
-        backup = on_main(ctx, prepare_folder, cfg, exp)
-        if ctx.is_main:
-            sink = setup_log.into_file(exp.file("log"))
-            logger.info(f"experiment folder: {exp.root}")
-            if arch_note:
-                logger.log(*arch_note)
-            if backup is not None:
-                trainer.callbacks.append(OldRunNote(backup))
-            if cfg.train.use_wandb:
-                trainer.callbacks.append(WandbLogger(cfg, exp, trainer.wandb_id))
-        summary = trainer.fit()
-        failed = False
-        if ctx.is_main:
-            logger.info(f"done: {summary}")
-        return summary
-    except (KeyboardInterrupt, TrainingAborted):
-        if ctx.is_main and exp.file("last").exists():
-            logger.warning(
-                f"stopped; continue with: python -m src.dl.train exp_name={exp.name} train.resume=true"
-            )
+        with sigterm_unwinds():
+            return _train(cfg, ctx, exp, held, listeners, timer)
+    except BaseException as err:
+        resumable = exp.file("last").exists()  # this run's own last.pt (a replaced run's is aside)
+        restored = put_back(exp, held.backup) if held.backup is not None and ctx.is_main else None
+        if isinstance(err, (KeyboardInterrupt, Terminated, TrainingAborted)):
+            if ctx.is_main:
+                logger.warning(_stopped_line(err, exp, resumable, restored))
+        elif restored:
+            logger.warning(f"this run failed: {restored}")
         raise
     finally:
-        if trainer is not None:
-            trainer._call("close")
-        if setup_log is not None:
-            setup_log.close()
-        remove_sink_safely(sink)
-        if failed and backup is not None and ctx.is_main:
-            _put_back(exp, backup)
+        if held.trainer is not None and ctx.is_main:
+            held.trainer.events.fire("on_teardown")
+        if held.setup_log is not None:
+            held.setup_log.close()
+        remove_sink_safely(held.sink)
         cleanup_distributed()
 
 
-def _put_back(exp: Experiment, backup: Path) -> None:
-    """A failed run: without a checkpoint of its own the replaced run returns; with one, both are kept."""
-    if exp.has_checkpoint():
-        logger.warning(f"this run failed after its first checkpoint; the previous run is kept in {backup}")
-        return
-    exp.restore(backup)
-    logger.warning(f"this run failed before its first checkpoint: the previous run is back in {exp.root}")
+def _train(cfg: DictConfig, ctx: DistContext, exp: Experiment, held: _Held, listeners, timer) -> dict:
+    if not ctx.is_main:
+        logger.remove()  # other ranks: warnings and errors only (rank 0 tells the story)
+        logger.add(sys.stderr, level="WARNING")
+    resumed = None
+    if cfg.train.resume:
+        cfg, resumed = resume_point(cfg, exp)
+        state = TrainState(**resumed.training["state"])
+        if is_finished(cfg, exp, state):
+            return _finished(exp, state)
+    refuse_taken_folder(cfg, exp)
+    with shared_checkpoint_reads():  # the pretrained file is read once for arch, architecture, weights
+        if cfg.train.pretrained_model_path and not cfg.train.resume:
+            check_pretrained_file(str(cfg.train.pretrained_model_path))
+        arch_note = follow_pretrained_arch(cfg)  # before the config is saved and the model built
+        OmegaConf.update(cfg, "train.ddp", ctx.distributed, force_add=True)
+        held.setup_log = SetupLog() if ctx.is_main else None
+        # every check on config and data; writes nothing
+        held.trainer = trainer = build_trainer(cfg, ctx, resumed, timer=timer)
+    held.backup = on_main(ctx, prepare_folder, cfg, exp)
+    if ctx.is_main:
+        held.sink = held.setup_log.into_file(exp.file("log"))
+        _start_log(exp, arch_note)
+        _attach_listeners(trainer, held.backup, resumed.training if resumed else None)
+        for handlers in listeners:
+            trainer.events.add(handlers)
+    del resumed  # its tensors are in the model now
+    summary = trainer.fit()
+    if ctx.is_main:
+        logger.info(f"done: {summary}")
+    return summary
+
+
+def _start_log(exp: Experiment, arch_note: tuple[str, str] | None) -> None:
+    logger.info(f"experiment folder: {exp.root}")
+    if arch_note:
+        logger.log(*arch_note)
+
+
+def _attach_listeners(trainer: Trainer, backup: Path | None, resumed: dict | None) -> None:
+    """The loggers train.loggers names (they write into the folder, so only now), and the old-run note.
+    resumed: last.pt's training state of a resumed run (a logger may continue its own record)."""
+    settings, events = trainer.settings, trainer.events
+    loggers = build_loggers(
+        settings.loggers, trainer.exp, settings.wandb_project, trainer.run_config, resumed
+    )
+    for listener in loggers:
+        events.add(listener.handlers())
+    if backup is not None:
+        events.add(old_run_note(backup))
 
 
 def _finished(exp: Experiment, state: TrainState) -> dict:
@@ -298,4 +345,15 @@ def _finished(exp: Experiment, state: TrainState) -> dict:
     }
 
 
-main = stage_main(run)
+def run_as_stage(cfg: DictConfig, listeners: Sequence[Mapping[str, Callable]] = ()) -> dict:
+    """run(cfg) for the command line: a run stopped from outside ends with its one line (run logged it) and
+    the usual exit code (130 Ctrl-C, 143 SIGTERM), no traceback."""
+    try:
+        return run(cfg, listeners)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Terminated:
+        sys.exit(143)
+
+
+main = stage_main(run_as_stage)

@@ -1,198 +1,128 @@
-"""The Trainer: data loaders, model (+ pretrained weights), optimizer / schedule / EMA / AMP, and the epochs
-(train, validate with the EMA weights, checkpoint), then the final evaluation of best.pt on val and test.
+"""The Trainer: the epochs of a run (train, validate the EMA weights, checkpoint), then the final evaluation of
+best.pt on val and test. Built by composition: every part comes in through the constructor, made by
+src/dl/train/setup.py from the config; the Trainer itself reads no config.
 
-Constructing a Trainer runs every check on config and data (dataset doctor, datasets, negatives, model) and
-writes nothing; `fit()` writes into the experiment folder (src/dl/train/run.py prepares it).
+    trainer = Trainer(settings, ctx, exp, spec, data, parts, optimization, precision, events, run_config)
+    summary = trainer.fit()
 
 Resume is exact: last.pt holds the model, EMA, optimizer, scheduler, grad scaler, the position (epoch and
-batch), early-stopping state, history and every rank's RNG state. It is written at the end of each epoch
-and also mid-epoch (train.checkpoint_every_steps / train.checkpoint_every_minutes), always atomically.
+batch), early-stopping state, history and every rank's RNG state (`resume_from`). It is written at the end
+of each epoch and also mid-epoch (train.checkpoint_every_steps / _minutes), always atomically.
 """
 
 from __future__ import annotations
 
-import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from loguru import logger
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from src.common.errors import UserError
 from src.common.experiment import Experiment
-from src.common.hardware import apply_channels_last
+from src.common.hardware import Precision
 from src.dl.train.core import TrainState
-from src.dl.train.ema import ModelEMA, unwrap_model
-from src.dl.train.epoch import EpochLoop
-from src.dl.train.evaluation import Evaluator, check_decision_metrics
-from src.dl.train.loggers import Callback, HistoryLogger, WandbLogger
-from src.dl.train.optim import backbone_parameters, build_lr_scheduler, build_optimizer, group_lrs, train_lrs
-from src.dl.train.trainer_utils import (
+from src.dl.train.distributed import (
     DistContext,
-    EpochShuffleSampler,
     all_gather_objects,
     barrier,
     broadcast_object,
-    maybe_compile,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    setup_speed,
+    mean_over_ranks,
 )
+from src.dl.train.ema import ModelEMA, unwrap_model
+from src.dl.train.epoch import EpochResult, EpochRunner, Optimization
+from src.dl.train.evaluation import Evaluator
+from src.dl.train.events import Events
+from src.dl.train.optim import group_lrs
+from src.dl.train.profile import NO_TIMER
+from src.dl.train.rng import rng_state, set_rng_state
+from src.dl.train.samplers import EpochShuffleSampler
+from src.dl.train.settings import TrainSettings
+from src.dl.train.speed import ThreadTuner, maybe_compile
 from src.models.build import build
 from src.models.checkpoint import RunCheckpoint, load_run_checkpoint, save_run_checkpoint
-from src.models.family import LossSettings
 from src.models.spec import ModelSpec
 
 
-def on_main(ctx: DistContext, work, *args):
-    """work(*args) on rank 0, its result (or its exception) on every rank."""
-    result, error = None, None
-    if ctx.is_main:
-        try:
-            result = work(*args)
-        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
-            error = err
-    error, result = broadcast_object(ctx, (error, result))
-    if error is not None:
-        raise error
-    return result
+@dataclass
+class TrainData:
+    datasets: dict  # "train", "val"[, "test"]: src.dl.train.dataset.DetectionDataset
+    train_collate: Callable  # batches of the training loader (multiscale when on)
+    eval_collate: Callable
+    negatives: list[Path]  # held-out background images, checked disjoint from the splits ([]: none)
 
 
-class Trainer(EpochLoop):
-    def __init__(self, cfg: DictConfig, ctx: DistContext, callbacks: list[Callback] | None = None) -> None:
-        self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
-        self.tc = cfg.train
-        self.exp = Experiment.of(cfg)
-        self.spec = ModelSpec.from_config(cfg)  # arch overrides of a checkpoint follow in _build_model
-        check_decision_metrics(list(self.tc.decision_metrics), self.spec.task)  # mask mAP: segment only
-        self.batch_size = int(self.tc.batch_size)
-        self.accumulation = max(int(self.tc.accumulation_steps), 1)
-        self.precision = setup_speed(self.tc, self.device, ctx.world_size)  # threads + train.amp by hardware
-        self.amp_dtype = self.precision.dtype
+@dataclass
+class ModelParts:
+    model: nn.Module  # the plain model on its device (DDP and compile wrap it for the forward only)
+    criterion: nn.Module
+    postprocessor: nn.Module
+    ema: ModelEMA | None
+    trainable_backbone: list[
+        nn.Parameter
+    ]  # what freezing the backbone freezes (the recipe's own stay frozen)
+
+
+def batches_in_epoch(dataset, epoch: int, batch_size: int, cap: int | None, ctx: DistContext) -> int:
+    """Batches this rank trains in `epoch` (the train set shrinks while background images are ignored)."""
+    per_rank = epoch_sampler(dataset, epoch, 0, ctx).per_rank
+    batches = per_rank // batch_size if per_rank >= batch_size else 1
+    return min(batches, cap) if cap else batches
+
+
+def epoch_sampler(dataset, epoch: int, seed: int, ctx: DistContext) -> EpochShuffleSampler:
+    dataset.set_epoch(epoch)  # mosaic/mixup windows, no-aug epochs, background-ignoring follow the epoch
+    if len(dataset) == 0:
+        raise ValueError(
+            f"epoch {epoch + 1}: no training image has a box, and train.ignore_background_epochs leaves "
+            "background images out; lower it or add labels"
+        )
+    return EpochShuffleSampler(len(dataset), seed, ctx.rank, ctx.world_size)
+
+
+class Trainer:
+    def __init__(
+        self,
+        settings: TrainSettings,
+        ctx: DistContext,
+        exp: Experiment,
+        spec: ModelSpec,
+        data: TrainData,
+        parts: ModelParts,
+        optimization: Optimization,
+        precision: Precision,
+        events: Events,
+        run_config: dict,
+        tuner: ThreadTuner | None = None,
+        timer=NO_TIMER,
+    ) -> None:
+        """run_config: the run's resolved config, saved in every checkpoint; events: fired on rank 0;
+        tuner: re-decides torch's threads after each epoch (None: fixed); timer: profile.SectionTimer."""
+        self.settings, self.ctx, self.device, self.exp, self.spec = settings, ctx, ctx.device, exp, spec
+        self.data, self.parts, self.optimization, self.precision = data, parts, optimization, precision
+        self.events, self.run_config, self.tuner, self.timer = events, run_config, tuner, timer
+        self.model, self.ema = parts.model, parts.ema
         self.state = TrainState()
-        self.partial_losses: dict = {"sums": {}, "count": 0}
-        self.last_checkpoint_time = time.monotonic()
-        self.callbacks: list[Callback] = (
-            [HistoryLogger(self.exp)] if callbacks is None and ctx.is_main else list(callbacks or [])
-        )
-        self.wandb_id: str | None = None  # the W&B run a resumed run continues
-
-        seed_everything(int(cfg.seed) + ctx.rank, bool(self.tc.deterministic))
-        self.resume_checkpoint = load_run_checkpoint(self.exp.file("last")) if self.tc.resume else None
-        self.excluded_images = on_main(ctx, self._run_doctor)
-        self._build_data()
-        negatives = on_main(ctx, self._check_negatives)
-        self.negatives = negatives if ctx.is_main else []  # rank 0 measures them
-        self._build_model()
-        self._build_optimization()
-        if self.tc.resume:
-            self._resume()
-        self.evaluator = Evaluator(
-            cfg, ctx, self.spec, self.exp, self.postprocessor, self.datasets, self.eval_collate,
-            self.negatives, self.amp_dtype,
-        )  # fmt: skip
-        if ctx.is_main:
-            self._log_setup()
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.spec.class_names
-
-    # ------------------------------------------------------------------ setup (checks; nothing written)
-
-    def _run_doctor(self) -> list[str]:
-        """The dataset doctor (it logs its own report and writes it to check.report_dir)."""
-        from src.etl.check import check_dataset
-
-        return check_dataset(self.cfg).excluded_images
-
-    def _build_data(self) -> None:
-        from src.dl.train.dataset import build_collate, build_datasets
-
-        self.datasets = build_datasets(self.cfg, exclude=self.excluded_images, log=self.ctx.is_main)
-        self.train_collate = build_collate(self.cfg, train=True)
-        self.eval_collate = build_collate(self.cfg, train=False)
-        if len(self.datasets["train"].image_paths) == 0:
-            raise UserError(f"no training images: {Path(self.cfg.splits_dir) / 'train.csv'} lists none")
-
-    def _check_negatives(self) -> list[Path]:
-        """The held-out background images (train.negatives_path); an image also in train/val/test stops the
-        run here (its FPPI would flatter the model)."""
-        from src.dl.train.negatives import check_negatives_disjoint, split_image_paths
-
-        negatives = check_negatives_disjoint(
-            self.tc.negatives_path, split_image_paths(self.cfg), int(self.cfg.check.workers)
-        )
-        if negatives:
-            logger.info(
-                f"{len(negatives)} negatives in {self.tc.negatives_path}: FPPI and clean-image rate at every "
-                "validation"
-            )
-        return negatives
-
-    def _build_model(self) -> None:
-        from src.models.denoising import set_denoising_negatives, set_denoising_queries
-
-        self.spec = self.spec.with_arch_overrides(self._arch_overrides())
-        losses = LossSettings(
-            cls_loss=str(self.tc.cls_loss),
-            bg_loss_weight=float(self.tc.bg_loss_weight),
-            mask_loss=dict(self.tc.mask_loss),
-        )
-        self.model, criterion, self.postprocessor = build(self.spec, losses)
-        # Parameters the size's own recipe freezes (the stem of l / x) stay frozen whatever we do later.
-        self.trainable_backbone = [p for p in backbone_parameters(self.model) if p.requires_grad]
-        if self.tc.pretrained_model_path and not self.tc.resume:
-            from src.models import load_pretrained
-
-            # It logs what it loaded, re-initialised (class heads) and copied from COCO rows.
-            load_pretrained(self.model, str(self.tc.pretrained_model_path), class_names=self.class_names)
-        elif self.ctx.is_main and not self.tc.resume:
-            logger.info("training from scratch (train.pretrained_model_path is null)")
-        self.model.to(self.device)
-        apply_channels_last(self.model, self.precision)
-        if (
-            self.ctx.distributed
-            and self.device.type == "cuda"
-            and self.batch_size < int(self.tc.sync_bn_below)
-        ):
-            # Few images per GPU give noisy BatchNorm statistics: compute them over all GPUs instead.
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.ema = (
-            ModelEMA(self.model, float(self.tc.ema_decay), int(self.tc.ema_warmups))
-            if self.tc.use_ema
-            else None
-        )
-        # False-positive control (train.dn_negatives, bg_loss_weight, cls_loss); all off = the official loss.
-        negatives = self.tc.dn_negatives
-        set_denoising_queries(self.model, int(self.tc.num_denoising))
-        set_denoising_negatives(self.model, int(negatives.num), float(negatives.iou_thresh))
-        self.criterion = criterion.to(self.device)
         self.backbone_frozen = False
-        self.ddp_model = self._wrap_ddp()
+        self.forward_model = self._wrap_model()
+        self.runner = EpochRunner(
+            parts.model, parts.criterion, optimization, parts.ema, ctx, settings.step, precision.dtype,
+            self.state, self.save_last, precision.channels_last, timer,
+        )  # fmt: skip
+        self.evaluator = Evaluator(
+            settings.evaluation, ctx, spec, exp, parts.postprocessor, data.datasets, data.eval_collate,
+            data.negatives, precision.dtype,
+        )  # fmt: skip
 
-    def _arch_overrides(self) -> dict:
-        """Architecture details a checkpoint fixes (decoder FFN width, LAB blocks, backbone BN kind): the
-        released COCO files differ there from the size table, and the model must be built to fit them."""
-        if self.tc.resume:
-            return self.resume_checkpoint.spec.arch_overrides
-        if not self.tc.pretrained_model_path:
-            return {}
-        from src.models import checkpoint_arch_overrides
+    # ------------------------------------------------------------------ model wrappers and freezing
 
-        overrides = checkpoint_arch_overrides(str(self.tc.pretrained_model_path))
-        if overrides and self.ctx.is_main:
-            logger.info(f"architecture taken from the pretrained checkpoint: {overrides}")
-        return overrides
-
-    def _wrap_ddp(self) -> nn.Module:
+    def _wrap_model(self) -> nn.Module:
         """DDP over the plain model; re-done when the backbone is (un)frozen, as DDP fixes its parameter set."""
         if not self.ctx.distributed:
-            return maybe_compile(self.model, bool(self.tc.compile))
+            return maybe_compile(self.model, self.settings.compile)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         # find_unused_parameters: a batch without any box (background-only) has no denoising queries, so the
         # denoising embedding gets no gradient in that step.
@@ -200,163 +130,63 @@ class Trainer(EpochLoop):
             self.model, device_ids=device_ids, find_unused_parameters=True
         )
 
-    def _build_optimization(self) -> None:
-        base_lr, backbone_lr = train_lrs(self.cfg)
-        self.optimizer = build_optimizer(
-            self.model, base_lr, backbone_lr, float(self.tc.weight_decay), tuple(self.tc.betas)
-        )
-        steps_per_epoch = [math.ceil(n / self.accumulation) for n in self._batches_per_epoch_all()]
-        self.total_steps = sum(steps_per_epoch)
-        # train.scheduler: onecycle or DEIM's flat_cosine (its phases are epoch boundaries, hence the list)
-        self.scheduler = build_lr_scheduler(self.optimizer, self.tc, steps_per_epoch)
-        if self.ctx.is_main and hasattr(self.scheduler, "describe"):
-            logger.info(f"LR schedule: {self.scheduler.describe()}")
-        # Loss scaling only for fp16: bf16 has float32's range and needs none.
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.grad_scaler)
-
-    def _batches_per_epoch_all(self) -> list[int]:
-        """Batches of every epoch (the train set shrinks while background images are ignored)."""
-        logger.disable("src.dl.train.dataset")  # set_epoch logs mosaic closing: not for this dry run
-        try:
-            return [self.batches_in_epoch(epoch) for epoch in range(int(self.tc.epochs))]
-        finally:
-            logger.enable("src.dl.train.dataset")
-
-    def batches_in_epoch(self, epoch: int) -> int:
-        per_rank = self._train_sampler(epoch).per_rank
-        batches = per_rank // self.batch_size if per_rank >= self.batch_size else 1
-        cap = self.tc.max_steps_per_epoch
-        return min(batches, int(cap)) if cap else batches
-
-    def _resume(self) -> None:
-        """Load last.pt into every piece."""
-        checkpoint, self.resume_checkpoint = self.resume_checkpoint, None  # free it once loaded
-        training = checkpoint.training
-        self.model.load_state_dict(checkpoint.model)
-        if self.ema is not None and training["ema"] is not None:
-            self.ema.load_state_dict(training["ema"])
-        self.optimizer.load_state_dict(training["optimizer"])
-        self.scheduler.load_state_dict(training["scheduler"])
-        if training["scaler"]:
-            self.scaler.load_state_dict(training["scaler"])
-        self.state = TrainState(**training["state"])
-        rng_states = training["rng"] or []
-        if len(rng_states) == self.ctx.world_size:
-            set_rng_state(rng_states[self.ctx.rank])
-            self.partial_losses = training["partial_losses"][self.ctx.rank]
-        elif self.ctx.is_main:
-            logger.warning(
-                f"resume: last.pt was written by {len(rng_states)} process(es), now {self.ctx.world_size}: "
-                "random streams start afresh (the run continues, not bit-for-bit)"
-            )
-        if self.ctx.is_main:
-            logger.info(
-                f"resuming {self.exp.file('last')}: epoch {self.state.epoch + 1}, batch {self.state.batch}, "
-                f"optimizer step {self.state.global_step}/{self.total_steps}"
-            )
-        self.wandb_id = training.get("wandb_id")
-
-    def _log_setup(self) -> None:
-        base_lr, backbone_lr = train_lrs(self.cfg)
-        n_params = sum(p.numel() for p in self.model.parameters())
-        spec = self.spec
-        one_class = f" (use_one_class: {len(spec.data_class_names)} data classes as one)" * spec.use_one_class
-        logger.info(
-            f"{spec.display_name}, {spec.num_classes} classes{one_class}, "
-            f"{n_params / 1e6:.2f}M parameters, input {list(spec.img_size)}, device {self.device}, "
-            f"{self.ctx.world_size} process(es), AMP {self.precision.name}"
-        )
-        effective = self.batch_size * self.accumulation * self.ctx.world_size
-        logger.info(
-            f"batch {self.batch_size} x accumulation {self.accumulation} x {self.ctx.world_size} process(es) = "
-            f"{effective}; {self.total_steps} optimizer steps over {self.tc.epochs} epochs; "
-            f"peak LR {base_lr:g} (backbone {backbone_lr:g}); EMA {'on' if self.ema else 'off'}"
-        )
-
-    # ------------------------------------------------------------------ data loaders
-
-    def _train_sampler(self, epoch: int) -> EpochShuffleSampler:
-        dataset = self.datasets["train"]
-        dataset.set_epoch(epoch)  # mosaic/mixup windows, no-aug epochs, background-ignoring follow the epoch
-        if hasattr(self.train_collate, "set_epoch"):
-            self.train_collate.set_epoch(epoch)  # multiscale stops in the no-aug epochs
-        if len(dataset) == 0:
-            raise ValueError(
-                f"epoch {epoch + 1}: no training image has a box, and train.ignore_background_epochs="
-                f"{self.tc.ignore_background_epochs} leaves background images out; lower it or add labels"
-            )
-        return EpochShuffleSampler(len(dataset), int(self.cfg.seed), self.ctx.rank, self.ctx.world_size)
-
-    def train_loader(self, epoch: int, skip_batches: int) -> DataLoader:
-        sampler = self._train_sampler(epoch)
-        sampler.set_epoch(epoch, skip=skip_batches * self.batch_size)
-        # Worker seeds from this generator, not the global RNG: a resumed epoch gives its workers the same
-        # seeds as the original one.
-        generator = torch.Generator().manual_seed(
-            int(self.cfg.seed) * 1_000_003 + epoch * 1009 + self.ctx.rank
-        )
-        return DataLoader(
-            self.datasets["train"],
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=int(self.tc.num_workers),
-            collate_fn=self.train_collate,
-            pin_memory=self.device.type == "cuda",
-            drop_last=sampler.per_rank >= self.batch_size,
-            generator=generator,
-        )
-
-    # ------------------------------------------------------------------ freezing
-
-    def _set_backbone_frozen(self, frozen: bool) -> None:
+    def set_backbone_frozen(self, frozen: bool) -> None:
         if frozen == self.backbone_frozen:
             return
-        for param in self.trainable_backbone:
+        for param in self.parts.trainable_backbone:
             param.requires_grad_(not frozen)
         self.backbone_frozen = frozen
         if self.ctx.distributed:
-            self.ddp_model = self._wrap_ddp()
+            self.forward_model = self._wrap_model()
         if self.ctx.is_main:
             logger.info("backbone frozen" if frozen else "backbone unfrozen")
 
     def _train_mode(self) -> None:
-        self.ddp_model.train()
-        self.criterion.train()
+        self.forward_model.train()
+        self.parts.criterion.train()
         if self.backbone_frozen:
             # A frozen backbone keeps its BatchNorm statistics too (they would drift on the new data).
             unwrap_model(self.model).backbone.eval()
+
+    # ------------------------------------------------------------------ data
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        step = self.settings.step
+        return batches_in_epoch(
+            self.data.datasets["train"], epoch, step.batch_size, step.max_steps_per_epoch, self.ctx
+        )
+
+    def train_loader(self, epoch: int, skip_batches: int) -> DataLoader:
+        dataset, seed = self.data.datasets["train"], self.settings.seed
+        sampler = epoch_sampler(dataset, epoch, seed, self.ctx)
+        collate = self.data.train_collate
+        if hasattr(collate, "set_epoch"):
+            collate.set_epoch(epoch)  # multiscale stops in the no-aug epochs
+        batch_size = self.settings.step.batch_size
+        sampler.set_epoch(epoch, skip=skip_batches * batch_size)
+        # Worker seeds from this generator, not the global RNG: a resumed epoch gives its workers the same
+        # seeds as the original one.
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + self.ctx.rank)
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=self.settings.num_workers,
+            collate_fn=collate, pin_memory=self.device.type == "cuda",
+            drop_last=sampler.per_rank >= batch_size, generator=generator,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ epochs
 
     def fit(self) -> dict:
         """Train the remaining epochs, then evaluate best.pt on val and test; returns the run summary."""
-        epochs, freeze_epochs = int(self.tc.epochs), int(self.tc.freeze_backbone_epochs)
-        early_stop = int(self.tc.early_stopping)
+        settings = self.settings
+        self._fire("on_train_start", self.state)
         if self.state.epoch == 0 and self.state.batch == 0 and self.ctx.is_main:
-            self.datasets["train"].set_epoch(0)
             self._save_debug_images()
-        for epoch in range(self.state.epoch, epochs if not self.state.stopped_early else 0):
-            self.state.epoch = epoch
-            self._set_backbone_frozen(epoch < freeze_epochs)
-            started = time.perf_counter()
-            losses = self._mean_over_ranks(self.train_one_epoch(epoch))
-            row = {"epoch": epoch + 1, **losses, **group_lrs(self.optimizer)}
-            row["train_time_s"] = round(time.perf_counter() - started, 2)
-            row.update(self.validate(epoch))
-            row["epoch_time_s"] = round(time.perf_counter() - started, 2)
-            self.state.history.append(row)
-            self.state.epoch, self.state.batch = epoch + 1, 0
-            self.state.stopped_early = (  # decided at a validation: the last epoch trained is judged
-                bool(early_stop)
-                and self.evaluator.validates(epoch)
-                and self.state.epochs_without_improvement >= early_stop
-            )
-            self.save_last()
-            self._call("on_epoch_end", row, self.state)
+        for epoch in range(self.state.epoch, settings.epochs if not self.state.stopped_early else 0):
+            self.train_epoch(epoch)
             if self.state.stopped_early:
                 if self.ctx.is_main:
                     logger.info(
-                        f"early stopping: no improvement for {early_stop} epoch(s) "
+                        f"early stopping: no improvement for {settings.early_stopping} epoch(s) "
                         f"(best: epoch {self.state.best_epoch + 1})"
                     )
                 break
@@ -366,22 +196,54 @@ class Trainer(EpochLoop):
         summary.update(epochs_trained=self.state.epoch, stopped_early=self.state.stopped_early)
         return summary
 
-    def _call(self, event: str, *args) -> None:
-        if self.ctx.is_main:
-            for callback in self.callbacks:
-                getattr(callback, event)(*args)
+    def train_batches(self, epoch: int, n_batches: int | None = None) -> EpochResult:
+        """The training half of an epoch, from where the state stands (a resumed epoch: its next batch) to
+        batch n_batches (None: the epoch's end)."""
+        self.state.epoch = epoch
+        self.set_backbone_frozen(epoch < self.settings.freeze_backbone_epochs)
+        n_batches = self.batches_in_epoch(epoch) if n_batches is None else n_batches
+        loader = self.train_loader(epoch, self.state.batch)
+        self._train_mode()
+        return self.runner.run(self.forward_model, loader, epoch, n_batches, self.settings.epochs)
 
-    def _mean_over_ranks(self, values: dict) -> dict:
-        per_rank = all_gather_objects(self.ctx, values)
-        keys = list(dict.fromkeys(k for d in per_rank for k in d))
-        return {k: sum(d.get(k, 0.0) for d in per_rank) / len(per_rank) for k in keys}
+    def train_epoch(self, epoch: int) -> dict:
+        """Train, validate and checkpoint one epoch; returns its history row."""
+        self._fire("on_epoch_start", epoch)
+        started = time.perf_counter()
+        result = self.train_batches(epoch)
+        row = {"epoch": epoch + 1, **mean_over_ranks(self.ctx, result.losses)}
+        row |= group_lrs(self.optimization.optimizer)
+        row["train_time_s"] = round(time.perf_counter() - started, 2)
+        with self.timer.section("validation"):
+            row.update(self.validate(epoch))
+        row["epoch_time_s"] = round(time.perf_counter() - started, 2)
+        self.state.history.append(row)
+        self.state.epoch, self.state.batch = epoch + 1, 0
+        early_stop = self.settings.early_stopping
+        self.state.stopped_early = (  # decided at a validation: the last epoch trained is judged
+            bool(early_stop)
+            and self.evaluator.validates(epoch)
+            and self.state.epochs_without_improvement >= early_stop
+        )
+        with self.timer.section("checkpoint"):
+            self.save_last()
+        with self.timer.section("logging"):
+            self._fire("on_epoch_end", row, self.state)
+        if self.tuner is not None and epoch + 1 < self.settings.epochs:  # a next epoch to use it
+            self.tuner.after_epoch(epoch, result.images_per_s)
+        return row
+
+    def _fire(self, event: str, *args) -> None:
+        if self.ctx.is_main:
+            self.events.fire(event, *args)
 
     def _save_debug_images(self) -> None:
         from src.dl.train.dataset import save_all_debug_images
 
-        n = int(self.tc.debug_images)
+        n = self.settings.debug_images
         if n > 0:
-            saved = save_all_debug_images(self.datasets, self.exp.root, n)
+            self.data.datasets["train"].set_epoch(0)
+            saved = save_all_debug_images(self.data.datasets, self.exp.root, n)
             logger.info(f"{len(saved)} processed samples drawn in {self.exp.file('debug_images')}")
 
     # ------------------------------------------------------------------ evaluation
@@ -413,6 +275,7 @@ class Trainer(EpochLoop):
         ):
             setattr(self.state, key, verdict[key])
         self.state.peak_score = verdict["peak_score"]
+        self._fire("on_eval_end", verdict["metrics"], self.state)
         return verdict["metrics"]
 
     def final_evaluation(self) -> dict:
@@ -435,46 +298,70 @@ class Trainer(EpochLoop):
             best.metrics = metrics.get("val", best.metrics)
             save_run_checkpoint(self.exp.file("best"), best)
             final = metrics | ({"negatives": negatives} if negatives else {})
-            self._call("on_final", final, self.state.global_step)
+            self._fire("on_train_end", final, self.state.global_step)
             summary.update(final, thresholds=thresholds)
         barrier(self.ctx)
         return broadcast_object(self.ctx, summary)
 
     # ------------------------------------------------------------------ checkpoints (src.models.checkpoint)
 
-    def _run_config(self) -> dict:
-        return OmegaConf.to_container(self.cfg, resolve=True)
-
     def save_last(self) -> None:
         """Write last.pt. Collective: every rank contributes its RNG state, rank 0 writes."""
-        per_rank = all_gather_objects(self.ctx, (rng_state(), self.partial_losses))
-        if self.ctx.is_main:
-            wandb_ids = [c.run_id for c in self.callbacks if isinstance(c, WandbLogger)]
-            training = {
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "state": dict(vars(self.state)),
-                "epoch": self.state.epoch,
-                "step": self.state.global_step,
-                "rng": [rng for rng, _ in per_rank],
-                "partial_losses": [losses for _, losses in per_rank],  # of the unfinished epoch
-                "wandb_id": wandb_ids[0] if wandb_ids else self.wandb_id,
-            }
-            state = self.state
-            checkpoint = RunCheckpoint(
-                spec=self.spec, model=unwrap_model(self.model).state_dict(), config=self._run_config(),
-                thresholds=state.best_thresholds, metrics=state.best_metrics, epoch=state.best_epoch + 1,
-                training=training,
-            )  # fmt: skip
-            self._call("on_checkpoint", save_run_checkpoint(self.exp.file("last"), checkpoint))
-        self.last_checkpoint_time = time.monotonic()
+        per_rank = all_gather_objects(self.ctx, (rng_state(), self.runner.partial_losses))
+        if not self.ctx.is_main:
+            return
+        opt = self.optimization
+        training = {
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": opt.optimizer.state_dict(),
+            "scheduler": opt.scheduler.state_dict(),
+            "scaler": opt.scaler.state_dict(),
+            "state": dict(vars(self.state)),
+            "epoch": self.state.epoch,
+            "step": self.state.global_step,
+            "rng": [rng for rng, _ in per_rank],
+            "partial_losses": [losses for _, losses in per_rank],  # of the unfinished epoch
+        }
+        self._fire("on_save_state", training)
+        state = self.state
+        checkpoint = RunCheckpoint(
+            spec=self.spec, model=unwrap_model(self.model).state_dict(), config=self.run_config,
+            thresholds=state.best_thresholds, metrics=state.best_metrics, epoch=state.best_epoch + 1,
+            training=training,
+        )  # fmt: skip
+        self._fire("on_checkpoint", save_run_checkpoint(self.exp.file("last"), checkpoint))
 
     def save_best(self, metrics: dict, thresholds: dict, epoch: int) -> None:
         """best.pt: the weights that are evaluated (EMA when on) + everything needed to use them (rank 0)."""
         checkpoint = RunCheckpoint(
-            spec=self.spec, model=self.eval_model().state_dict(), config=self._run_config(),
+            spec=self.spec, model=self.eval_model().state_dict(), config=self.run_config,
             thresholds=thresholds, metrics=metrics, epoch=epoch,
         )  # fmt: skip
-        self._call("on_checkpoint", save_run_checkpoint(self.exp.file("best"), checkpoint))
+        self._fire("on_checkpoint", save_run_checkpoint(self.exp.file("best"), checkpoint))
+
+    def resume_from(self, training: dict, model_state: dict) -> None:
+        """Load last.pt's weights and training state into every part."""
+        self.model.load_state_dict(model_state)
+        if self.ema is not None and training["ema"] is not None:
+            self.ema.load_state_dict(training["ema"])
+        opt = self.optimization
+        opt.optimizer.load_state_dict(training["optimizer"])
+        opt.scheduler.load_state_dict(training["scheduler"])
+        if training["scaler"]:
+            opt.scaler.load_state_dict(training["scaler"])
+        for key, value in training["state"].items():
+            setattr(self.state, key, value)  # the runner holds the same TrainState
+        rng_states = training["rng"] or []
+        if len(rng_states) == self.ctx.world_size:
+            set_rng_state(rng_states[self.ctx.rank])
+            self.runner.partial_losses = training["partial_losses"][self.ctx.rank]
+        elif self.ctx.is_main:
+            logger.warning(
+                f"resume: last.pt was written by {len(rng_states)} process(es), now {self.ctx.world_size}: "
+                "random streams start afresh (the run continues, not bit-for-bit)"
+            )
+        if self.ctx.is_main:
+            logger.info(
+                f"resuming {self.exp.file('last')}: epoch {self.state.epoch + 1}, batch {self.state.batch}, "
+                f"optimizer step {self.state.global_step}/{opt.total_steps}"
+            )

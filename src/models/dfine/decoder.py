@@ -3,7 +3,8 @@
 Flow (shapes for batch B, Q queries, C = hidden_dim, R = reg_max):
 1. Encoder maps are flattened into one memory (B, sum(h*w), C). Every memory position has an anchor box
    (its cell centre, size 0.05 * 2^level). A linear+LayerNorm and a class head score every position;
-   the top Q become the queries: content = their memory, reference box = anchor + a small MLP delta.
+   the top Q become the queries: content = their memory, reference box = anchor + a small MLP delta
+   (shared with RT-DETRv2: src/models/query_selection.py).
 2. Each decoder layer: self-attention between queries, deformable cross-attention around the current
    box, a gate mixing both, an FFN.
 3. Layer 0 also refines the box directly ("pre" box), which becomes the fixed reference of FDR. Every
@@ -29,10 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.models.attention import split_value_heads
-from src.models.denoising import get_contrastive_denoising_training_group
 from src.models.dfine.decoder_layers import LQE, DecoderLayer
 from src.models.dfine.fdr import distance2bbox, distribution_to_distance, weighting_function
 from src.models.layers import MLP, inverse_sigmoid, prior_bias
+from src.models.outputs import DetectorOutputs, LayerOutputs
+from src.models.query_selection import QuerySelection
 
 
 class DecoderStack(nn.Module):
@@ -79,28 +81,7 @@ class DecoderStack(nn.Module):
         self.lqe_layers = nn.ModuleList([nn.Identity()] * self.eval_idx + [self.lqe_layers[self.eval_idx]])
 
 
-def generate_anchors(
-    spatial_shapes: list[list[int]], eps: float = 1e-2, grid_size: float = 0.05, device=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Anchor per memory position: cell centre, size grid_size * 2^level, in logit space.
-
-    Returns anchors (1, sum(h*w), 4) float32 with +inf where the anchor is not well inside the image, and
-    valid_mask (1, sum(h*w), 1) bool. Always float32: trained weights saw float32 anchors.
-    """
-    anchors = []
-    for level, (h, w) in enumerate(spatial_shapes):
-        grid_y, grid_x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        centres = torch.stack([grid_x, grid_y], dim=-1).unsqueeze(0).to(torch.float32) + 0.5
-        centres = centres / torch.tensor([w, h], dtype=torch.float32)  # (1, h, w, 2)
-        sizes = torch.ones_like(centres) * grid_size * (2.0**level)
-        anchors.append(torch.cat([centres, sizes], dim=-1).reshape(-1, h * w, 4))
-    anchors = torch.cat(anchors, dim=1).to(device)
-    valid_mask = ((anchors > eps) * (anchors < 1 - eps)).all(-1, keepdim=True)
-    anchors = torch.log(anchors / (1 - anchors))
-    return torch.where(valid_mask, anchors, torch.inf), valid_mask
-
-
-class DFineDecoder(nn.Module):
+class DFineDecoder(QuerySelection):
     def __init__(
         self,
         num_classes: int = 80,
@@ -129,30 +110,27 @@ class DFineDecoder(nn.Module):
         num_dn_negatives: int = 0,
         dn_negative_iou_thresh: float = 0.3,
     ):
-        super().__init__()
-        if len(feat_channels) > num_levels or len(feat_strides) != len(feat_channels):
-            raise ValueError("need len(feat_strides) == len(feat_channels) <= num_levels")
-        self.feat_strides = list(feat_strides)
-        for _ in range(num_levels - len(self.feat_strides)):  # extra levels: stride-2 convs on the last map
-            self.feat_strides.append(self.feat_strides[-1] * 2)
-        self.hidden_dim = hidden_dim
+        super().__init__(
+            num_classes,
+            hidden_dim,
+            num_queries,
+            list(feat_channels),
+            list(feat_strides),
+            num_levels,
+            eval_spatial_size,
+            eps,
+            num_denoising,
+            label_noise_ratio,
+            box_noise_scale,
+            num_dn_negatives,
+            dn_negative_iou_thresh,
+        )
         self.nhead = nhead
-        self.num_levels = num_levels
-        self.num_classes = num_classes
-        self.num_queries = num_queries
         self.num_layers = num_layers
-        self.eps = eps
         self.aux_loss = aux_loss
         self.reg_max = reg_max
         self.layer_scale = layer_scale
         self.eval_idx = eval_idx if eval_idx >= 0 else num_layers + eval_idx
-        self.eval_spatial_size = tuple(eval_spatial_size) if eval_spatial_size else None
-        self.num_denoising = num_denoising
-        self.label_noise_ratio = label_noise_ratio
-        self.box_noise_scale = box_noise_scale
-        # Background negatives in the denoising branch (0 = official): denoising.set_denoising_negatives
-        self.num_dn_negatives = num_dn_negatives
-        self.dn_negative_iou_thresh = dn_negative_iou_thresh
         # True (segmentation models, mask_head.py): also return the query features of the layer whose boxes
         # are "pred_boxes", as "query_features" (B, Q, C). Off: the detection outputs are exactly as before.
         self.return_query_features = False
@@ -162,11 +140,6 @@ class DFineDecoder(nn.Module):
         # FDR constants (not trained): W(n) upper bound factor and curvature.
         self.up = nn.Parameter(torch.tensor([0.5]), requires_grad=False)
         self.reg_scale = nn.Parameter(torch.tensor([float(reg_scale)]), requires_grad=False)
-
-        if self.eval_spatial_size:
-            anchors, valid_mask = generate_anchors(self._spatial_shapes_for(self.eval_spatial_size), eps)
-            self.register_buffer("anchors", anchors)
-            self.register_buffer("valid_mask", valid_mask)
 
         self.input_proj = self._build_input_proj(list(feat_channels))
         layer_args = (hidden_dim, nhead, dim_feedforward, dropout, activation, num_levels, num_points)
@@ -204,10 +177,6 @@ class DFineDecoder(nn.Module):
         self._reset_parameters(list(feat_channels))
 
     # ------------------------------------------------------------------ construction helpers
-    def _spatial_shapes_for(self, size: tuple[int, int]) -> list[list[int]]:
-        height, width = size
-        return [[int(height / stride), int(width / stride)] for stride in self.feat_strides]
-
     def _build_input_proj(self, feat_channels: list[int]) -> nn.ModuleList:
         def conv_bn(in_channels: int, kernel: int, stride: int) -> nn.Module:
             if in_channels == self.hidden_dim:
@@ -249,53 +218,6 @@ class DFineDecoder(nn.Module):
         self.dec_bbox_head = nn.ModuleList(
             head if i <= self.eval_idx else nn.Identity() for i, head in enumerate(self.dec_bbox_head)
         )
-
-    # ------------------------------------------------------------------ forward pieces
-    def _flatten_memory(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[list[int]]]:
-        """Project and flatten the maps: memory (B, sum(h*w), C) and [[h, w], ...] per level."""
-        maps = [project(feat) for project, feat in zip(self.input_proj, feats)]
-        for level in range(len(maps), self.num_levels):
-            maps.append(self.input_proj[level](feats[-1] if level == len(feats) else maps[-1]))
-        spatial_shapes = [list(m.shape[2:]) for m in maps]
-        memory = torch.cat([m.flatten(2).permute(0, 2, 1) for m in maps], dim=1)
-        return memory, spatial_shapes
-
-    def _anchors(self, spatial_shapes: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-        cached = getattr(self, "anchors", None)
-        if (
-            not self.training
-            and cached is not None
-            and cached.shape[1] == sum(h * w for h, w in spatial_shapes)
-        ):
-            return cached, self.valid_mask
-        return generate_anchors(spatial_shapes, self.eps, device=device)
-
-    def _select_queries(self, memory: torch.Tensor, spatial_shapes: list[list[int]]):
-        """Top-Q memory positions by best class score.
-
-        Returns content (B, Q, C) detached, reference logits (B, Q, 4) detached, and for the encoder loss
-        (training only) the selected boxes (B, Q, 4) and logits (B, Q, num_classes).
-        """
-        if memory.shape[1] < self.num_queries:
-            raise ValueError(
-                f"Input too small: {memory.shape[1]} feature positions for {self.num_queries} queries; "
-                "use a larger image size or fewer queries (model.num_queries)"
-            )
-        anchors, valid_mask = self._anchors(spatial_shapes, memory.device)
-        memory = valid_mask.to(memory.dtype) * memory  # invalid positions keep only the biases
-        output_memory = self.enc_output(memory)  # (B, L, C)
-        logits = self.enc_score_head(output_memory)  # (B, L, num_classes)
-        top_index = torch.topk(logits.max(-1).values, self.num_queries, dim=-1).indices  # (B, Q)
-
-        def gather(x: torch.Tensor) -> torch.Tensor:
-            x = x.expand(memory.shape[0], -1, -1)
-            return x.gather(dim=1, index=top_index.unsqueeze(-1).repeat(1, 1, x.shape[-1]))
-
-        top_memory = gather(output_memory)
-        ref_logits = self.enc_bbox_head(top_memory) + gather(anchors)
-        enc_boxes = F.sigmoid(ref_logits) if self.training else None
-        enc_logits = gather(logits) if self.training else None
-        return top_memory.detach(), ref_logits.detach(), enc_boxes, enc_logits
 
     def _run_layers(self, target, ref_logits, memory, spatial_shapes, attn_mask):
         """The refinement loop. Returns per kept layer: boxes, logits, corner logits, FDR reference boxes
@@ -350,27 +272,10 @@ class DFineDecoder(nn.Module):
         stacked = [torch.stack(x) for x in (boxes, logits, corners, refs)]  # each (layers, B, Q, ...)
         return (*stacked, pre_boxes, pre_logits, features)
 
-    def forward(self, feats: list[torch.Tensor], targets: list[dict] | None = None) -> dict:
+    def forward(self, feats: list[torch.Tensor], targets: list[dict] | None = None) -> DetectorOutputs:
         memory, spatial_shapes = self._flatten_memory(feats)
 
-        dn_logits = dn_ref_logits = attn_mask = dn_meta = None
-        if self.training and self.num_denoising > 0:
-            if targets is None:
-                raise ValueError("Training with denoising needs targets: call model(images, targets)")
-            dn_logits, dn_ref_logits, attn_mask, dn_meta = get_contrastive_denoising_training_group(
-                targets,
-                self.num_classes,
-                self.num_queries,
-                self.denoising_class_embed,
-                num_denoising=self.num_denoising,
-                label_noise_ratio=self.label_noise_ratio,
-                box_noise_scale=self.box_noise_scale,
-                num_negatives=self.num_dn_negatives,
-                negative_iou_thresh=self.dn_negative_iou_thresh,
-            )
-            if dn_ref_logits is None:  # no box in the whole batch: nothing to denoise
-                attn_mask = dn_meta = None
-
+        dn_logits, dn_ref_logits, attn_mask, dn_meta = self._denoising_queries(targets)
         target, ref_logits, enc_boxes, enc_logits = self._select_queries(memory, spatial_shapes)
         if dn_meta is not None:  # denoising queries go first
             target = torch.cat([dn_logits, target], dim=1)
@@ -438,7 +343,7 @@ class DFineDecoder(nn.Module):
         return out
 
 
-def _layer_outputs(logits, boxes, corners, refs, teacher_corners, teacher_logits) -> list[dict]:
+def _layer_outputs(logits, boxes, corners, refs, teacher_corners, teacher_logits) -> list[LayerOutputs]:
     """Per-layer dicts for deep supervision; the last layer is the GO-LSD teacher of all of them."""
     return [
         {

@@ -9,21 +9,23 @@ from torch import nn
 
 from src.models.backbones.hgnetv2 import HGNetv2
 from src.models.dfine.decoder import DFineDecoder
-from src.models.dfine.encoder import HybridEncoder
+from src.models.dfine.encoder import DFineEncoder
 from src.models.dfine.sizes import ModelSize, get_size
 from src.models.mask_head import MaskHead, build_mask_head
+from src.models.outputs import DetectorOutputs
 from src.models.spec import TASKS
 
 
 class DFINE(nn.Module):
-    """images (B, 3, H, W) float in [0, 1] -> eval: {"pred_logits" (B, Q, classes), "pred_boxes" (B, Q, 4)
-    normalised cxcywh}; train (`model(images, targets)`): the full output dict the criterion consumes.
-    With a mask head (task "segment") both also hold "pred_masks" (B, Q, H/4, W/4) mask logits."""
+    """images (B, 3, H, W) float in [0, 1] -> DetectorOutputs (src/models/outputs.py). Eval: "pred_logits"
+    (B, Q, classes), "pred_boxes" (B, Q, 4) normalised cxcywh; train (`model(images, targets)`): also the
+    deep-supervision and denoising fields the criterion consumes. With a mask head (task "segment") both
+    also hold "pred_masks" (B, Q, H/4, W/4) mask logits."""
 
     def __init__(
         self,
         backbone: HGNetv2,
-        encoder: HybridEncoder,
+        encoder: DFineEncoder,
         decoder: DFineDecoder,
         arch: ModelSize | None = None,
         mask_head: MaskHead | None = None,
@@ -40,7 +42,7 @@ class DFINE(nn.Module):
     def task(self) -> str:
         return "detect" if self.mask_head is None else "segment"
 
-    def forward(self, images: torch.Tensor, targets: list[dict] | None = None) -> dict:
+    def forward(self, images: torch.Tensor, targets: list[dict] | None = None) -> DetectorOutputs:
         if self.mask_head is None:
             return self.decoder(self.encoder(self.backbone(images)), targets)
         stages = self.backbone.stage_outputs(images)  # strides 4, 8, 16, 32
@@ -96,7 +98,7 @@ def build_model(
     )
     if pretrained_backbone:
         backbone.load_pretrained(pretrained_backbone)
-    encoder = HybridEncoder(
+    encoder = DFineEncoder(
         in_channels=list(size.encoder_in_channels),
         feat_strides=list(size.feat_strides),
         hidden_dim=size.hidden_dim,

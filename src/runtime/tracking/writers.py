@@ -1,5 +1,6 @@
-"""Per-video track outputs: a MOT-challenge txt and a CSV, plus the per-frame hook that ties the tracker,
-the files and the drawing together (`VideoTracks`).
+"""Per-video track outputs: a MOT-challenge txt and a CSV, the per-frame hook that ties the tracker, the
+files and the drawing together (`VideoTracks`), and the one loop over a video's frames that both the infer
+stage and the demo run (`annotated_frames`: detect, track when asked, draw).
 
 Both files are streamed to hidden temp files beside their final names and moved into place by close(),
 which also runs after Ctrl-C, a dead stream or an error: what was written is kept, never half a line.
@@ -9,13 +10,15 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from src.common.draw import draw_masks, draw_tracks
-from src.runtime.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections, rounded
-from src.runtime.evaluate import filter_detections
+from src.runtime.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections, Detector, rounded
+from src.runtime.outputs import draw
 from src.runtime.tracking.bytetrack import Tracker, TrackerSettings
 
 # MOT-challenge ground-truth/result format (MOT16/17/20): frame numbers start at 1; x, y = top-left.
@@ -46,10 +49,11 @@ def mot_lines(frame_index: int, ids: np.ndarray, boxes: np.ndarray, scores: np.n
 
 
 class TrackFiles:
-    """<base>.txt (MOT) and <base>.csv of one video; rows streamed, class names resolved on close()."""
+    """<base>.txt (MOT) and <base>.csv of one video; rows streamed, class names resolved on close(). The
+    suffixes are added to base's name, never put in place of a dot in it (tracks/a.mp4 -> a.mp4.txt)."""
 
     def __init__(self, base: Path, class_names: list[str]):
-        self.mot_path, self.csv_path = base.with_suffix(".txt"), base.with_suffix(".csv")
+        self.mot_path, self.csv_path = (base.with_name(base.name + suffix) for suffix in (".txt", ".csv"))
         self.class_names = class_names
         base.parent.mkdir(parents=True, exist_ok=True)
         self._mot_tmp = self.mot_path.with_name(f".{self.mot_path.name}.tmp")
@@ -94,12 +98,26 @@ class TrackFiles:
         return self.mot_path, self.csv_path
 
 
-class VideoTracks:
-    """Tracking of one video or stream: `annotated = tracks.frame(index, frame_rgb, dets)` per frame, then
-    close(). Run the detector at `tracks.detector_conf` (below the model's thresholds: ByteTrack uses the
-    low-score detections to keep tracks through occlusions).
+@dataclass
+class AnnotatedFrame:
+    """One processed frame: the detections at or above the thresholds (what predictions, labels and crops
+    report), their track ids, and the frame drawn."""
 
-    files_base: tracks/<video> without suffix -> <video>.txt (MOT) and <video>.csv; None: no files.
+    index: int  # 0-based frame number
+    image: np.ndarray  # (H, W, 3) RGB uint8, the frame as read
+    dets: Detections
+    track_ids: np.ndarray | None  # (N,) per reported detection, -1 = not (yet) tracked; None: no tracking
+    picture: np.ndarray  # (H, W, 3) RGB uint8: boxes (and masks) drawn, "#id" tags when tracked
+
+
+class VideoTracks:
+    """Tracking of one video or stream: `tracks.frame(index, frame_rgb, dets)` per frame, then close(). Run
+    the detector at `tracks.detector_conf` (below the model's thresholds: ByteTrack uses the low-score
+    detections to keep tracks through occlusions); `annotated_frames` does both.
+
+    thresholds: (num_classes,) the thresholds a reported detection must reach (np.inf: the class is never
+    reported nor tracked). files_base: tracks/<video> without suffix -> <video>.txt (MOT) and <video>.csv;
+    None: no files.
     """
 
     def __init__(
@@ -115,13 +133,12 @@ class VideoTracks:
         self.tracked_detections = 0
 
     @property
-    def detector_conf(self) -> float:
-        return self.tracker.detector_conf
-
-    def confident(self, dets: Detections) -> Detections:
-        """The detections at or above the model's thresholds: what a run without tracking reports (the
-        low-score ones made for the tracker stay out of predictions.csv, labels and crops)."""
-        return filter_detections(dets, self.tracker.thresholds)
+    def detector_conf(self) -> np.ndarray:
+        """(num_classes,) the thresholds to run the detector at: each class's own, lowered to the tracker's
+        low_conf; a class never reported (np.inf) stays out."""
+        thresholds = self.tracker.thresholds
+        low = np.minimum(thresholds, self.tracker.settings.low_conf)
+        return np.where(np.isfinite(thresholds), low, np.inf).astype(np.float32)
 
     def update(self, frame_index: int, dets: Detections) -> tuple[np.ndarray, np.ndarray]:
         """Track one frame's detections -> (ids (N,), majority class (N,)); -1 where not tracked."""
@@ -131,16 +148,20 @@ class VideoTracks:
         self.tracked_detections += int((ids >= 0).sum())
         return ids, self.tracker.voted_labels(ids)
 
-    def frame(self, frame_index: int, frame_rgb: np.ndarray, dets: Detections) -> np.ndarray:
-        """update() and the frame with the tracked boxes drawn ("#id class score", a colour per id); a
-        segmentation model's masks are filled under them in the same colour (the tracking uses boxes)."""
+    def frame(self, frame_index: int, frame_rgb: np.ndarray, dets: Detections) -> AnnotatedFrame:
+        """update(), then the frame with the tracked boxes drawn ("#id class score", a colour per id; a
+        segmentation model's masks filled under them in the same colour), and the detections at or above the
+        thresholds with their ids: the low-score ones made for the tracker are not reported."""
         ids, labels = self.update(frame_index, dets)
         keep = ids >= 0
+        picture = frame_rgb
         if dets.masks is not None:
-            frame_rgb = draw_masks(frame_rgb, dets.masks[keep], ids[keep])  # draw_tracks' colour: by id
-        return draw_tracks(
-            frame_rgb, dets.boxes[keep], ids[keep], labels[keep], dets.scores[keep], self.class_names
+            picture = draw_masks(picture, dets.masks[keep], ids[keep])  # draw_tracks' colour: by id
+        picture = draw_tracks(
+            picture, dets.boxes[keep], ids[keep], labels[keep], dets.scores[keep], self.class_names
         )
+        confident = dets.scores >= dets.held_to(self.tracker.thresholds)
+        return AnnotatedFrame(frame_index, frame_rgb, dets.select(confident), ids[confident], picture)
 
     def close(self) -> tuple[Path, Path] | None:
         if self.files is None:
@@ -153,3 +174,20 @@ class VideoTracks:
 
     def __exit__(self, *_exc) -> None:
         self.close()  # after Ctrl-C or an error too: the rows written so far are kept
+
+
+def annotated_frames(
+    detector: Detector,
+    frames: Iterable[tuple[int, np.ndarray]],
+    thresholds: np.ndarray,
+    tracks: VideoTracks | None = None,
+) -> Iterator[AnnotatedFrame]:
+    """The one loop over a video's (index, RGB frame) pairs, for the infer stage and the demo: frames are
+    detected `detector.max_batch` at a time, at `thresholds` (num_classes,) or, when tracked, down to the
+    tracker's low threshold; each comes back tracked (tracks) or plain, drawn."""
+    conf = thresholds if tracks is None else tracks.detector_conf
+    for index, image, dets in detector.stream(frames, conf):
+        if tracks is not None:
+            yield tracks.frame(index, image, dets)
+        else:
+            yield AnnotatedFrame(index, image, dets, None, draw(image, dets, detector.class_names))

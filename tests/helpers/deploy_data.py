@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from src.common.config import exp_dir, load_config, save_run_config
-from src.common.io import atomic_torch_save, atomic_write_json
+from src.common.config import load_config, save_run_config
+from src.common.experiment import exp_dir
+from src.common.io import atomic_write_json
 from tests.detinit import deterministic_state_dict
 
 IMG_SIZE = 96
@@ -75,34 +76,28 @@ def tiny_model(cfg, num_classes: int = len(CLASS_NAMES), task: str = "detect"):
 
 
 def make_checkpoint(cfg, thresholds: dict | None = None, task: str = "detect") -> Path:
-    """output/<exp>/best.pt (+ thresholds.json, config.yaml) as the trainer writes them: the classes of
-    cfg.label_to_name, or the one class "object" with model.use_one_class=true; task="segment": a
-    segmentation model (mask branch, "task" in its meta)."""
-    from src.common.config import label_names
+    """output/<exp>/best.pt (+ thresholds.json, config.yaml) as the trainer writes them (through
+    src/models/checkpoint.py): the classes of cfg.label_to_name, or the one class "object" with
+    model.use_one_class=true; task="segment": a segmentation model (mask branch, "task" in its meta)."""
+    from omegaconf import OmegaConf
 
-    class_names = ["object"] if cfg.model.use_one_class else label_names(cfg)
-    model = tiny_model(cfg, len(class_names), task)
-    default_per_class = {"square": 0.4} if "square" in class_names else {}
+    from src.common.config import label_names
+    from src.models.checkpoint import RunCheckpoint, save_run_checkpoint
+    from src.models.spec import ModelSpec
+
+    spec = ModelSpec(
+        arch="dfine", size="n", img_size=(IMG_SIZE, IMG_SIZE), data_class_names=tuple(label_names(cfg)),
+        num_queries=NUM_QUERIES, keep_ratio=bool(cfg.model.keep_ratio),
+        use_one_class=bool(cfg.model.use_one_class), task=task,
+    )  # fmt: skip
+    model = tiny_model(cfg, spec.num_classes, task)
+    default_per_class = {"square": 0.4} if "square" in spec.class_names else {}
     thresholds = thresholds or {"conf_thresh": 0.3, "f1": 0.0, "per_class": default_per_class}
-    meta = {
-        "model_name": "n",
-        "variant": "dfine",
-        "num_classes": len(class_names),
-        "class_names": class_names,
-        "img_size": [IMG_SIZE, IMG_SIZE],
-        "keep_ratio": bool(cfg.model.keep_ratio),
-        "num_queries": NUM_QUERIES,
-        "task": task,
-        "thresholds": thresholds,
-        "metrics": {},
-        "epoch": 0,
-    }
     out = exp_dir(cfg)
-    path = atomic_torch_save(
-        out / "best.pt", {"version": 1, "model": model.state_dict(), "ema": None, "meta": meta}
-    )
+    config = OmegaConf.to_container(cfg, resolve=True)
+    path = save_run_checkpoint(out / "best.pt", RunCheckpoint(spec, model.state_dict(), config, thresholds))
     atomic_write_json(out / "thresholds.json", thresholds)
-    save_run_config(cfg)
+    save_run_config(cfg, out / "config.yaml")
     return path
 
 

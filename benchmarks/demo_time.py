@@ -1,6 +1,6 @@
 """`make demo` timed stage by stage, once per training seed: where its minutes go and the model it ends with.
 
-    python -m benchmarks.demo_time [--seeds 42,1] [--make VAR=value ...] [--out output/demo_time]
+    python -m benchmarks.demo_time [--seeds 42,1] [--make=VAR=value ...] [--out output/demo_time]
     python -m benchmarks.demo_time --report      # the tables again, from <out>
 
 Each seed runs the real `make demo ARGS="seed=<seed>"` (the data are the same for every seed: they follow
@@ -112,7 +112,9 @@ def main(argv: list[str]) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", default="42,1")
-    parser.add_argument("--make", nargs="*", default=[], help="extra make variables, e.g. VENV=/path/.venv")
+    parser.add_argument(
+        "--make", action="append", default=[], help="an extra make argument (repeatable): --make=VENV=/x/.venv"
+    )
     parser.add_argument("--out", type=Path, default=Path("output") / "demo_time")
     parser.add_argument("--report", action="store_true", help="print the tables of an earlier run only")
     args = parser.parse_args(argv)

@@ -26,21 +26,13 @@ import numpy as np
 from src.models.postprocess import duplicate_mask
 
 
-def kept_by_thresholds(dets, thresholds: np.ndarray):
-    from src.runtime.evaluate import filter_detections
-
-    return filter_detections(dets, thresholds)
-
-
 def suppressed(dets, iou: float):
     """Detections without their same-class duplicates (every score kept, as mAP wants them)."""
-    from src.runtime.evaluate import select_detections
-
-    return select_detections(dets, ~duplicate_mask(dets.boxes, dets.scores, dets.labels, iou))
+    return dets.select(~duplicate_mask(dets.boxes, dets.scores, dets.labels, iou))
 
 
 def count(detections, thresholds: np.ndarray, iou: float) -> dict:
-    kept = [kept_by_thresholds(d, thresholds) for d in detections]
+    kept = [d.filter(thresholds) for d in detections]
     dup = [duplicate_mask(d.boxes, d.scores, d.labels, iou) for d in kept]
     return {
         "kept": int(sum(len(d) for d in kept)),
@@ -53,8 +45,9 @@ def count(detections, thresholds: np.ndarray, iou: float) -> dict:
 def analyse(exp: Path, split: str, iou: float, fixed: list[float]) -> dict:
     from src.common.config import load_config
     from src.common.experiment import stage_config
+    from src.dl.split_samples import load_split_samples
     from src.runtime import load_model
-    from src.runtime.evaluate import evaluate_detector, load_split_samples, score
+    from src.runtime.evaluate import evaluate_detector, score
 
     cfg = stage_config(load_config([f"exp_name={exp.name}", f"output_dir={exp.parent}"]))
     detector = load_model(exp / "best.pt", device="cpu", precision="fp32")

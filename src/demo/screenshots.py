@@ -25,12 +25,23 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 from loguru import logger
 
-from src.common.config import ROOT, stage_main
+from src.common.config import ROOT, load_config, stage_main
+from src.common.draw import save_image_rgb
 from src.common.errors import UserError
+from src.common.experiment import Experiment, stage_config
 from src.common.images import list_images, list_videos, read_image_rgb
 from src.common.io import atomic_write_json
+from src.common.video import open_video
+from src.demo.app import build_app, launch_app, remove_temp_files_at_exit
+from src.demo.processing import class_thresholds
+from src.dl.artifacts import load_experiment_model
+from src.dl.split_samples import load_split_samples
+from src.models.postprocess import duplicate_mask
+from src.runtime.outputs import draw
+from src.runtime.tracking import TrackerSettings, VideoTracks, annotated_frames
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -116,8 +127,6 @@ def served_page(cfg, app=None) -> Iterator[DemoPage]:
     """The demo of `cfg` served on a free local port and opened in headless Chromium; closed afterwards."""
     from playwright.sync_api import sync_playwright
 
-    from src.demo.app import build_app, launch_app
-
     if not CHROMIUM.exists():
         raise UserError(f"{CHROMIUM} is not installed: run `make browser` (Debian's chromium)")
     demo = build_app(cfg, app)
@@ -136,7 +145,6 @@ def served_page(cfg, app=None) -> Iterator[DemoPage]:
 def test_images(cfg, count: int) -> list[Path]:
     """The first `count` test-split images with at least one object (the model never trained on them); the
     data folder's first images when there is no test split."""
-    from src.dl.split_samples import load_split_samples
 
     samples = [s for s in load_split_samples(cfg, "test") if len(s.labels)]
     if samples:
@@ -146,7 +154,6 @@ def test_images(cfg, count: int) -> list[Path]:
 
 def duplicate_pairs(detector, images: Sequence[Path]) -> int:
     """Detections at the model's thresholds that repeat a higher-scoring one of their class (IoU > 0.7)."""
-    from src.models.postprocess import duplicate_mask
 
     found = 0
     for dets in detector.predict([read_image_rgb(path) for path in images]):
@@ -167,11 +174,6 @@ def take_screenshots(cfg, out_dir: Path, images: Sequence[Path]) -> list[Path]:
 
 def tracking_frame(cfg, detector, out: Path) -> Path | None:
     """The middle frame of the data's first video, annotated as `make infer infer.track=true` draws it."""
-    import numpy as np
-
-    from src.common.video import open_video
-    from src.demo.processing import class_thresholds
-    from src.runtime.tracking import TrackerSettings, VideoTracks, annotated_frames
 
     videos = list_videos(Path(cfg.data_path) / "videos")
     if not videos:
@@ -180,7 +182,10 @@ def tracking_frame(cfg, detector, out: Path) -> Path | None:
     per_class = class_thresholds(detector, None, None)
     thresholds = np.array([per_class[i] for i in range(len(detector.class_names))], np.float32)  # (C,)
     settings = TrackerSettings.from_config(cfg.infer.tracker)
-    with open_video(videos[0]) as video, VideoTracks(settings, thresholds, detector.class_names, None) as tracks:
+    with (
+        open_video(videos[0]) as video,
+        VideoTracks(settings, thresholds, detector.class_names, None) as tracks,
+    ):
         wanted = max((video.total or 2) // 2, 1)
         picture = None
         for frame in annotated_frames(detector, video.frames(wanted + 1), thresholds, tracks):
@@ -190,9 +195,6 @@ def tracking_frame(cfg, detector, out: Path) -> Path | None:
 
 def segmentation_picture(cfg, out: Path, seg_exp_name: str) -> Path | None:
     """The `make demo-seg` model on the first test image of its data, masks under the boxes."""
-    from src.common.config import load_config
-    from src.common.experiment import stage_config
-    from src.runtime.outputs import draw
 
     overrides = [f"exp_name={seg_exp_name}", f"output_dir={cfg.output_dir}", f"device={cfg.device}"]
     try:
@@ -206,7 +208,6 @@ def segmentation_picture(cfg, out: Path, seg_exp_name: str) -> Path | None:
 
 
 def training_curves(cfg, out: Path) -> Path | None:
-    from src.common.experiment import Experiment
 
     curves = Experiment.of(cfg).file("curves")
     if not curves.exists():
@@ -216,15 +217,8 @@ def training_curves(cfg, out: Path) -> Path | None:
 
 
 def save_png(path: Path, image_rgb) -> Path:
-    from src.common.draw import save_image_rgb
 
     return save_image_rgb(path, image_rgb)
-
-
-def load_experiment_model(cfg, model_path: str | None = None):
-    from src.dl.artifacts import load_experiment_model as load
-
-    return load(cfg, model_path)
 
 
 def write_pictures(cfg, out_dir: Path, browser: bool = True, seg_exp_name: str = SEG_EXPERIMENT) -> dict:
@@ -262,8 +256,6 @@ def shown_path(path) -> str:
 
 
 def run(cfg) -> dict:
-    from src.common.experiment import stage_config
-    from src.demo.app import remove_temp_files_at_exit
 
     cfg = stage_config(cfg)
     remove_temp_files_at_exit()

@@ -3,10 +3,11 @@
     python -m benchmarks.demo_time [--seeds 42,1] [--make=VAR=value ...] [--out output/demo_time]
     python -m benchmarks.demo_time --report      # the tables again, from <out>
 
-Each seed runs the real `make demo ARGS="seed=<seed>"` (the data are the same for every seed: they follow
-demo_data.seed) with benchmarks/timed_shell.py as make's SHELL, which records every recipe line's wall and
-CPU seconds (user + system of the stage and its loader workers) and the load average. After each run the
-experiment's history.csv and metrics.csv are copied to <out>/s<seed>_*.csv. Printed: the time per stage,
+Each seed runs the real `make demo ARGS="seed=<seed>"` (the images are the same for every seed: they follow
+demo_data.seed; the seed changes the train/val/test split, the initial weights and the augmentation)
+with benchmarks/timed_shell.py as make's SHELL, which records every recipe line's wall and CPU seconds
+(user + system of the stage and its loader workers) and the load average. After each run the experiment's
+history.csv and metrics.csv are copied to <out>/s<seed>_*.csv. Printed: the time per stage,
 val mAP50 per epoch of every seed, and best.pt's val / test mAP50 with the mean over seeds (the target:
 mean val mAP50 >= 0.80, every seed >= 0.75, the whole `make demo` <= 15 minutes on an idle 2-core CPU).
 

@@ -47,3 +47,26 @@ def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Ten
     wh = (bottom_right - top_left).clamp(min=0)
     hull = wh[..., 0] * wh[..., 1]
     return iou - (hull - union) / hull
+
+
+def paired_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """IoU of each xyxy box with its partner: (N, 4) x (N, 4) -> iou (N,) and union (N,).
+
+    The diagonal of box_iou, value for value, without the N x N matrix (a loss over thousands of matched
+    pairs would otherwise build, and back-propagate through, millions of unused cells)."""
+    top_left = torch.max(boxes1[:, :2], boxes2[:, :2])
+    bottom_right = torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    wh = (bottom_right - top_left).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    union = box_area(boxes1) + box_area(boxes2) - inter
+    return inter / union, union
+
+
+def paired_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """GIoU of each xyxy box with its partner: (N, 4) x (N, 4) -> (N,), the diagonal of generalized_box_iou."""
+    iou, union = paired_box_iou(boxes1, boxes2)
+    top_left = torch.min(boxes1[:, :2], boxes2[:, :2])
+    bottom_right = torch.max(boxes1[:, 2:], boxes2[:, 2:])
+    wh = (bottom_right - top_left).clamp(min=0)
+    hull = wh[:, 0] * wh[:, 1]
+    return iou - (hull - union) / hull

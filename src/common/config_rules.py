@@ -233,6 +233,7 @@ RULES: dict[str, Rule] = {
     "train.augs.rotation_degree": between(0, 180, kind="float"),
     "train.cls_loss": one_of("auto", "vfl", "mal"),
     "train.dn_negatives.iou_thresh": PROBABILITY,
+    "train.num_denoising": at_least(0),
     "train.mask_loss.points": at_least(1),
     "train.mask_loss.oversample_ratio": at_least(1, kind="float"),
     "train.mask_loss.importance_sample_ratio": PROBABILITY,

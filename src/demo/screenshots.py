@@ -1,13 +1,21 @@
-"""The README's demo pictures, taken from the real page in a headless browser, and the page driver the
-browser tests use too (Playwright on Debian's /usr/bin/chromium: `make browser` installs it).
+"""The README's and docs' pictures, made from the real `make demo` (and `make demo-seg`) models, and the page
+driver the browser tests use too (Playwright on Debian's /usr/bin/chromium: `make browser` installs it).
 
-    python -m src.demo.screenshots               # the `make demo` model (output/demo): assets/demo_ui*.png
+    python -m src.demo.screenshots               # output/demo (+ output/demo_seg): the pictures in assets/
     python -m src.demo.screenshots exp_name=x demo_ui.model_path=output/x/model.onnx
 
-Serves the demo as `make demo-ui` would (the model the page preselects, or demo_ui.model_path), uploads the
-first two images of data_path/images and writes assets/demo_ui.png (the page as it opens) and
-assets/demo_ui_result.png (after Detect). Run it from the project folder so that the page shows paths
-relative to it. Not run by the tests (it needs a trained model); they drive the page with `DemoPage`.
+Writes into assets/:
+  demo_ui.png, demo_ui_result.png  the demo page as `make demo-ui` serves it (the model it preselects, or
+                                   demo_ui.model_path), as it opens and after Detect on two test-split images
+                                   (skipped, with a warning, without chromium)
+  demo_tracking.png                a frame of the first demo video, tracked (ByteTrack ids, infer.tracker)
+  demo_segmentation.png            the `make demo-seg` model (output/demo_seg) on a test image of its data
+                                   (skipped, with a warning, when it has not been trained)
+  demo_training_curves.png         the experiment's curves.png: losses, validation metrics, learning rate
+  pictures.json                    what each picture shows: files, model, thresholds, same-class box pairs
+                                   overlapping at IoU > 0.7 in the result pictures (a duplicate the model
+                                   should not make; 0 expected)
+Run it from the project folder so that the page shows paths relative to it.
 """
 
 from __future__ import annotations
@@ -17,13 +25,23 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 from loguru import logger
 
-from src.common.config import ROOT, stage_main
+from src.common.config import ROOT, load_config, stage_main
+from src.common.draw import save_image_rgb
 from src.common.errors import UserError
-from src.common.experiment import stage_config
-from src.common.images import list_images
+from src.common.experiment import Experiment, stage_config
+from src.common.images import list_images, list_videos, read_image_rgb
+from src.common.io import atomic_write_json
+from src.common.video import open_video
 from src.demo.app import build_app, launch_app, remove_temp_files_at_exit
+from src.demo.processing import class_thresholds
+from src.dl.artifacts import load_experiment_model
+from src.dl.split_samples import load_split_samples
+from src.models.postprocess import duplicate_mask
+from src.runtime.outputs import draw
+from src.runtime.tracking import TrackerSettings, VideoTracks, annotated_frames
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -38,6 +56,8 @@ CHROMIUM_ARGS = [
 ]
 VIEWPORT = {"width": 1360, "height": 900}
 SCREENSHOT_IMAGES = 2  # uploads shown in demo_ui_result.png
+SEG_EXPERIMENT = "demo_seg"  # `make demo-seg`'s exp_name (Makefile DEMO_SEG)
+DUPLICATE_IOU = 0.7
 
 
 def free_port() -> int:
@@ -107,7 +127,6 @@ def served_page(cfg, app=None) -> Iterator[DemoPage]:
     """The demo of `cfg` served on a free local port and opened in headless Chromium; closed afterwards."""
     from playwright.sync_api import sync_playwright
 
-
     if not CHROMIUM.exists():
         raise UserError(f"{CHROMIUM} is not installed: run `make browser` (Debian's chromium)")
     demo = build_app(cfg, app)
@@ -123,11 +142,27 @@ def served_page(cfg, app=None) -> Iterator[DemoPage]:
         demo.close()
 
 
-def take_screenshots(cfg, out_dir: Path) -> list[Path]:
-    """assets/demo_ui.png (the page as it opens) and demo_ui_result.png (detections on demo images)."""
-    images = list_images(Path(cfg.data_path) / "images")[:SCREENSHOT_IMAGES]
-    if not images:
-        raise UserError(f"no images in {Path(cfg.data_path) / 'images'}: run `make demo` first")
+def test_images(cfg, count: int) -> list[Path]:
+    """The first `count` test-split images with at least one object (the model never trained on them); the
+    data folder's first images when there is no test split."""
+
+    samples = [s for s in load_split_samples(cfg, "test") if len(s.labels)]
+    if samples:
+        return [s.path for s in samples[:count]]
+    return list_images(Path(cfg.data_path) / "images")[:count]
+
+
+def duplicate_pairs(detector, images: Sequence[Path]) -> int:
+    """Detections at the model's thresholds that repeat a higher-scoring one of their class (IoU > 0.7)."""
+
+    found = 0
+    for dets in detector.predict([read_image_rgb(path) for path in images]):
+        found += int(duplicate_mask(dets.boxes, dets.scores, dets.labels, DUPLICATE_IOU).sum())
+    return found
+
+
+def take_screenshots(cfg, out_dir: Path, images: Sequence[Path]) -> list[Path]:
+    """demo_ui.png (the page as it opens) and demo_ui_result.png (detections on `images`)."""
     start, result = out_dir / "demo_ui.png", out_dir / "demo_ui_result.png"
     with served_page(cfg) as demo:
         demo.page.screenshot(path=str(start))
@@ -137,13 +172,101 @@ def take_screenshots(cfg, out_dir: Path) -> list[Path]:
     return [start, result]
 
 
-def run(cfg) -> list[Path]:
+def tracking_frame(cfg, detector, out: Path) -> Path | None:
+    """The middle frame of the data's first video, annotated as `make infer infer.track=true` draws it."""
+
+    videos = list_videos(Path(cfg.data_path) / "videos")
+    if not videos:
+        logger.warning(f"no video in {Path(cfg.data_path) / 'videos'}: no tracking picture")
+        return None
+    per_class = class_thresholds(detector, None, None)
+    thresholds = np.array([per_class[i] for i in range(len(detector.class_names))], np.float32)  # (C,)
+    settings = TrackerSettings.from_config(cfg.infer.tracker)
+    with (
+        open_video(videos[0]) as video,
+        VideoTracks(settings, thresholds, detector.class_names, None) as tracks,
+    ):
+        wanted = max((video.total or 2) // 2, 1)
+        picture = None
+        for frame in annotated_frames(detector, video.frames(wanted + 1), thresholds, tracks):
+            picture = frame.picture
+    return save_png(out, picture)
+
+
+def segmentation_picture(cfg, out: Path, seg_exp_name: str) -> Path | None:
+    """The `make demo-seg` model on the first test image of its data, masks under the boxes."""
+
+    overrides = [f"exp_name={seg_exp_name}", f"output_dir={cfg.output_dir}", f"device={cfg.device}"]
+    try:
+        seg_cfg = stage_config(load_config(overrides))  # data, split and model come from the experiment
+        detector = load_experiment_model(seg_cfg)
+    except UserError as err:
+        logger.warning(f"no segmentation picture ({err}): run `make demo-seg` first")
+        return None
+    image = read_image_rgb(test_images(seg_cfg, 1)[0])
+    return save_png(out, draw(image, detector.predict([image])[0], detector.class_names))
+
+
+def training_curves(cfg, out: Path) -> Path | None:
+
+    curves = Experiment.of(cfg).file("curves")
+    if not curves.exists():
+        logger.warning(f"{curves} not found: no training-curves picture")
+        return None
+    return save_png(out, read_image_rgb(curves))
+
+
+def save_png(path: Path, image_rgb) -> Path:
+
+    return save_image_rgb(path, image_rgb)
+
+
+def write_pictures(cfg, out_dir: Path, browser: bool = True, seg_exp_name: str = SEG_EXPERIMENT) -> dict:
+    """Every picture of the module docstring into out_dir; returns (and writes as pictures.json) what each
+    one shows. browser=False (or no chromium) leaves the two page screenshots out."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    detector = load_experiment_model(cfg, cfg.demo_ui.model_path)
+    images = test_images(cfg, SCREENSHOT_IMAGES)
+    if not images:
+        raise UserError(f"no images in {Path(cfg.data_path)}: run `make demo` first")
+    record = {
+        "model": shown_path(detector.path),
+        "thresholds": detector.thresholds().round(4).tolist(),
+        "result_images": [shown_path(p) for p in images],
+        "same_class_pairs_iou_over_0.7": duplicate_pairs(detector, images),
+        "pictures": [],
+    }
+    pictures = []
+    if browser and CHROMIUM.exists():
+        pictures += take_screenshots(cfg, out_dir, images)
+    elif browser:
+        logger.warning(f"{CHROMIUM} not installed (`make browser`): no page screenshots")
+    pictures.append(tracking_frame(cfg, detector, out_dir / "demo_tracking.png"))
+    pictures.append(segmentation_picture(cfg, out_dir / "demo_segmentation.png", seg_exp_name))
+    pictures.append(training_curves(cfg, out_dir / "demo_training_curves.png"))
+    record["pictures"] = [p.name for p in pictures if p is not None]
+    atomic_write_json(out_dir / "pictures.json", record)
+    return record
+
+
+def shown_path(path) -> str:
+    """A path as the pictures' record shows it: relative to the project folder when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
+def run(cfg) -> dict:
 
     cfg = stage_config(cfg)
     remove_temp_files_at_exit()
-    shots = take_screenshots(cfg, ROOT / "assets")
-    logger.info(f"wrote {', '.join(str(p.relative_to(ROOT)) for p in shots)}")
-    return shots
+    record = write_pictures(cfg, ROOT / "assets")
+    logger.info(f"wrote assets/: {', '.join(record['pictures'])}, pictures.json")
+    if record["same_class_pairs_iou_over_0.7"]:
+        logger.warning(
+            f"{record['same_class_pairs_iou_over_0.7']} detection(s) in the result pictures repeat a box of "
+            "their class (IoU > 0.7)"
+        )
+    return record
 
 
 main = stage_main(run)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.common.boxes import box_iou, generalized_box_iou
+from src.common.boxes import paired_box_iou, paired_generalized_box_iou
 from src.models.dfine.fdr import bbox2distance
 from src.models.mask_loss import MaskLossSettings, mask_losses
 from src.models.matcher import HungarianMatcher, MatchIndices, corners
@@ -65,7 +65,7 @@ def _matched(targets: list[dict[str, torch.Tensor]], match: MatchIndices, key: s
 
 def _matched_iou(boxes: torch.Tensor, target_boxes: torch.Tensor) -> torch.Tensor:
     """IoU of each predicted box with its own target: (N, 4) x (N, 4) cxcywh -> (N,)."""
-    return torch.diag(box_iou(corners(boxes), corners(target_boxes))[0])
+    return paired_box_iou(corners(boxes), corners(target_boxes))[0]
 
 
 def union_of_matches(matches: list[MatchIndices]) -> MatchIndices:
@@ -292,7 +292,7 @@ class DFineCriterion(nn.Module):
         idx = _batch_query_index(match)
         boxes = out["pred_boxes"][idx]  # (N, 4)
         target_boxes = _matched(targets, match, "boxes").to(boxes.dtype)
-        giou = torch.diag(generalized_box_iou(corners(boxes), corners(target_boxes)))
+        giou = paired_generalized_box_iou(corners(boxes), corners(target_boxes))  # (N,)
         return {
             "loss_bbox": F.l1_loss(boxes, target_boxes, reduction="none").sum() / num_boxes,
             "loss_giou": (1 - giou).sum() / num_boxes,

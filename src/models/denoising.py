@@ -281,6 +281,24 @@ def set_denoising_negatives(model: nn.Module, num: int, iou_thresh: float = 0.3)
     decoder.dn_negative_iou_thresh = float(iou_thresh)
 
 
+def set_denoising_queries(model: nn.Module, num: int) -> None:
+    """How many contrastive denoising queries a D-FINE / RT-DETRv2 model (or its decoder) trains with per
+    batch (0 = the branch off; the official recipe: 100). num // (most boxes of one image in the batch)
+    groups, at least one, each a positive and a negative copy of every box.
+
+    A plain attribute, not a weight: the denoising class embedding stays in the model (and its checkpoints)
+    whatever the number, so a model trained with any value loads anywhere.
+    """
+    decoder = getattr(getattr(model, "module", model), "decoder", model)  # DDP -> DFINE -> decoder
+    if num < 0:
+        raise ValueError(f"denoising queries: need num >= 0, got {num}")
+    if not hasattr(decoder, "num_denoising"):  # a family without a denoising branch (DETR): nothing to set
+        return
+    if num > 0 and getattr(decoder, "denoising_class_embed", None) is None:
+        raise ValueError("denoising queries need a model built with its denoising branch (num_denoising > 0)")
+    decoder.num_denoising = int(num)
+
+
 def split_denoising(
     x: torch.Tensor, dn_meta: dict, dim: int
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:

@@ -6,6 +6,7 @@ query may appear with several classes. Only torch ops, so the module traces into
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -70,3 +71,35 @@ class PostProcessor(nn.Module):
 
 def build_postprocessor(num_classes: int, num_top_queries: int = 300) -> PostProcessor:
     return PostProcessor(num_classes, num_top_queries)
+
+
+def duplicate_mask(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float) -> np.ndarray:
+    """Class-aware greedy suppression: (N,) bool, True where a detection overlaps a higher-scoring kept
+    detection of its own class at IoU > iou (boxes (N, 4) xyxy, any units; scores, labels (N,)).
+
+    Ties in score keep the earlier detection. Detections of other classes never suppress each other.
+    """
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    labels = np.asarray(labels)
+    widths = np.clip(boxes[:, 2] - boxes[:, 0], 0, None)
+    heights = np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+    areas = widths * heights
+    duplicate = np.zeros(len(boxes), bool)
+    kept: list[int] = []
+    for i in order:
+        same = [k for k in kept if labels[k] == labels[i]]
+        if same and pairwise_iou(boxes[i], boxes[same], areas[i], areas[same]).max() > iou:
+            duplicate[i] = True
+        else:
+            kept.append(int(i))
+    return duplicate
+
+
+def pairwise_iou(box: np.ndarray, others: np.ndarray, area: float, other_areas: np.ndarray) -> np.ndarray:
+    """IoU of one xyxy box (4,) with each of others (M, 4), given their areas."""
+    width = np.clip(np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]), 0, None)
+    height = np.clip(np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]), 0, None)
+    inter = width * height
+    union = area + other_areas - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)

@@ -157,6 +157,7 @@ class TrainSettings:
     ema_decay: float
     ema_warmups: int
     sync_bn_below: int  # DDP on GPUs: SyncBatchNorm below this per-GPU batch
+    num_denoising: int  # contrastive denoising queries per batch (0: the branch off)
     dn_negatives: int  # background boxes per image in the denoising branch (0: off)
     dn_negative_iou: float
     losses: LossSettings  # the criterion's choices (cls_loss, bg_loss_weight, mask_loss)
@@ -186,6 +187,7 @@ class TrainSettings:
             ema_decay=float(tc.ema_decay),
             ema_warmups=int(tc.ema_warmups),
             sync_bn_below=int(tc.sync_bn_below),
+            num_denoising=int(tc.num_denoising),
             dn_negatives=int(tc.dn_negatives.num),
             dn_negative_iou=float(tc.dn_negatives.iou_thresh),
             losses=LossSettings(

@@ -40,7 +40,7 @@ from src.etl.splits import read_split, split_csv_path
 from src.models import checkpoint_arch_overrides, load_pretrained
 from src.models.build import build
 from src.models.checkpoint import RunCheckpoint
-from src.models.denoising import set_denoising_negatives
+from src.models.denoising import set_denoising_negatives, set_denoising_queries
 from src.models.spec import ModelSpec
 
 
@@ -162,7 +162,6 @@ def build_model_parts(
     spec: ModelSpec, settings: TrainSettings, ctx: DistContext, precision: Precision
 ) -> ModelParts:
     """Model (+ pretrained weights), criterion, postprocessor and EMA on the run's device."""
-
     model, criterion, postprocessor = build(spec, settings.losses)
     # Parameters the size's own recipe freezes (the stem of l / x) stay frozen whatever we do later.
     trainable_backbone = [p for p in backbone_parameters(model) if p.requires_grad]
@@ -179,6 +178,7 @@ def build_model_parts(
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ema = ModelEMA(model, settings.ema_decay, settings.ema_warmups) if settings.use_ema else None
     # False-positive control (train.dn_negatives, bg_loss_weight, cls_loss); all off = the official loss.
+    set_denoising_queries(model, settings.num_denoising)
     set_denoising_negatives(model, settings.dn_negatives, settings.dn_negative_iou)
     return ModelParts(model, criterion.to(ctx.device), postprocessor, ema, trainable_backbone)
 

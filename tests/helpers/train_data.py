@@ -25,14 +25,14 @@ def assert_same_weights(a: dict, b: dict, ema: bool = True) -> None:
 
 
 def draw_objects(
-    rng: np.random.Generator, width: int, height: int, count: int
+    rng: np.random.Generator, width: int, height: int, count: int, num_classes: int = len(CLASSES)
 ) -> tuple[np.ndarray, list[str]]:
     image = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
     lines = []
     for _ in range(count):
         w, h = (int(v) for v in rng.integers(12, max(14, min(width, height) // 2), size=2))
         x, y = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
-        class_id = int(rng.integers(0, len(CLASSES)))
+        class_id = int(rng.integers(0, num_classes))
         color = tuple(int(c) for c in rng.integers(120, 256, size=3))
         cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), color, thickness=-1)
         lines.append(
@@ -41,9 +41,16 @@ def draw_objects(
     return image, lines
 
 
-def make_detection_data(root: Path, splits: dict[str, int], backgrounds: tuple[str, ...] = ()) -> Path:
-    """root/images + root/labels + train/val/test CSVs. Names in `backgrounds` get no objects."""
-    rng = np.random.default_rng(0)
+def make_detection_data(
+    root: Path,
+    splits: dict[str, int],
+    backgrounds: tuple[str, ...] = (),
+    num_classes: int = len(CLASSES),
+    seed: int = 0,
+) -> Path:
+    """root/images + root/labels + train/val/test CSVs. Names in `backgrounds` get no objects; class ids are
+    drawn from 0..num_classes-1."""
+    rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "labels").mkdir(parents=True, exist_ok=True)
     for split, count in splits.items():
@@ -52,7 +59,7 @@ def make_detection_data(root: Path, splits: dict[str, int], backgrounds: tuple[s
             name = f"{split}_{index}.jpg"
             width, height = int(rng.integers(80, 140)), int(rng.integers(80, 140))
             objects = 0 if name in backgrounds else int(rng.integers(1, 4))
-            image, lines = draw_objects(rng, width, height, objects)
+            image, lines = draw_objects(rng, width, height, objects, num_classes)
             cv2.imwrite(str(root / "images" / name), image)
             if lines:
                 (root / "labels" / f"{Path(name).stem}.txt").write_text("\n".join(lines) + "\n")

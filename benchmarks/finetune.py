@@ -1,7 +1,7 @@
 """Fine-tuning from a checkpoint of our own in the official format against training from scratch, per family.
 
     python -m benchmarks.finetune [--out output/bench_finetune] [--families dfine,rtdetrv2,detr]
-                                  [--images 60] [--img-size 160] [--epochs 10] [--target 0.5]
+                                  [--images 100] [--batch 4] [--img-size 160] [--epochs 10] [--target 0.5]
 
 1. Two demo sets (src/etl/make_demo_data.py), made and split once under <out>/data_a and <out>/data_b:
    A = seed 0 with 3 classes (circle, square, triangle), B = seed 1 with 2 classes (star, square).
@@ -69,7 +69,8 @@ def train(out: Path, exp: str, data: Path, set_name: str, recipe: list[str], arg
     """One training run in a child process; its val mAP50 per epoch and its wall time."""
     overrides = [
         f"data_path={data}", f"output_dir={out / 'runs'}", f"exp_name={exp}", f"label_to_name={SETS[set_name][1]}",
-        f"model.img_size=[{args.img_size},{args.img_size}]", f"train.epochs={args.epochs}", "train.eval_every=1",
+        f"model.img_size=[{args.img_size},{args.img_size}]", f"train.epochs={args.epochs}",
+        f"train.batch_size={args.batch}", "train.eval_every=1",
         "train.mosaic.prob=1.0", "train.debug_images=0", "train.eval_images=0", "train.overwrite=true",
         "seed=42", *recipe, *extra,
     ]  # fmt: skip
@@ -145,7 +146,8 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("output/bench_finetune"))
     parser.add_argument("--families", default=",".join(FAMILIES))
-    parser.add_argument("--images", type=int, default=60)
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=4, help="small: more optimizer steps on few images")
     parser.add_argument("--img-size", type=int, default=160)
     parser.add_argument("--epochs", type=int, default=10, help="of every run of the families given")
     parser.add_argument("--target", type=float, default=0.5, help="the val mAP50 B must reach")

@@ -172,3 +172,11 @@ def test_fine_tune_from_an_official_format_file(tmp_path, sets, family):
     assert best["meta"]["data_class_names"] == ["ring", "block"]
     head = "class_embed.bias" if family == "detr" else "decoder.enc_score_head.bias"
     assert best["model"][head].shape[0] == (3 if family == "detr" else 2)
+
+
+def test_the_stage_refuses_an_experiment_without_best_pt(tmp_path):
+    from src.common.errors import UserError
+    from src.dl.save_official import run as save_official
+
+    with pytest.raises(UserError, match="best.pt not found"):
+        save_official(load_config([f"output_dir={tmp_path}", "exp_name=never_trained"]))

@@ -47,8 +47,8 @@ def build_detr_postprocessor(spec: ModelSpec) -> DetrPostProcessor:
 
 def detr_main_file(state: dict[str, torch.Tensor], last_epoch: int) -> dict:
     """A checkpoint as DETR's main.py saves it: {"model": state dict, "epoch": the 0-based last epoch} (its
-    optimizer, scheduler and argparse args left out: the model loads without them). class_embed keeps its layout, one row per class
-    then "no object", which is the official head for num_classes = our class count."""
+    optimizer, scheduler and argparse args left out: the model loads without them). class_embed keeps its
+    layout, one row per class then "no object": the official head for num_classes = our class count."""
     return {"model": state, "epoch": int(last_epoch)}
 
 

@@ -41,6 +41,23 @@ def draw_objects(
     return image, lines
 
 
+def write_splits(root: Path, splits: dict[str, int], make_sample, seed: int = 0) -> Path:
+    """root/images + root/labels + one CSV per split; make_sample(rng, name) -> (BGR image, YOLO lines)
+    draws each image from one generator seeded with `seed` (no lines: no label file)."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    for split, count in splits.items():
+        names = [f"{split}_{index}.jpg" for index in range(count)]
+        for name in names:
+            image, lines = make_sample(rng, name)
+            cv2.imwrite(str(root / "images" / name), image)
+            if lines:
+                (root / "labels" / f"{Path(name).stem}.txt").write_text("\n".join(lines) + "\n")
+        pd.DataFrame({"image": names}).to_csv(root / f"{split}.csv", index=False)
+    return root
+
+
 def make_detection_data(
     root: Path,
     splits: dict[str, int],
@@ -50,22 +67,13 @@ def make_detection_data(
 ) -> Path:
     """root/images + root/labels + train/val/test CSVs. Names in `backgrounds` get no objects; class ids are
     drawn from 0..num_classes-1."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "labels").mkdir(parents=True, exist_ok=True)
-    for split, count in splits.items():
-        names = []
-        for index in range(count):
-            name = f"{split}_{index}.jpg"
-            width, height = int(rng.integers(80, 140)), int(rng.integers(80, 140))
-            objects = 0 if name in backgrounds else int(rng.integers(1, 4))
-            image, lines = draw_objects(rng, width, height, objects, num_classes)
-            cv2.imwrite(str(root / "images" / name), image)
-            if lines:
-                (root / "labels" / f"{Path(name).stem}.txt").write_text("\n".join(lines) + "\n")
-            names.append(name)
-        pd.DataFrame({"image": names}).to_csv(root / f"{split}.csv", index=False)
-    return root
+
+    def sample(rng, name):
+        width, height = int(rng.integers(80, 140)), int(rng.integers(80, 140))
+        count = 0 if name in backgrounds else int(rng.integers(1, 4))
+        return draw_objects(rng, width, height, count, num_classes)
+
+    return write_splits(root, splits, sample, seed)
 
 
 def train_overrides(tmp_path: Path, data: Path, *overrides: str) -> list[str]:

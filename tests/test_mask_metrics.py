@@ -152,7 +152,8 @@ def test_validation_records_score_perfect_network_masks_as_perfect(keep_ratio, t
     offset = np.array([meta.pad_x / meta.net_w, meta.pad_y / meta.net_h])
     net_masks = polygons_to_masks([p * to_net + offset for p in polygons[:2]], 128 // 4, 160 // 4)
     logits = torch.from_numpy(np.where(net_masks, 8.0, -8.0)).float()  # (2, 32, 40)
-    boxes = torch.tensor([[0, 0, 160, 128], [0, 0, 160, 128]], dtype=torch.float32)  # no box cut
+    # the objects' own boxes (the target's, in network pixels): the box matching pairs them for mask_iou
+    boxes = torch.tensor([[16, 12.8, 80, 76.8], [88, 64, 152, 115.2]], dtype=torch.float32)
     result = {
         "labels": torch.tensor([0, 1]),
         "boxes": boxes,
@@ -174,6 +175,7 @@ def test_validation_records_score_perfect_network_masks_as_perfect(keep_ratio, t
     metrics = evaluate(preds, gts, ["a", "b"]).metrics
     assert metrics["mask_mAP_50"] == pytest.approx(1.0)
     assert metrics["mask_mAP_50_95"] > 0.6  # a 1/4-resolution mask is not pixel-exact at high IoUs
+    assert 0.85 < metrics["mask_iou"] <= 1.0  # both found objects, their masks from the 1/4 map
     # The eval pictures draw the masks: the grey image is tinted inside the objects, left alone outside.
     from src.common.images import read_image_rgb
     from src.common.masks import polygon_to_mask
@@ -201,3 +203,53 @@ def test_masks_in_boxes_equal_masks_to_original():
         ours = masks_in_boxes(logits, meta, boxes, hwk=True)  # the layout RLE encoding reads
         assert ours.flags.f_contiguous and ours.shape == expected.shape and expected.any()
         assert (ours.astype(bool) != expected).sum() <= max(1, expected.size // 10_000)
+
+
+def _square(size: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    mask = np.zeros((size, size), bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def test_matched_mask_iou_pairs_by_box_and_counts_poor_masks():
+    """Two objects (one box-only): the box matching decides the pairs, so a mask covering half its object
+    counts with IoU 0.5 (mask mAP's own mask matching would leave it out at 0.55+); a detection under
+    conf_thresh, a detection of another class and the box-only object add no pair; a masked detection's
+    RLE is found by its index among all detections."""
+    from src.metrics.masks import encode_masks, matched_mask_iou
+
+    gt_masks = np.stack([_square(40, 10, 10, 30, 30), _square(40, 0, 0, 8, 8)])
+    box_gt = {
+        "boxes": np.array([[10, 10, 30, 30], [0, 0, 8, 8], [30, 30, 40, 40]], float),
+        "labels": np.array([0, 0, 1]),
+    }
+    mask_gt = {"rles": encode_masks(gt_masks), "labels": np.array([0, 0]), "index": np.array([0, 1])}
+    box_pred = {
+        "boxes": np.array([[30, 30, 40, 40], [10, 10, 30, 30], [0, 0, 8, 8], [0, 0, 8, 8]], float),
+        "scores": np.array([0.9, 0.8, 0.6, 0.1]),
+        "labels": np.array([1, 0, 1, 0]),  # the box-only object found; the half mask; a wrong class; too low
+    }
+    pred_masks = np.stack([_square(40, 30, 30, 40, 40), _square(40, 10, 10, 30, 20), _square(40, 0, 0, 8, 8)])
+    mask_pred = {
+        "rles": encode_masks(pred_masks),
+        "scores": box_pred["scores"][:3],
+        "labels": box_pred["labels"][:3],
+        "index": np.arange(3),
+    }
+    assert matched_mask_iou([box_pred], [box_gt], [mask_pred], [mask_gt], 0.5) == pytest.approx(0.5)
+    # the low-score detection of the small object, with its mask, counts once conf_thresh lets it in
+    mask_pred = {
+        **mask_pred,
+        "rles": encode_masks(np.concatenate([pred_masks[:2], pred_masks[2:]] + [gt_masks[1:]])),
+        "index": np.arange(4),
+    }
+    assert matched_mask_iou([box_pred], [box_gt], [mask_pred], [mask_gt], 0.05) == pytest.approx(0.75)
+    # nothing paired: 0, as the validator's box "iou" without a true positive
+    assert matched_mask_iou([box_pred], [box_gt], [mask_pred], [mask_gt], 0.95) == 0.0
+    # a background image (no object) beside it: its confident detections pair with nothing
+    empty_gt = {"boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int64)}
+    empty_mask_gt = {"rles": [], "labels": np.zeros(0, np.int64), "index": np.zeros(0, np.int64)}
+    both = matched_mask_iou(
+        [box_pred, box_pred], [box_gt, empty_gt], [mask_pred, mask_pred], [mask_gt, empty_mask_gt], 0.05
+    )
+    assert both == pytest.approx(0.75)

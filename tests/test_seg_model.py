@@ -228,6 +228,20 @@ def test_masks_to_original_undoes_letterbox_and_resize(keep_ratio):
     assert identity.shape == (2, 32, 32) and bool(identity.all())
 
 
+def test_masks_take_the_pixels_above_the_mask_logit_threshold():
+    """A mask is drawn where the resampled logit exceeds MASK_LOGIT_THRESHOLD (< 0: a trained model's logits
+    on an object's edge pixels are negative); an explicit threshold overrides it."""
+    from src.common.network_input import MASK_LOGIT_THRESHOLD
+
+    logits = np.full((1, 8, 8), MASK_LOGIT_THRESHOLD - 1.0, np.float32)
+    logits[0, 2:6, 2:6] = MASK_LOGIT_THRESHOLD / 2  # between the threshold and 0
+    meta = Letterbox.identity(32, 32)
+    assert MASK_LOGIT_THRESHOLD < 0
+    assert masks_to_original(logits, meta)[0, 12:20, 12:20].all()
+    assert not masks_to_original(logits, meta)[0, :4].any()
+    assert not masks_to_original(logits, meta, threshold=0.0).any()
+
+
 def test_a_detection_checkpoint_loads_into_a_segmentation_model():
     from src.models import load_pretrained
 

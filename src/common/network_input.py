@@ -144,17 +144,19 @@ def boxes_to_original(boxes_xyxy, meta: Letterbox):
 
 
 MASK_CHUNK = 16  # masks resampled at once: bounds the float memory to 16 original-size maps
+# A pixel belongs to a mask above this logit (probability 0.27), not 0: the mask loss leaves a trained
+# model's logits on an object's own outermost pixels below 0, so at 0 every mask is drawn inside its object
+# (benchmarks/mask_quality.py measures the edge logits and the threshold sweep).
+MASK_LOGIT_THRESHOLD = -1.0
 
 
-def masks_to_original(mask_logits, meta: Letterbox, threshold: float = 0.0, boxes_xyxy=None):
-    """Mask logits (K, h, w) over the whole network input (any stride: h = net_h / s) -> bool masks
-    (K, orig_h, orig_w) of the original image: logit > threshold (0 = probability 0.5).
+def resample_logits(mask_logits, meta: Letterbox):
+    """Mask logits (K, h, w) over the whole network input (any stride: h = net_h / s) -> float32 logits
+    (K, orig_h, orig_w) at the original image's pixels.
 
     Every original pixel centre is mapped into the network input (net = orig * scale + pad, the inverse of
     boxes_to_original) and the logits are read there bilinearly, so padding and scale are undone in one
-    resampling. boxes_xyxy (K, 4) in original pixels (boxes_to_original's): pixels outside each mask's own
-    box are cleared (a query's stray blobs elsewhere in the image are not its object). Takes numpy or
-    torch, returns torch (on the logits' device).
+    resampling. Takes numpy or torch, returns torch (on the logits' device).
     """
     import torch
     import torch.nn.functional as F
@@ -169,19 +171,45 @@ def masks_to_original(mask_logits, meta: Letterbox, threshold: float = 0.0, boxe
     grid_x = (2 * xs / meta.net_w - 1).view(1, -1).expand(meta.orig_h, -1)  # grid_sample's [-1, 1]
     grid_y = (2 * ys / meta.net_h - 1).view(-1, 1).expand(-1, meta.orig_w)
     grid = torch.stack([grid_x, grid_y], dim=-1).unsqueeze(0)  # (1, orig_h, orig_w, 2)
-    masks = torch.zeros((len(logits), meta.orig_h, meta.orig_w), dtype=torch.bool, device=device)
+    chunk = logits.unsqueeze(1)  # (K, 1, h, w)
+    sampled = F.grid_sample(
+        chunk, grid.expand(len(chunk), -1, -1, -1), padding_mode="border", align_corners=False
+    )
+    return sampled[:, 0]
+
+
+def box_interiors(boxes_xyxy, height: int, width: int, device=None):
+    """xyxy boxes (K, 4) in original pixels -> bool (K, height, width): the pixels whose centre (i + 0.5)
+    lies inside each box."""
+    import torch
+
+    boxes = torch.as_tensor(boxes_xyxy, dtype=torch.float32, device=device).reshape(-1, 4)
+    centres_x = torch.arange(width, device=boxes.device) + 0.5
+    centres_y = torch.arange(height, device=boxes.device) + 0.5
+    inside_x = (centres_x >= boxes[:, :1]) & (centres_x <= boxes[:, 2:3])  # (K, width)
+    inside_y = (centres_y >= boxes[:, 1:2]) & (centres_y <= boxes[:, 3:4])  # (K, height)
+    return inside_y[:, :, None] & inside_x[:, None, :]
+
+
+def masks_to_original(mask_logits, meta: Letterbox, threshold: float = MASK_LOGIT_THRESHOLD, boxes_xyxy=None):
+    """Mask logits (K, h, w) over the whole network input -> bool masks (K, orig_h, orig_w) of the
+    original image: resample_logits(...) > threshold (MASK_LOGIT_THRESHOLD; 0 = probability 0.5).
+
+    boxes_xyxy (K, 4) in original pixels (boxes_to_original's): pixels outside each mask's own box are
+    cleared (a query's stray blobs elsewhere in the image are not its object). Takes numpy or torch,
+    returns torch (on the logits' device).
+    """
+    import torch
+
+    logits = torch.as_tensor(mask_logits)
+    if logits.ndim != 3:
+        raise ValueError(f"mask logits must be (K, h, w), got shape {tuple(logits.shape)}")
+    masks = torch.zeros((len(logits), meta.orig_h, meta.orig_w), dtype=torch.bool, device=logits.device)
     for start in range(0, len(logits), MASK_CHUNK):
-        chunk = logits[start : start + MASK_CHUNK].unsqueeze(1)  # (k, 1, h, w)
-        grid_k = grid.expand(len(chunk), -1, -1, -1)
-        sampled = F.grid_sample(chunk, grid_k, padding_mode="border", align_corners=False)
-        masks[start : start + len(chunk)] = sampled[:, 0] > threshold
+        chunk = logits[start : start + MASK_CHUNK]
+        masks[start : start + len(chunk)] = resample_logits(chunk, meta) > threshold
     if boxes_xyxy is not None:
-        boxes = torch.as_tensor(boxes_xyxy, dtype=torch.float32, device=device).reshape(-1, 4)
-        centres_x = torch.arange(meta.orig_w, device=device) + 0.5  # original pixel centres
-        centres_y = torch.arange(meta.orig_h, device=device) + 0.5
-        inside_x = (centres_x >= boxes[:, :1]) & (centres_x <= boxes[:, 2:3])  # (K, orig_w)
-        inside_y = (centres_y >= boxes[:, 1:2]) & (centres_y <= boxes[:, 3:4])  # (K, orig_h)
-        masks &= inside_y[:, :, None] & inside_x[:, None, :]
+        masks &= box_interiors(boxes_xyxy, meta.orig_h, meta.orig_w, logits.device)
     return masks
 
 

@@ -51,8 +51,8 @@ def coco_map(preds: Sequence[dict], gts: Sequence[dict], num_classes: int) -> di
 
 
 def coco_summary(gt_dict: dict, detections: list, num_classes: int, iou_type: str, prefix: str = "") -> dict:
-    """faster-coco-eval on COCO dicts -> {prefix}mAP_50, {prefix}mAP_50_95 and per-class {prefix}AP50,
-    {prefix}AP50_95 arrays. iou_type: bbox | segm (box and mask mAP share this one evaluation)."""
+    """faster-coco-eval on COCO dicts -> {prefix}mAP_50, {prefix}mAP_50_95, {prefix}mAP_75 and per-class
+    {prefix}AP50, {prefix}AP50_95 arrays. iou_type: bbox | segm (box and mask mAP share this one evaluation)."""
     from faster_coco_eval import COCO, COCOeval_faster
 
     nan = np.full(num_classes, np.nan)
@@ -60,6 +60,7 @@ def coco_summary(gt_dict: dict, detections: list, num_classes: int, iou_type: st
         return {
             f"{prefix}mAP_50": 0.0,
             f"{prefix}mAP_50_95": 0.0,
+            f"{prefix}mAP_75": 0.0,
             f"{prefix}AP50": nan,
             f"{prefix}AP50_95": nan,
         }
@@ -71,6 +72,7 @@ def coco_summary(gt_dict: dict, detections: list, num_classes: int, iou_type: st
     return {
         f"{prefix}mAP_50": _mean_valid(precision[0]),
         f"{prefix}mAP_50_95": _mean_valid(precision),
+        f"{prefix}mAP_75": _mean_valid(precision[5]),  # COCO's IoU thresholds 0.50:0.05:0.95, index 5 = 0.75
         f"{prefix}AP50": np.array([_mean_valid(precision[0, :, k], np.nan) for k in range(num_classes)]),
         f"{prefix}AP50_95": np.array([_mean_valid(precision[:, :, k], np.nan) for k in range(num_classes)]),
     }

@@ -3,6 +3,7 @@
     scores = mask_map(preds, gts, num_classes)
     scores["mask_mAP_50"], scores["mask_mAP_50_95"]          # floats
     scores["mask_AP50"], scores["mask_AP50_95"]              # (num_classes,) arrays, nan: no ground truth
+    matched_mask_iou(box_preds, box_gts, mask_preds, mask_gts, conf_thresh)   # mean IoU of found objects
 
 preds: per image {"masks" bool (K, H, W), "labels" (K,), "scores" (K,)}; gts: per image {"masks" bool
 (n, H, W), "labels" (n,)}; masks at the original image size (network_input.masks_to_original), numpy or
@@ -22,8 +23,9 @@ import torch
 from src.common.masks import polygons_has_mask, polygons_to_masks
 from src.common.network_input import Letterbox, masks_in_boxes
 from src.metrics.coco import coco_summary
+from src.metrics.matching import match_image
 
-MASK_COLUMNS = ("mask_mAP_50", "mask_mAP_50_95")
+MASK_COLUMNS = ("mask_mAP_50", "mask_mAP_50_95", "mask_iou")
 # Validation scores masks of the best MAX_MASKS predictions per image (COCO counts 100 per image and class)
 # that score at least MIN_MASK_SCORE: resampling 300 full-size masks per image would cost more than the
 # forward pass, and predictions below 1% hardly move AP.
@@ -100,12 +102,13 @@ def prediction_masks(logits, boxes_xyxy, scores, labels, meta: Letterbox) -> dic
     scores, labels = _numpy(scores).reshape(-1), _numpy(labels).reshape(-1)
     kept = np.flatnonzero(scores >= MIN_MASK_SCORE)[:MAX_MASKS]
     masks = masks_in_boxes(torch.as_tensor(logits)[kept], meta, np.asarray(boxes_xyxy)[kept], hwk=True)
-    return {"rles": _encode_hwk(masks), "scores": scores[kept], "labels": labels[kept]}
+    return {"rles": _encode_hwk(masks), "scores": scores[kept], "labels": labels[kept], "index": kept}
 
 
 def ground_truth_masks(polygons, labels, height: int, width: int) -> dict:
     """One image's label polygons (normalised; None = box-only object) -> {"rles", "labels", "height",
-    "width"} of the objects that have one, rasterised at the original size (common.masks)."""
+    "width", "index"} of the objects that have one (index: their positions among all objects), rasterised
+    at the original size (common.masks)."""
     has_mask = polygons_has_mask(polygons)
     masks = polygons_to_masks([p for p in polygons if p is not None], height, width)
     return {
@@ -113,6 +116,7 @@ def ground_truth_masks(polygons, labels, height: int, width: int) -> dict:
         "labels": _numpy(labels).reshape(-1)[has_mask],
         "height": height,
         "width": width,
+        "index": np.flatnonzero(has_mask),
     }
 
 
@@ -158,3 +162,46 @@ def mask_map(preds: Sequence[dict], gts: Sequence[dict], num_classes: int) -> di
     class without ground truth). With no ground-truth mask at all every value is 0."""
     gt_dict, detections = mask_coco_dicts(preds, gts, num_classes)
     return coco_summary(gt_dict, detections, num_classes, iou_type="segm", prefix="mask_")
+
+
+def _rle_positions(mask: dict, count: int) -> np.ndarray:
+    """(count,) position of each object's RLE in mask["rles"], -1 where it has none; without "index" the
+    RLEs are the first objects in order."""
+    index = np.asarray(mask.get("index", np.arange(len(mask["rles"]))), np.int64).reshape(-1)
+    positions = np.full(count, -1, np.int64)
+    positions[index[index < count]] = np.flatnonzero(index < count)
+    return positions
+
+
+def matched_mask_iou(
+    box_preds: Sequence[dict],
+    box_gts: Sequence[dict],
+    mask_preds: Sequence[dict],
+    mask_gts: Sequence[dict],
+    conf_thresh: float,
+    iou_thresh: float = 0.5,
+) -> float:
+    """Mean mask IoU over the objects the boxes found: each detection scoring >= conf_thresh matched
+    one-to-one to a ground-truth object of its class by box IoU >= iou_thresh (matching.match_image, as
+    precision/recall count them), scored by the IoU of their two masks. The box decides the pairs, so a
+    poor mask lowers this figure instead of leaving the pair out (as mask mAP's mask matching would).
+
+    box_preds / box_gts: per image {"boxes", "scores", "labels"} / {"boxes", "labels"} numpy (original
+    pixels); mask_preds / mask_gts: prediction_masks / ground_truth_masks of the same images ("index": which
+    detection / object each RLE belongs to). A matched object without a mask (box-only label) or a detection
+    without one (not among the masked best) is left out. 0 when no pair is left (as the validator's box "iou").
+    """
+    from faster_coco_eval.core import mask as mask_utils
+
+    ious = []
+    for box_pred, box_gt, mask_pred, mask_gt in zip(box_preds, box_gts, mask_preds, mask_gts, strict=True):
+        confident = np.flatnonzero(box_pred["scores"] >= conf_thresh)
+        found = {k: np.asarray(box_pred[k])[confident] for k in ("boxes", "scores", "labels")}
+        matched, _ = match_image(found, box_gt, iou_thresh)
+        pred_at = _rle_positions(mask_pred, len(box_pred["scores"]))[confident]
+        gt_at = np.full(len(matched), -1, np.int64)  # an unmatched detection (or a background image) has none
+        gt_at[matched >= 0] = _rle_positions(mask_gt, len(box_gt["labels"]))[matched[matched >= 0]]
+        keep = (matched >= 0) & (pred_at >= 0) & (gt_at >= 0)
+        for p, g in zip(pred_at[keep], gt_at[keep], strict=True):
+            ious.append(mask_utils.iou([mask_pred["rles"][p]], [mask_gt["rles"][g]], [0])[0, 0])
+    return float(np.mean(ious)) if ious else 0.0

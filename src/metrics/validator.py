@@ -7,7 +7,8 @@ Inputs per image (numpy arrays or torch tensors, ORIGINAL image pixels):
 Both may carry "image_id" (then an image seen twice, e.g. gathered from DDP ranks, counts once) and "path".
 A segmentation model's records also carry "mask" (pred: {"rles", "scores", "labels"}, gt: {"rles", "labels",
 "height", "width"}: src/metrics/masks.py prediction_masks / ground_truth_masks, made by predict_batches): then
-the metrics add mask_mAP_50, mask_mAP_50_95 and per_class mask_AP50, mask_AP50_95 (COCO segm).
+the metrics add mask_mAP_50, mask_mAP_50_95 and per_class mask_AP50, mask_AP50_95 (COCO segm), and mask_iou
+(mean mask IoU of the detections >= best_thresh that the box matching pairs with an object).
 
     preds, gts = predict_batches(model, val_loader, device, postprocessor)   # per rank
     (DDP: all_gather the two lists, concatenate; evaluate() dedupes by image_id)
@@ -34,7 +35,7 @@ from loguru import logger
 
 from src.common.io import atomic_write, atomic_write_csv, atomic_write_json
 from src.metrics.coco import coco_dicts, coco_map  # noqa: F401 - coco_dicts: part of this module's API
-from src.metrics.masks import MASK_COLUMNS, mask_map
+from src.metrics.masks import MASK_COLUMNS, mask_map, matched_mask_iou
 from src.metrics.matching import greedy_match, iou_matrix, match_image, score_order
 from src.metrics.plots import plot_confusion_matrix, plot_threshold_curves
 from src.metrics.records import as_ground_truth, as_prediction, unique_images
@@ -212,9 +213,13 @@ def evaluate(
     best_thresh, best_f1 = best_threshold(CURVE_THRESHOLDS, overall_curve[:, 2])
     coco = coco_map(preds, gts, num_classes)
     segment = bool(pairs) and all("mask" in pred for pred, _ in pairs)
-    masks = (
-        mask_map([p["mask"] for p, _ in pairs], [g["mask"] for _, g in pairs], num_classes) if segment else {}
-    )
+    masks = {}
+    if segment:
+        mask_preds, mask_gts = [p["mask"] for p, _ in pairs], [g["mask"] for _, g in pairs]
+        masks = mask_map(mask_preds, mask_gts, num_classes)
+        # at the best-F1 threshold (what thresholds.json deploys): the masks of the detections a user gets,
+        # also while the scores of a young model stay under conf_thresh
+        masks["mask_iou"] = matched_mask_iou(preds, gts, mask_preds, mask_gts, best_thresh, iou_thresh)
     curves, per_class, best_per_class = [_curve_frame("all", overall_curve)], [], {}
     for c, name in enumerate(class_names):
         summary, curve = _summary(matches, matches.labels == c, int(matches.gt_counts[c]), conf_thresh)

@@ -10,7 +10,7 @@ The design of Mask DINO / RT-DETR-seg / D-FINE-seg, in our own code:
 2. Mask embedding: an MLP on the decoder's query features of the layer that gives "pred_boxes"
    (the decoder returns them as "query_features" when `return_query_features` is set).
 3. Mask logits: their dot product, scaled by 1/sqrt(mask_dim) so the logits start small whatever the
-   width: "pred_masks" (B, Q, H/4, W/4). sigmoid > 0.5 (logit > 0) is the mask.
+   width: "pred_masks" (B, Q, H/4, W/4). logit > network_input.MASK_LOGIT_THRESHOLD is the mask.
 
 Cost, the reason for the light layers: a segmentation model may cost at most about 1.25x the detector. The
 widths are kept small (MASK_DIM 64, the full 3x3 conv only at the finest encoder stride); the largest

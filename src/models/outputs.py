@@ -45,7 +45,7 @@ class DetectorOutputs(TypedDict, total=False):
 
     pred_logits: torch.Tensor  # (B, Q, C) class logits of the last (eval) decoder layer
     pred_boxes: torch.Tensor  # (B, Q, 4) normalised cxcywh of the last (eval) decoder layer
-    pred_masks: torch.Tensor  # (B, Q, H/4, W/4) mask logits (task "segment"; > 0 is inside)
+    pred_masks: torch.Tensor  # (B, Q, H/4, W/4) mask logits (segment; > MASK_LOGIT_THRESHOLD: inside)
     # --- training only (deep supervision, denoising, FDR)
     pred_corners: torch.Tensor  # (B, Q, 4 * (R + 1)) D-FINE: last layer's distribution logits
     ref_points: torch.Tensor  # (B, Q, 4) D-FINE: last layer's FDR reference box

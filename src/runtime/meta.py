@@ -27,7 +27,8 @@ DEFAULT_CONF = 0.5
 #   images (B, 3, h, w) float32 RGB in [0, 1] + orig_target_sizes (B, 2) float32 (w, h)
 #   -> labels (B, K) int64, boxes (B, K, 4) float32 xyxy pixels of orig_target_sizes, scores (B, K) float32
 #   [+ a segmentation model (task "segment"): masks (B, K, h/s, w/s) float32 mask logits of the kept
-#      queries over the whole network input, s = the mask stride (4 or 8); logit > 0 is the mask]
+#      queries over the whole network input, s = the mask stride (4 or 8);
+#      logit > network_input.MASK_LOGIT_THRESHOLD is the mask]
 INPUT_NAMES = ("images", "orig_target_sizes")
 OUTPUT_NAMES = ("labels", "boxes", "scores")  # a detection model's outputs
 MASK_OUTPUT = "masks"

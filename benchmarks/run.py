@@ -3,10 +3,10 @@ data quality, tracking).
 
     python -m benchmarks.run                 # all of them
     python -m benchmarks.run model train     # a subset (model | train | loader | val | backends | data | tracking |
-                                             #           seg | seg_export | seg_targets | recipes | small_objects)
+                                             #           seg | seg_export | seg_targets | recipes | small_objects | finetune)
 Each part also runs alone with its own flags:
 python -m benchmarks.<model_speed|train_speed|loader_speed|val_cost|backend_speed|near_duplicates|tracking|seg_step|
-seg_export|seg_targets|recipes|small_objects> -h
+seg_export|seg_targets|recipes|small_objects|finetune> -h
 """
 
 import sys
@@ -39,6 +39,10 @@ PARTS = {
     "small_objects": (
         "Small objects: tiling + sliced inference vs plain full-image training (trains two models)",
         "benchmarks.small_objects",
+    ),
+    "finetune": (
+        "Fine-tuning from an official-format checkpoint of ours vs from scratch, per family (trains 9 models)",
+        "benchmarks.finetune",
     ),
     "seg_targets": (
         "Segmentation vs detection trained with the make demo recipe on polygon demo data",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import torch
 from torch import nn
@@ -38,6 +39,14 @@ class LossSettings:
         return cls_loss
 
 
+def deim_solver_file(state: dict[str, torch.Tensor], last_epoch: int) -> dict:
+    """A checkpoint as the DEIM / D-FINE / RT-DETRv2 solver saves it (`BaseSolver.state_dict`): the model and
+    its EMA ({"module": state dict}); fine-tuning there (`-t`) reads ema.module, resuming (`-r`) both. The
+    same tensors under both keys: torch.save stores them once. No last_epoch: a resumed official run would
+    skip that many epochs of its own schedule."""
+    return {"date": datetime.now().isoformat(), "model": state, "ema": {"module": state}}
+
+
 @dataclass(frozen=True)
 class Family:
     name: str  # "dfine" | "rtdetr" | "detr"
@@ -52,6 +61,8 @@ class Family:
     arch_overrides: Callable[[Mapping[str, torch.Tensor]], dict] = field(default=lambda state: {})
     # (state dict, lower-case file name) -> (arch | None, reason), for families whose archs share tensors.
     tell_arch: Callable[[Mapping[str, torch.Tensor], str], tuple[str | None, str]] | None = None
+    # (state dict with the official names, 0-based last epoch) -> the dict its official training code saves.
+    official_file: Callable[[dict[str, torch.Tensor], int], dict] = deim_solver_file
 
     def holds(self, state: Mapping[str, torch.Tensor]) -> bool:
         """True when `state` (a state dict) is a checkpoint of this family."""

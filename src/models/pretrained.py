@@ -79,10 +79,11 @@ class LoadReport:
         lines.append(f"arch: {self.arch or 'unknown'} ({self.arch_reason})")
         if self.key_prefix:
             lines.append(f"a backbone-only file: its keys were read under {self.key_prefix!r}")
+        if self.loaded:
+            lines.append("reused: " + ", ".join(f"{part} {n}" for part, n in self.reused_parts().items()))
         if self.reinitialised:
-            lines.append(
-                f"re-initialised (shape follows classes, queries or image size): {_short(self.reinitialised)}"
-            )
+            kinds = "; ".join(f"{kind} {_short(keys)}" for kind, keys in self.reinitialised_kinds().items())
+            lines.append(f"re-initialised (shape follows classes, queries or image size): {kinds}")
         if self.class_rows_from_coco:
             pairs = ", ".join(f"{ours}<-{coco}" for ours, coco in self.class_rows_from_coco.items())
             lines.append(f"classes started from COCO rows: {pairs}")
@@ -97,6 +98,39 @@ class LoadReport:
         if self.unexpected:
             lines.append(f"ignored (not in the model): {_short(self.unexpected)}")
         return "\n  ".join(lines)
+
+    def reused_parts(self) -> dict[str, int]:
+        """Loaded tensors per model part: {"backbone": n, "encoder": n, "decoder": n, ...} in model order."""
+        return dict(Counter(model_part(key) for key in self.loaded))
+
+    def reinitialised_kinds(self) -> dict[str, list[str]]:
+        """Re-initialised tensors by what they are: {"class heads": [...], "denoising class embedding": [...],
+        "query embeddings": [...], "image-size buffers": [...]}."""
+        kinds: dict[str, list[str]] = {kind: [] for kind in TENSOR_KINDS}
+        for key in self.reinitialised:
+            kinds[tensor_kind(key)].append(key)
+        return {kind: keys for kind, keys in kinds.items() if keys}
+
+
+def model_part(key: str) -> str:
+    """The part of the detector a state-dict key belongs to: its first name (backbone, encoder, decoder,
+    class_embed, ...), with DETR's transformer split into transformer.encoder / transformer.decoder."""
+    parts = key.split(".")
+    return ".".join(parts[:2]) if parts[0] == "transformer" and len(parts) > 1 else parts[0]
+
+
+TENSOR_KINDS = ("class heads", "denoising class embedding", "query embeddings", "image-size buffers")
+
+
+def tensor_kind(key: str) -> str:
+    """What a class / query / image-size dependent tensor is, in words for the load report."""
+    if "denoising_class_embed" in key:
+        return "denoising class embedding"
+    if any(part in key for part in CLASS_DEPENDENT):
+        return "class heads"
+    if any(part in key for part in QUERY_DEPENDENT):
+        return "query embeddings"
+    return "image-size buffers"
 
 
 def _short(keys: list[str], limit: int = 8) -> str:

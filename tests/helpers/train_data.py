@@ -25,14 +25,14 @@ def assert_same_weights(a: dict, b: dict, ema: bool = True) -> None:
 
 
 def draw_objects(
-    rng: np.random.Generator, width: int, height: int, count: int
+    rng: np.random.Generator, width: int, height: int, count: int, num_classes: int = len(CLASSES)
 ) -> tuple[np.ndarray, list[str]]:
     image = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
     lines = []
     for _ in range(count):
         w, h = (int(v) for v in rng.integers(12, max(14, min(width, height) // 2), size=2))
         x, y = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
-        class_id = int(rng.integers(0, len(CLASSES)))
+        class_id = int(rng.integers(0, num_classes))
         color = tuple(int(c) for c in rng.integers(120, 256, size=3))
         cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), color, thickness=-1)
         lines.append(
@@ -41,10 +41,10 @@ def draw_objects(
     return image, lines
 
 
-def write_splits(root: Path, splits: dict[str, int], make_sample) -> Path:
+def write_splits(root: Path, splits: dict[str, int], make_sample, seed: int = 0) -> Path:
     """root/images + root/labels + one CSV per split; make_sample(rng, name) -> (BGR image, YOLO lines)
-    draws each image from one seeded generator (no lines: no label file)."""
-    rng = np.random.default_rng(0)
+    draws each image from one generator seeded with `seed` (no lines: no label file)."""
+    rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "labels").mkdir(parents=True, exist_ok=True)
     for split, count in splits.items():
@@ -58,14 +58,22 @@ def write_splits(root: Path, splits: dict[str, int], make_sample) -> Path:
     return root
 
 
-def make_detection_data(root: Path, splits: dict[str, int], backgrounds: tuple[str, ...] = ()) -> Path:
-    """root/images + root/labels + train/val/test CSVs. Names in `backgrounds` get no objects."""
+def make_detection_data(
+    root: Path,
+    splits: dict[str, int],
+    backgrounds: tuple[str, ...] = (),
+    num_classes: int = len(CLASSES),
+    seed: int = 0,
+) -> Path:
+    """root/images + root/labels + train/val/test CSVs. Names in `backgrounds` get no objects; class ids are
+    drawn from 0..num_classes-1."""
 
     def sample(rng, name):
         width, height = int(rng.integers(80, 140)), int(rng.integers(80, 140))
-        return draw_objects(rng, width, height, 0 if name in backgrounds else int(rng.integers(1, 4)))
+        count = 0 if name in backgrounds else int(rng.integers(1, 4))
+        return draw_objects(rng, width, height, count, num_classes)
 
-    return write_splits(root, splits, sample)
+    return write_splits(root, splits, sample, seed)
 
 
 def train_overrides(tmp_path: Path, data: Path, *overrides: str) -> list[str]:

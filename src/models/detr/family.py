@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from src.common.errors import ConfigError
 from src.models.detr.criterion import DetrCriterion, build_criterion
 from src.models.detr.model import DETR, build_model
@@ -43,6 +45,13 @@ def build_detr_postprocessor(spec: ModelSpec) -> DetrPostProcessor:
     return DetrPostProcessor(spec.num_classes, num_top_queries=spec.num_queries)
 
 
+def detr_main_file(state: dict[str, torch.Tensor], last_epoch: int) -> dict:
+    """A checkpoint as DETR's main.py saves it: {"model": state dict, "epoch": the 0-based last epoch} (its
+    optimizer, scheduler and argparse args left out: the model loads without them). class_embed keeps its
+    layout, one row per class then "no object": the official head for num_classes = our class count."""
+    return {"model": state, "epoch": int(last_epoch)}
+
+
 DETR_FAMILY = Family(
     name="detr",
     archs=("detr",),
@@ -51,4 +60,5 @@ DETR_FAMILY = Family(
     build_criterion=build_detr_criterion,
     build_postprocessor=build_detr_postprocessor,
     key_prefix="backbone.0.body.",  # the official Joiner[0].body: the ResNet
+    official_file=detr_main_file,
 )

@@ -9,7 +9,7 @@ ARGS ?=
 NPROC ?= 2 # processes for `make train-ddp` (GPUs on a CUDA box)
 
 .PHONY: setup browser test lint benchmark demo preprocess check split convert demo-data train train-ddp export \
-        bench infer check_errors test_batching ov_int8 demo-ui demo-seg demo-time
+        bench infer check_errors test_batching ov_int8 save_official demo-ui demo-seg demo-time
 
 setup: $(STAMP) $(FONTS)
 
@@ -117,5 +117,7 @@ test_batching: setup
 	$(PY) -m src.dl.test_batching $(ARGS)
 ov_int8: setup
 	$(PY) -m src.dl.ov_int8 $(ARGS)
+save_official: setup
+	$(PY) -m src.dl.save_official $(ARGS)
 demo-ui: setup
 	$(PY) -m src.demo.app $(ARGS)

@@ -39,6 +39,8 @@ class Family:
     key_prefix: str
     # Architecture details read off a checkpoint's weights (ModelSpec.arch_overrides); {} when none.
     arch_overrides: Callable[[Mapping[str, torch.Tensor]], dict] = field(default=lambda state: {})
+    # ConfigError when a spec the size table accepts cannot work for this family (build.check_buildable).
+    check_spec: Callable[[ModelSpec], None] = field(default=lambda spec: None)
     # (state dict, lower-case file name) -> (arch | None, reason), for families whose archs share tensors.
     tell_arch: Callable[[Mapping[str, torch.Tensor], str], tuple[str | None, str]] | None = None
 

@@ -36,7 +36,7 @@ from src.dl.train.speed import setup_speed
 from src.dl.train.trainer import ModelParts, TrainData, Trainer, batches_in_epoch
 from src.etl.doctor import check_dataset
 from src.etl.splits import read_split, split_csv_path
-from src.models.build import build
+from src.models.build import build, check_buildable
 from src.models.checkpoint import RunCheckpoint
 from src.models.spec import ModelSpec
 
@@ -52,6 +52,7 @@ def build_trainer(
     added to later (a new one if None); timer: a profile.SectionTimer for benchmarks.train_speed --profile."""
     settings = TrainSettings.from_config(cfg)
     spec = ModelSpec.from_config(cfg)  # the architecture a checkpoint fixes follows below
+    check_buildable(spec)  # before the dataset doctor's minutes: the task and size fit the family
     check_decision_metrics(list(settings.evaluation.decision_metrics), spec.task)  # mask mAP: segment only
     precision, tuner = setup_speed(
         settings.threads, settings.num_workers, settings.amp, ctx.device, ctx.world_size

@@ -51,4 +51,5 @@ DETR_FAMILY = Family(
     build_criterion=build_detr_criterion,
     build_postprocessor=build_detr_postprocessor,
     key_prefix="backbone.0.body.",  # the official Joiner[0].body: the ResNet
+    check_spec=check_queries_fit,
 )

@@ -130,3 +130,21 @@ def test_an_experiment_from_before_model_arch_still_runs(tmp_path):
     image = sorted((data / "images").glob("*.jpg"))[0]
     summary = infer.run(deploy_config(tmp_path, f"infer.input={image}", f"infer.model_path={best}"))
     assert summary["backend"] == "torch" and summary["images"] == 1
+
+
+def test_an_imagenet_resnet_vd_file_starts_an_rtdetrv2_backbone(tmp_path):
+    """The paddle-converted ImageNet files carry no BatchNorm counters; r18/r34 train their norms (and so
+    have counters): the file still fits, as train.pretrained_model_path."""
+    from src.models import load_pretrained
+    from src.models.backbones.presnet import PResNet
+
+    path = tmp_path / "ResNet18_vd_pretrained_from_paddle.pth"
+    imagenet = PResNet(18, freeze_norm=True).state_dict()
+    assert not [key for key in imagenet if key.endswith("num_batches_tracked")]
+    torch.save(imagenet, path)
+    spec = ModelSpec(arch="rtdetrv2", size="r18", img_size=(64, 64), data_class_names=("a",), num_queries=8)
+    model = build(spec).model
+    report = load_pretrained(model, path)
+    assert report.key_prefix == "backbone." and len(report.loaded) == len(imagenet)
+    weight = "res_layers.3.blocks.1.branch2b.conv.weight"
+    assert torch.equal(model.state_dict()[f"backbone.{weight}"], imagenet[weight])

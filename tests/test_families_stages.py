@@ -14,7 +14,7 @@ import torch
 from src.common.config import load_config
 from src.common.experiment import exp_dir
 from tests.helpers.deploy_data import make_video
-from tests.helpers.train_data import make_detection_data, train_overrides
+from tests.helpers.train_data import CLASSES, make_detection_data, train_overrides
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -70,7 +70,16 @@ def media_folder(root: Path, data: Path) -> Path:
     return media
 
 
-@pytest.fixture(scope="module", params=FAMILIES, ids=[f[0] for f in FAMILIES])
+IDS = [family[0] for family in FAMILIES]
+# bench, check_errors and test_batching only consume the exports through the runtime: D-FINE's run by
+# default, the other families' (ResNet backbones: several times D-FINE-n's compute) under -m slow.
+DFINE_BY_DEFAULT = [
+    pytest.param(family, id=family[0], marks=() if family[0] == "dfine" else pytest.mark.slow)
+    for family in FAMILIES
+]
+
+
+@pytest.fixture(scope="module")
 def trained(request, tmp_path_factory):
     """(root, family, cfg, export report) of a family trained 2 steps and exported to ONNX + OpenVINO."""
     from src.dl import export
@@ -83,6 +92,7 @@ def trained(request, tmp_path_factory):
     return root, request.param, cfg, export.run(cfg)
 
 
+@pytest.mark.parametrize("trained", FAMILIES, ids=IDS, indirect=True)
 def test_training_and_export_of_every_family(trained):
     _, (arch, size, side, queries), cfg, report = trained
     out = exp_dir(cfg)
@@ -95,6 +105,7 @@ def test_training_and_export_of_every_family(trained):
     assert parity["onnx"]["ok"] and parity["ov_fp32"]["ok"], parity  # the exports equal torch
 
 
+@pytest.mark.parametrize("trained", FAMILIES, ids=IDS, indirect=True)
 def test_infer_a_folder_with_a_video_tracked_and_sliced(trained):
     from src.dl import infer
 
@@ -118,6 +129,7 @@ def test_infer_a_folder_with_a_video_tracked_and_sliced(trained):
     assert len(rows) == summary["detections"] > 0  # infer.conf=0: every kept query is a detection
 
 
+@pytest.mark.parametrize("trained", DFINE_BY_DEFAULT, indirect=True)
 def test_bench_check_errors_and_test_batching(trained):
     from src.dl import bench, check_errors, test_batching
 
@@ -132,7 +144,7 @@ def test_bench_check_errors_and_test_batching(trained):
 
 
 @pytest.mark.slow  # NNCF takes most of a minute; D-FINE's int8 runs by default in tests/test_export.py
-@pytest.mark.parametrize("family", FAMILIES, ids=[f[0] for f in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES, ids=IDS)
 def test_ov_int8_of_every_family(tmp_path, family):
     from src.dl import export, ov_int8
     from src.dl.train.run import run as train
@@ -143,3 +155,21 @@ def test_ov_int8_of_every_family(tmp_path, family):
     export.run(cfg)
     report = ov_int8.run(cfg)
     assert (exp_dir(cfg) / "model_int8.xml").is_file(), report
+
+
+@pytest.mark.parametrize("trained", FAMILIES, ids=IDS, indirect=True)
+def test_the_demo_serves_every_family(trained):
+    """The Gradio app's handlers (no browser) on the experiment: its default model (the chosen export) and
+    best.pt, an image and a tracked video in one request."""
+    from src.demo.app import DemoApp, default_model, status_text
+
+    root, family, cfg, _ = trained
+    app = DemoApp(family_config(root, *family))
+    image = sorted((root / "data" / "images").glob("*.jpg"))[0]
+    clip = make_video(root / "demo" / "clip.mp4", frames=3, size=(96, 72), fps=10.0)
+    for choice in (default_model(cfg), str(exp_dir(cfg) / "best.pt")):
+        conf, classes, description = app.select_model(choice)
+        assert classes == list(CLASSES) and f"input {family[2]}×{family[2]}" in description
+        results = app.detect(choice, [str(image), str(clip)], 0.0, classes, track=True)
+        assert not results.problems and len(results.gallery) == 1 and results.video is not None
+        assert len(results.table) == results.detections > 0 and "track(s)" in status_text(results)

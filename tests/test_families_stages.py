@@ -14,7 +14,7 @@ import torch
 from src.common.config import load_config
 from src.common.experiment import exp_dir
 from tests.helpers.deploy_data import make_video
-from tests.helpers.train_data import CLASSES, make_detection_data, train_overrides
+from tests.helpers.train_data import CLASSES, assert_same_weights, make_detection_data, train_overrides
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -38,7 +38,6 @@ def family_config(root: Path, arch: str, size: str, side: int, queries: int, *ov
             f"model.name={size}",
             f"model.img_size=[{side},{side}]",
             f"model.num_queries={queries}",
-            "train.use_ema=false",
             "export.formats=[onnx,openvino]",
             "export.int8=false",
             "export.ov_fp16=false",
@@ -173,3 +172,28 @@ def test_the_demo_serves_every_family(trained):
         results = app.detect(choice, [str(image), str(clip)], 0.0, classes, track=True)
         assert not results.problems and len(results.gallery) == 1 and results.video is not None
         assert len(results.table) == results.detections > 0 and "track(s)" in status_text(results)
+
+
+RESUMED = [family for family in FAMILIES if family[0] != "dfine"]  # D-FINE's: tests/test_train.py
+
+
+@pytest.mark.slow  # three short trainings per family (about a minute)
+@pytest.mark.parametrize("family", RESUMED, ids=[family[0] for family in RESUMED])
+def test_a_killed_run_resumes_exactly(tmp_path, family):
+    """Denoising groups, dropout and mosaic draw random numbers: a run killed mid-epoch and resumed ends
+    with the weights of a run never stopped."""
+    from src.dl.train import TrainingAborted
+    from src.dl.train.run import run as train
+
+    make_detection_data(tmp_path / "data", {"train": 4, "val": 1})
+    steps = ("train.epochs=2", "train.checkpoint_every_steps=1", "train.mosaic.prob=0.5")
+    train(family_config(tmp_path, *family, "exp_name=straight", *steps))
+    with pytest.raises(TrainingAborted):
+        train(family_config(tmp_path, *family, "exp_name=killed", "train.abort_after_steps=3", *steps))
+    train(family_config(tmp_path, *family, "exp_name=killed", "train.resume=true", *steps))
+    straight, resumed = (
+        torch.load(tmp_path / "output" / name / "last.pt", map_location="cpu", weights_only=False)
+        for name in ("straight", "killed")
+    )
+    assert straight["step"] == resumed["step"] == 4
+    assert_same_weights(straight, resumed)

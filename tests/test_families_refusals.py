@@ -148,3 +148,19 @@ def test_an_imagenet_resnet_vd_file_starts_an_rtdetrv2_backbone(tmp_path):
     assert report.key_prefix == "backbone." and len(report.loaded) == len(imagenet)
     weight = "res_layers.3.blocks.1.branch2b.conv.weight"
     assert torch.equal(model.state_dict()[f"backbone.{weight}"], imagenet[weight])
+
+
+def test_a_missing_official_file_of_any_family_says_where_to_download_it(tmp_path, data_dir):
+    cases = {
+        "detr-r50-e632da11.pth": "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth",
+        "rtdetrv2_r18vd_120e_coco_rerun_48.1.pth": "https://github.com/lyuwenyu/storage/releases/download/v0.2/",
+        "ResNet50_vd_ssld_v2_pretrained_from_paddle.pth": "https://github.com/lyuwenyu/storage/releases/",
+    }
+    for name, address in cases.items():
+        path = tmp_path / "pretrained" / name
+        with pytest.raises(UserError) as refusal:
+            train(train_config(tmp_path, data_dir, f"train.pretrained_model_path={path}"))
+        message = str(refusal.value)
+        assert f"official release file: download {address}" in message and str(path) in message, message
+        assert "\n" not in message
+    assert not (tmp_path / "output").exists()

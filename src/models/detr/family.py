@@ -47,9 +47,9 @@ DETR_FAMILY = Family(
     name="detr",
     archs=("detr",),
     tasks=("detect",),
+    check_spec=check_queries_fit,
     build_model=build_detr,
     build_criterion=build_detr_criterion,
     build_postprocessor=build_detr_postprocessor,
     key_prefix="backbone.0.body.",  # the official Joiner[0].body: the ResNet
-    check_spec=check_queries_fit,
 )

@@ -8,7 +8,6 @@ so only its speed is meaningful here.
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -16,21 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src.common.io import atomic_torch_save
-
-
-def make_checkpoint(folder: Path, size: str, img: int, num_classes: int = 80) -> Path:
-    """A checkpoint in the trainer's format with freshly initialised weights."""
-    from src.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model(size, num_classes, img_size=(img, img), variant="dfine", num_queries=300)
-    meta = {
-        "model_name": size, "variant": "dfine", "num_classes": num_classes,
-        "class_names": [f"class{i}" for i in range(num_classes)], "img_size": [img, img],
-        "keep_ratio": False, "num_queries": 300, "thresholds": {"conf_thresh": 0.5},
-    }  # fmt: skip
-    return atomic_torch_save(folder / "best.pt", {"model": model.state_dict(), "ema": None, "meta": meta})
+from benchmarks.random_checkpoint import random_checkpoint
 
 
 def export_all(checkpoint: Path, int8: bool) -> dict[str, Path]:
@@ -52,25 +37,13 @@ def export_all(checkpoint: Path, int8: bool) -> dict[str, Path]:
 
 
 def quantize_on_noise(fp32_path: Path, meta, out: Path, images: int = 16) -> Path:
-    import nncf
-    import openvino as ov
+    """int8 with the default ov_int8 settings, calibrated on noise (only its speed means anything)."""
+    from src.dl.quantize import ImageSet, Int8Settings, quantize_ir
 
-    from src.dl.ov_int8 import float_decoding_scope, make_transform, save_int8
-
-    nncf.set_log_level(logging.WARNING)
-    model = ov.Core().read_model(str(fp32_path))
     rng = np.random.default_rng(0)
     h, w = meta.img_size
-    data = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(images)]
-    quantized = nncf.quantize(
-        model,
-        nncf.Dataset(data, make_transform(meta)),
-        preset=nncf.QuantizationPreset.MIXED,
-        subset_size=images,
-        model_type=nncf.ModelType.TRANSFORMER,
-        ignored_scope=float_decoding_scope(model),
-    )
-    return save_int8(quantized, meta, out, {"int8_mode": "noise-calibrated benchmark"})
+    noise = ImageSet([], [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(images)])
+    return quantize_ir(fp32_path, out, Int8Settings(subset_size=images), noise)[0]
 
 
 def latency(path: Path, runs: int, img: int) -> tuple[float, float]:
@@ -103,7 +76,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             folder = Path(tmp) / size
             started = time.perf_counter()
             int8 = not args.no_int8 and (not args.backends or "ov_int8" in args.backends)
-            paths = export_all(make_checkpoint(folder, size, args.img), int8=int8)
+            paths = export_all(random_checkpoint(folder, size, args.img), int8=int8)
             paths = {k: v for k, v in paths.items() if not args.backends or k in args.backends}
             print(f"[{size}] exported in {time.perf_counter() - started:.0f} s")
             for backend, path in paths.items():

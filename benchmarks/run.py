@@ -33,15 +33,15 @@ PARTS = {
         "benchmarks.seg_export",
     ),
     "recipes": (
-        "Recipe vs the reference recipe: val mAP50 against wall minutes (issue 15; `--run` trains them)",
+        "Recipe vs the reference recipe: val mAP50 against wall minutes (`--run` trains them)",
         "benchmarks.recipes",
     ),
     "small_objects": (
-        "Small objects: tiling + sliced inference vs plain full-image training (issue 16; trains two models)",
+        "Small objects: tiling + sliced inference vs plain full-image training (trains two models)",
         "benchmarks.small_objects",
     ),
     "seg_targets": (
-        "Segmentation vs detection trained with the make demo recipe on polygon demo data (issue 14 targets)",
+        "Segmentation vs detection trained with the make demo recipe on polygon demo data",
         "benchmarks.seg_targets",
     ),
 }

@@ -1,4 +1,4 @@
-"""Segmentation vs detection training step at the same size (issue 14's target: step time and peak memory
+"""Segmentation vs detection training step at the same size (target: step time and peak memory
 each <= 1.3x the detector's).
 
     python -m benchmarks.seg_step [--size n] [--img 256] [--batch 4] [--steps 5] [--device cpu]

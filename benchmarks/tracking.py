@@ -9,7 +9,7 @@ one missed, random misses, random false positives, and 10% of the detections wit
 track's majority vote must fix it). The tracker (src.runtime.tracking) is measured alone: IDF1 and
 identity switches scored with TrackEval (the MOTChallenge evaluation code) against the ground truth of
 every object at least MIN_VISIBLE visible, and the time of `Tracker.update` per frame.
-Targets (issue 17): IDF1 >= 0.9, <= 2 identity switches per 100 frames, <= 2 ms per frame, on the
+Targets: IDF1 >= 0.9, <= 2 identity switches per 100 frames, <= 2 ms per frame, on the
 default scene (8 objects, up to 5 px/frame); the stress rows (16 objects, up to 10 px/frame) show where
 the tracker starts to fail.
 """

@@ -122,3 +122,15 @@ def assert_losses_match(ours: dict[str, float], expected: dict[str, float]) -> N
         k: (ours[k], v) for k, v in expected.items() if abs(ours[k] - v) > LOSS_RTOL * max(abs(v), 1e-12)
     }
     assert not wrong, f"loss terms off: {wrong}"
+
+
+def assert_matches_manifest(
+    state: dict[str, torch.Tensor], expected: dict[str, list[int]], label: str
+) -> None:
+    """Our state dict has exactly the official names (expected: name -> shape, from a fixture manifest)
+    with the same shapes."""
+    ours = {key: list(value.shape) for key, value in state.items()}
+    missing, extra = set(expected) - set(ours), set(ours) - set(expected)
+    assert not missing and not extra, f"{label}: missing {sorted(missing)[:5]} extra {sorted(extra)[:5]}"
+    wrong = {k: (ours[k], v) for k, v in expected.items() if ours[k] != v}
+    assert not wrong, f"{label}: shape mismatches {list(wrong.items())[:5]}"

@@ -1,5 +1,5 @@
 """Every deployment stage on an experiment outside data/demo, given only exp_name: the data, classes and
-model come from the experiment (issue 13). Also: stale exports refused, use_one_class on 3 classes, infer
+model come from the experiment. Also: stale exports refused, use_one_class on 3 classes, infer
 outputs kept apart and replaced per input, a bench whose backends all fail keeps the old table."""
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def test_every_later_stage_from_exp_name_only(root):
     trained(root, "own", OWN_CLASSES)
     report = export.run(later(root, "own"))
     parity = report["parity"]
-    assert parity["images"] == min(4, split_size(root, "val"))  # the experiment's val images, not noise
+    splits = ("train", "val", "test")
+    assert parity["images"] == min(4, sum(split_size(root, s) for s in splits))  # the experiment's, not noise
     assert parity["onnx"]["ok"] and parity["ov_fp32"]["ok"]
 
     frame = bench.run(later(root, "own", "bench.backends=[torch,onnx]"))
@@ -230,4 +231,4 @@ def test_export_without_split_images_claims_nothing(root, exported, tmp_path):
     cfg = later(root, "nosplit", f"data_path={empty}", "export.formats=[onnx]", "export.simplify=true")
     report = export.run(cfg)
     assert str(report["onnx_slimmed"]).startswith("skipped: no split images")
-    assert "no val images" in report["parity"]["skipped"]
+    assert "no split images" in report["parity"]["skipped"]

@@ -22,6 +22,7 @@ from src.models.layers import ConvNormLayer
 from tests.parity_data import (
     FIXTURES,
     ORIG_SIZES_WH,
+    assert_matches_manifest,
     assert_outputs_match,
     assert_postprocessing_matches,
     parity_input,
@@ -113,13 +114,7 @@ def test_state_dict_matches_manifest(variant, manifest):
     expected = json.loads((FIXTURES / manifest).read_text())
     for size in SIZES:
         state = build_model(size, 80, img_size=(640, 640), variant=variant).state_dict()
-        ours = {key: list(value.shape) for key, value in state.items()}
-        missing, extra = set(expected[size]) - set(ours), set(ours) - set(expected[size])
-        assert not missing and not extra, (
-            f"{variant}-{size}: missing {sorted(missing)[:5]} extra {sorted(extra)[:5]}"
-        )
-        wrong = {k: (ours[k], v) for k, v in expected[size].items() if ours[k] != v}
-        assert not wrong, f"{variant}-{size}: shape mismatches {list(wrong.items())[:5]}"
+        assert_matches_manifest(state, expected[size], f"{variant}-{size}")
 
 
 def test_deploy_keeps_eval_outputs():

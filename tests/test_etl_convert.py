@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,6 +176,22 @@ def test_voc_bad_inputs(tmp_path):
         convert.run(etl_config(tmp_path, tmp_path / "o", *base, "convert.use_config_classes=true"))
 
 
+def coco_back_to_yolo(tmp_path, coco_json, images) -> Path:
+    """Convert a COCO file we wrote back to a YOLO folder (tmp_path/back) with the config's classes."""
+    back = tmp_path / "back"
+    convert.run(
+        etl_config(
+            tmp_path,
+            back,
+            "convert.format=coco2yolo",
+            f"convert.src={coco_json}",
+            f"convert.images={images}",
+            "convert.use_config_classes=true",
+        )
+    )
+    return back
+
+
 def test_yolo_to_coco_round_trip(tmp_path):
     from pycocotools.coco import COCO
 
@@ -206,17 +223,7 @@ def test_yolo_to_coco_round_trip(tmp_path):
     )
     assert len(json.loads(val.read_text())["images"]) == 2
 
-    back = tmp_path / "back"
-    convert.run(
-        etl_config(
-            tmp_path,
-            back,
-            "convert.format=coco2yolo",
-            f"convert.src={out}",
-            f"convert.images={data / 'images'}",
-            "convert.use_config_classes=true",
-        )
-    )
+    back = coco_back_to_yolo(tmp_path, out, data / "images")
     for name in ["a", "c"]:
         original, again = (
             read_yolo_labels(data / "labels" / f"{name}.txt", 4),
@@ -348,17 +355,7 @@ def test_yolo_seg_coco_round_trip(tmp_path):
     box_line = coco.loadAnns(coco.getAnnIds(imgIds=[2]))[0]
     assert "segmentation" not in box_line and box_line["area"] == pytest.approx(0.04 * SEG_W * SEG_H)
 
-    back = tmp_path / "back"
-    convert.run(
-        etl_config(
-            tmp_path,
-            back,
-            "convert.format=coco2yolo",
-            f"convert.src={out}",
-            f"convert.images={data / 'images'}",
-            "convert.use_config_classes=true",
-        )
-    )
+    back = coco_back_to_yolo(tmp_path, out, data / "images")
     for name in ["a", "b"]:
         original = read_yolo_labels(data / "labels" / f"{name}.txt", 4)
         again = read_yolo_labels(back / "labels" / f"{name}.txt", 4)

@@ -1,4 +1,4 @@
-"""Classes named by label_to_name, and the measured robustness defects of issue 16: read-only images/,
+"""Classes named by label_to_name, and the measured robustness defects: read-only images/,
 truncated JPEGs judged by their header, atomic writes with mode 0600."""
 
 from __future__ import annotations

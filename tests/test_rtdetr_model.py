@@ -35,6 +35,7 @@ from tests.parity_data import (
     FIXTURES,
     ORIG_SIZES_WH,
     assert_losses_match,
+    assert_matches_manifest,
     assert_outputs_match,
     assert_postprocessing_matches,
     parity_input,
@@ -111,13 +112,7 @@ def test_state_dict_matches_manifest(arch):
     for size in RTDETR_SIZES:
         with torch.device("meta"):
             state = build(_spec(arch, size)).model.state_dict()
-        ours = {key: list(value.shape) for key, value in state.items()}
-        missing, extra = set(expected[size]) - set(ours), set(ours) - set(expected[size])
-        assert not missing and not extra, (
-            f"{arch}-{size}: missing {sorted(missing)[:5]} extra {sorted(extra)[:5]}"
-        )
-        wrong = {k: (ours[k], v) for k, v in expected[size].items() if ours[k] != v}
-        assert not wrong, f"{arch}-{size}: shape mismatches {list(wrong.items())[:5]}"
+        assert_matches_manifest(state, expected[size], f"{arch}-{size}")
 
 
 # ---------------------------------------------------------------------- official and ImageNet files

@@ -1,4 +1,4 @@
-"""The segmentation model side (issue 14): mask branch shapes, mask loss, detection outputs untouched,
+"""The segmentation model side: mask branch shapes, mask loss, detection outputs untouched,
 postprocessing of masks back to the original image."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Segmentation training (issue 14): masks move with boxes through every augmentation, the dataset's mask
+"""Segmentation training: masks move with boxes through every augmentation, the dataset's mask
 targets, box-only labels refused or allowed, and a real 2-step D-FINE-n segmentation run."""
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from src.dl.train.augment import (
 from src.dl.train.evaluation import check_decision_metrics
 from src.dl.train.setup import split_dataset
 from src.models.checkpoint import load_run_checkpoint
+from tests.helpers.train_data import write_splits
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -138,34 +139,24 @@ def test_mix_up_keeps_the_masks_of_both_samples():
 
 def make_polygon_data(root: Path, splits: dict[str, int], box_line_in: str | None = None) -> Path:
     """Images with 1-3 triangles/quads as YOLO-seg polygon lines (+ one box line in `box_line_in`)."""
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "labels").mkdir(parents=True, exist_ok=True)
-    for split, count in splits.items():
-        names = []
-        for index in range(count):
-            name = f"{split}_{index}.jpg"
-            width, height = int(rng.integers(90, 140)), int(rng.integers(90, 140))
-            image = rng.integers(0, 50, (height, width, 3), dtype=np.uint8)
-            lines = []
-            for _ in range(int(rng.integers(1, 4))):
-                centre, size = rng.uniform(0.3, 0.7, 2), rng.uniform(0.15, 0.3)
-                corners = int(rng.integers(3, 5))
-                angles = (
-                    np.sort(rng.uniform(0, 2 * np.pi, corners)) if corners == 3 else np.arange(4) * np.pi / 2
-                )
-                polygon = np.clip(centre + size * np.stack([np.cos(angles), np.sin(angles)], 1), 0.02, 0.98)
-                class_id = corners - 3  # 0 triangle, 1 quad
-                mask = polygon_to_mask(polygon, height, width)
-                image[mask] = (200, 120 + 100 * class_id, 60)
-                lines.append(f"{class_id} " + " ".join(f"{v:.5f}" for v in polygon.reshape(-1)))
-            if name == box_line_in:
-                lines.append("1 0.2 0.2 0.1 0.1")
-            cv2.imwrite(str(root / "images" / name), image)
-            (root / "labels" / f"{Path(name).stem}.txt").write_text("\n".join(lines) + "\n")
-            names.append(name)
-        pd.DataFrame({"image": names}).to_csv(root / f"{split}.csv", index=False)
-    return root
+
+    def sample(rng, name):
+        width, height = int(rng.integers(90, 140)), int(rng.integers(90, 140))
+        image = rng.integers(0, 50, (height, width, 3), dtype=np.uint8)
+        lines = []
+        for _ in range(int(rng.integers(1, 4))):
+            centre, size = rng.uniform(0.3, 0.7, 2), rng.uniform(0.15, 0.3)
+            corners = int(rng.integers(3, 5))
+            angles = np.sort(rng.uniform(0, 2 * np.pi, corners)) if corners == 3 else np.arange(4) * np.pi / 2
+            polygon = np.clip(centre + size * np.stack([np.cos(angles), np.sin(angles)], 1), 0.02, 0.98)
+            class_id = corners - 3  # 0 triangle, 1 quad
+            image[polygon_to_mask(polygon, height, width)] = (200, 120 + 100 * class_id, 60)
+            lines.append(f"{class_id} " + " ".join(f"{v:.5f}" for v in polygon.reshape(-1)))
+        if name == box_line_in:
+            lines.append("1 0.2 0.2 0.1 0.1")
+        return image, lines
+
+    return write_splits(root, splits, sample)
 
 
 def overrides(tmp_path: Path, data: Path, *extra: str) -> list[str]:

@@ -19,6 +19,12 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import hydra
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -40,8 +46,6 @@ CONFIG_NAME = "config"
 
 def load_config(overrides: Sequence[str] = (), config_dir: Path | None = None) -> DictConfig:
     """Compose config.yaml with command-line style overrides, validated (what tests and notebooks use)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
 
     defaults = default_config(config_dir)
     overrides, unknown = check_overrides(overrides, defaults)
@@ -59,7 +63,6 @@ def stage_main(run: Callable[[DictConfig], object]) -> Callable[[], None]:
     no suggestion and a traceback hint): unknown ones are held back and reported with every other problem
     of the composed config, which is validated before `run`.
     """
-    import hydra
 
     unknown: list[str] = []
 
@@ -98,7 +101,6 @@ def default_config(config_dir: Path | None = None) -> DictConfig:
 
 def repeated_yaml_keys(config_dir: Path | None = None) -> list[str]:
     """A key config.yaml gives twice in one map (YAML would keep the last one silently), as problem lines."""
-    import yaml
 
     path = Path(config_dir or ROOT) / f"{CONFIG_NAME}.yaml"
     problems: list[str] = []
@@ -358,8 +360,6 @@ def _tell_flags(args: Sequence[str]) -> list[tuple[str, bool]]:
 
 def _syntax_problem(arg: str) -> str | None:
     """What Hydra's override grammar would stop on, as one line with the fix (None: it parses)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
 
     if "=" not in arg and not arg.startswith("~"):
         return f"{arg!r} is not an override: write key=value (e.g. train.epochs=10)"

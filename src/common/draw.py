@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from loguru import logger
+from PIL import Image, ImageDraw, ImageFont
 
 from src.common.io import atomic_write
 from src.common.network_input import PAD_VALUE, letterbox_or_resize
@@ -150,7 +151,6 @@ def font_runs(text: str) -> list[tuple[Path | None, str]]:
 
 @functools.cache
 def _truetype(path: Path | None, size: int):
-    from PIL import ImageFont
 
     return ImageFont.truetype(str(path), size) if path else ImageFont.load_default(size)
 
@@ -158,7 +158,6 @@ def _truetype(path: Path | None, size: int):
 def _put_unicode_label(image: np.ndarray, text: str, x1: int, y1: int, color, font_scale: float) -> None:
     """_put_label's box and text drawn with TrueType fonts (PIL) that have the text's characters, each run
     of characters in the first font that has them, on one baseline."""
-    from PIL import Image, ImageDraw
 
     size = max(8, round(HERSHEY_TO_POINTS * font_scale))
     runs = [(_truetype(path, size), part) for path, part in font_runs(text)]

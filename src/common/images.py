@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif"})
 VIDEO_EXTS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
@@ -143,7 +146,6 @@ def pil_to_rgb(image: Image.Image) -> Image.Image:
 
 def _read_with_opencv(path: Path) -> np.ndarray | None:
     """Fallback for what PIL cannot open (e.g. 16-bit RGB TIFF). OpenCV applies EXIF orientation here."""
-    import cv2
 
     array = cv2.imread(str(path), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_COLOR)
     if array is None:
@@ -207,9 +209,7 @@ def parallel_map(
     processes=True: a process pool, for CPU-heavy per-file work in a stage's own process (fn and items must
     pickle: a module-level function or a bound method of a simple object).
     """
-    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
-    from tqdm import tqdm
 
     if workers <= 1 or len(items) <= 1:
         return [fn(item) for item in tqdm(items, desc=desc, unit="file", leave=False)]

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from loguru import logger
 
@@ -81,7 +82,6 @@ class VideoInput:
 def open_video(path: str | Path | int, name: str | None = None) -> VideoInput:
     """Open a video file (or a webcam index / stream URL); VideoReadError (naming `name`, default the
     source) when it has no video stream."""
-    import cv2
 
     path = path if isinstance(path, int) or "://" in str(path) else Path(path)
     name = name or str(path)
@@ -105,7 +105,6 @@ class VideoOutput:
 
     def __init__(self, targets: Sequence[tuple[Path, str]], fps: float, size: tuple[int, int]):
         """targets: (final path, fourcc) pairs; size: (width, height) of every frame written."""
-        import cv2
 
         self.finals = [Path(path) for path, _ in targets]
         self.temps = [p.with_name(f".{p.stem}.tmp{p.suffix}") for p in self.finals]

@@ -21,7 +21,9 @@ from loguru import logger
 
 from src.common.config import ROOT, stage_main
 from src.common.errors import UserError
+from src.common.experiment import stage_config
 from src.common.images import list_images
+from src.demo.app import build_app, launch_app, remove_temp_files_at_exit
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -105,7 +107,6 @@ def served_page(cfg, app=None) -> Iterator[DemoPage]:
     """The demo of `cfg` served on a free local port and opened in headless Chromium; closed afterwards."""
     from playwright.sync_api import sync_playwright
 
-    from src.demo.app import build_app, launch_app
 
     if not CHROMIUM.exists():
         raise UserError(f"{CHROMIUM} is not installed: run `make browser` (Debian's chromium)")
@@ -137,8 +138,6 @@ def take_screenshots(cfg, out_dir: Path) -> list[Path]:
 
 
 def run(cfg) -> list[Path]:
-    from src.common.experiment import stage_config
-    from src.demo.app import remove_temp_files_at_exit
 
     cfg = stage_config(cfg)
     remove_temp_files_at_exit()

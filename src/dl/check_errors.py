@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from faster_coco_eval.core import mask as mask_utils
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -35,7 +34,7 @@ from src.dl.artifacts import load_experiment_model
 from src.dl.split_samples import full_image_config, load_split_samples
 from src.dl.stage_outputs import StagedOutputs
 from src.metrics import matching
-from src.metrics.masks import encode_masks
+from src.metrics.masks import mask_iou_matrix
 from src.metrics.matching import greedy_match, score_order
 from src.runtime.detector import BOX_DECIMALS, SCORE_DECIMALS, Detections, read_each
 from src.runtime.evaluate import LabelledImage
@@ -70,14 +69,6 @@ def iou_matrix(dets: Detections, sample: LabelledImage) -> np.ndarray:
         return iou
     iou[:, has_mask] = mask_iou_matrix(dets.masks, sample.masks(*dets.image_size)[has_mask])
     return iou
-
-
-def mask_iou_matrix(masks_a: np.ndarray, masks_b: np.ndarray) -> np.ndarray:
-    """(A, B) IoU of bool masks (A, H, W) x (B, H, W), computed on their COCO RLEs (cheap for big images)."""
-    if len(masks_a) == 0 or len(masks_b) == 0:
-        return np.zeros((len(masks_a), len(masks_b)))
-    iou = mask_utils.iou(encode_masks(masks_a), encode_masks(masks_b), [0] * len(masks_b))
-    return np.asarray(iou, np.float64).reshape(len(masks_a), len(masks_b))
 
 
 def error_rows(

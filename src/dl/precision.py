@@ -2,9 +2,10 @@
 
 A deployment is an exported file run at one inference precision: model_fp32.xml at f32 or bf16,
 model_fp16.xml at f16, model_int8.xml, model.onnx, TensorRT engines. Export measures every deployment this
-machine can run against torch (src/dl/parity.py: val mAP50 drop and mean IoU of paired boxes, for a
-segmentation model mean mask IoU of the pairs too, latency)
-and picks the fastest one that holds parity (export.precision_rule); export.precision pins a family
+machine can run against torch (src/dl/parity.py, on up to export.parity_images images of every split:
+paired box IoU and score deviation percentiles, the mAP50 delta with its paired bootstrap interval,
+detections present in one runtime only, for a segmentation model the pairs' mean mask IoU, latency) and
+picks the fastest one that holds export.precision_rule (`holds`); export.precision pins a family
 (fp32 | bf16 | f16 | int8) instead. The choice and its reason go to the manifest ("deployment"), bench.csv
 (column `chosen`) and are what best_artifact / load_model use when no precision is given.
 """
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from src.dl.parity import MIN_PARITY_DETECTIONS
+from src.dl.parity import MIN_PARITY_DETECTIONS, significant_drop, too_many_unmatched
 from src.runtime import available_backends, backend_for
+from src.runtime.openvino_model import precision_unavailable
 
 FAMILIES = ("fp32", "bf16", "f16", "int8")
 
@@ -53,7 +55,6 @@ def unavailable_reason(deployment: Deployment, path: Path, device: str) -> str |
     if reason is not None:
         return reason
     if backend == "openvino" and deployment.runtime not in (None, "f32"):
-        from src.runtime.openvino_model import precision_unavailable
 
         return precision_unavailable(deployment.runtime, device)
     return None
@@ -79,9 +80,14 @@ def candidates(
 def holds(entry: dict[str, Any], rule, reduced: bool = True) -> list[str]:
     """What breaks the precision rule for one parity entry (empty: it holds).
 
-    A reduced precision (not fp32) must also have been compared on enough detections: with an untrained
+    The bulk of the paired boxes must agree (median IoU), nearly all of them closely (5th percentile), and
+    nearly all scores (95th percentile of the deviation); mAP50 may not drop beyond the rule where the
+    paired bootstrap interval says the drop is systematic; detections present in one runtime only may not
+    exceed the rule's rate beyond a binomial test (a collapse of class logits shows there first). A
+    reduced precision (not fp32) must also have been compared on enough detections: with an untrained
     model nothing scores above parity_conf, and "no box moved" would otherwise pick int8 unverified.
     """
+
     if "error" in entry:
         return [f"cannot run: {entry['error']}"]
     problems = []
@@ -90,11 +96,22 @@ def holds(entry: dict[str, Any], rule, reduced: bool = True) -> list[str]:
         problems.append(
             f"only {compared} detections compared (< {MIN_PARITY_DETECTIONS}): parity not verified"
         )
-    drop = -float(entry["mAP_50_delta"])
-    if drop > float(rule.map50_drop):
-        problems.append(f"mAP50 drop {drop:.4f} > {rule.map50_drop}")
-    if float(entry["mean_iou"]) < float(rule.mean_iou):
-        problems.append(f"mean box IoU {entry['mean_iou']:.4f} < {rule.mean_iou}")
+    if significant_drop(entry, float(rule.map50_drop)):
+        problems.append(
+            f"mAP50 drop {-entry['mAP_50_delta']:.4f} > {rule.map50_drop} (interval of the delta "
+            f"[{entry['mAP_50_delta_low']:+.4f}, {entry['mAP_50_delta_high']:+.4f}] below 0)"
+        )
+    if float(entry["median_iou"]) < float(rule.box_iou_median):
+        problems.append(f"median box IoU {entry['median_iou']:.4f} < {rule.box_iou_median}")
+    if float(entry["p5_iou"]) < float(rule.box_iou_p5):
+        problems.append(f"5th percentile box IoU {entry['p5_iou']:.4f} < {rule.box_iou_p5}")
+    if float(entry["p95_score_dev"]) > float(rule.score_dev_p95):
+        problems.append(
+            f"95th percentile score deviation {entry['p95_score_dev']:.4f} > {rule.score_dev_p95}"
+        )
+    unmatched = int(entry.get("unmatched", 0))
+    if too_many_unmatched(unmatched, compared, float(rule.unmatched_frac), float(rule.confidence)):
+        problems.append(f"{unmatched} of {compared} detections in one runtime only (> {rule.unmatched_frac})")
     if "mean_mask_iou" in entry and float(entry["mean_mask_iou"]) < float(rule.mask_iou):  # segment models
         problems.append(f"mean mask IoU {entry['mean_mask_iou']:.4f} < {rule.mask_iou}")
     return problems
@@ -129,8 +146,9 @@ def choose(parity: dict[str, Any], skipped: dict[str, str], pin: str, rule) -> d
             masks = any("mean_mask_iou" in e for e in measured.values())
             mask_rule = f", mean mask IoU >= {rule.mask_iou}" if masks else ""
             why += (
-                f"fastest that holds parity (mAP50 drop <= {rule.map50_drop}, mean IoU >= {rule.mean_iou}"
-                f"{mask_rule})"
+                f"fastest that holds parity (box IoU median >= {rule.box_iou_median} and p5 >= "
+                f"{rule.box_iou_p5}, score deviation p95 <= {rule.score_dev_p95}, no significant mAP50 "
+                f"drop > {rule.map50_drop}, unmatched <= {rule.unmatched_frac}{mask_rule})"
             )
         elif fp32:
             chosen = fp32[0]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from loguru import logger
 from omegaconf import DictConfig
 
@@ -33,7 +34,6 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def free_memory() -> None:
-    import torch
 
     gc.collect()
     if torch.cuda.is_available():

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from src.common.draw import put_title, tile_images
 from src.common.images import ImageReadError, read_image_rgb
@@ -82,7 +83,6 @@ def fingerprint(rgb: np.ndarray) -> Fingerprint:
 
 def _phash(gray: np.ndarray) -> int:
     import imagehash
-    from PIL import Image
 
     return int(np.packbits(imagehash.phash(Image.fromarray(gray)).hash.reshape(-1)).view(">u8")[0])
 

@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 
 from src.common.draw import GT_COLOR, PRED_COLOR, draw_gt_vs_pred, draw_masks, save_image_rgb
+from src.common.images import read_image_rgb
 from src.common.io import atomic_write
+from src.metrics.masks import decode_rles
 from src.metrics.records import as_ground_truth, as_prediction, unique_images
 
 
@@ -76,7 +78,6 @@ def save_eval_images(
 ) -> list[Path]:
     """The first n images (by image_id when given) with GT in green and predictions >= conf_thresh in red.
     The original image is read from the record's "path" (records without one are skipped)."""
-    from src.common.images import read_image_rgb
 
     saved = []
     for k, (pred, gt) in enumerate(unique_images(preds, gts)[:n]):
@@ -104,7 +105,6 @@ def _draw_record_masks(image: np.ndarray, pred: dict, gt: dict, conf_thresh: flo
     boxes (records without "mask": the image unchanged)."""
     if "mask" not in pred or "mask" not in gt:
         return image
-    from src.metrics.masks import decode_rles
 
     height, width = image.shape[:2]
     kept = [

@@ -169,3 +169,37 @@ class ProjectedDeformableAttention(MSDeformableAttention):
         """query (B, Q, C); reference_boxes (B, Q, 1, 4) cxcywh in [0, 1]; memory (B, sum(h*w), C)."""
         value = split_value_heads(self.value_proj(memory), self.num_heads, spatial_shapes)
         return self.output_proj(super().forward(query, reference_boxes, value, spatial_shapes))
+
+
+class DecoderLayerParts(nn.Module):
+    """What the D-FINE and RT-DETRv2 decoder layers share around their cross-attention: post-norm
+    self-attention over the queries and the FFN. Subclasses register the parts in their official order
+    (self-attention, cross-attention, FFN), as the reference checkpoints name them."""
+
+    def _add_self_attention(self, d_model: int, n_head: int, dropout: float) -> None:
+        self.self_attn = nn.MultiheadAttention(d_model, n_head, dropout=dropout, batch_first=True)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+
+    def _add_ffn(self, d_model: int, dim_feedforward: int, dropout: float, activation: nn.Module) -> None:
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.activation = activation
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+        nn.init.xavier_uniform_(self.linear1.weight)
+        nn.init.xavier_uniform_(self.linear2.weight)
+
+    def _self_attention(
+        self, target: torch.Tensor, query_pos: torch.Tensor, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """target, query_pos (B, Q, C); attn_mask (Q, Q) True = blocked -> (B, Q, C)."""
+        q = k = target + query_pos
+        attended, _ = self.self_attn(q, k, value=target, attn_mask=attn_mask)
+        return self.norm1(target + self.dropout1(attended))
+
+    def _ffn(self, target: torch.Tensor, clamp: float | None = None) -> torch.Tensor:
+        """(B, Q, C) -> (B, Q, C); clamp bounds the residual sum before the norm (D-FINE: fp16's max)."""
+        out = target + self.dropout4(self.linear2(self.dropout3(self.activation(self.linear1(target)))))
+        return self.norm3(out if clamp is None else out.clamp(min=-clamp, max=clamp))

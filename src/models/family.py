@@ -26,6 +26,17 @@ class LossSettings:
     bg_loss_weight: float = 1.0  # extra weight on unmatched queries' classification loss (1 = official)
     mask_loss: dict | None = None  # train.mask_loss, for segmentation models
 
+    def classification_loss(self, spec: ModelSpec, official: Mapping[str, str]) -> str:
+        """The classification loss, vfl or mal: cls_loss, or for "auto" the arch's official one (official: arch -> loss)."""
+        cls_loss = str(self.cls_loss).lower()
+        if cls_loss == "auto":
+            cls_loss = official[spec.arch]
+        if cls_loss not in ("vfl", "mal"):
+            raise ValueError(
+                f"train.cls_loss must be auto, vfl or mal for {spec.display_name}, got {cls_loss!r}"
+            )
+        return cls_loss
+
 
 @dataclass(frozen=True)
 class Family:

@@ -139,6 +139,22 @@ class HybridEncoder(nn.Module):
     three `_..._block` methods.
     """
 
+    @classmethod
+    def from_size(cls, size, img_size: tuple[int, int] | None) -> HybridEncoder:
+        """The encoder of a size-table entry (D-FINE's ModelSize or RT-DETRv2's RTDETRSize share these
+        fields); img_size (h, w) precomputes the position embedding for that input."""
+        return cls(
+            in_channels=list(size.encoder_in_channels),
+            feat_strides=list(size.feat_strides),
+            hidden_dim=size.hidden_dim,
+            nhead=size.nhead,
+            dim_feedforward=size.encoder_ffn_dim,
+            use_encoder_idx=size.use_encoder_idx,
+            expansion=size.expansion,
+            depth_mult=size.depth_mult,
+            eval_spatial_size=img_size,
+        )
+
     def __init__(
         self,
         in_channels: list[int],

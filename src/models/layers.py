@@ -101,3 +101,13 @@ class ConvNormLayer(nn.Module):
         fused.weight.data, fused.bias.data = kernel.detach(), bias.detach()
         self.conv_bn_fused = fused
         del self.conv, self.norm
+
+
+def fold_for_deploy(model: nn.Module) -> nn.Module:
+    """Eval mode, then every sub-module's `convert_to_deploy()` (BN / RepVGG folding, dropping what eval
+    does not run): the outputs do not change. Returns the model."""
+    model.eval()
+    for module in model.modules():
+        if hasattr(module, "convert_to_deploy"):
+            module.convert_to_deploy()
+    return model

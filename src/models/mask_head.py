@@ -12,13 +12,16 @@ The design of Mask DINO / RT-DETR-seg / D-FINE-seg, in our own code:
 3. Mask logits: their dot product, scaled by 1/sqrt(mask_dim) so the logits start small whatever the
    width: "pred_masks" (B, Q, H/4, W/4). sigmoid > 0.5 (logit > 0) is the mask.
 
-Cost, the reason for the light layers: issue 14 allows a segmentation model 1.3x the detector's training
-step and 1.25x its latency. D-FINE-seg's branch (256 channels, full 3x3 convs also at the doubled
-resolution) costs 10.6 GFLOPs on D-FINE-n and 42.9 on -s at 640 px, more than the detectors themselves
-(7.3 and 25.0); this one (MASK_DIM 64, the full 3x3 conv only at the finest encoder stride) 1.6 and 2.3,
-most of it the dot product of 300 queries with the 1/4 map (a 128-wide branch at 1/4 made n's forward 1.53x).
+Cost, the reason for the light layers: a segmentation model may cost at most about 1.25x the detector. The
+widths are kept small (MASK_DIM 64, the full 3x3 conv only at the finest encoder stride); the largest
+remaining item is the dot product of every query with the stride-4 map.
 
-The branch only adds a key to the decoder's outputs; boxes and scores are computed exactly as without it.
+After `convert_to_deploy()` (export and the torch runtime) the head skips that dot product: it returns the
+two embeddings ("mask_embedding" (B, Q, D), "pixel_embedding" (B, D, H/4, W/4)) and the postprocessor
+takes the dot product for the K queries it keeps (`mask_logits`), the same numbers as gathering them from
+"pred_masks" without computing, or copying, the maps of the queries it drops.
+
+The branch only adds keys to the decoder's outputs; boxes and scores are computed exactly as without it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,44 @@ from src.models.layers import MLP
 NORM_GROUPS = 32  # GroupNorm groups (batch-size independent: masks often train with small batches)
 MASK_DIM = 64  # pixel / mask embedding width, every size (cost ~ width x pixels x queries); YOLACT uses 32
 DETAIL_STRIDE = 4  # the backbone stage the pixel embedding also reads, and so the mask logits' stride
+# Deploy-mode outputs of the head, read by the postprocessor (src/models/postprocess.py)
+MASK_EMBEDDING = "mask_embedding"  # (B, Q, D): each query's mask embedding, already scaled
+PIXEL_EMBEDDING = "pixel_embedding"  # (B, D, H/4, W/4)
+
+
+def mask_logits(mask_embedding: torch.Tensor, pixel_embedding: torch.Tensor) -> torch.Tensor:
+    """(B, K, D) query mask embeddings . (B, D, h, w) pixel embedding -> (B, K, h, w) mask logits."""
+    return torch.einsum("bkd,bdhw->bkhw", mask_embedding, pixel_embedding)
+
+
+class DeployGroupNorm(nn.Module):
+    """nn.GroupNorm's result from per-channel spatial moments (same weights, same numbers up to float
+    rounding): (B, C, H, W) -> (B, C, H, W). Every group holds H*W values of each of its channels, so its
+    mean and (biased) variance are the means of its channels' moments. Unlike GroupNorm's reshape of the map
+    into (B, groups, -1), nothing here depends on the map's memory layout: a runtime that keeps maps in a
+    blocked channel layout (OpenVINO) normalises in place instead of reordering the stride-4 map twice."""
+
+    def __init__(self, norm: nn.GroupNorm):
+        super().__init__()
+        self.groups, self.eps = norm.num_groups, norm.eps
+        self.weight, self.bias = norm.weight, norm.bias  # the same Parameters (and state_dict keys)
+
+    def group_mean(self, per_channel: torch.Tensor) -> torch.Tensor:
+        """(B, C) per-channel values -> (B, C): the mean over each channel's group."""
+        b, c = per_channel.shape
+        grouped = per_channel.view(b, self.groups, c // self.groups)
+        return grouped.mean(2, keepdim=True).expand_as(grouped).reshape(b, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = self.group_mean(x.mean((2, 3)))  # (B, C)
+        variance = self.group_mean((x - mean[..., None, None]).square().mean((2, 3)))  # (B, C)
+        # The affine folded into one scale and shift per (image, channel): one pass over the map. weight /
+        # sqrt, not rsqrt * weight: the ONNX exporter merges equal weights (a zero-initialised GroupNorm
+        # weight equals the zero biases) into one initializer behind Identity nodes, and onnxruntime's
+        # fusion of 1/x * w then refers to an Identity output it removed (the graph fails to load).
+        scale = self.weight / torch.sqrt(variance + self.eps)  # (B, C)
+        shift = self.bias - mean * scale  # (B, C)
+        return x * scale[..., None, None] + shift[..., None, None]
 
 
 def _conv_norm(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -78,7 +119,8 @@ class PixelEmbedding(nn.Module):
 
 class MaskHead(nn.Module):
     """(encoder maps, decoder outputs with "query_features", backbone stride-4 map) -> outputs with
-    "pred_masks" (B, Q, H/4, W/4) mask logits instead of "query_features"."""
+    "pred_masks" (B, Q, H/4, W/4) mask logits instead of "query_features" (deploy mode: the two embeddings
+    the logits are made of, MASK_EMBEDDING and PIXEL_EMBEDDING)."""
 
     mask_stride = DETAIL_STRIDE  # output stride of the mask logits, every size
 
@@ -87,9 +129,23 @@ class MaskHead(nn.Module):
         self.pixel_embedding = PixelEmbedding(encoder_channels, detail_channels, mask_dim)
         self.mask_embedding = MLP(query_dim, query_dim, mask_dim, 3)
         self.scale = mask_dim**-0.5
+        self.deploy_mode = False
 
     def extra_repr(self) -> str:
         return f"mask_stride={self.mask_stride}"
+
+    def convert_to_deploy(self) -> None:
+        """Return the embeddings instead of every query's logits (see the module doc), GroupNorms computed
+        as DeployGroupNorm. One way."""
+        self.deploy_mode = True
+        norms = [
+            (parent, name, child)
+            for parent in self.modules()
+            for name, child in parent.named_children()
+            if isinstance(child, nn.GroupNorm)
+        ]
+        for parent, name, norm in norms:
+            setattr(parent, name, DeployGroupNorm(norm))
 
     def forward(self, feats: list[torch.Tensor], outputs: dict, detail: torch.Tensor) -> dict:
         if "query_features" not in outputs:
@@ -98,7 +154,9 @@ class MaskHead(nn.Module):
         queries = outputs.pop("query_features")  # (B, Q, C)
         pixels = self.pixel_embedding(feats, detail)  # (B, D, H/4, W/4)
         embedding = self.mask_embedding(queries) * self.scale  # (B, Q, D)
-        outputs["pred_masks"] = torch.einsum("bqd,bdhw->bqhw", embedding, pixels)  # (B, Q, H/4, W/4)
+        if self.deploy_mode:
+            return outputs | {MASK_EMBEDDING: embedding, PIXEL_EMBEDDING: pixels}
+        outputs["pred_masks"] = mask_logits(embedding, pixels)  # (B, Q, H/4, W/4)
         return outputs
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from src.common.boxes import cxcywh_to_xyxy
+from src.models.mask_head import MASK_EMBEDDING, PIXEL_EMBEDDING, mask_logits
 
 
 class PostProcessor(nn.Module):
@@ -22,11 +23,14 @@ class PostProcessor(nn.Module):
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, num_top_queries={self.num_top_queries}"
 
-    def deploy(self) -> PostProcessor:
+    def deploy(self, max_detections: int | None = None) -> PostProcessor:
         """Return (labels, boxes, scores[, masks]) tensors, each (B, K[, 4 | h, w]), instead of a list of
-        dicts (export)."""
+        dicts (export). max_detections: a smaller K than num_top_queries (an export's choice: a segment
+        model then computes mask logits for K queries only)."""
         self.eval()
         self.deploy_mode = True
+        if max_detections is not None:
+            self.num_top_queries = min(self.num_top_queries, int(max_detections))
         return self
 
     def forward(self, outputs: dict[str, torch.Tensor], orig_sizes_wh: torch.Tensor):
@@ -34,9 +38,9 @@ class PostProcessor(nn.Module):
         orig_sizes_wh (B, 2): (width, height) of each original image in pixels.
 
         Returns per image {"labels" int64 (K,), "boxes" float xyxy pixels (K, 4), "scores" (K,)}, sorted by
-        score, K = min(num_top_queries, Q * C). A segmentation model's outputs ("pred_masks" (B, Q, h, w))
-        add "masks": the kept queries' low-resolution logits (K, h, w); network_input.masks_to_original
-        turns them into masks of the original image.
+        score, K = min(num_top_queries, Q * C). A segmentation model's outputs ("pred_masks" (B, Q, h, w),
+        or a deployed head's two embeddings) add "masks": the kept queries' low-resolution logits (K, h, w);
+        network_input.masks_to_original turns them into masks of the original image.
         """
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         boxes = cxcywh_to_xyxy(boxes) * orig_sizes_wh.to(boxes.dtype).repeat(1, 2).unsqueeze(1)  # (B, Q, 4)
@@ -50,7 +54,11 @@ class PostProcessor(nn.Module):
         query = index // self.num_classes
         boxes = boxes.gather(dim=1, index=query.unsqueeze(-1).repeat(1, 1, boxes.shape[-1]))
         results = [labels, boxes, scores]
-        if "pred_masks" in outputs:
+        if MASK_EMBEDDING in outputs:  # a deployed mask head: logits of the kept queries only
+            embedding = outputs[MASK_EMBEDDING]  # (B, Q, D)
+            kept = embedding.gather(dim=1, index=query.unsqueeze(-1).expand(-1, -1, embedding.shape[-1]))
+            results.append(mask_logits(kept, outputs[PIXEL_EMBEDDING]))  # (B, K, h, w)
+        elif "pred_masks" in outputs:
             pred_masks = outputs["pred_masks"]  # (B, Q, h, w)
             index = query[:, :, None, None].expand(-1, -1, *pred_masks.shape[-2:])
             results.append(pred_masks.gather(dim=1, index=index))  # (B, K, h, w)

@@ -38,6 +38,30 @@ def generate_anchors(
     return torch.where(valid_mask, anchors, torch.inf), valid_mask
 
 
+def decoder_size_kwargs(
+    size, num_classes: int, num_queries: int, num_denoising: int, img_size: tuple[int, int] | None
+) -> dict:
+    """The decoder arguments a size-table entry fixes (D-FINE's ModelSize and RT-DETRv2's RTDETRSize share
+    these fields), plus the run's class, query and denoising counts and its eval input size (h, w)."""
+    return dict(
+        num_classes=num_classes,
+        hidden_dim=size.decoder_hidden_dim,
+        num_queries=num_queries,
+        feat_channels=list(size.decoder_feat_channels),
+        feat_strides=list(size.feat_strides),
+        num_levels=size.num_levels,
+        num_points=list(size.num_points),
+        nhead=size.nhead,
+        num_layers=size.num_layers,
+        dim_feedforward=size.decoder_ffn_dim,
+        activation=size.activation,
+        mlp_act=size.mlp_act,
+        num_denoising=num_denoising,
+        eval_spatial_size=img_size,
+        eval_idx=size.eval_idx,
+    )
+
+
 class QuerySelection(nn.Module):
     def __init__(
         self,

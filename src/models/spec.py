@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from src.common.config import label_names
 from src.common.config_rules import LEGACY_VARIANT_ARCH
 from src.common.errors import ConfigError
 from src.models.archs import check_arch, default_queries, display_name
@@ -75,7 +76,6 @@ class ModelSpec:
     @classmethod
     def from_config(cls, cfg, arch_overrides: Mapping | None = None) -> ModelSpec:
         """From cfg.model and cfg.label_to_name (the one place their values are cast)."""
-        from src.common.config import label_names
 
         model = cfg.model
         try:

@@ -41,24 +41,31 @@ def draw_objects(
     return image, lines
 
 
-def make_detection_data(root: Path, splits: dict[str, int], backgrounds: tuple[str, ...] = ()) -> Path:
-    """root/images + root/labels + train/val/test CSVs. Names in `backgrounds` get no objects."""
+def write_splits(root: Path, splits: dict[str, int], make_sample) -> Path:
+    """root/images + root/labels + one CSV per split; make_sample(rng, name) -> (BGR image, YOLO lines)
+    draws each image from one seeded generator (no lines: no label file)."""
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "labels").mkdir(parents=True, exist_ok=True)
     for split, count in splits.items():
-        names = []
-        for index in range(count):
-            name = f"{split}_{index}.jpg"
-            width, height = int(rng.integers(80, 140)), int(rng.integers(80, 140))
-            objects = 0 if name in backgrounds else int(rng.integers(1, 4))
-            image, lines = draw_objects(rng, width, height, objects)
+        names = [f"{split}_{index}.jpg" for index in range(count)]
+        for name in names:
+            image, lines = make_sample(rng, name)
             cv2.imwrite(str(root / "images" / name), image)
             if lines:
                 (root / "labels" / f"{Path(name).stem}.txt").write_text("\n".join(lines) + "\n")
-            names.append(name)
         pd.DataFrame({"image": names}).to_csv(root / f"{split}.csv", index=False)
     return root
+
+
+def make_detection_data(root: Path, splits: dict[str, int], backgrounds: tuple[str, ...] = ()) -> Path:
+    """root/images + root/labels + train/val/test CSVs. Names in `backgrounds` get no objects."""
+
+    def sample(rng, name):
+        width, height = int(rng.integers(80, 140)), int(rng.integers(80, 140))
+        return draw_objects(rng, width, height, 0 if name in backgrounds else int(rng.integers(1, 4)))
+
+    return write_splits(root, splits, sample)
 
 
 def train_overrides(tmp_path: Path, data: Path, *overrides: str) -> list[str]:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import albumentations as A
 import cv2
 import numpy as np
 
@@ -144,7 +145,6 @@ def build_augmentations(augs: Mapping, seed: int | None = None):
 
     Boxes are pascal_voc (xyxy pixels), clipped to the image; labels travel in `class_labels`.
     """
-    import albumentations as A
 
     transforms = []
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import torch
 from loguru import logger
 from torch import nn
@@ -28,6 +29,10 @@ from src.dl.train.false_positives import (
 )
 from src.dl.train.samplers import ShardSampler
 from src.dl.train.settings import EvalSettings
+from src.metrics.masks import MASK_COLUMNS
+from src.metrics.plots import save_eval_images
+from src.metrics.records import predict_batches
+from src.metrics.validator import evaluate
 from src.models.spec import ModelSpec
 
 
@@ -71,7 +76,6 @@ class Evaluator:
     @torch.no_grad()
     def predict_split(self, model: nn.Module, split: str) -> tuple[list, list] | None:
         """Predictions and ground truth for every image of `split` exactly once, on rank 0 (None elsewhere)."""
-        from src.metrics.records import predict_batches
 
         loader = self.eval_loader(split)
         if loader is None:
@@ -90,8 +94,6 @@ class Evaluator:
 
     def evaluate_split(self, model: nn.Module, split: str, plots: bool):
         """ValResult of `split` on rank 0 (None elsewhere or for an empty split); plots and eval pictures."""
-        from src.metrics.plots import save_eval_images
-        from src.metrics.validator import evaluate
 
         result = self.predict_split(model, split)
         if result is None:
@@ -185,7 +187,6 @@ class Evaluator:
         """metrics.csv (+ a "negatives" row), per_class.csv, thresholds.json (picked on val); rank 0.
 
         Returns (thresholds, {split: metrics} of the splits that have images)."""
-        import pandas as pd
 
         done = {split: r for split, r in results.items() if r is not None}
         rows = [{"split": split, **r.metrics} for split, r in done.items()]
@@ -214,7 +215,6 @@ class Evaluator:
 
 def check_decision_metrics(names: list[str], task: str) -> None:
     """train.decision_metrics may name mask mAP only for a segmentation model (a detector has none)."""
-    from src.metrics.masks import MASK_COLUMNS
 
     masks = [name for name in names if name in MASK_COLUMNS]
     if masks and task != "segment":

@@ -33,6 +33,8 @@ from loguru import logger
 from src.common.errors import UserError
 from src.common.images import image_size, list_images, parallel_map, read_image_rgb
 from src.common.network_input import image_to_tensor, letterbox_or_resize
+from src.dl.train.dataset import collate_fn
+from src.metrics.records import predict_batches
 from src.runtime.detector import Detector
 from src.runtime.evaluate import unthresholded_scores
 
@@ -237,8 +239,6 @@ def predict_negative_scores(
     show_progress: bool = True,
 ) -> list[np.ndarray]:
     """Scores (top-K, unthresholded) per image of a torch model, through the validator's own loop."""
-    from src.dl.train.dataset import collate_fn
-    from src.metrics.records import predict_batches
 
     loader = torch.utils.data.DataLoader(
         NegativeImages(image_paths, img_size, keep_ratio),

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from src.common.config import save_run_config
 from src.common.errors import ExperimentError
 from src.common.experiment import FILES, Experiment
+from src.etl.splits import split_csv_path
 
 # What a run writes before its first checkpoint: replaced when a retry finds them without a checkpoint.
 LEFTOVER_KEYS = (
@@ -46,7 +47,6 @@ def prepare_folder(cfg: DictConfig, exp: Experiment) -> Path | None:
         _replace_leftovers(exp)
     exp.root.mkdir(parents=True, exist_ok=True)
     save_run_config(cfg, exp.file("config"))
-    from src.etl.splits import split_csv_path
 
     exp.record_training(cfg, {split: split_csv_path(cfg, split) for split in ("train", "val", "test")})
     return backup

@@ -6,7 +6,10 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
 import torch
+
+from src.common.io import atomic_write, atomic_write_csv
 
 CURVE_METRICS = ("mAP_50", "mAP_50_95", "mask_mAP_50", "mask_mAP_50_95", "precision", "recall", "f1")
 
@@ -34,7 +37,6 @@ def plot_curves(history: Sequence[dict], path: Path, metric_names: Sequence[str]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from src.common.io import atomic_write
 
     if not history:
         return
@@ -60,9 +62,7 @@ def plot_curves(history: Sequence[dict], path: Path, metric_names: Sequence[str]
 
 
 def write_history(history: Sequence[dict], path: Path) -> None:
-    import pandas as pd
 
-    from src.common.io import atomic_write_csv
 
     frame = pd.DataFrame(list(history))  # an epoch without validation (train.eval_every): empty metric cells
     # Columns in first-seen order, the epoch's total time last (a first epoch without validation would put it

@@ -16,7 +16,7 @@ def memory_used_gb(device: torch.device) -> float:
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
     except (OSError, ValueError, IndexError):
-        import resource
+        import resource  # noqa: PLC0415 (POSIX only; reached where /proc is missing)
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
         return peak / (2**30 if sys.platform == "darwin" else 2**20)

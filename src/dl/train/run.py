@@ -34,7 +34,12 @@ from src.dl.train.loggers import build_loggers
 from src.dl.train.profile import NO_TIMER
 from src.dl.train.setup import build_trainer
 from src.dl.train.trainer import Trainer
-from src.models.checkpoint import RunCheckpoint, load_run_checkpoint, shared_checkpoint_reads
+from src.models import ModelSpec, checkpoint_arch, family_of, pretrained_mismatch
+from src.models.checkpoint import RunCheckpoint, load_run_checkpoint, read_checkpoint, shared_checkpoint_reads
+from src.models.detr.weights import RELEASE_FILES as DETR_FILES
+from src.models.dfine.weights import DEIM_DRIVE_LINKS, DFINE_RELEASE_FILES, DFINE_RELEASE_URL
+from src.models.rtdetr.weights import IMAGENET_FILES
+from src.models.rtdetr.weights import RELEASE_FILES as RTDETR_FILES
 
 # Keys a resumed run may change (they do not change the result); everything else comes from last.pt.
 RESUME_RUNTIME_KEYS = (
@@ -68,7 +73,6 @@ def follow_pretrained_arch(cfg: DictConfig) -> tuple[str, str] | None:
     path = cfg.train.pretrained_model_path
     if cfg.train.resume or not path:
         return None
-    from src.models import ModelSpec, checkpoint_arch, family_of, pretrained_mismatch
 
     configured = str(cfg.model.arch)
     arch, reason = checkpoint_arch(str(path))
@@ -92,11 +96,6 @@ def follow_pretrained_arch(cfg: DictConfig) -> tuple[str, str] | None:
 def release_addresses() -> dict[str, str]:
     """Official release file name -> where to download it, for every family (detectors and the ImageNet
     backbones the ResNet families start from)."""
-    from src.models.detr.weights import RELEASE_FILES as DETR_FILES
-    from src.models.dfine.weights import DEIM_DRIVE_LINKS, DFINE_RELEASE_FILES, DFINE_RELEASE_URL
-    from src.models.rtdetr.weights import IMAGENET_FILES
-    from src.models.rtdetr.weights import RELEASE_FILES as RTDETR_FILES
-
     official = {name: DFINE_RELEASE_URL + name for name in DFINE_RELEASE_FILES.values()}
     official |= {
         f"deim_dfine_hgnetv2_{size}_{data}.pth": link for (size, data), link in DEIM_DRIVE_LINKS.items()
@@ -107,8 +106,6 @@ def release_addresses() -> dict[str, str]:
 def check_pretrained_file(path: str) -> None:
     """train.pretrained_model_path must be a readable checkpoint: a missing or unreadable file is refused in
     one line naming it and what to do (an official release file name says where to get it)."""
-    from src.models.checkpoint import read_checkpoint
-
     file = Path(path)
     if not file.is_file():
         where = release_addresses().get(file.name)

@@ -28,6 +28,7 @@ from src.dl.train.ema import ModelEMA
 from src.dl.train.epoch import Optimization
 from src.dl.train.evaluation import check_decision_metrics
 from src.dl.train.events import Events
+from src.dl.train.false_positives import check_negatives_disjoint
 from src.dl.train.optim import backbone_parameters, build_lr_scheduler, build_optimizer
 from src.dl.train.profile import NO_TIMER, SectionTimer, time_calls
 from src.dl.train.rng import seed_everything
@@ -36,8 +37,10 @@ from src.dl.train.speed import setup_speed
 from src.dl.train.trainer import ModelParts, TrainData, Trainer, batches_in_epoch
 from src.etl.doctor import check_dataset
 from src.etl.splits import read_split, split_csv_path
+from src.models import checkpoint_arch_overrides, load_pretrained
 from src.models.build import build, check_buildable
 from src.models.checkpoint import RunCheckpoint
+from src.models.denoising import set_denoising_negatives
 from src.models.spec import ModelSpec
 
 
@@ -129,7 +132,6 @@ def build_data(cfg: DictConfig, ctx: DistContext, settings: EvalSettings) -> Tra
 def check_negatives(settings: EvalSettings, split_images: list[Path]) -> list[Path]:
     """The held-out background images (train.negatives_path); an image also in train/val/test stops the run
     here (its FPPI would flatter the model)."""
-    from src.dl.train.false_positives import check_negatives_disjoint
 
     negatives = check_negatives_disjoint(settings.negatives_path, split_images, settings.check_workers)
     if negatives:
@@ -150,7 +152,6 @@ def arch_overrides(settings: TrainSettings, ctx: DistContext, resumed: RunCheckp
         return resumed.spec.arch_overrides
     if not settings.pretrained_model_path:
         return {}
-    from src.models import checkpoint_arch_overrides
 
     overrides = checkpoint_arch_overrides(settings.pretrained_model_path)
     if overrides and ctx.is_main:
@@ -162,13 +163,11 @@ def build_model_parts(
     spec: ModelSpec, settings: TrainSettings, ctx: DistContext, precision: Precision
 ) -> ModelParts:
     """Model (+ pretrained weights), criterion, postprocessor and EMA on the run's device."""
-    from src.models.denoising import set_denoising_negatives
 
     model, criterion, postprocessor = build(spec, settings.losses)
     # Parameters the size's own recipe freezes (the stem of l / x) stay frozen whatever we do later.
     trainable_backbone = [p for p in backbone_parameters(model) if p.requires_grad]
     if settings.pretrained_model_path and not settings.resume:
-        from src.models import load_pretrained
 
         # It logs what it loaded, re-initialised (class heads) and copied from COCO rows.
         load_pretrained(model, settings.pretrained_model_path, class_names=spec.class_names)

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from src.common.experiment import Experiment
 from src.common.hardware import Precision
 from src.dl.train.core import TrainState
+from src.dl.train.dataset import save_all_debug_images
 from src.dl.train.distributed import (
     DistContext,
     all_gather_objects,
@@ -238,7 +239,6 @@ class Trainer:
             self.events.fire(event, *args)
 
     def _save_debug_images(self) -> None:
-        from src.dl.train.dataset import save_all_debug_images
 
         n = self.settings.debug_images
         if n > 0:

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from loguru import logger
 from torch import nn
 
+from src.models.backbones.base import StagedBackbone
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -98,49 +100,6 @@ ARCHS: dict[str, tuple[tuple[int, int, int], tuple[StageSpec, ...]]] = {
 PRETRAINED_URL = (
     "https://github.com/Peterande/storage/releases/download/dfinev1.0/PPHGNetV2_{name}_stage1.pth"
 )
-
-
-class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm with fixed statistics and affine parameters (all buffers, nothing trains).
-
-    Same state-dict keys as nn.BatchNorm2d minus `num_batches_tracked` (dropped when loading a checkpoint
-    saved with ordinary BatchNorm).
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5):
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
-        shift = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
-        return x * scale + shift
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
-
-
-def freeze_batch_norms(module: nn.Module) -> nn.Module:
-    """Replace every nn.BatchNorm2d inside `module` (or `module` itself) by a FrozenBatchNorm2d.
-
-    The new layers start at identity statistics; load weights afterwards.
-    """
-    if isinstance(module, nn.BatchNorm2d):
-        return FrozenBatchNorm2d(module.num_features, module.eps)
-    for name, child in module.named_children():
-        frozen = freeze_batch_norms(child)
-        if frozen is not child:
-            setattr(module, name, frozen)
-    return module
 
 
 class LearnableAffineBlock(nn.Module):
@@ -284,7 +243,7 @@ class HGStage(nn.Module):
         return self.blocks(self.downsample(x))
 
 
-class HGNetv2(nn.Module):
+class HGNetv2(StagedBackbone):
     """Backbone returning the feature maps of the stages in `return_idx` (strides 4, 8, 16, 32).
 
     freeze_at >= 0 freezes the stem parameters (and stages 0..freeze_at unless freeze_stem_only);
@@ -314,17 +273,8 @@ class HGNetv2(nn.Module):
         self.stem = StemBlock(*stem_channels, use_lab=use_lab)
         self.stages = nn.ModuleList([HGStage(spec, use_lab) for spec in stages])
 
-        if freeze_at >= 0:
-            self.stem.requires_grad_(False)
-            if not freeze_stem_only:
-                for stage in self.stages[: freeze_at + 1]:
-                    stage.requires_grad_(False)
-        if freeze_norm:
-            freeze_batch_norms(self)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        stages = self.stage_outputs(x)
-        return [stages[i] for i in self.return_idx]
+        frozen = [] if freeze_stem_only else list(self.stages[: freeze_at + 1])
+        self._freeze([self.stem, *frozen] if freeze_at >= 0 else [], freeze_norm)
 
     def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every stage's map (strides 4, 8, 16, 32; channels `stage_channels`): a segmentation model's mask

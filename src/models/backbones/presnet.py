@@ -19,7 +19,7 @@ import torch
 from loguru import logger
 from torch import nn
 
-from src.models.backbones.hgnetv2 import freeze_batch_norms
+from src.models.backbones.base import StagedBackbone
 from src.models.layers import ConvNormLayer
 
 BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -99,7 +99,7 @@ class Blocks(nn.Module):
         return x
 
 
-class PResNet(nn.Module):
+class PResNet(StagedBackbone):
     """images (B, 3, H, W) -> the maps of the stages in `return_idx`, each (B, out_channels[i], H/s, W/s)."""
 
     def __init__(
@@ -131,16 +131,8 @@ class PResNet(nn.Module):
         self.out_channels = [self.stage_channels[i] for i in self.return_idx]
         self.out_strides = [STAGE_STRIDES[i] for i in self.return_idx]
 
-        if freeze_at >= 0:
-            self.conv1.requires_grad_(False)
-            for stage in self.res_layers[: min(freeze_at, len(self.res_layers))]:
-                stage.requires_grad_(False)
-        if freeze_norm:
-            freeze_batch_norms(self)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        stages = self.stage_outputs(x)
-        return [stages[i] for i in self.return_idx]
+        frozen = [self.conv1, *self.res_layers[: min(freeze_at, len(self.res_layers))]]
+        self._freeze(frozen if freeze_at >= 0 else [], freeze_norm)
 
     def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every stage's map (strides 4, 8, 16, 32; channels `stage_channels`)."""

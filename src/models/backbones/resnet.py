@@ -15,7 +15,7 @@ import torch
 from loguru import logger
 from torch import nn
 
-from src.models.backbones.hgnetv2 import FrozenBatchNorm2d
+from src.models.backbones.base import FrozenBatchNorm2d
 
 BLOCKS_PER_STAGE = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 STAGE_WIDTHS = (64, 128, 256, 512)  # bottleneck width; each block outputs 4x this

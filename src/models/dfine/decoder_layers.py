@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.models.attention import MSDeformableAttention
+from src.models.attention import DecoderLayerParts, MSDeformableAttention
 from src.models.layers import MLP, activation_layer, prior_bias
 
 
@@ -30,7 +30,7 @@ class Gate(nn.Module):
         return self.norm(gate1 * x1 + gate2 * x2)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(DecoderLayerParts):
     def __init__(
         self,
         d_model: int,
@@ -46,20 +46,11 @@ class DecoderLayer(nn.Module):
         if layer_scale is not None:  # the optional wider layers after eval_idx
             dim_feedforward = round(layer_scale * dim_feedforward)
             d_model = round(layer_scale * d_model)
-        self.self_attn = nn.MultiheadAttention(d_model, n_head, dropout=dropout, batch_first=True)
-        self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
+        self._add_self_attention(d_model, n_head, dropout)
         self.cross_attn = MSDeformableAttention(d_model, n_head, n_levels, n_points)
         self.dropout2 = nn.Dropout(dropout)
         self.gateway = Gate(d_model)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.activation = activation_layer(activation)
-        self.dropout3 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.dropout4 = nn.Dropout(dropout)
-        self.norm3 = nn.LayerNorm(d_model)
-        nn.init.xavier_uniform_(self.linear1.weight)
-        nn.init.xavier_uniform_(self.linear2.weight)
+        self._add_ffn(d_model, dim_feedforward, dropout, activation_layer(activation))
 
     def forward(
         self,
@@ -70,14 +61,10 @@ class DecoderLayer(nn.Module):
         attn_mask: torch.Tensor | None,
         query_pos: torch.Tensor,
     ) -> torch.Tensor:
-        q = k = target + query_pos
-        attended, _ = self.self_attn(q, k, value=target, attn_mask=attn_mask)
-        target = self.norm1(target + self.dropout1(attended))
+        target = self._self_attention(target, query_pos, attn_mask)
         sampled = self.cross_attn(target + query_pos, reference_boxes, value, spatial_shapes)
         target = self.gateway(target, self.dropout2(sampled))
-        ffn = self.linear2(self.dropout3(self.activation(self.linear1(target))))
-        # The clamp keeps fp16 finite (65504 = fp16 max).
-        return self.norm3((target + self.dropout4(ffn)).clamp(min=-65504, max=65504))
+        return self._ffn(target, clamp=65504)  # keeps fp16 finite (65504 = fp16 max)
 
 
 class LQE(nn.Module):

@@ -34,15 +34,10 @@ def build_dfine(spec: ModelSpec) -> DFINE:
 
 
 def build_dfine_criterion(spec: ModelSpec, losses: LossSettings) -> nn.Module:
-    cls_loss = str(losses.cls_loss).lower()
-    if cls_loss == "auto":
-        cls_loss = OFFICIAL_CLS_LOSS[spec.arch]
-    if cls_loss not in ("vfl", "mal"):
-        raise ValueError(f"train.cls_loss must be auto, vfl or mal for {spec.display_name}, got {cls_loss!r}")
     return build_criterion(
         spec.size,
         spec.num_classes,
-        cls_loss=cls_loss,
+        cls_loss=losses.classification_loss(spec, OFFICIAL_CLS_LOSS),
         bg_loss_weight=losses.bg_loss_weight,
         mask_loss=losses.mask_loss if spec.task == "segment" else None,
     )

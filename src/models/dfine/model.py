@@ -11,8 +11,10 @@ from src.models.backbones.hgnetv2 import HGNetv2
 from src.models.dfine.decoder import DFineDecoder
 from src.models.dfine.encoder import DFineEncoder
 from src.models.dfine.sizes import ModelSize, get_size
+from src.models.layers import fold_for_deploy
 from src.models.mask_head import MaskHead, build_mask_head
 from src.models.outputs import DetectorOutputs
+from src.models.query_selection import decoder_size_kwargs
 from src.models.spec import TASKS
 
 
@@ -52,11 +54,7 @@ class DFINE(nn.Module):
 
     def deploy(self) -> DFINE:
         """Eval mode, RepVGG/BN folding, and only the layers eval runs; outputs do not change. One way."""
-        self.eval()
-        for module in self.modules():
-            if hasattr(module, "convert_to_deploy"):
-                module.convert_to_deploy()
-        return self
+        return fold_for_deploy(self)
 
 
 def build_model(
@@ -98,33 +96,9 @@ def build_model(
     )
     if pretrained_backbone:
         backbone.load_pretrained(pretrained_backbone)
-    encoder = DFineEncoder(
-        in_channels=list(size.encoder_in_channels),
-        feat_strides=list(size.feat_strides),
-        hidden_dim=size.hidden_dim,
-        nhead=size.nhead,
-        dim_feedforward=size.encoder_ffn_dim,
-        use_encoder_idx=size.use_encoder_idx,
-        expansion=size.expansion,
-        depth_mult=size.depth_mult,
-        eval_spatial_size=img_size,
-    )
+    encoder = DFineEncoder.from_size(size, img_size)
     decoder = DFineDecoder(
-        num_classes=num_classes,
-        hidden_dim=size.decoder_hidden_dim,
-        num_queries=num_queries,
-        feat_channels=list(size.decoder_feat_channels),
-        feat_strides=list(size.feat_strides),
-        num_levels=size.num_levels,
-        num_points=list(size.num_points),
-        nhead=size.nhead,
-        num_layers=size.num_layers,
-        dim_feedforward=size.decoder_ffn_dim,
-        activation=size.activation,
-        mlp_act=size.mlp_act,
-        num_denoising=num_denoising,
-        eval_spatial_size=img_size,
-        eval_idx=size.eval_idx,
+        **decoder_size_kwargs(size, num_classes, num_queries, num_denoising, img_size),
         reg_max=size.reg_max,
         reg_scale=size.reg_scale,
         layer_scale=size.layer_scale,

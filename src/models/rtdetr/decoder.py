@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.models.attention import ProjectedDeformableAttention
+from src.models.attention import DecoderLayerParts, ProjectedDeformableAttention
 from src.models.denoising import split_denoising
 from src.models.layers import MLP, activation_layer, inverse_sigmoid, prior_bias
 from src.models.query_selection import QuerySelection
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(DecoderLayerParts):
     def __init__(
         self,
         d_model: int,
@@ -44,20 +44,11 @@ class DecoderLayer(nn.Module):
         method: str = "default",
     ):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, n_head, dropout=dropout, batch_first=True)
-        self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
+        self._add_self_attention(d_model, n_head, dropout)
         self.cross_attn = ProjectedDeformableAttention(d_model, n_head, n_levels, n_points, method=method)
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.activation = activation_layer(activation)
-        self.dropout3 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.dropout4 = nn.Dropout(dropout)
-        self.norm3 = nn.LayerNorm(d_model)
-        nn.init.xavier_uniform_(self.linear1.weight)
-        nn.init.xavier_uniform_(self.linear2.weight)
+        self._add_ffn(d_model, dim_feedforward, dropout, activation_layer(activation))
 
     def forward(
         self,
@@ -69,13 +60,9 @@ class DecoderLayer(nn.Module):
         query_pos: torch.Tensor,
     ) -> torch.Tensor:
         """target (B, Q, C), reference_boxes (B, Q, 1, 4) cxcywh, memory (B, L, C) -> (B, Q, C)."""
-        q = k = target + query_pos
-        attended, _ = self.self_attn(q, k, value=target, attn_mask=attn_mask)
-        target = self.norm1(target + self.dropout1(attended))
+        target = self._self_attention(target, query_pos, attn_mask)
         sampled = self.cross_attn(target + query_pos, reference_boxes, memory, spatial_shapes)
-        target = self.norm2(target + self.dropout2(sampled))
-        ffn = self.linear2(self.dropout3(self.activation(self.linear1(target))))
-        return self.norm3(target + self.dropout4(ffn))
+        return self._ffn(self.norm2(target + self.dropout2(sampled)))
 
 
 class LayerStack(nn.Module):

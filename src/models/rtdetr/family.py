@@ -34,15 +34,10 @@ def build_rtdetr(spec: ModelSpec) -> RTDETR:
 
 def build_rtdetr_criterion(spec: ModelSpec, losses: LossSettings) -> nn.Module:
     """The official criterion: each head's own Hungarian matching for every term (no GO-LSD union set)."""
-    cls_loss = str(losses.cls_loss).lower()
-    if cls_loss == "auto":
-        cls_loss = OFFICIAL_CLS_LOSS[spec.arch]
-    if cls_loss not in ("vfl", "mal"):
-        raise ValueError(f"train.cls_loss must be auto, vfl or mal for {spec.display_name}, got {cls_loss!r}")
     return build_criterion(
         spec.size,
         spec.num_classes,
-        cls_loss=cls_loss,
+        cls_loss=losses.classification_loss(spec, OFFICIAL_CLS_LOSS),
         loss_weights=LOSS_WEIGHTS,
         bg_loss_weight=losses.bg_loss_weight,
         use_union_set=False,

@@ -9,6 +9,8 @@ from torch import nn
 
 from src.models.backbones.presnet import PResNet
 from src.models.hybrid_encoder import HybridEncoder
+from src.models.layers import fold_for_deploy
+from src.models.query_selection import decoder_size_kwargs
 from src.models.rtdetr.decoder import RTDETRv2Decoder
 from src.models.rtdetr.sizes import RTDETRSize, get_size
 
@@ -32,11 +34,7 @@ class RTDETR(nn.Module):
     def deploy(self) -> RTDETR:
         """Eval mode, BN folding (backbone and encoder), RepVGG folding, only the decoder layers eval runs;
         outputs do not change."""
-        self.eval()
-        for module in self.modules():
-            if hasattr(module, "convert_to_deploy"):
-                module.convert_to_deploy()
-        return self
+        return fold_for_deploy(self)
 
 
 def build_model(
@@ -66,34 +64,10 @@ def build_model(
     )
     if pretrained_backbone:
         backbone.load_pretrained(pretrained_backbone)
-    encoder = HybridEncoder(
-        in_channels=list(size.encoder_in_channels),
-        feat_strides=list(size.feat_strides),
-        hidden_dim=size.hidden_dim,
-        nhead=size.nhead,
-        dim_feedforward=size.encoder_ffn_dim,
-        use_encoder_idx=size.use_encoder_idx,
-        expansion=size.expansion,
-        depth_mult=size.depth_mult,
-        eval_spatial_size=img_size,
-    )
+    encoder = HybridEncoder.from_size(size, img_size)
     decoder = RTDETRv2Decoder(
-        num_classes=num_classes,
-        hidden_dim=size.decoder_hidden_dim,
-        num_queries=num_queries,
-        feat_channels=list(size.decoder_feat_channels),
-        feat_strides=list(size.feat_strides),
-        num_levels=len(size.feat_strides),
-        num_points=list(size.num_points),
-        nhead=size.nhead,
-        num_layers=size.num_layers,
-        dim_feedforward=size.decoder_ffn_dim,
-        activation=size.activation,
-        mlp_act=size.mlp_act,
+        **decoder_size_kwargs(size, num_classes, num_queries, num_denoising, img_size),
         query_pos_method=size.query_pos_method,
         cross_attn_method=size.cross_attn_method,
-        num_denoising=num_denoising,
-        eval_spatial_size=img_size,
-        eval_idx=size.eval_idx,
     )
     return RTDETR(backbone, encoder, decoder, size)

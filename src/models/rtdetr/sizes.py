@@ -42,6 +42,10 @@ class RTDETRSize:
     depth_mult: float = 1.0
     nhead: int = 8
 
+    @property
+    def num_levels(self) -> int:  # one decoder level per encoder map (no extra stride-2 levels)
+        return len(self.feat_strides)
+
 
 _SMALL_ENCODER = dict(
     encoder_in_channels=(128, 256, 512), hidden_dim=256, encoder_ffn_dim=1024, expansion=0.5

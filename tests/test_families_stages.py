@@ -1,7 +1,8 @@
-"""Every detector family through every stage, with no family-specific setting: a 2-step training, export
-(ONNX + OpenVINO, with the parity report), bench, infer on a folder with a video (tracking) and slicing,
-check_errors, test_batching, and ov_int8 (under -m slow), on a few tiny images the test draws. The stages only go through build(spec)
-and the runtime, so a family that breaks one of them breaks it here."""
+"""Every detector family through every stage, with no family-specific setting: a 2-step training (with EMA
+and mosaic), export (ONNX + OpenVINO, with the parity report), infer on a folder with a video (tracking)
+and slicing, the demo's handlers; bench, check_errors and test_batching (D-FINE by default, the ResNet
+families under -m slow); ov_int8 and an exact resume (-m slow). On a few tiny images the test draws. The
+stages only go through build(spec) and the runtime, so a family that breaks one of them breaks it here."""
 
 from __future__ import annotations
 

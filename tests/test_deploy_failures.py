@@ -14,19 +14,17 @@ import pytest
 from src.common.config import ROOT
 from src.common.errors import UserError
 from src.common.experiment import Experiment, exp_dir
-from tests.helpers.deploy_data import deploy_config, make_checkpoint, make_data
+from tests.helpers.deploy_data import deploy_config, exported_experiment, make_checkpoint
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny experiment exported to ONNX and an OpenVINO fp32 IR (no parity check), and a few images."""
-    from src.dl import export
 
     root = tmp_path_factory.mktemp("failures")
-    cfg = deploy_config(root, "export.check_parity=false", "export.simplify=false", "export.ov_fp16=false")
-    make_data(cfg)
-    make_checkpoint(cfg)
-    export.run(cfg)
+    cfg, _ = exported_experiment(
+        root, "export.check_parity=false", "export.simplify=false", "export.ov_fp16=false"
+    )
     media = root / "media"
     media.mkdir()
     for image in sorted((root / "data" / "images").glob("*.jpg"))[:2]:

@@ -12,7 +12,11 @@ from src.common.config import load_config
 from src.common.experiment import exp_dir
 from src.common.images import read_image_rgb
 from src.runtime import Detections, available_backends, load_model
-from tests.helpers.deploy_data import CLASS_NAMES, deploy_config, make_checkpoint, make_data
+from tests.helpers.deploy_data import (
+    CLASS_NAMES,
+    deploy_config,
+    exported_experiment,
+)
 
 NO_MAP_CHANGE = {"mAP_50_delta": 0.0, "mAP_50_delta_low": 0.0, "mAP_50_delta_high": 0.0}
 
@@ -20,13 +24,9 @@ NO_MAP_CHANGE = {"mAP_50_delta": 0.0, "mAP_50_delta_low": 0.0, "mAP_50_delta_hig
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny experiment exported with a dynamic batch (max 3): ONNX + OpenVINO fp32/fp16, parity checked."""
-    from src.dl import export
 
     root = tmp_path_factory.mktemp("export")
-    cfg = deploy_config(root, "export.dynamic_batch=true", "export.max_batch_size=3")
-    make_data(cfg)
-    make_checkpoint(cfg)
-    return cfg, export.run(cfg)
+    return exported_experiment(root, "export.dynamic_batch=true", "export.max_batch_size=3")
 
 
 def val_images(cfg, n: int = 5) -> list[np.ndarray]:

@@ -19,7 +19,7 @@ from src.dl.parity import compare_detections
 from src.dl.precision import BY_NAME, choose, holds
 from src.runtime import Detections, load_model
 from src.runtime.evaluate import LabelledImage
-from tests.helpers.deploy_data import deploy_config, make_checkpoint, make_data
+from tests.helpers.deploy_data import exported_experiment
 
 RULE = load_config([]).export.precision_rule
 
@@ -219,13 +219,9 @@ def test_choose_fastest_that_holds_and_pins():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from src.dl import export
 
     root = tmp_path_factory.mktemp("precision")
-    cfg = deploy_config(root, "export.simplify=false", "export.ov_fp16=false", "export.latency_runs=5")
-    make_data(cfg)
-    make_checkpoint(cfg)
-    return cfg, export.run(cfg)
+    return exported_experiment(root, "export.simplify=false", "export.ov_fp16=false", "export.latency_runs=5")
 
 
 def cpu_has_bf16() -> bool:

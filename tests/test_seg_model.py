@@ -11,6 +11,7 @@ import torch
 from src.common.config import load_config
 from src.common.network_input import Letterbox, letterbox_or_resize, masks_to_original
 from src.models import build_criterion, build_model, build_postprocessor
+from src.models.mask_head import MASK_EMBEDDING, PIXEL_EMBEDDING, mask_logits
 from src.models.mask_loss import MaskLossSettings, point_sample, uncertain_points
 
 NUM_CLASSES = 2
@@ -247,6 +248,8 @@ def test_deployed_segmentation_model_keeps_its_outputs():
     with torch.no_grad():
         expected = model(images)
         got = model.deploy()(images)
+        # deploy mode hands over the two embeddings; the postprocessor takes their product for kept queries
+        got["pred_masks"] = mask_logits(got[MASK_EMBEDDING], got[PIXEL_EMBEDDING])
     for key in ("pred_logits", "pred_boxes", "pred_masks"):
         assert torch.allclose(expected[key], got[key], atol=1e-4), key
 

@@ -28,7 +28,7 @@ from src.dl.train.augment import (
 from src.dl.train.evaluation import check_decision_metrics
 from src.dl.train.setup import split_dataset
 from src.models.checkpoint import load_run_checkpoint
-from tests.helpers.train_data import write_splits
+from tests.helpers.train_data import train_overrides, write_splits
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -160,29 +160,17 @@ def make_polygon_data(root: Path, splits: dict[str, int], box_line_in: str | Non
 
 
 def overrides(tmp_path: Path, data: Path, *extra: str) -> list[str]:
-    return [
-        f"data_path={data}",
-        f"output_dir={tmp_path / 'output'}",
+    return train_overrides(
+        tmp_path,
+        data,
         "exp_name=seg",
-        "device=cpu",
         "label_to_name={0: triangle, 1: quad}",
-        "model.name=n",
         "model.task=segment",
-        "model.img_size=[64,64]",
-        "model.num_queries=10",
-        "train.epochs=1",
-        "train.batch_size=2",
-        "train.num_workers=0",
-        "train.max_steps_per_epoch=2",
-        "train.debug_images=2",
         "train.eval_images=1",
-        "train.checkpoint_every_minutes=0",
-        "train.ema_warmups=2",
         "train.mask_loss.points=64",
-        "check.find_duplicates=false",
         "train.allow_leaks=true",  # one diamond on dark noise: train_2 and val_0 are near-duplicates
         *extra,
-    ]
+    )
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,22 @@ import pytest
 from src.common.experiment import exp_dir
 from src.runtime.detector import Detections
 from src.runtime.evaluate import LabelledImage
-from tests.helpers.deploy_data import CLASS_NAMES, deploy_config, make_checkpoint, make_data, make_video
+from tests.helpers.deploy_data import (
+    CLASS_NAMES,
+    deploy_config,
+    exported_experiment,
+    make_video,
+)
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """Tiny experiment, exported to ONNX + OpenVINO (static batch 1, no parity check: test_export does that)."""
-    from src.dl import export
 
     root = tmp_path_factory.mktemp("stages")
-    cfg = deploy_config(root, "export.check_parity=false", "export.simplify=false", "export.ov_fp16=false")
-    make_data(cfg)
-    make_checkpoint(cfg)
-    export.run(cfg)
+    cfg, _ = exported_experiment(
+        root, "export.check_parity=false", "export.simplify=false", "export.ov_fp16=false"
+    )
     return root, cfg
 
 

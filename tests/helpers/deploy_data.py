@@ -121,3 +121,14 @@ def experiment(tmp_path_factory):
     cfg = deploy_config(root)
     make_data(cfg)
     return cfg, make_checkpoint(cfg)
+
+
+def exported_experiment(root: Path, *overrides: str):
+    """(cfg, export's report) of a tiny experiment under root with data and a checkpoint, exported by the
+    real export stage with `overrides`."""
+    from src.dl import export  # a stage: imported only by the tests that export
+
+    cfg = deploy_config(root, *overrides)
+    make_data(cfg)
+    make_checkpoint(cfg)
+    return cfg, export.run(cfg)

@@ -18,41 +18,22 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from src.models.size_fields import HybridDetectorSize
+
 VARIANTS = ("dfine", "deim")
 
 
-@dataclass(frozen=True)
-class ModelSize:
+@dataclass(frozen=True, kw_only=True)
+class ModelSize(HybridDetectorSize):
     # HGNetv2 backbone
     backbone: str
-    return_idx: tuple[int, ...]
-    freeze_at: int
-    freeze_norm: bool
     use_lab: bool
-    # hybrid encoder
-    encoder_in_channels: tuple[int, ...]
-    feat_strides: tuple[int, ...]
-    hidden_dim: int
-    use_encoder_idx: tuple[int, ...]
-    encoder_ffn_dim: int
-    expansion: float
-    depth_mult: float
-    # decoder
-    decoder_feat_channels: tuple[int, ...]
-    decoder_hidden_dim: int
+    freeze_stem_only: bool = True
+    # decoder: extra stride-2 levels beyond the encoder maps, and FDR's bins
     num_levels: int
-    num_layers: int
-    num_points: tuple[int, ...]
-    decoder_ffn_dim: int
     reg_scale: float
-    eval_idx: int = -1
     layer_scale: float = 1
     reg_max: int = 32
-    nhead: int = 8
-    freeze_stem_only: bool = True
-    # activations of the decoder FFN / LQE and of its MLP heads (DEIM uses SiLU)
-    activation: str = "relu"
-    mlp_act: str = "relu"
 
 
 _THREE_LEVELS = dict(

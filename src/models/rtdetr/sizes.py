@@ -10,37 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from src.models.size_fields import HybridDetectorSize
+
 ARCHS = ("rtdetrv2", "deim_rtdetrv2")
 
 
-@dataclass(frozen=True)
-class RTDETRSize:
+@dataclass(frozen=True, kw_only=True)
+class RTDETRSize(HybridDetectorSize):
     # ResNet-vd backbone
     depth: int
-    freeze_at: int
-    freeze_norm: bool
-    # hybrid encoder (rt_detrv2 version: CSP fusion blocks)
-    encoder_in_channels: tuple[int, ...]
-    hidden_dim: int
-    encoder_ffn_dim: int
-    expansion: float
     # decoder
-    decoder_feat_channels: tuple[int, ...]
-    num_layers: int
-    eval_idx: int = -1
-    decoder_hidden_dim: int = 256
-    decoder_ffn_dim: int = 1024
     num_points: tuple[int, ...] = (4, 4, 4)
     cross_attn_method: str = "default"  # "discrete": nearest-cell sampling instead of bilinear
-    activation: str = "relu"  # decoder FFN
-    mlp_act: str = "relu"  # box, encoder-box and query-position MLPs
     query_pos_method: str = "default"  # "as_reg": DEIM's 3-layer query-position MLP
-    # shared by every size
-    return_idx: tuple[int, ...] = (1, 2, 3)
-    feat_strides: tuple[int, ...] = (8, 16, 32)
-    use_encoder_idx: tuple[int, ...] = (2,)
-    depth_mult: float = 1.0
-    nhead: int = 8
 
     @property
     def num_levels(self) -> int:  # one decoder level per encoder map (no extra stride-2 levels)

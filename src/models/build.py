@@ -38,14 +38,24 @@ def family_of(arch: str) -> Family:
     return _FAMILY_OF_ARCH[arch]
 
 
-def build(spec: ModelSpec, losses: LossSettings | None = None) -> Detector:
-    """(model, criterion, postprocessor) for `spec`; losses: the train.* loss choices (defaults: official)."""
+def check_buildable(spec: ModelSpec) -> None:
+    """ConfigError (one line) unless spec's family builds it: a task the family supports (the message names
+    the archs that do), and the family's own checks (DETR: its queries fit the input's grid). Stages call it
+    before any work, build() again."""
     family = family_of(spec.arch)
     if spec.task not in family.tasks:
+        supporting = [arch for other in FAMILIES if spec.task in other.tasks for arch in other.archs]
         raise ConfigError(
-            f"model.task={spec.task} is not available for {ARCH_TITLES[spec.arch]}; it supports "
-            f"{' | '.join(family.tasks)}"
+            f"model.task={spec.task} is not available for {ARCH_TITLES[spec.arch]} (it supports "
+            f"{' | '.join(family.tasks)}); model.task={spec.task} needs model.arch={' | '.join(supporting)}"
         )
+    family.check_spec(spec)
+
+
+def build(spec: ModelSpec, losses: LossSettings | None = None) -> Detector:
+    """(model, criterion, postprocessor) for `spec`; losses: the train.* loss choices (defaults: official)."""
+    check_buildable(spec)
+    family = family_of(spec.arch)
     return Detector(
         family.build_model(spec),
         family.build_criterion(spec, losses or LossSettings()),

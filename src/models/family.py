@@ -57,6 +57,8 @@ class Family:
     build_postprocessor: Callable[[ModelSpec], nn.Module]
     # A state-dict key prefix only this family's checkpoints have (tells a file's family apart).
     key_prefix: str
+    # ConfigError when a spec the size table accepts cannot work for this family (build.check_buildable).
+    check_spec: Callable[[ModelSpec], None] = field(default=lambda spec: None)
     # Architecture details read off a checkpoint's weights (ModelSpec.arch_overrides); {} when none.
     arch_overrides: Callable[[Mapping[str, torch.Tensor]], dict] = field(default=lambda state: {})
     # (state dict, lower-case file name) -> (arch | None, reason), for families whose archs share tensors.

@@ -281,7 +281,8 @@ def backbone_file_prefix(checkpoint: Checkpoint, own: Mapping[str, torch.Tensor]
     prefix, found = prefixes.most_common(1)[0]
     body = {key[len(prefix) :] for key in own if key.startswith(prefix)}
     parts = {key.split(".")[0] for key in body}  # conv1, bn1, layer1, ...: what the backbone is made of
-    missing = sorted(body - set(state))
+    # a trainable BatchNorm counts its batches itself: ImageNet files without the counter fit
+    missing = sorted(k for k in body - set(state) if not k.endswith("num_batches_tracked"))
     extra = sorted(
         k
         for k in state

@@ -36,7 +36,10 @@ from src.dl.train.setup import build_trainer
 from src.dl.train.trainer import Trainer
 from src.models import ModelSpec, checkpoint_arch, family_of, pretrained_mismatch
 from src.models.checkpoint import RunCheckpoint, load_run_checkpoint, read_checkpoint, shared_checkpoint_reads
+from src.models.detr.weights import RELEASE_FILES as DETR_FILES
 from src.models.dfine.weights import DEIM_DRIVE_LINKS, DFINE_RELEASE_FILES, DFINE_RELEASE_URL
+from src.models.rtdetr.weights import IMAGENET_FILES
+from src.models.rtdetr.weights import RELEASE_FILES as RTDETR_FILES
 
 # Keys a resumed run may change (they do not change the result); everything else comes from last.pt.
 RESUME_RUNTIME_KEYS = (
@@ -90,17 +93,22 @@ def follow_pretrained_arch(cfg: DictConfig) -> tuple[str, str] | None:
     return note
 
 
+def release_addresses() -> dict[str, str]:
+    """Official release file name -> where to download it, for every family (detectors and the ImageNet
+    backbones the ResNet families start from)."""
+    official = {name: DFINE_RELEASE_URL + name for name in DFINE_RELEASE_FILES.values()}
+    official |= {
+        f"deim_dfine_hgnetv2_{size}_{data}.pth": link for (size, data), link in DEIM_DRIVE_LINKS.items()
+    }
+    return official | RTDETR_FILES | IMAGENET_FILES | DETR_FILES
+
+
 def check_pretrained_file(path: str) -> None:
     """train.pretrained_model_path must be a readable checkpoint: a missing or unreadable file is refused in
     one line naming it and what to do (an official release file name says where to get it)."""
-
     file = Path(path)
     if not file.is_file():
-        official = {name: DFINE_RELEASE_URL + name for name in DFINE_RELEASE_FILES.values()}
-        official |= {
-            f"deim_dfine_hgnetv2_{size}_{data}.pth": link for (size, data), link in DEIM_DRIVE_LINKS.items()
-        }
-        where = official.get(file.name)
+        where = release_addresses().get(file.name)
         get_it = (
             f"it is an official release file: download {where} and save it as {file}"
             if where

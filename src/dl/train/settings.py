@@ -217,7 +217,7 @@ def _step_settings(tc: DictConfig) -> StepSettings:
 
 def _optim_settings(cfg: DictConfig) -> OptimSettings:
     tc = cfg.train
-    base_lr, backbone_lr = train_lrs(tc.lrs, str(cfg.model.name))
+    base_lr, backbone_lr = train_lrs(tc.lrs, str(cfg.model.arch), str(cfg.model.name))
     flat = tc.flat_cosine
     schedule = ScheduleSettings(
         name=str(tc.scheduler),
@@ -265,14 +265,17 @@ def measured_thresholds(negatives_thresholds, conf_thresh: float) -> tuple[float
     return tuple(sorted({*(float(t) for t in negatives_thresholds), float(conf_thresh)}))
 
 
-def train_lrs(lrs: Mapping, model_name: str) -> tuple[float, float]:
-    """(base_lr, backbone_lr) of train.lrs for the model size."""
-    if model_name not in lrs:
+def train_lrs(lrs: Mapping, arch: str, model_name: str) -> tuple[float, float]:
+    """(base_lr, backbone_lr) of train.lrs for the model: the entry `<arch>_<name>` wins over `<name>`,
+    since sizes of different families share names with different official LRs (DETR's and RT-DETRv2's r50)."""
+    qualified = f"{arch}_{model_name}"
+    name = qualified if qualified in lrs else model_name
+    if name not in lrs:
         raise ConfigError(
-            f"train.lrs has no entry for model.name={model_name}; add "
-            f"train.lrs.{model_name}.{{base_lr,backbone_lr}}"
+            f"train.lrs has no entry for model.arch={arch} model.name={model_name}; add "
+            f"train.lrs.{qualified}={{base_lr: ..., backbone_lr: ...}}"
         )
-    entry = lrs[model_name]
+    entry = lrs[name]
     return float(entry["base_lr"]), float(entry["backbone_lr"])
 
 

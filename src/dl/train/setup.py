@@ -38,7 +38,7 @@ from src.dl.train.trainer import ModelParts, TrainData, Trainer, batches_in_epoc
 from src.etl.doctor import check_dataset
 from src.etl.splits import read_split, split_csv_path
 from src.models import checkpoint_arch_overrides, load_pretrained
-from src.models.build import build
+from src.models.build import build, check_buildable
 from src.models.checkpoint import RunCheckpoint
 from src.models.denoising import set_denoising_negatives, set_denoising_queries
 from src.models.spec import ModelSpec
@@ -55,6 +55,7 @@ def build_trainer(
     added to later (a new one if None); timer: a profile.SectionTimer for benchmarks.train_speed --profile."""
     settings = TrainSettings.from_config(cfg)
     spec = ModelSpec.from_config(cfg)  # the architecture a checkpoint fixes follows below
+    check_buildable(spec)  # before the dataset doctor's minutes: the task and size fit the family
     check_decision_metrics(list(settings.evaluation.decision_metrics), spec.task)  # mask mAP: segment only
     precision, tuner = setup_speed(
         settings.threads, settings.num_workers, settings.amp, ctx.device, ctx.world_size

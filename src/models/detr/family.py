@@ -56,6 +56,7 @@ DETR_FAMILY = Family(
     name="detr",
     archs=("detr",),
     tasks=("detect",),
+    check_spec=check_queries_fit,
     build_model=build_detr,
     build_criterion=build_detr_criterion,
     build_postprocessor=build_detr_postprocessor,

@@ -23,10 +23,14 @@ class DetrPostProcessor(nn.Module):
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, num_top_queries={self.num_top_queries}"
 
-    def deploy(self) -> DetrPostProcessor:
-        """Return (labels, boxes, scores) tensors, each (B, K[, 4]), instead of a list of dicts (export)."""
+    def deploy(self, max_detections: int | None = None) -> DetrPostProcessor:
+        """Return (labels, boxes, scores) tensors, each (B, K[, 4]), instead of a list of dicts (export).
+        max_detections: a smaller K than num_top_queries (an export's choice)."""
         self.eval()
         self.deploy_mode = True
+        if max_detections is not None:
+            top = self.num_top_queries
+            self.num_top_queries = int(max_detections) if top is None else min(top, int(max_detections))
         return self
 
     def forward(self, outputs: dict[str, torch.Tensor], orig_sizes_wh: torch.Tensor):

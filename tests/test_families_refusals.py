@@ -31,6 +31,8 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(("overrides", "said"), [
     (("model.arch=rtdetrv2", "model.name=n"),
      "model.name='n' is not a size of model.arch=rtdetrv2; choose one of r18 | r34 | r50m | r50 | r101"),
+    (("model.arch=rtdetrv2", "model.name=r19"),  # no train.lrs entry either: the size is what is wrong
+     "model.name='r19' is not a size of model.arch=rtdetrv2; choose one of r18 | r34 | r50m | r50 | r101"),
     (("model.arch=detr", "model.name=r50", "model.num_queries=10"),
      "model.img_size=[64, 64] gives DETR-R50 a 2x2 grid of 4 cells at stride 32, fewer than "
      "model.num_queries=10: use a larger model.img_size or at most 4 queries"),
@@ -39,7 +41,7 @@ def data_dir(tmp_path_factory) -> Path:
      "model.arch=dfine | deim_dfine"),
     (("model.arch=detr", "model.name=r101", "model.img_size=[320,320]", "model.task=segment"),
      "model.task=segment is not available for DETR"),
-], ids=["unknown-size", "detr-queries", "rtdetr-segment", "detr-segment"])  # fmt: skip
+], ids=["unknown-size", "unknown-size-without-lrs", "detr-queries", "rtdetr-segment", "detr-segment"])  # fmt: skip
 def test_a_bad_model_choice_is_refused_before_anything_is_written(tmp_path, data_dir, overrides, said):
     with pytest.raises(ConfigError) as refusal:
         train(train_config(tmp_path, data_dir, *overrides))

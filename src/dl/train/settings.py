@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.common.config_rules import label_names
 from src.common.errors import ConfigError
+from src.models.archs import check_arch
 from src.models.family import LossSettings
 
 LOGGER_NAMES = ("csv", "tensorboard", "wandb")  # train.loggers: src/dl/train/loggers.py builds them
@@ -268,6 +269,7 @@ def measured_thresholds(negatives_thresholds, conf_thresh: float) -> tuple[float
 def train_lrs(lrs: Mapping, arch: str, model_name: str) -> tuple[float, float]:
     """(base_lr, backbone_lr) of train.lrs for the model: the entry `<arch>_<name>` wins over `<name>`,
     since sizes of different families share names with different official LRs (DETR's and RT-DETRv2's r50)."""
+    check_arch(arch, model_name)  # an unknown size is named as such, not as a missing LR entry
     qualified = f"{arch}_{model_name}"
     name = qualified if qualified in lrs else model_name
     if name not in lrs:

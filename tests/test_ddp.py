@@ -7,19 +7,31 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 import torch
 
 from src.common.config import ROOT
 from tests.helpers.train_data import make_detection_data, train_overrides
 
+FAMILIES = [
+    pytest.param((), id="dfine-n"),
+    pytest.param(("model.arch=rtdetrv2", "model.name=r18"), id="rtdetrv2-r18", marks=pytest.mark.slow),
+    pytest.param(
+        ("model.arch=detr", "model.name=r50", "model.img_size=[128,128]"),
+        id="detr-r50",
+        marks=pytest.mark.slow,
+    ),
+]
 
-def test_torchrun_two_cpu_processes(tmp_path):
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torchrun_two_cpu_processes(tmp_path, family):
     # 3 val images over 2 ranks: one rank gets 2, the other 1; none may be counted twice or dropped.
     data = make_detection_data(
         tmp_path / "data", {"train": 8, "val": 3, "test": 1}, backgrounds=("train_2.jpg",)
     )
     overrides = train_overrides(
-        tmp_path, data, "train.epochs=2", "train.max_steps_per_epoch=2", "exp_name=ddp"
+        tmp_path, data, "train.epochs=2", "train.max_steps_per_epoch=2", "exp_name=ddp", *family
     )
     command = [
         sys.executable,

@@ -10,7 +10,7 @@ from PIL import Image
 from src.common.network_input import letterbox_or_resize
 from src.metrics.plots import save_eval_images
 from src.metrics.records import batch_records
-from src.metrics.validator import coco_dicts, coco_map, evaluate, save_thresholds
+from src.metrics.validator import MIN_DEPLOYABLE_F1, coco_dicts, coco_map, evaluate, save_thresholds
 
 NAMES = ["cat", "dog", "fox"]
 
@@ -63,6 +63,20 @@ def test_conf_thresh_filters_p_r_but_not_map():
     result = evaluate(preds, gts, NAMES, conf_thresh=0.5)
     check(result, tp=0, fp=0, fn=1, recall=0.0, mAP_50=1.0)
     assert result.thresholds["conf_thresh"] <= 0.3  # the curve finds the working threshold
+
+
+def test_a_model_without_a_useful_threshold_keeps_conf_thresh():
+    # One hit among 30 low-scoring misses: the best F1 (at the lowest scores) is under MIN_DEPLOYABLE_F1.
+    gts = [gt([[10, 10, 50, 50]], [0]) for _ in range(10)]
+    misses = [[60 + i, 60, 70 + i, 70] for i in range(3)]
+    preds = [
+        pred([[10, 10, 50, 50] if i == 0 else misses[0], *misses], [0] * 4, [0.02] * 4) for i in range(10)
+    ]
+    result = evaluate(preds, gts, NAMES, conf_thresh=0.4)
+    assert 0 < result.metrics["best_f1"] < MIN_DEPLOYABLE_F1
+    assert result.metrics["best_thresh"] <= 0.02  # the curve's own optimum is still reported
+    assert result.thresholds["conf_thresh"] == 0.4 and set(result.thresholds["per_class"].values()) == {0.4}
+    assert "kept the configured conf_thresh" in result.thresholds["fallback"]
 
 
 def test_iou_of_matched_pairs_and_one_to_one_matching():

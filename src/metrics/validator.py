@@ -41,6 +41,9 @@ from src.metrics.plots import plot_confusion_matrix, plot_threshold_curves
 from src.metrics.records import as_ground_truth, as_prediction, unique_images
 
 CURVE_THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.01), 2)  # confidence grid for the P/R/F1 curves
+# Below this best F1 a model has no operating point worth deploying: its F1 maximum then sits at the lowest
+# scores and would flood every output with boxes, so thresholds.json keeps the configured conf_thresh.
+MIN_DEPLOYABLE_F1 = 0.1
 
 
 def confusion_for_image(pred: dict, gt: dict, num_classes: int, iou_thresh: float) -> np.ndarray:
@@ -91,6 +94,19 @@ def best_threshold(thresholds: np.ndarray, f1: np.ndarray) -> tuple[float, float
     best = f1.max()
     ties = thresholds[np.isclose(f1, best, rtol=0, atol=1e-12)]
     return float(ties[len(ties) // 2]), float(best)
+
+
+def deployed_thresholds(best: float, best_f1: float, per_class: dict[str, float], conf_thresh: float) -> dict:
+    """thresholds.json's content: the best-F1 thresholds, or conf_thresh for every class when even the best
+    F1 is under MIN_DEPLOYABLE_F1 (then "fallback" says why)."""
+    if best_f1 >= MIN_DEPLOYABLE_F1:
+        return {"conf_thresh": best, "f1": best_f1, "per_class": per_class}
+    return {
+        "conf_thresh": float(conf_thresh),
+        "f1": best_f1,
+        "per_class": dict.fromkeys(per_class, float(conf_thresh)),
+        "fallback": f"best val F1 {best_f1:.3f} < {MIN_DEPLOYABLE_F1}: kept the configured conf_thresh",
+    }
 
 
 @dataclass
@@ -248,7 +264,7 @@ def evaluate(
         per_class=pd.DataFrame(per_class),
         confusion=confusion_matrix(preds, gts, num_classes, conf_thresh, iou_thresh),
         curves=pd.concat(curves, ignore_index=True),
-        thresholds={"conf_thresh": best_thresh, "f1": best_f1, "per_class": best_per_class},
+        thresholds=deployed_thresholds(best_thresh, best_f1, best_per_class, conf_thresh),
         class_names=class_names,
     )
 

@@ -207,8 +207,9 @@ class Evaluator:
             logger.info(f"best.pt on {split}: {self.describe(r.metrics)}")
         if negatives:
             logger.info(f"best.pt on negatives: {describe(negatives)}")
+        picked = "; ".join(["picked on val", *([thresholds["fallback"]] if "fallback" in thresholds else [])])
         logger.info(
-            f"thresholds (picked on val): global {thresholds['conf_thresh']:.2f} -> {self.exp.file('thresholds')}"
+            f"thresholds ({picked}): global {thresholds['conf_thresh']:.2f} -> {self.exp.file('thresholds')}"
         )
         return thresholds, {split: {k: float(v) for k, v in r.metrics.items()} for split, r in done.items()}
 

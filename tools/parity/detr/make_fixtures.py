@@ -58,13 +58,13 @@ def import_official(official: Path):
 
 
 @contextlib.contextmanager
-def resnet_without_imagenet_weights():
+def resnet_without_imagenet_weights(torchvision_models):
     """Official Backbone asks torchvision for ImageNet weights (`pretrained=is_main_process()`), which
     cannot be downloaded here and are overwritten by the deterministic weights anyway: for the duration
-    of the build, torchvision.models.resnet50/101 ignore `pretrained` and build with weights=None."""
-    import torchvision
-
-    originals = {name: getattr(torchvision.models, name) for name in ("resnet50", "resnet101")}
+    of the build, torchvision.models.resnet50/101 ignore `pretrained` and build with weights=None.
+    torchvision_models: the official backbone module's own `torchvision.models` (this script never
+    imports torchvision: only the official code, in its own venv, does)."""
+    originals = {name: getattr(torchvision_models, name) for name in ("resnet50", "resnet101")}
 
     def without_weights(factory):
         def build(*args, pretrained=False, **kwargs):
@@ -73,12 +73,12 @@ def resnet_without_imagenet_weights():
         return build
 
     for name, factory in originals.items():
-        setattr(torchvision.models, name, without_weights(factory))
+        setattr(torchvision_models, name, without_weights(factory))
     try:
         yield
     finally:
         for name, factory in originals.items():
-            setattr(torchvision.models, name, factory)
+            setattr(torchvision_models, name, factory)
 
 
 def official_args(official_main, size: str, dropout: float) -> argparse.Namespace:
@@ -92,7 +92,7 @@ def build_official(modules, size: str, dropout: float):
     """DETR exactly as the official `models.detr.build` assembles it, with 80 classes (81 logits)."""
     official_main, backbone, detr, matcher, transformer = modules
     args = official_args(official_main, size, dropout)
-    with resnet_without_imagenet_weights():
+    with resnet_without_imagenet_weights(backbone.torchvision.models):
         model = detr.DETR(
             backbone.build_backbone(args),
             transformer.build_transformer(args),
@@ -220,14 +220,13 @@ def make_size(modules, size: str, images: torch.Tensor, targets, out_dir: Path) 
     return {key: list(value.shape) for key, value in state.items()}
 
 
-def torchvision_resnet_manifest() -> dict[str, dict[str, list[int]]]:
+def torchvision_resnet_manifest(torchvision_models) -> dict[str, dict[str, list[int]]]:
     """Key -> shape of torchvision's ImageNet ResNet-50/101 state dicts (what DETR's backbone starts from);
-    built without weights (same keys and shapes as the ImageNet files)."""
-    import torchvision
-
+    built without weights (same keys and shapes as the ImageNet files) by the official backbone module's
+    `torchvision.models`."""
     return {
         name: {
-            k: list(v.shape) for k, v in getattr(torchvision.models, name)(weights=None).state_dict().items()
+            k: list(v.shape) for k, v in getattr(torchvision_models, name)(weights=None).state_dict().items()
         }
         for name in ("resnet50", "resnet101")
     }
@@ -256,12 +255,12 @@ def main() -> None:
         manifest[size] = make_size(modules, size, images, targets, args.out)
     manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=0) + "\n")
     (args.out / "torchvision_resnet_manifest.json").write_text(
-        json.dumps(torchvision_resnet_manifest(), indent=0) + "\n"
+        json.dumps(torchvision_resnet_manifest(modules[1].torchvision.models), indent=0) + "\n"
     )
     info = {
         "official_commit": commit,
         "torch": torch.__version__,
-        "torchvision": __import__("torchvision").__version__,
+        "torchvision": modules[1].torchvision.__version__,
         "orig_sizes_wh": ORIG_SIZES_WH,
         "num_classes": NUM_CLASSES,
     }

@@ -4,7 +4,7 @@ size dataclass adds its backbone and decoder specifics."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,3 +31,14 @@ class HybridDetectorSize:
     eval_idx: int = -1
     activation: str = "relu"  # decoder FFN (DEIM: SiLU)
     mlp_act: str = "relu"  # box, encoder-box and query-position MLPs (DEIM: SiLU)
+
+    def with_overrides(self, overrides: dict | None):
+        """A copy with `overrides` (field -> value, e.g. read from a checkpoint); ValueError naming any
+        field this size table does not have."""
+        if not overrides:
+            return self
+        allowed = {f.name for f in fields(self)}
+        unknown = set(overrides) - allowed
+        if unknown:
+            raise ValueError(f"Unknown architecture override(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        return replace(self, **overrides)

@@ -14,7 +14,7 @@ reads them off a checkpoint so it can be built and loaded without shape errors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -134,7 +134,6 @@ SIZES: dict[str, ModelSize] = {
 _DEIM_CHANGES = dict(freeze_at=-1, freeze_norm=False, activation="silu", mlp_act="silu")
 
 # Fields a caller may override (e.g. from a checkpoint); anything structural that the table holds.
-OVERRIDABLE = frozenset(f.name for f in fields(ModelSize))
 
 
 def get_size(name: str, variant: str = "dfine", overrides: dict | None = None) -> ModelSize:
@@ -146,14 +145,7 @@ def get_size(name: str, variant: str = "dfine", overrides: dict | None = None) -
     size = SIZES[name]
     if variant == "deim":
         size = replace(size, **_DEIM_CHANGES)
-    if overrides:
-        unknown = set(overrides) - OVERRIDABLE
-        if unknown:
-            raise ValueError(
-                f"Unknown architecture override(s) {sorted(unknown)}; allowed: {sorted(OVERRIDABLE)}"
-            )
-        size = replace(size, **overrides)
-    return size
+    return size.with_overrides(overrides)
 
 
 def arch_overrides_from_state_dict(state: dict[str, torch.Tensor]) -> dict:

@@ -8,7 +8,7 @@ with a half-width encoder (expansion 0.5) whose eval output is decoder layer 3.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 from src.models.size_fields import HybridDetectorSize
 
@@ -77,7 +77,6 @@ _DEIM_CHANGES = dict(**_TRAINABLE_NORMS, activation="silu", mlp_act="silu", quer
 # DEIM's R50-m trains 3 decoder layers (RT-DETRv2's trains 6 and evaluates the third).
 _DEIM_SIZE_CHANGES = {"r50m": dict(num_layers=3)}
 
-OVERRIDABLE = frozenset(f.name for f in fields(RTDETRSize))
 
 
 def get_size(arch: str, name: str, overrides: dict | None = None) -> RTDETRSize:
@@ -89,11 +88,4 @@ def get_size(arch: str, name: str, overrides: dict | None = None) -> RTDETRSize:
     size = SIZES[name]
     if arch == "deim_rtdetrv2":
         size = replace(size, **_DEIM_CHANGES, **_DEIM_SIZE_CHANGES.get(name, {}))
-    if overrides:
-        unknown = set(overrides) - OVERRIDABLE
-        if unknown:
-            raise ValueError(
-                f"Unknown architecture override(s) {sorted(unknown)}; allowed: {sorted(OVERRIDABLE)}"
-            )
-        size = replace(size, **overrides)
-    return size
+    return size.with_overrides(overrides)
